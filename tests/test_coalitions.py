@@ -1,0 +1,141 @@
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from shapkern.coalitions import (
+    all_coalitions,
+    pack_plan,
+    permutation_chain,
+    sample_coalitions,
+    sample_permutations,
+    shapley_size_distribution,
+)
+
+
+@pytest.mark.parametrize("players", [2, 5, 16, 196])
+def test_shapley_size_distribution_matches_formula(players):
+    p = shapley_size_distribution(players)
+    sizes = torch.arange(1, players, dtype=torch.float64)
+    expected = (players - 1) / (sizes * (players - sizes))
+    assert p[0] == 0 and p[-1] == 0
+    torch.testing.assert_close(p[1:-1], expected / expected.sum())
+
+
+@pytest.mark.parametrize("players", [6, 16, 49])
+def test_shapley_sizes_pass_chi_square(players):
+    gen = torch.Generator().manual_seed(players)
+    masks = sample_coalitions(50, 400, players, paired=False, generator=gen)
+    counts = torch.bincount(masks.sum(-1).view(-1), minlength=players + 1).double()
+    p = shapley_size_distribution(players)
+    assert counts[0] == 0 and counts[-1] == 0
+    expected = p[1:-1] * counts.sum()
+    result = stats.chisquare(counts[1:-1].numpy(), expected.numpy())
+    assert result.pvalue > 1e-3, result
+
+
+def test_shapley_subsets_are_uniform_given_size():
+    gen = torch.Generator().manual_seed(0)
+    masks = sample_coalitions(1, 40000, 8, paired=False, generator=gen)[0]
+    # Every player appears equally often in the coalitions of each size.
+    for size in (1, 4, 7):
+        rows = masks[masks.sum(-1) == size].double()
+        freq = rows.mean(0)
+        tol = 4 * math.sqrt(size / 8 * (1 - size / 8) / rows.shape[0])
+        assert torch.allclose(freq, torch.full_like(freq, size / 8), atol=tol)
+
+
+def test_paired_interleaves_complements():
+    masks = sample_coalitions(3, 10, 13, generator=torch.Generator().manual_seed(1))
+    assert masks.shape == (3, 10, 13) and masks.dtype == torch.bool
+    assert torch.equal(masks[:, 1::2], ~masks[:, 0::2])
+
+
+@pytest.mark.parametrize("method", ["uniform", "bernoulli"])
+def test_other_methods(method):
+    masks = sample_coalitions(4, 2000, 10, method=method, paired=False, generator=torch.Generator().manual_seed(2))
+    sizes = masks.sum(-1).double()
+    assert abs(sizes.mean().item() - 5) < 0.1
+    if method == "uniform":
+        assert sizes.min() >= 1 and sizes.max() <= 9
+
+
+def test_sampling_is_seeded():
+    a = sample_coalitions(2, 8, 9, generator=torch.Generator().manual_seed(5))
+    b = sample_coalitions(2, 8, 9, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(batch=1, num=3, players=4), "even"),
+        (dict(batch=1, num=2, players=4, method="nope"), "method"),
+        (dict(batch=1, num=2, players=1), "players"),
+        (dict(batch=0, num=2, players=4), "positive"),
+    ],
+)
+def test_sample_coalitions_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sample_coalitions(**kwargs)
+
+
+def test_all_coalitions_enumerates_every_subset_once():
+    chunks = list(all_coalitions(10, chunk_size=300))
+    masks = torch.cat(chunks)
+    assert masks.shape == (1024, 10) and len(chunks) == 4
+    ids = (masks.long() << torch.arange(10)).sum(-1)
+    assert torch.equal(ids, torch.arange(1024))
+
+
+def test_all_coalitions_limits():
+    with pytest.raises(ValueError, match="players"):
+        next(all_coalitions(25))
+    first = next(all_coalitions(24, chunk_size=8))
+    assert first.shape == (8, 24)
+
+
+def test_permutations_and_chain():
+    perms = sample_permutations(2, 6, 7, antithetic=True, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(perms.sort(-1).values, torch.arange(7).expand(2, 6, 7))
+    assert torch.equal(perms[:, 1::2], perms[:, 0::2].flip(-1))
+    chain = permutation_chain(perms)
+    assert chain.shape == (2, 6, 8, 7)
+    assert torch.equal(chain.sum(-1), torch.arange(8).expand(2, 6, 8))
+    # Step j adds exactly player perms[..., j].
+    added = chain[..., 1:, :] & ~chain[..., :-1, :]
+    assert torch.equal(added.float().argmax(-1), perms)
+
+
+@pytest.mark.parametrize("paired", [False, True])
+@pytest.mark.parametrize("prefix", [0, 1, 3])
+def test_pack_plan_layout(paired, prefix):
+    gen = torch.Generator().manual_seed(prefix)
+    batch, num, players = 3, 4, 9
+    masks = sample_coalitions(batch, num, players, paired=paired, generator=gen)
+    if not paired:
+        masks[0, 0] = False  # an empty coalition
+    rows = masks.view(-1, players)
+    row_image = torch.arange(batch).repeat_interleave(num)
+    plan = pack_plan(rows, row_image, prefix, paired=paired)
+    width = prefix + players
+    start = 0
+    for r in range(batch * num):
+        kept = [j for j in range(prefix)] + [prefix + n for n in range(players) if rows[r, n]]
+        seq = plan.gather_index[start : start + len(kept)]
+        assert seq.tolist() == [row_image[r].item() * width + j for j in kept]
+        assert plan.cu_seqlens[r].item() == start
+        assert plan.token_row[start : start + len(kept)].eq(r).all()
+        start += len(kept)
+    assert plan.cu_seqlens[-1].item() == start == plan.num_tokens
+    assert plan.cu_seqlens.dtype == torch.int32
+    assert plan.max_seqlen == width
+    assert torch.equal(plan.patch_counts, rows.sum(-1))
+    assert torch.equal(plan.token_patch, plan.gather_index % width - prefix)
+
+
+def test_pack_plan_rejects_unpaired_rows_marked_paired():
+    masks = torch.tensor([[True, False], [True, False]])
+    with pytest.raises(RuntimeError, match="complements"):
+        pack_plan(masks, torch.zeros(2, dtype=torch.long), 1, paired=True)

@@ -1,0 +1,269 @@
+import pytest
+import torch
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from shapkern import PackedTokens, fused_coalition_forward, sample_coalitions
+
+SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+VARIANTS = {
+    "cls_token": dict(),
+    "cls_avg": dict(global_pool="avg"),
+    "no_prefix_avg": dict(class_token=False, global_pool="avg"),
+    "registers": dict(reg_tokens=2),
+    "no_embed_class": dict(reg_tokens=1, no_embed_class=True),
+    "qk_norm": dict(qk_norm=True),
+    "layer_scale": dict(init_values=0.1),
+    "deep_small_patch": dict(patch_size=4, depth=3, embed_dim=48, num_heads=3, mlp_ratio=2.0),
+    "distilled": dict(distilled=True),
+}
+
+
+def make_model(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    kwargs = {**SMALL, **VARIANTS[name]}
+    cls = VisionTransformerDistilled if kwargs.pop("distilled", False) else VisionTransformer
+    model = cls(**kwargs).eval()
+    with torch.no_grad():  # timm zero-inits some parameters; make every one of them matter
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def key_masked_reference(model, images, coalitions, output="logits"):
+    """timm's own forward with a boolean key mask over the full token sequence (design.md §4)."""
+    batch, num, players = coalitions.shape
+    prefix = model.num_prefix_tokens
+    rows = coalitions.reshape(batch * num, players)
+    keep = torch.cat([rows.new_ones(batch * num, prefix), rows], dim=1)
+    feats = model.forward_features(images.repeat_interleave(num, 0), attn_mask=keep[:, None, None, :])
+    if model.global_pool == "avg":
+        weights = rows.unsqueeze(-1).to(feats.dtype)
+        pooled = model.fc_norm((feats[:, prefix:] * weights).sum(1) / weights.sum(1).clamp(min=1))
+        out = pooled if output == "pre_logits" else model.head(pooled)
+    else:
+        out = model.forward_head(feats, pre_logits=output == "pre_logits")
+    return out.view(batch, num, -1)
+
+
+def random_coalitions(batch, num, players, seed, *, allow_empty=True):
+    gen = torch.Generator().manual_seed(seed)
+    masks = torch.rand(batch, num, players, generator=gen) < torch.rand(batch, num, 1, generator=gen)
+    masks[:, 0] = True
+    if allow_empty:
+        masks[:, 1] = False
+    else:
+        masks[:, 1, 0] = True
+    return masks
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("output", ["logits", "pre_logits"])
+def test_engine_equals_key_masked_timm(name, output):
+    model = make_model(name)
+    players = model.patch_embed.num_patches
+    num = 3 + len(name) % 5
+    images = torch.randn(2, 3, 32, 32)
+    coalitions = random_coalitions(2, num, players, seed=len(name), allow_empty=model.num_prefix_tokens > 0)
+    got = fused_coalition_forward(model, images, coalitions, output=output)
+    want = key_masked_reference(model, images, coalitions, output=output)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cls_token", "cls_avg", "registers", "distilled", "layer_scale"])
+def test_engine_gradients_equal_key_masked_timm(name):
+    model = make_model(name)
+    images = torch.randn(2, 3, 32, 32)
+    coalitions = random_coalitions(2, 4, model.patch_embed.num_patches, seed=7)
+    weights = torch.randn(2, 4, 5)
+    grads = []
+    for fn in (fused_coalition_forward, key_masked_reference):
+        model.zero_grad()
+        x = images.clone().requires_grad_()
+        (fn(model, x, coalitions) * weights).sum().backward()
+        grads.append([x.grad] + [p.grad.clone() for p in model.parameters()])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_full_coalition_equals_plain_forward_and_broadcast_masks():
+    model = make_model("registers")
+    images = torch.randn(3, 3, 32, 32)
+    full = torch.ones(2, model.patch_embed.num_patches, dtype=torch.bool)
+    got = fused_coalition_forward(model, images, full)
+    assert got.shape == (3, 2, 5)
+    torch.testing.assert_close(got, model(images).unsqueeze(1).expand(3, 2, 5), rtol=1e-4, atol=1e-5)
+
+
+def test_empty_coalition_keeps_only_prefix_tokens():
+    model = make_model("cls_token")
+    images = torch.randn(2, 3, 32, 32)
+    empty = torch.zeros(2, 1, 16, dtype=torch.bool)
+    got = fused_coalition_forward(model, images, empty)
+    # Only the class token, attending to itself: independent of the image.
+    torch.testing.assert_close(got[0], got[1])
+    want = key_masked_reference(model, images, empty)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_empty_coalition_without_prefix_pools_zeros():
+    model = make_model("no_prefix_avg")
+    images = torch.randn(2, 3, 32, 32)
+    got = fused_coalition_forward(model, images, torch.zeros(2, 1, 16, dtype=torch.bool))
+    want = model.head(model.fc_norm(torch.zeros(1, 32)))
+    torch.testing.assert_close(got, want.expand(2, 1, 5))
+
+
+def test_patches_outside_coalition_have_no_influence():
+    model = make_model("cls_avg")
+    images = torch.randn(2, 3, 32, 32)
+    coalitions = random_coalitions(2, 6, 16, seed=3)
+    changed = images.clone()
+    grid = coalitions[:, 2].view(2, 4, 4)
+    pixel_kept = grid.repeat_interleave(8, 1).repeat_interleave(8, 2).unsqueeze(1)
+    changed = torch.where(pixel_kept, images, 100 * torch.randn_like(images))
+    a = fused_coalition_forward(model, images, coalitions[:, 2:3])
+    b = fused_coalition_forward(model, changed, coalitions[:, 2:3])
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_chunking_and_pairing_give_the_same_answer(paired):
+    model = make_model("cls_token")
+    images = torch.randn(2, 3, 32, 32)
+    coalitions = sample_coalitions(2, 10, 16, generator=torch.Generator().manual_seed(4))
+    whole = fused_coalition_forward(model, images, coalitions)
+    chunked = fused_coalition_forward(model, images, coalitions, chunk_size=4, paired=paired)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_backward_matches_single_pass():
+    model = make_model("cls_token")
+    images = torch.randn(2, 3, 32, 32)
+    coalitions = random_coalitions(2, 6, 16, seed=5)
+    grads = []
+    for chunk_size in (None, 4):
+        model.zero_grad()
+        x = images.clone().requires_grad_()
+        fused_coalition_forward(model, x, coalitions, chunk_size=chunk_size).square().sum().backward()
+        grads.append([x.grad] + [p.grad.clone() for p in model.parameters()])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_tokens_output_is_packed_features():
+    model = make_model("registers")
+    images = torch.randn(2, 3, 32, 32)
+    coalitions = random_coalitions(2, 3, 16, seed=6)
+    packed = fused_coalition_forward(model, images, coalitions, output="tokens")
+    assert isinstance(packed, PackedTokens) and packed.shape == (2, 3)
+    keep = torch.cat([torch.ones(6, 3, dtype=torch.bool), coalitions.view(6, 16)], 1)
+    feats = model.forward_features(images.repeat_interleave(3, 0), attn_mask=keep[:, None, None, :])
+    torch.testing.assert_close(packed.tokens, feats[keep], rtol=1e-4, atol=1e-5)
+    assert packed.plan.cu_seqlens[-1].item() == packed.tokens.shape[0]
+
+
+def test_train_mode_drop_path_per_coalition_matches_timm():
+    # Rates linspace(0, 1) over 2 blocks: block 0 never drops, block 1 always does, so timm's
+    # train-mode forward is deterministic and the packed path must drop exactly the same branches.
+    torch.manual_seed(0)
+    model = VisionTransformer(**SMALL, drop_path_rate=1.0).train()
+    images = torch.randn(2, 3, 32, 32)
+    coalitions = random_coalitions(2, 3, 16, seed=8)
+    got = fused_coalition_forward(model, images, coalitions)
+    torch.testing.assert_close(got, key_masked_reference(model, images, coalitions), rtol=1e-4, atol=1e-5)
+
+
+def test_train_mode_dropout_is_random_per_call():
+    torch.manual_seed(0)
+    model = VisionTransformer(**SMALL, drop_rate=0.5, proj_drop_rate=0.5).train()
+    images = torch.randn(1, 3, 32, 32)
+    coalitions = random_coalitions(1, 2, 16, seed=9)
+    assert not torch.equal(
+        fused_coalition_forward(model, images, coalitions), fused_coalition_forward(model, images, coalitions)
+    )
+
+
+class TinyConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).relu().mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    "model, match",
+    [
+        (TinyConvNet(), "TinyConvNet.*not a timm VisionTransformer"),
+        (VisionTransformer(**SMALL, global_pool="map"), "VisionTransformer.*'map'"),
+    ],
+)
+def test_unsupported_models_raise(model, match):
+    with pytest.raises(NotImplementedError, match=match):
+        fused_coalition_forward(model, torch.randn(1, 3, 32, 32), torch.ones(1, 2, 16, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="mode='input'"):
+        fused_coalition_forward(model, torch.randn(1, 3, 32, 32), torch.ones(1, 2, 16, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("baseline", ["zeros", "mean"])
+def test_input_mode_masks_pixels_for_any_model(baseline):
+    torch.manual_seed(0)
+    model = TinyConvNet()
+    images = torch.randn(2, 3, 32, 32)
+    coalitions = random_coalitions(2, 5, 16, seed=10)
+    got = fused_coalition_forward(model, images, coalitions, mode="input", baseline=baseline, chunk_size=3)
+    assert got.shape == (2, 5, 5)
+    fill = torch.zeros_like(images) if baseline == "zeros" else images.mean((2, 3), keepdim=True).expand_as(images)
+    for m in range(5):
+        pixels = coalitions[:, m].view(2, 1, 4, 4).repeat_interleave(8, 2).repeat_interleave(8, 3)
+        torch.testing.assert_close(got[:, m], model(torch.where(pixels, images, fill)), rtol=1e-5, atol=1e-6)
+
+
+def test_input_mode_blur_baseline_is_a_smoothed_image():
+    torch.manual_seed(0)
+    model = nn.Flatten()
+    images = torch.randn(1, 3, 32, 32)
+    empty = torch.zeros(1, 1, 16, dtype=torch.bool)
+    blurred = fused_coalition_forward(model, images, empty, mode="input", baseline="blur").view(1, 3, 32, 32)
+    assert blurred.diff(dim=-1).abs().mean() < 0.2 * images.diff(dim=-1).abs().mean()
+    torch.testing.assert_close(blurred.mean((2, 3)), images.mean((2, 3)), atol=0.05, rtol=0)
+    with pytest.raises(ValueError, match="baseline"):
+        fused_coalition_forward(model, images, empty, mode="input", baseline="noise")
+
+
+def test_bad_inputs_raise():
+    model = make_model("cls_token")
+    images = torch.randn(2, 3, 32, 32)
+    ok = torch.ones(2, 3, 16, dtype=torch.bool)
+    with pytest.raises(TypeError, match="bool"):
+        fused_coalition_forward(model, images, ok.float())
+    with pytest.raises(ValueError, match="N = 15 players.*16 patches"):
+        fused_coalition_forward(model, images, ok[..., :15])
+    with pytest.raises(ValueError, match="B = 2 images"):
+        fused_coalition_forward(model, images, ok[:1])
+    with pytest.raises(ValueError, match="M >= 1"):
+        fused_coalition_forward(model, images, ok[:, :0])
+    with pytest.raises(ValueError, match="NaN"):
+        fused_coalition_forward(model, images.masked_fill(images > 2, float("nan")), ok)
+    with pytest.raises(ValueError, match="output"):
+        fused_coalition_forward(model, images, ok, output="probs")
+    with pytest.raises(ValueError, match="mode"):
+        fused_coalition_forward(model, images, ok, mode="pixels")
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_coalition_forward(model, images, ok, chunk_size=0)
+    with pytest.raises(ValueError, match="images must be"):
+        fused_coalition_forward(model, images[0], ok)
+    with pytest.raises(RuntimeError, match="complements"):
+        fused_coalition_forward(model, images, ok[:, :2], paired=True)
+
+
+@pytest.mark.cuda
+def test_devices_must_match():
+    model = make_model("cls_token")
+    with pytest.raises(ValueError, match="model is on cpu"):
+        fused_coalition_forward(model, torch.randn(1, 3, 32, 32, device="cuda"), torch.ones(1, 2, 16, dtype=torch.bool))
