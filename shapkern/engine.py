@@ -111,12 +111,12 @@ def _drop_path(module: nn.Module, x: torch.Tensor, plan: PackPlan) -> torch.Tens
     return drop_path_packed(x, module.drop_prob, plan, scale_by_keep=module.scale_by_keep)
 
 
-def _attention(attn: nn.Module, x: torch.Tensor, plan: PackPlan) -> torch.Tensor:
+def _attention(attn: nn.Module, x: torch.Tensor, plan: PackPlan, attention) -> torch.Tensor:
     """timm Attention on packed tokens: (T, D) -> (T, D)."""
     tokens = x.shape[0]
     q, k, v = attn.qkv(x).view(tokens, 3, attn.num_heads, attn.head_dim).unbind(1)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    out = varlen_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, scale=attn.scale)
+    out = attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, scale=attn.scale)
     out = attn.norm(out.reshape(tokens, attn.num_heads * attn.head_dim))
     gate = getattr(attn, "gate", None)
     if gate is not None:
@@ -124,19 +124,25 @@ def _attention(attn: nn.Module, x: torch.Tensor, plan: PackPlan) -> torch.Tensor
     return attn.proj_drop(attn.proj(out))
 
 
-def packed_block_forward(block: nn.Module, x: torch.Tensor, plan: PackPlan) -> torch.Tensor:
-    """One timm Block on packed tokens: (T, D) -> (T, D)."""
-    x = x + _drop_path(block.drop_path1, block.ls1(_attention(block.attn, block.norm1(x), plan)), plan)
+def packed_block_forward(
+    block: nn.Module, x: torch.Tensor, plan: PackPlan, attention=varlen_attention
+) -> torch.Tensor:
+    """One timm Block on packed tokens: (T, D) -> (T, D).
+
+    ``attention(q, k, v, cu_seqlens, max_seqlen, scale=...)`` maps (T, H, Dh) to (T, H, Dh).
+    """
+    attended = _attention(block.attn, block.norm1(x), plan, attention)
+    x = x + _drop_path(block.drop_path1, block.ls1(attended), plan)
     return x + _drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), plan)
 
 
-def _packed_rows(model: nn.Module, tokens: torch.Tensor, coalitions: torch.Tensor, output: str, paired: bool):
+def _packed_rows(model: nn.Module, tokens: torch.Tensor, coalitions: torch.Tensor, output: str, paired, attention):
     """Run the blocks and head for one chunk: tokens (B, P + N, D), coalitions (B, m, N)."""
     num_prefix = model.num_prefix_tokens
     x, plan = pack_tokens(tokens, coalitions, num_prefix, paired=paired)
     x = model.norm_pre(model.pos_drop(x))
     for block in model.blocks:
-        x = packed_block_forward(block, x, plan)
+        x = packed_block_forward(block, x, plan, attention)
     if output == "tokens":
         return model.norm(x), plan
     if model.global_pool == "token":
@@ -209,6 +215,7 @@ def fused_coalition_forward(
     paired: bool = False,
     mode: str = "packed",
     baseline: str = "zeros",
+    attention=varlen_attention,
 ):
     """The model's output on every image with only each coalition's patches present.
 
@@ -227,6 +234,8 @@ def fused_coalition_forward(
         mode: ``"packed"`` drops tokens (exact, fast); ``"input"`` replaces the pixels of absent
             patches by ``baseline`` and runs the full model.
         baseline: input mode only: ``"zeros"``, ``"mean"`` (per image and channel) or ``"blur"``.
+        attention: the varlen attention op, ``(q, k, v, cu_seqlens, max_seqlen, scale=...)`` on
+            (T, H, Dh); override it to compare attention kernels inside the same engine.
 
     The empty coalition keeps only the prefix tokens (class, register, distillation); a model
     without prefix tokens then pools an all-zero feature vector. The full coalition equals the
@@ -247,9 +256,12 @@ def fused_coalition_forward(
     chunk_rows = chunk_size or _default_chunk_rows(model, tokens)
     if output == "tokens":
         # One pass, so that the plan describes all rows.
-        x, plan = _packed_rows(model, tokens, coalitions, output, paired)
+        x, plan = _packed_rows(model, tokens, coalitions, output, paired, attention)
         return PackedTokens(tokens=x, plan=plan, shape=(batch, num))
-    outs = _run_chunks(lambda chunk: _packed_rows(model, tokens, chunk, output, paired), coalitions, chunk_rows, paired)
+    def run(chunk: torch.Tensor) -> torch.Tensor:
+        return _packed_rows(model, tokens, chunk, output, paired, attention)
+
+    outs = _run_chunks(run, coalitions, chunk_rows, paired)
     return torch.cat([out.view(batch, -1, out.shape[-1]) for out in outs], dim=1)
 
 

@@ -1,0 +1,223 @@
+"""Coalition throughput: shapkern against today's alternatives, measured in one run.
+
+    python benchmarks/run.py [--device cuda|cpu] [--model vit_base_patch16_224] [--images 32]
+                             [--coalitions 32] [--dtype bf16|fp16|fp32] [--out DIR]
+
+Reports evaluations per second (one evaluation = one image under one coalition), forward and
+forward+backward, with the ratio to the zero-input baseline and to the FLOP floor (design.md §5:
+packed FLOPs over a GEMM rate measured in the same run), peak memory, and a correctness check
+of every method against an fp32 reference on the same coalitions. Writes JSON, Markdown and a
+PNG bar chart under benchmarks/results/<date>-<device>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+from pathlib import Path
+
+import common
+import timm
+import torch
+
+import shapkern
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TOLERANCE = {"bf16": 1e-2, "fp16": 1e-2, "fp32": 1e-4}
+SAME_GAME_REFERENCE = "key mask, SDPA"  # the fp32 oracle of the token-dropping value function
+
+
+def parse_args(argv=None, **defaults):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=common.default_device(), choices=["cuda", "cpu"])
+    parser.add_argument("--model", default=None, help="timm model name (random weights, no download)")
+    parser.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
+    parser.add_argument("--images", type=int, default=None, help="images per batch")
+    parser.add_argument("--coalitions", type=int, default=32, help="paired coalitions per image")
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES))
+    parser.add_argument("--methods", nargs="*", default=None, help="subset of methods to run")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--no-backward", action="store_true", help="forward only")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    args.model = args.model or ("vit_base_patch16_224" if cuda else "vit_tiny_patch16_224")
+    args.images = args.images or (32 if cuda else 2)
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    args.repeats = args.repeats or (10 if cuda else 3)
+    if args.coalitions < 2 or args.coalitions % 2:
+        parser.error(f"--coalitions must be even and >= 2 (paired coalitions), got {args.coalitions}")
+    unknown = set(args.methods or ()) - set(common.METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {list(common.METHODS)}")
+    return args
+
+
+def build(args):
+    device = torch.device(args.device)
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    reference_model = timm.create_model(args.model, pretrained=False, **kwargs).eval().to(device)
+    if reference_model.global_pool != "token":
+        raise SystemExit(f"benchmarks need a class-token ViT; {args.model} pools with {reference_model.global_pool!r}")
+    model = copy.deepcopy(reference_model).to(DTYPES[args.dtype])
+    size = reference_model.patch_embed.img_size
+    gen = torch.Generator(device=device).manual_seed(0)
+    images = torch.randn(args.images, 3, *size, device=device, generator=gen)
+    players = shapkern.engine.num_players(model)
+    coalitions = shapkern.sample_coalitions(args.images, args.coalitions, players, generator=gen)
+    return device, reference_model, model, images, coalitions
+
+
+def measure(args) -> dict:
+    device, reference_model, model, images, coalitions = build(args)
+    low = images.to(DTYPES[args.dtype])
+    evaluations = coalitions.shape[0] * coalitions.shape[1]
+    flops = common.packed_flops(model, coalitions)
+    gemm_dtype = DTYPES["bf16"] if device.type == "cuda" else torch.float32
+    gemm = common.gemm_tflops(device, gemm_dtype, size=8192 if device.type == "cuda" else 1024, repeats=5)
+    floor = {"forward": gemm * 1e12 / flops * evaluations, "forward+backward": gemm * 1e12 / (3 * flops) * evaluations}
+    with torch.no_grad():
+        oracle = {
+            "token dropping": common.key_mask(reference_model, images, coalitions),
+            "zero input": common.zero_input(reference_model, images, coalitions),
+        }
+    rows = []
+    for name, fn in common.METHODS.items():
+        if args.methods and name not in args.methods:
+            continue
+        row = {"method": name, "doc": fn.__doc__}
+        reason = common.unavailable_reason(name, device)
+        if reason:
+            row["unavailable"] = reason
+            rows.append(row)
+            print(f"{name:<36} unavailable: {reason}", flush=True)
+            continue
+        with torch.no_grad():
+            got = fn(model, low, coalitions)
+        want = oracle["zero input" if fn is common.zero_input else "token dropping"]
+        row["relative_error"] = common.relative_error(got, want)
+        row["correct"] = row["relative_error"] <= TOLERANCE[args.dtype]
+        with torch.no_grad():
+            row["forward"] = common.time_fn(lambda: fn(model, low, coalitions), device, repeats=args.repeats)
+        if not args.no_backward:
+            pixels = low.clone().requires_grad_()
+
+            def step():
+                fn(model, pixels, coalitions).float().sum().backward()
+
+            row["forward+backward"] = common.time_fn(step, device, repeats=args.repeats)
+            model.zero_grad(set_to_none=True)
+        for phase in ("forward", "forward+backward"):
+            if phase in row:
+                row[phase]["evals_per_s"] = evaluations / (row[phase]["median_ms"] * 1e-3)
+                row[phase]["fraction_of_floor"] = row[phase]["evals_per_s"] / floor[phase]
+        rows.append(row)
+        print(f"{name:<36} {row['forward']['evals_per_s']:>12,.0f} evals/s fwd  err {row['relative_error']:.1e}", flush=True)
+    baseline = next((r for r in rows if r["method"] == "zero-input full forward" and "forward" in r), None)
+    for row in rows:
+        for phase in ("forward", "forward+backward"):
+            if baseline and phase in row and phase in baseline:
+                row[phase]["vs_zero_input"] = row[phase]["evals_per_s"] / baseline[phase]["evals_per_s"]
+    return {
+        "environment": common.environment(device),
+        "config": {
+            "model": args.model,
+            "images": coalitions.shape[0],
+            "coalitions": coalitions.shape[1],
+            "players": coalitions.shape[2],
+            "dtype": args.dtype,
+            "paired": True,
+            "repeats": args.repeats,
+            "mean_kept_fraction": float(coalitions.float().mean()),
+        },
+        "gemm_tflops": gemm,
+        "packed_gflops_forward": flops / 1e9,
+        "floor_evals_per_s": floor,
+        "tolerance": TOLERANCE[args.dtype],
+        "methods": rows,
+    }
+
+
+def _cell(row: dict, phase: str) -> str:
+    if "unavailable" in row:
+        return "unavailable"
+    stats = row.get(phase)
+    if stats is None:
+        return "—"
+    spread = f"{stats['min_ms']:.1f}–{stats['max_ms']:.1f} ms"
+    ratio = f", ×{stats['vs_zero_input']:.2f}" if "vs_zero_input" in stats else ""
+    return f"{stats['evals_per_s']:,.0f} ({spread}{ratio}, {stats['fraction_of_floor']:.0%} of floor)"
+
+
+def markdown(result: dict, command: str) -> str:
+    env, config = result["environment"], result["config"]
+    lines = [
+        f"# Coalition throughput on {common.hardware_name(env)}",
+        "",
+        f"{config['model']}, {config['dtype']}, {config['images']} images × {config['coalitions']} paired "
+        f"coalitions ({config['players']} players); torch {env['torch']}, triton {env['triton']}, "
+        f"timm {env['timm']}, {env['date']}. Command: `{command}`",
+        "",
+        f"Evaluations per second, median (min–max time, ratio to zero-input, fraction of the floor). "
+        f"Floor: packed FLOPs at the measured GEMM rate of {result['gemm_tflops']:.1f} TFLOP/s = "
+        f"{result['floor_evals_per_s']['forward']:,.0f} evals/s forward.",
+        "",
+        "| method | forward | forward+backward | peak MiB | rel. error | correct |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result["methods"]:
+        peak = row.get("forward", {}).get("peak_mib")
+        lines.append(
+            f"| {row['method']} | {_cell(row, 'forward')} | {_cell(row, 'forward+backward')} | "
+            f"{'—' if peak is None else f'{peak:,.0f}'} | "
+            f"{row['relative_error']:.1e} | {'yes' if row['correct'] else 'NO'} |"
+            if "unavailable" not in row
+            else f"| {row['method']} | unavailable: {row['unavailable']} | | | | |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["methods"] if "forward" in r]
+    phases = [p for p in ("forward", "forward+backward") if any(p in r for r in rows)]
+    fig, ax = plt.subplots(figsize=(9, 0.5 + 0.6 * len(rows)))
+    height = 0.8 / len(phases)
+    for i, phase in enumerate(phases):
+        values = [r.get(phase, {}).get("evals_per_s", 0) for r in rows]
+        ax.barh([j + i * height for j in range(len(rows))], values, height, label=phase)
+    for i, phase in enumerate(phases):
+        ax.axvline(result["floor_evals_per_s"][phase], color=f"C{i}", linestyle="--", linewidth=1)
+    ax.set_yticks([j + height * (len(phases) - 1) / 2 for j in range(len(rows))], [r["method"] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("evaluations / s (dashed: FLOP floor)")
+    ax.set_title(f"{result['config']['model']} on {common.hardware_name(result['environment'])}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None, stem: str = "throughput", **defaults) -> dict:
+    args = parse_args(argv, **defaults)
+    common.configure_cpu_threads()
+    result = measure(args)
+    out = args.out or Path(__file__).parent / "results" / f"{datetime.date.today().isoformat()}-{args.device}"
+    command = "python benchmarks/run.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in ("device", "model", "images", "coalitions", "dtype")
+    )
+    common.write_results(out, stem, result, markdown(result, command))
+    bar_chart(result, out / f"{stem}.png")
+    print(markdown(result, command))
+    print(f"wrote {out}/{stem}.{{json,md,png}}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
