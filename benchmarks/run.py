@@ -33,6 +33,7 @@ def parse_args(argv=None, **defaults):
     parser.add_argument("--device", default=common.default_device(), choices=["cuda", "cpu"])
     parser.add_argument("--model", default=None, help="timm model name (random weights, no download)")
     parser.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
+    parser.add_argument("--patch-size", type=int, default=None, help="patch size (default: the model's)")
     parser.add_argument("--images", type=int, default=None, help="images per batch")
     parser.add_argument("--coalitions", type=int, default=32, help="paired coalitions per image")
     parser.add_argument("--dtype", default=None, choices=list(DTYPES))
@@ -57,7 +58,7 @@ def parse_args(argv=None, **defaults):
 
 def build(args):
     device = torch.device(args.device)
-    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    kwargs = {key: getattr(args, key) for key in ("img_size", "patch_size") if getattr(args, key)}
     reference_model = timm.create_model(args.model, pretrained=False, **kwargs).eval().to(device)
     if reference_model.global_pool != "token":
         raise SystemExit(f"benchmarks need a class-token ViT; {args.model} pools with {reference_model.global_pool!r}")

@@ -1,0 +1,335 @@
+"""Triton kernels for packed variable-length self-attention (FlashAttention-2 style).
+
+Layout (FlashAttention varlen convention): q, k, v are (T, H, D) with the tokens of all sequences
+packed along T; ``cu_seqlens`` (R + 1,) int32 holds the sequence boundaries. Every kernel runs on a
+grid (R, cdiv(max_seqlen, BLOCK), H) (sequences on the first axis, whose limit is 2**31 - 1, not
+65535); ``max_seqlen`` is only an upper bound, so programs past their sequence's end exit at once. No causal mask, no dropout, no N x N matrix in memory, no atomics.
+
+The softmax is computed in base 2 (``exp2``) with the scale folded into ``qk_scale = scale * log2(e)``;
+the saved log-sum-exp is in natural log units, (T, H) fp32 (1.4426950408889634 = log2(e) and
+0.6931471805599453 = ln(2) convert inside the kernels). cu_seqlens[-1] must equal T: tokens outside
+every sequence are not written.
+"""
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = math.log2(math.e)
+SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, CU_SEQLENS,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    H, qk_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    seq = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    head = tl.program_id(2)
+    start = tl.load(CU_SEQLENS + seq)
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - start
+    if pid_m * BLOCK_M >= seqlen:
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask_m = offs_m < seqlen
+    # 64-bit scalar base per (sequence, head): T * stride can pass 2**31; in-sequence offsets stay 32-bit.
+    row0 = start.to(tl.int64)
+    Q += row0 * stride_qt + head * stride_qh
+    K += row0 * stride_kt + head * stride_kh
+    V += row0 * stride_vt + head * stride_vh
+    O += row0 * stride_ot + head * stride_oh
+    LSE += row0 * H + head
+    q_mask = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, seqlen, BLOCK_N):
+        rows_n = start_n + offs_n
+        mask_n = rows_n < seqlen
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + rows_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + rows_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        # Every block holds at least one valid key, so m_ij stays finite.
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_ij[:, None])
+        alpha = tl.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_ij
+
+    acc = acc / l_i[:, None]
+    tl.store(O + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(LSE + offs_m * H, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_m)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    O, DO, DELTA, T, H,
+    stride_ot, stride_oh, stride_dot, stride_doh,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """delta[t, h] = sum_d dO[t, h, d] * O[t, h, d], over all T tokens (no sequence structure needed)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    head = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < T)[:, None] & (offs_d < D)[None, :]
+    rows = offs_m.to(tl.int64)
+    o = tl.load(O + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + rows * H + head, delta, mask=offs_m < T)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    H, scale, qk_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One block of BLOCK_N keys; loops over the sequence's query blocks (transposed formulation)."""
+    seq = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    head = tl.program_id(2)
+    start = tl.load(CU_SEQLENS + seq)
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - start
+    if pid_n * BLOCK_N >= seqlen:
+        return
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask_n = offs_n < seqlen
+    row0 = start.to(tl.int64)
+    Q += row0 * stride_qt + head * stride_qh
+    K += row0 * stride_kt + head * stride_kh
+    V += row0 * stride_vt + head * stride_vh
+    DO += row0 * stride_dot + head * stride_doh
+    DK += row0 * stride_dkt + head * stride_dkh
+    DV += row0 * stride_dvt + head * stride_dvh
+    LSE += row0 * H + head
+    DELTA += row0 * H + head
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start_m in range(0, seqlen, BLOCK_M):
+        rows_m = start_m + offs_m
+        mask_m = rows_m < seqlen
+        q_mask = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(Q + rows_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + rows_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+        lse = tl.load(LSE + rows_m * H, mask=mask_m, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + rows_m * H, mask=mask_m, other=0.0)
+        qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+        # Keys past the end (k = 0) would give exp2(-lse), which overflows when all real scores are very
+        # negative. Queries past the end need no mask: they load q = dO = 0 and add nothing to dK, dV.
+        pT = tl.exp2(tl.where(mask_n[:, None], qkT * qk_scale - lse[None, :], float("-inf")))
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
+
+    tl.store(
+        DK + offs_n[:, None] * stride_dkt + offs_d[None, :],
+        (dk * scale).to(DK.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(DV + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh,
+    H, scale, qk_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One block of BLOCK_M queries; loops over the sequence's key blocks."""
+    seq = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    head = tl.program_id(2)
+    start = tl.load(CU_SEQLENS + seq)
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - start
+    if pid_m * BLOCK_M >= seqlen:
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask_m = offs_m < seqlen
+    row0 = start.to(tl.int64)
+    Q += row0 * stride_qt + head * stride_qh
+    K += row0 * stride_kt + head * stride_kh
+    V += row0 * stride_vt + head * stride_vh
+    DO += row0 * stride_dot + head * stride_doh
+    DQ += row0 * stride_dqt + head * stride_dqh
+    LSE += row0 * H + head
+    DELTA += row0 * H + head
+    q_mask = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(LSE + offs_m * H, mask=mask_m, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + offs_m * H, mask=mask_m, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, seqlen, BLOCK_N):
+        rows_n = start_n + offs_n
+        mask_n = rows_n < seqlen
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + rows_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + rows_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        # Keys past the end (k = 0) would give exp2(-lse), which overflows when all real scores are very negative.
+        p = tl.exp2(tl.where(mask_n[None, :], qk * qk_scale - lse[:, None], float("-inf")))
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+    tl.store(
+        DQ + offs_m[:, None] * stride_dqt + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask
+    )
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for Hopper, by kernel and padded head dim, all free of
+# register spills under ptxas for sm_90 (tests/test_kernels_compile.py). ViT sequences are short
+# (~50-200 tokens), so 64-query blocks waste less work on padding than 128.
+_CONFIGS_16BIT = {
+    "fwd": {32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 2)},
+    "dkdv": {32: (32, 64, 4, 3), 64: (32, 64, 4, 3), 128: (32, 64, 8, 2)},
+    "dq": {32: (64, 32, 4, 3), 64: (64, 32, 4, 3), 128: (64, 32, 8, 2)},
+}
+# fp32 uses exact IEEE dots, which run on FMA units, not tensor cores: small tiles, same for every kernel.
+_CONFIG_FP32 = (32, 32, 8, 2)
+# The interpreter runs programs one at a time on numpy: tiny blocks keep tests fast.
+_INTERPRET_CONFIG = (16, 16, 1, 1)
+
+
+def block_config(kernel: str, dtype: torch.dtype, block_d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel "fwd", "dkdv" or "dq"."""
+    if _INTERPRET:
+        return _INTERPRET_CONFIG
+    return _CONFIG_FP32 if dtype == torch.float32 else _CONFIGS_16BIT[kernel][block_d]
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact IEEE products (tf32 would cost ~3e-4 relative error); 16-bit: ignored.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def varlen_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward launcher.
+
+    q, k, v: (T, H, D) with stride 1 along D (other strides free); cu_seqlens: (R + 1,) int32;
+    max_seqlen: upper bound on every sequence length. Returns out (T, H, D) in q's dtype and
+    lse (T, H) fp32, the natural log-sum-exp of each query's scaled scores.
+    """
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    T, H, D = q.shape
+    out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((T, H), dtype=torch.float32, device=q.device)
+    num_seqs = cu_seqlens.numel() - 1
+    if T == 0 or num_seqs == 0 or max_seqlen <= 0:
+        return out, lse
+    block_d = triton.next_power_of_2(D)
+    block_m, block_n, num_warps, num_stages = block_config("fwd", q.dtype, block_d)
+    grid = (num_seqs, triton.cdiv(max_seqlen, block_m), H)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, cu_seqlens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
+        H, scale * LOG2E,
+        D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def varlen_attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward launcher.
+
+    dout, q, k, v, out: (T, H, D); lse: (T, H) fp32 from the forward; cu_seqlens: (R + 1,) int32.
+    Returns dq, dk, dv: (T, H, D) contiguous, in q's dtype. Deterministic (no atomics).
+    """
+    dout, q, k, v, out = (_last_dim_contiguous(x) for x in (dout, q, k, v, out))
+    T, H, D = q.shape
+    dq, dk, dv = (torch.empty((T, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    num_seqs = cu_seqlens.numel() - 1
+    if T == 0 or num_seqs == 0 or max_seqlen <= 0:
+        return dq, dk, dv
+    block_d = triton.next_power_of_2(D)
+    precision = _precision(q.dtype)
+
+    delta = torch.empty((T, H), dtype=torch.float32, device=q.device)
+    block_t = 16 if _INTERPRET else 64
+    _bwd_preprocess_kernel[(triton.cdiv(T, block_t), H)](
+        out, dout, delta, T, H,
+        out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
+        D=D, BLOCK_D=block_d, BLOCK_M=block_t,
+    )  # fmt: skip
+
+    block_m, block_n, num_warps, num_stages = block_config("dkdv", q.dtype, block_d)
+    _bwd_dkdv_kernel[(num_seqs, triton.cdiv(max_seqlen, block_n), H)](
+        q, k, v, dout, lse, delta, dk, dv, cu_seqlens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        H, scale, scale * LOG2E,
+        D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+
+    block_m, block_n, num_warps, num_stages = block_config("dq", q.dtype, block_d)
+    _bwd_dq_kernel[(num_seqs, triton.cdiv(max_seqlen, block_m), H)](
+        q, k, v, dout, lse, delta, dq, cu_seqlens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
+        H, scale, scale * LOG2E,
+        D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return dq, dk, dv
