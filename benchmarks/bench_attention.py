@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+from functools import partial
 from pathlib import Path
 
 import common
@@ -67,8 +68,14 @@ def flex_pairs(q, k, v, cu_seqlens, max_seqlen, lengths):
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     (qr, group), kr, vr = _pair_rows(q, lengths), _pair_rows(k, lengths)[0], _pair_rows(v, lengths)[0]
     rows, width = group.shape
-    block_mask = create_block_mask(lambda b, h, i, j: group[b, i] == group[b, j], rows, None, width, width, device=q.device)
+    block_mask = create_block_mask(
+        lambda b, h, i, j: group[b, i] == group[b, j], rows, None, width, width, device=q.device
+    )
     return _from_rows(_compiled_flex(qr, kr, vr, block_mask=block_mask))
+
+
+def _forward_backward(fn, grad, *inputs):
+    fn(*inputs).backward(grad)
 
 
 METHODS = {
@@ -94,15 +101,14 @@ def measure(args) -> dict:
                 row["unavailable"] = "needs CUDA"
                 rows.append(row)
                 continue
+            forward = partial(fn, q, k, v, cu_seqlens, max_seqlen, lengths)
             with torch.no_grad():
-                row["relative_error"] = common.relative_error(fn(q, k, v, cu_seqlens, max_seqlen, lengths), want)
-                fwd = common.time_fn(lambda: fn(q, k, v, cu_seqlens, max_seqlen, lengths), device, repeats=args.repeats)
+                row["relative_error"] = common.relative_error(forward(), want)
+                fwd = common.time_fn(forward, device, repeats=args.repeats)
             qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-            grad = torch.randn_like(q)
-
-            def step():
-                fn(qg, kg, vg, cu_seqlens, max_seqlen, lengths).backward(grad)
-
+            step = partial(
+                _forward_backward, fn, torch.randn_like(q), qg, kg, vg, cu_seqlens, max_seqlen, lengths
+            )
             both = common.time_fn(step, device, repeats=args.repeats)
             row["forward_tflops"] = flops / (fwd["median_ms"] * 1e-3) / 1e12
             row["forward+backward_tflops"] = 3.5 * flops / (both["median_ms"] * 1e-3) / 1e12
@@ -113,7 +119,13 @@ def measure(args) -> dict:
                 f"fwd+bwd {row['forward+backward_tflops']:7.2f} TFLOP/s  err {row['relative_error']:.1e}",
                 flush=True,
             )
-    return {"environment": common.environment(device), "dtype": args.dtype, "heads": HEADS, "head_dim": HEAD_DIM, "rows": rows}
+    return {
+        "environment": common.environment(device),
+        "dtype": args.dtype,
+        "heads": HEADS,
+        "head_dim": HEAD_DIM,
+        "rows": rows,
+    }
 
 
 def markdown(result: dict) -> str:
@@ -121,8 +133,10 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Varlen attention on {common.hardware_name(env)}",
         "",
-        f"{result['dtype']}, {result['heads']} heads × {result['head_dim']}; torch {env['torch']}, "
-        f"triton {env['triton']}, {env['date']}. Paired Shapley-kernel coalition lengths + 1 class token.",
+        (
+            f"{result['dtype']}, {result['heads']} heads × {result['head_dim']}; torch {env['torch']}, "
+            f"triton {env['triton']}, {env['date']}. Paired Shapley-kernel coalition lengths + 1 class token."
+        ),
         "",
         "| N | method | forward TFLOP/s | forward+backward TFLOP/s | rel. error |",
         "|---|---|---|---|---|",
@@ -139,7 +153,9 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default=common.default_device(), choices=["cuda", "cpu"])
     parser.add_argument("--dtype", default=None, choices=list(DTYPES))
     parser.add_argument("--players", type=int, nargs="+", default=[196, 576])

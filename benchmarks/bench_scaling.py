@@ -18,7 +18,9 @@ METHODS = ["shapkern engine", "zero-input full forward"]
 
 
 def main(argv=None) -> list:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default=common.default_device(), choices=["cuda", "cpu"])
     parser.add_argument("--coalitions", type=int, nargs="+", default=None)
     parser.add_argument("--patch-sizes", type=int, nargs="+", default=[32, 16, 8])
@@ -49,8 +51,10 @@ def main(argv=None) -> list:
     lines = [
         f"# Scaling on {common.hardware_name(env)}",
         "",
-        f"{result['config']['model']}, {result['config']['dtype']}, {images} images, forward; "
-        f"torch {env['torch']}, triton {env['triton']}, {env['date']}.",
+        (
+            f"{result['config']['model']}, {result['config']['dtype']}, {images} images, forward; "
+            f"torch {env['torch']}, triton {env['triton']}, {env['date']}."
+        ),
         "",
         "| method | M | N | evals/s | correct |",
         "|---|---|---|---|---|",

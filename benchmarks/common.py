@@ -46,10 +46,12 @@ def _pair_rows(model, images, coalitions):
     """Complementary pairs as one row [prefix, prefix, N patches] and the token groups (R/2, L)."""
     tokens = embed_tokens(model, images)
     prefix = model.num_prefix_tokens
-    batch, num, players = coalitions.shape
+    _, num, players = coalitions.shape
     rows = torch.cat([tokens[:, :prefix], tokens], dim=1).unsqueeze(1).expand(-1, num // 2, -1, -1)
     first = coalitions[:, 0::2].reshape(-1, players)
-    group = torch.cat([first.new_zeros(first.shape[0], prefix), first.new_ones(first.shape[0], prefix), ~first], 1)
+    group = torch.cat(
+        [first.new_zeros(first.shape[0], prefix), first.new_ones(first.shape[0], prefix), ~first], 1
+    )
     return model.norm_pre(rows.reshape(-1, *rows.shape[2:])), group
 
 
@@ -187,7 +189,12 @@ def time_fn(fn, device: torch.device, *, warmup: int = 2, repeats: int = 5) -> d
             fn()
             times.append((time.perf_counter() - start) * 1e3)
         peak = None
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "peak_mib": peak}
+    return {
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "peak_mib": peak,
+    }
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+from functools import partial
 from pathlib import Path
 
 import common
@@ -29,7 +30,9 @@ SAME_GAME_REFERENCE = "key mask, SDPA"  # the fp32 oracle of the token-dropping 
 
 
 def parse_args(argv=None, **defaults):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default=common.default_device(), choices=["cuda", "cpu"])
     parser.add_argument("--model", default=None, help="timm model name (random weights, no download)")
     parser.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
@@ -61,7 +64,9 @@ def build(args):
     kwargs = {key: getattr(args, key) for key in ("img_size", "patch_size") if getattr(args, key)}
     reference_model = timm.create_model(args.model, pretrained=False, **kwargs).eval().to(device)
     if reference_model.global_pool != "token":
-        raise SystemExit(f"benchmarks need a class-token ViT; {args.model} pools with {reference_model.global_pool!r}")
+        raise SystemExit(
+            f"benchmarks need a class-token ViT; {args.model} pools with {reference_model.global_pool!r}"
+        )
     model = copy.deepcopy(reference_model).to(DTYPES[args.dtype])
     size = reference_model.patch_embed.img_size
     gen = torch.Generator(device=device).manual_seed(0)
@@ -71,6 +76,10 @@ def build(args):
     return device, reference_model, model, images, coalitions
 
 
+def _forward_backward(fn, model, images, coalitions):
+    fn(model, images, coalitions).float().sum().backward()
+
+
 def measure(args) -> dict:
     device, reference_model, model, images, coalitions = build(args)
     low = images.to(DTYPES[args.dtype])
@@ -78,7 +87,10 @@ def measure(args) -> dict:
     flops = common.packed_flops(model, coalitions)
     gemm_dtype = DTYPES["bf16"] if device.type == "cuda" else torch.float32
     gemm = common.gemm_tflops(device, gemm_dtype, size=8192 if device.type == "cuda" else 1024, repeats=5)
-    floor = {"forward": gemm * 1e12 / flops * evaluations, "forward+backward": gemm * 1e12 / (3 * flops) * evaluations}
+    floor = {
+        "forward": gemm * 1e12 / flops * evaluations,
+        "forward+backward": gemm * 1e12 / (3 * flops) * evaluations,
+    }
     with torch.no_grad():
         oracle = {
             "token dropping": common.key_mask(reference_model, images, coalitions),
@@ -101,13 +113,9 @@ def measure(args) -> dict:
         row["relative_error"] = common.relative_error(got, want)
         row["correct"] = row["relative_error"] <= TOLERANCE[args.dtype]
         with torch.no_grad():
-            row["forward"] = common.time_fn(lambda: fn(model, low, coalitions), device, repeats=args.repeats)
+            row["forward"] = common.time_fn(partial(fn, model, low, coalitions), device, repeats=args.repeats)
         if not args.no_backward:
-            pixels = low.clone().requires_grad_()
-
-            def step():
-                fn(model, pixels, coalitions).float().sum().backward()
-
+            step = partial(_forward_backward, fn, model, low.clone().requires_grad_(), coalitions)
             row["forward+backward"] = common.time_fn(step, device, repeats=args.repeats)
             model.zero_grad(set_to_none=True)
         for phase in ("forward", "forward+backward"):
@@ -115,7 +123,10 @@ def measure(args) -> dict:
                 row[phase]["evals_per_s"] = evaluations / (row[phase]["median_ms"] * 1e-3)
                 row[phase]["fraction_of_floor"] = row[phase]["evals_per_s"] / floor[phase]
         rows.append(row)
-        print(f"{name:<36} {row['forward']['evals_per_s']:>12,.0f} evals/s fwd  err {row['relative_error']:.1e}", flush=True)
+        print(
+            f"{name:<36} {row['forward']['evals_per_s']:>12,.0f} evals/s fwd  err {row['relative_error']:.1e}",
+            flush=True,
+        )
     baseline = next((r for r in rows if r["method"] == "zero-input full forward" and "forward" in r), None)
     for row in rows:
         for phase in ("forward", "forward+backward"):
@@ -157,13 +168,17 @@ def markdown(result: dict, command: str) -> str:
     lines = [
         f"# Coalition throughput on {common.hardware_name(env)}",
         "",
-        f"{config['model']}, {config['dtype']}, {config['images']} images × {config['coalitions']} paired "
-        f"coalitions ({config['players']} players); torch {env['torch']}, triton {env['triton']}, "
-        f"timm {env['timm']}, {env['date']}. Command: `{command}`",
+        (
+            f"{config['model']}, {config['dtype']}, {config['images']} images × {config['coalitions']} paired "
+            f"coalitions ({config['players']} players); torch {env['torch']}, triton {env['triton']}, "
+            f"timm {env['timm']}, {env['date']}. Command: `{command}`"
+        ),
         "",
-        f"Evaluations per second, median (min–max time, ratio to zero-input, fraction of the floor). "
-        f"Floor: packed FLOPs at the measured GEMM rate of {result['gemm_tflops']:.1f} TFLOP/s = "
-        f"{result['floor_evals_per_s']['forward']:,.0f} evals/s forward.",
+        (
+            "Evaluations per second, median (min–max time, ratio to zero-input, fraction of the floor). "
+            f"Floor: packed FLOPs at the measured GEMM rate of {result['gemm_tflops']:.1f} TFLOP/s = "
+            f"{result['floor_evals_per_s']['forward']:,.0f} evals/s forward."
+        ),
         "",
         "| method | forward | forward+backward | peak MiB | rel. error | correct |",
         "|---|---|---|---|---|---|",
@@ -211,7 +226,9 @@ def main(argv=None, stem: str = "throughput", **defaults) -> dict:
     result = measure(args)
     out = args.out or Path(__file__).parent / "results" / f"{datetime.date.today().isoformat()}-{args.device}"
     command = "python benchmarks/run.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in ("device", "model", "images", "coalitions", "dtype")
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in vars(args).items()
+        if k in ("device", "model", "images", "coalitions", "dtype")
     )
     common.write_results(out, stem, result, markdown(result, command))
     bar_chart(result, out / f"{stem}.png")

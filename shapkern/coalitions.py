@@ -7,8 +7,9 @@ varlen layout of design.md §3: one row per kept token, sequences delimited by `
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
+from functools import cached_property
 
 import torch
 
@@ -172,7 +173,7 @@ class PackPlan:
     def num_tokens(self) -> int:
         return self.gather_index.shape[0]
 
-    @property
+    @cached_property
     def token_row(self) -> torch.Tensor:
         """(T,) int64 row (sequence) index of every packed token."""
         lengths = self.patch_counts + self.num_prefix_tokens

@@ -136,7 +136,9 @@ def packed_block_forward(
     return x + _drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), plan)
 
 
-def _packed_rows(model: nn.Module, tokens: torch.Tensor, coalitions: torch.Tensor, output: str, paired, attention):
+def _packed_rows(
+    model: nn.Module, tokens: torch.Tensor, coalitions: torch.Tensor, output: str, paired, attention
+):
     """Run the blocks and head for one chunk: tokens (B, P + N, D), coalitions (B, m, N)."""
     num_prefix = model.num_prefix_tokens
     x, plan = pack_tokens(tokens, coalitions, num_prefix, paired=paired)
@@ -179,7 +181,9 @@ def _check_inputs(model: nn.Module, images: torch.Tensor, coalitions: torch.Tens
             f"got {tuple(coalitions.shape)}"
         )
     if coalitions.shape[2] != players:
-        raise ValueError(f"coalitions have N = {coalitions.shape[2]} players but the model has {players} patches")
+        raise ValueError(
+            f"coalitions have N = {coalitions.shape[2]} players but the model has {players} patches"
+        )
     if coalitions.shape[1] == 0:
         raise ValueError("coalitions must hold at least one coalition (M >= 1)")
     param = next(model.parameters(), None)
@@ -258,6 +262,7 @@ def fused_coalition_forward(
         # One pass, so that the plan describes all rows.
         x, plan = _packed_rows(model, tokens, coalitions, output, paired, attention)
         return PackedTokens(tokens=x, plan=plan, shape=(batch, num))
+
     def run(chunk: torch.Tensor) -> torch.Tensor:
         return _packed_rows(model, tokens, chunk, output, paired, attention)
 
@@ -271,7 +276,9 @@ def _patch_grid(model: nn.Module, images: torch.Tensor, players: int) -> tuple[i
         return tuple(grid)
     side = round(players**0.5)
     if side * side != players:
-        raise ValueError(f"cannot lay N = {players} players on a square patch grid; pass a timm ViT or square N")
+        raise ValueError(
+            f"cannot lay N = {players} players on a square patch grid; pass a timm ViT or square N"
+        )
     return side, side
 
 
@@ -323,10 +330,12 @@ def masked_input_forward(
     coalitions = _check_inputs(model, images, coalitions, grid[0] * grid[1])
     height, width = images.shape[-2:]
     if height % grid[0] or width % grid[1]:
-        raise ValueError(f"images of size {height}x{width} do not split into a {grid[0]}x{grid[1]} patch grid")
+        raise ValueError(
+            f"images of size {height}x{width} do not split into a {grid[0]}x{grid[1]} patch grid"
+        )
     patch = (height // grid[0], width // grid[1])
     reference = _baseline_images(images, baseline, patch)
-    batch, num, _ = coalitions.shape
+    batch = coalitions.shape[0]
     chunk_rows = chunk_size or (1024 if images.device.type == "cuda" else CPU_CHUNK_ROWS)
 
     def run(chunk: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,12 @@ def test_run_py_smoke_on_cpu(tmp_path):
     assert {"environment", "config", "gemm_tflops", "floor_evals_per_s", "methods"} <= result.keys()
     assert result["environment"]["torch"] and result["config"]["players"] == 16
     names = [row["method"] for row in result["methods"]]
-    assert names[:4] == ["shapkern engine", "zero-input full forward", "key mask, SDPA", "pairs + dense mask, SDPA"]
+    assert names[:4] == [
+        "shapkern engine",
+        "zero-input full forward",
+        "key mask, SDPA",
+        "pairs + dense mask, SDPA",
+    ]
     for row in result["methods"]:
         if "unavailable" in row:
             assert row["unavailable"]

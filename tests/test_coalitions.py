@@ -54,7 +54,9 @@ def test_paired_interleaves_complements():
 
 @pytest.mark.parametrize("method", ["uniform", "bernoulli"])
 def test_other_methods(method):
-    masks = sample_coalitions(4, 2000, 10, method=method, paired=False, generator=torch.Generator().manual_seed(2))
+    masks = sample_coalitions(
+        4, 2000, 10, method=method, paired=False, generator=torch.Generator().manual_seed(2)
+    )
     sizes = masks.sum(-1).double()
     assert abs(sizes.mean().item() - 5) < 0.1
     if method == "uniform":
@@ -70,10 +72,10 @@ def test_sampling_is_seeded():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(batch=1, num=3, players=4), "even"),
-        (dict(batch=1, num=2, players=4, method="nope"), "method"),
-        (dict(batch=1, num=2, players=1), "players"),
-        (dict(batch=0, num=2, players=4), "positive"),
+        ({"batch": 1, "num": 3, "players": 4}, "even"),
+        ({"batch": 1, "num": 2, "players": 4, "method": "nope"}, "method"),
+        ({"batch": 1, "num": 2, "players": 1}, "players"),
+        ({"batch": 0, "num": 2, "players": 4}, "positive"),
     ],
 )
 def test_sample_coalitions_bad_input(kwargs, match):

@@ -6,17 +6,17 @@ from torch import nn
 
 from shapkern import PackedTokens, fused_coalition_forward, sample_coalitions
 
-SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 5}
 VARIANTS = {
-    "cls_token": dict(),
-    "cls_avg": dict(global_pool="avg"),
-    "no_prefix_avg": dict(class_token=False, global_pool="avg"),
-    "registers": dict(reg_tokens=2),
-    "no_embed_class": dict(reg_tokens=1, no_embed_class=True),
-    "qk_norm": dict(qk_norm=True),
-    "layer_scale": dict(init_values=0.1),
-    "deep_small_patch": dict(patch_size=4, depth=3, embed_dim=48, num_heads=3, mlp_ratio=2.0),
-    "distilled": dict(distilled=True),
+    "cls_token": {},
+    "cls_avg": {"global_pool": "avg"},
+    "no_prefix_avg": {"class_token": False, "global_pool": "avg"},
+    "registers": {"reg_tokens": 2},
+    "no_embed_class": {"reg_tokens": 1, "no_embed_class": True},
+    "qk_norm": {"qk_norm": True},
+    "layer_scale": {"init_values": 0.1},
+    "deep_small_patch": {"patch_size": 4, "depth": 3, "embed_dim": 48, "num_heads": 3, "mlp_ratio": 2.0},
+    "distilled": {"distilled": True},
 }
 
 
@@ -218,7 +218,11 @@ def test_input_mode_masks_pixels_for_any_model(baseline):
     coalitions = random_coalitions(2, 5, 16, seed=10)
     got = fused_coalition_forward(model, images, coalitions, mode="input", baseline=baseline, chunk_size=3)
     assert got.shape == (2, 5, 5)
-    fill = torch.zeros_like(images) if baseline == "zeros" else images.mean((2, 3), keepdim=True).expand_as(images)
+    fill = (
+        torch.zeros_like(images)
+        if baseline == "zeros"
+        else images.mean((2, 3), keepdim=True).expand_as(images)
+    )
     for m in range(5):
         pixels = coalitions[:, m].view(2, 1, 4, 4).repeat_interleave(8, 2).repeat_interleave(8, 3)
         torch.testing.assert_close(got[:, m], model(torch.where(pixels, images, fill)), rtol=1e-5, atol=1e-6)
@@ -266,4 +270,6 @@ def test_bad_inputs_raise():
 def test_devices_must_match():
     model = make_model("cls_token")
     with pytest.raises(ValueError, match="model is on cpu"):
-        fused_coalition_forward(model, torch.randn(1, 3, 32, 32, device="cuda"), torch.ones(1, 2, 16, dtype=torch.bool))
+        fused_coalition_forward(
+            model, torch.randn(1, 3, 32, 32, device="cuda"), torch.ones(1, 2, 16, dtype=torch.bool)
+        )

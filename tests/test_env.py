@@ -13,5 +13,7 @@ def test_env_reports_versions_kernels_triton_and_gpu():
 
 
 def test_python_m_shapkern_env_prints_the_report():
-    out = subprocess.run([sys.executable, "-m", "shapkern.env"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "shapkern.env"], capture_output=True, text=True, check=True
+    ).stdout
     assert "extension CUDA kernels" in out and "triton mode" in out and "gpu" in out

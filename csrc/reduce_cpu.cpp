@@ -1,0 +1,266 @@
+// CPU kernels for shapkern's reductions over coalitions, the op schemas, and their CPU registration.
+// All loops are over outputs with a fixed summation order, so results are deterministic.
+#include "reduce.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace shapkern {
+
+namespace {
+
+constexpr int64_t kColumnBlock = 256;  // columns per task in segment_sum when sequences are few
+constexpr int64_t kMaskBufferBytes = 64 << 20;  // unpacked-mask buffer of coalition_reduce: one GEMM up to this
+
+// kByteBits[b][i] = bit i of byte b, as 0.0f or 1.0f.
+struct ByteBits {
+  float table[256][8];
+  constexpr ByteBits() : table() {
+    for (int b = 0; b < 256; ++b)
+      for (int i = 0; i < 8; ++i) table[b][i] = static_cast<float>((b >> i) & 1);
+  }
+};
+constexpr ByteBits kByteBitsTable{};
+constexpr const float (&kByteBits)[256][8] = kByteBitsTable.table;
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Segment [begin, end) of sequence r, clamped to [0, T] so bad offsets never read out of bounds.
+std::pair<int64_t, int64_t> segment(const int32_t* cu, int64_t r, int64_t T) {
+  const int64_t begin = std::clamp<int64_t>(cu[r], 0, T);
+  return {begin, std::clamp<int64_t>(cu[r + 1], begin, T)};
+}
+
+}  // namespace
+
+void check_segment_args(const at::Tensor& values, const at::Tensor& cu_seqlens, const char* values_name) {
+  TORCH_CHECK(values.dim() == 2, values_name, " must be 2-D (T, K), got shape ", values.sizes());
+  TORCH_CHECK(is_supported_float(values.scalar_type()), values_name,
+              " must be float32, float64, float16 or bfloat16, got ", values.scalar_type());
+  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1,
+              "cu_seqlens must be 1-D (R+1,) with R >= 0, got shape ", cu_seqlens.sizes());
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt, "cu_seqlens must be int32, got ", cu_seqlens.scalar_type());
+  TORCH_CHECK(cu_seqlens.device() == values.device(), "cu_seqlens is on ", cu_seqlens.device(), " but ",
+              values_name, " is on ", values.device());
+}
+
+void check_coalition_args(const at::Tensor& masks, const at::Tensor& values, const at::Tensor& weights,
+                          int64_t num_players) {
+  TORCH_CHECK(masks.dim() == 3, "masks must be 3-D (B, M, W), got shape ", masks.sizes());
+  TORCH_CHECK(masks.scalar_type() == at::kInt, "masks must be int32 (bit-packed), got ", masks.scalar_type());
+  TORCH_CHECK(values.dim() == 3, "values must be 3-D (B, M, K), got shape ", values.sizes());
+  TORCH_CHECK(is_supported_float(values.scalar_type()),
+              "values must be float32, float64, float16 or bfloat16, got ", values.scalar_type());
+  TORCH_CHECK(weights.dim() == 2, "weights must be 2-D (B, M), got shape ", weights.sizes());
+  TORCH_CHECK(weights.scalar_type() == values.scalar_type(), "weights must have the dtype of values (",
+              values.scalar_type(), "), got ", weights.scalar_type());
+  TORCH_CHECK(masks.size(0) == values.size(0) && masks.size(1) == values.size(1), "masks shape ",
+              masks.sizes(), " does not match values shape ", values.sizes(), " in (B, M)");
+  TORCH_CHECK(weights.size(0) == values.size(0) && weights.size(1) == values.size(1), "weights shape ",
+              weights.sizes(), " does not match values shape ", values.sizes(), " in (B, M)");
+  TORCH_CHECK(num_players >= 0, "num_players must be >= 0, got ", num_players);
+  TORCH_CHECK(masks.size(2) * 32 >= num_players, "masks has W=", masks.size(2),
+              " words per coalition, too few for num_players=", num_players);
+  TORCH_CHECK(masks.device() == values.device() && weights.device() == values.device(),
+              "masks, values and weights must be on one device, got ", masks.device(), ", ", values.device(),
+              ", ", weights.device());
+}
+
+void check_pack_args(const at::Tensor& mask) {
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be bool, got ", mask.scalar_type());
+  TORCH_CHECK(mask.dim() >= 1, "mask must have a last dimension of players (..., N)");
+}
+
+void check_unpack_args(const at::Tensor& packed, int64_t num_players) {
+  TORCH_CHECK(packed.scalar_type() == at::kInt, "packed must be int32, got ", packed.scalar_type());
+  TORCH_CHECK(packed.dim() >= 1, "packed must have a last dimension of words (..., W)");
+  TORCH_CHECK(num_players >= 0, "num_players must be >= 0, got ", num_players);
+  TORCH_CHECK(packed.size(-1) * 32 >= num_players, "packed has W=", packed.size(-1),
+              " words, too few for num_players=", num_players);
+}
+
+at::Tensor segment_sum_cpu(const at::Tensor& values_in, const at::Tensor& cu_seqlens_in) {
+  check_segment_args(values_in, cu_seqlens_in, "values");
+  const at::Tensor values = values_in.contiguous();
+  const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
+  const int64_t T = values.size(0), K = values.size(1), R = cu_seqlens.size(0) - 1;
+  at::Tensor out = at::empty({R, K}, values.options());
+  // Whole rows stream best; split columns too only when there are fewer sequences than threads.
+  const int64_t width = R >= at::get_num_threads() ? std::max<int64_t>(K, 1) : kColumnBlock;
+  const int64_t blocks = (K + width - 1) / width;
+  const int64_t grain = T * K < (1 << 16) ? R * blocks : 1;  // small inputs: no threads
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "segment_sum_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* v = values.const_data_ptr<scalar_t>();
+    const int32_t* cu = cu_seqlens.const_data_ptr<int32_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, R * blocks, grain, [&](int64_t i0, int64_t i1) {
+      std::vector<acc_t> acc(width);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t r = i / blocks, k0 = (i % blocks) * width, n = std::min(width, K - k0);
+        const auto [begin, end] = segment(cu, r, T);
+        acc_t* __restrict__ a = acc.data();
+        std::fill_n(a, n, acc_t(0));
+        for (int64_t t = begin; t < end; ++t) {
+          const scalar_t* __restrict__ row = v + t * K + k0;
+          for (int64_t k = 0; k < n; ++k) a[k] += static_cast<acc_t>(row[k]);
+        }
+        std::copy_n(a, n, o + r * K + k0);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor segment_expand_cpu(const at::Tensor& grad_in, const at::Tensor& cu_seqlens_in, int64_t num_tokens) {
+  check_segment_args(grad_in, cu_seqlens_in, "grad");
+  TORCH_CHECK(grad_in.size(0) == cu_seqlens_in.size(0) - 1, "grad has ", grad_in.size(0),
+              " rows but cu_seqlens holds ", cu_seqlens_in.size(0) - 1, " sequences");
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
+  const int64_t R = grad.size(0), K = grad.size(1);
+  at::Tensor out = at::empty({num_tokens, K}, grad.options());
+  const int64_t row_bytes = K * static_cast<int64_t>(grad.element_size());
+  const int32_t* cu = cu_seqlens.const_data_ptr<int32_t>();
+  const char* g = static_cast<const char*>(grad.const_data_ptr());
+  char* o = static_cast<char*>(out.mutable_data_ptr());
+  at::parallel_for(0, R, num_tokens * K < (1 << 16) ? R : 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const auto [begin, end] = segment(cu, r, num_tokens);
+      for (int64_t t = begin; t < end; ++t) std::memcpy(o + t * row_bytes, g + r * row_bytes, row_bytes);
+    }
+  });
+  return out;
+}
+
+// sums = Zw^T V batched over b, with Zw[b, m, n] = w[b, m] z[b, m, n]: the masks are unpacked (in parallel
+// over b, weight sums on the way) into a buffer of at most kMaskBufferBytes, and the contraction is left to
+// BLAS (bmm, which brings its own threads). The first chunk writes the output, so it is never zero-filled.
+std::tuple<at::Tensor, at::Tensor> coalition_reduce_cpu(const at::Tensor& masks_in, const at::Tensor& values_in,
+                                                        const at::Tensor& weights_in, int64_t num_players) {
+  check_coalition_args(masks_in, values_in, weights_in, num_players);
+  const at::Tensor masks = masks_in.contiguous();
+  const at::Tensor values = values_in.contiguous();
+  const at::Tensor weights = weights_in.contiguous();
+  const int64_t B = values.size(0), M = values.size(1), K = values.size(2), W = masks.size(2);
+  const int64_t N = num_players;
+  const at::ScalarType acc_type = at::toOpMathType(values.scalar_type());
+  const auto acc_opts = values.options().dtype(acc_type);
+  at::Tensor sums = at::empty({B, N, K}, acc_opts);
+  // Rows of the buffer are padded to whole words so that the unpacking loop has a fixed trip count.
+  const int64_t padded = W * 32;
+  const int64_t row_bytes = std::max<int64_t>(B * padded, 1) * at::elementSize(acc_type);
+  const int64_t max_chunk = std::max<int64_t>(1, kMaskBufferBytes / row_bytes);
+  at::Tensor zw = at::empty({B, std::max<int64_t>(std::min(max_chunk, M), 1), padded}, acc_opts);
+  at::Tensor padded_sums = at::zeros({B, padded}, acc_opts);
+  if (M == 0) sums.zero_();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "coalition_reduce_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const uint32_t* mk = reinterpret_cast<const uint32_t*>(masks.const_data_ptr<int32_t>());
+    const scalar_t* w = weights.const_data_ptr<scalar_t>();
+    acc_t* ws = padded_sums.mutable_data_ptr<acc_t>();
+    acc_t* z = zw.mutable_data_ptr<acc_t>();
+    const int64_t z_stride = zw.size(1) * padded;
+    for (int64_t m0 = 0; m0 < M; m0 += max_chunk) {
+      const int64_t chunk = std::min(max_chunk, M - m0);
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          acc_t* __restrict__ wsum = ws + b * padded;
+          for (int64_t j = 0; j < chunk; ++j) {
+            const int64_t bm = b * M + m0 + j;
+            const acc_t wm = static_cast<acc_t>(w[bm]);
+            acc_t* __restrict__ zrow = z + b * z_stride + j * padded;
+            const uint8_t* bytes = reinterpret_cast<const uint8_t*>(mk + bm * W);  // little-endian words
+            for (int64_t byte = 0; byte < W * 4; ++byte) {
+              // 8 players at a time from a table, branch-free: vectorises even without AVX2 shifts.
+              const float* bits = kByteBits[bytes[byte]];
+              for (int i = 0; i < 8; ++i) {
+                const acc_t zn = static_cast<acc_t>(bits[i]) * wm;
+                zrow[byte * 8 + i] = zn;
+                wsum[byte * 8 + i] += zn;
+              }
+            }
+          }
+        }
+      });
+      const at::Tensor zt = zw.narrow(1, 0, chunk).narrow(2, 0, N).transpose(1, 2);
+      const at::Tensor v = values.narrow(1, m0, chunk).to(acc_type);
+      if (m0 == 0) {
+        at::bmm_out(sums, zt, v);
+      } else {
+        sums.baddbmm_(zt, v);
+      }
+    }
+  });
+  const at::Tensor weight_sums = padded_sums.narrow(1, 0, N);
+  return {sums.to(values.scalar_type()), weight_sums.to(values.scalar_type())};
+}
+
+at::Tensor pack_masks_cpu(const at::Tensor& mask_in) {
+  check_pack_args(mask_in);
+  const at::Tensor mask = mask_in.contiguous();
+  const int64_t N = mask.size(-1), W = (N + 31) / 32;
+  const int64_t rows = N == 0 ? 0 : mask.numel() / N;
+  std::vector<int64_t> shape = mask.sizes().vec();
+  shape.back() = W;
+  at::Tensor out = at::empty(shape, mask.options().dtype(at::kInt));
+  const bool* p = mask.const_data_ptr<bool>();
+  int32_t* o = out.mutable_data_ptr<int32_t>();
+  at::parallel_for(0, rows, 4096, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t wi = 0; wi < W; ++wi) {
+        uint32_t word = 0;
+        const int64_t n0 = wi * 32, bits = std::min<int64_t>(32, N - n0);
+        for (int64_t i = 0; i < bits; ++i) word |= static_cast<uint32_t>(p[r * N + n0 + i]) << i;
+        o[r * W + wi] = static_cast<int32_t>(word);
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor unpack_masks_cpu(const at::Tensor& packed_in, int64_t num_players) {
+  check_unpack_args(packed_in, num_players);
+  const at::Tensor packed = packed_in.contiguous();
+  const int64_t W = packed.size(-1), N = num_players;
+  const int64_t rows = W == 0 ? 0 : packed.numel() / W;
+  std::vector<int64_t> shape = packed.sizes().vec();
+  shape.back() = N;
+  at::Tensor out = at::empty(shape, packed.options().dtype(at::kBool));
+  const uint32_t* p = reinterpret_cast<const uint32_t*>(packed.const_data_ptr<int32_t>());
+  bool* o = out.mutable_data_ptr<bool>();
+  at::parallel_for(0, rows, 4096, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t n = 0; n < N; ++n) o[r * N + n] = (p[r * W + (n >> 5)] >> (n & 31)) & 1u;
+    }
+  });
+  return out;
+}
+
+}  // namespace shapkern
+
+TORCH_LIBRARY(shapkern, m) {
+  m.def("segment_sum(Tensor values, Tensor cu_seqlens) -> Tensor");
+  m.def("segment_expand(Tensor grad, Tensor cu_seqlens, SymInt num_tokens) -> Tensor");
+  m.def("coalition_reduce(Tensor masks, Tensor values, Tensor weights, int num_players) -> (Tensor, Tensor)");
+  m.def("pack_masks(Tensor mask) -> Tensor");
+  m.def("unpack_masks(Tensor packed, int num_players) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(shapkern, CPU, m) {
+  m.impl("segment_sum", &shapkern::segment_sum_cpu);
+  m.impl("segment_expand", &shapkern::segment_expand_cpu);
+  m.impl("coalition_reduce", &shapkern::coalition_reduce_cpu);
+  m.impl("pack_masks", &shapkern::pack_masks_cpu);
+  m.impl("unpack_masks", &shapkern::unpack_masks_cpu);
+}

@@ -1,0 +1,49 @@
+"""Loads the compiled extension shapkern._C, or warns once that shapkern uses its PyTorch reference ops."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+try:
+    from shapkern import _C
+except (ImportError, OSError) as exc:  # not built, or built against another torch (ABI mismatch)
+    _C = None
+    _ERROR: str | None = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        f"shapkern: the compiled extension shapkern._C failed to load ({_ERROR}); shapkern falls back to "
+        "its PyTorch reference ops, which give the same results more slowly. Rebuild it against the "
+        "installed torch with `pip install --no-build-isolation --no-deps .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+else:
+    _ERROR = None
+
+
+def extension_loaded() -> bool:
+    """Whether shapkern._C was imported, registering torch.ops.shapkern.*."""
+    return _C is not None
+
+
+def has_cpu_kernels() -> bool:
+    """Whether the C++ CPU kernels are available (always built into the extension)."""
+    return _C is not None
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the extension was compiled with its CUDA kernels."""
+    return _C is not None and bool(_C.cuda_compiled())
+
+
+def extension_error() -> str | None:
+    """Why the extension failed to load, or None if it loaded."""
+    return _ERROR
+
+
+def has_kernels(device: torch.device) -> bool:
+    """Whether torch.ops.shapkern.* has kernels for tensors on `device`."""
+    if device.type == "cpu":
+        return has_cpu_kernels()
+    return device.type == "cuda" and has_cuda_kernels()

@@ -1,0 +1,303 @@
+"""Reductions over coalitions: segment sums of packed tokens and weighted sums onto players.
+
+Each op has a plain PyTorch reference (``*_reference``). The public op validates its inputs, then runs
+``torch.ops.shapkern.*`` (C++ on CPU, CUDA on GPU) when the extension has kernels for the tensors'
+device, and the reference otherwise. The compiled kernels are deterministic on CPU and CUDA: every
+output is reduced by one thread in a fixed order, without float atomics. Half types (float16,
+bfloat16) accumulate in float32, float64 in float64. The ops support autograd for floating inputs
+and trace under ``torch.compile(fullgraph=True)``.
+
+Masks are bit-packed int32: player n of a coalition is bit ``n % 32`` of word ``n // 32``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shapkern.ops import _extension as _ext
+
+__all__ = [
+    "coalition_reduce",
+    "coalition_reduce_reference",
+    "pack_masks",
+    "pack_masks_reference",
+    "segment_sum",
+    "segment_sum_reference",
+    "unpack_masks",
+    "unpack_masks_reference",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _num_words(num_players: int) -> int:
+    return (num_players + 31) // 32
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _check(ok: bool, op: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{op}: {message}")
+
+
+def _check_float(t: torch.Tensor, name: str, op: str) -> None:
+    _check(
+        t.dtype in _FLOAT_DTYPES, op, f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}"
+    )
+
+
+def _check_same_device(op: str, **tensors: torch.Tensor) -> None:
+    (first, ref), *rest = tensors.items()
+    for name, t in rest:
+        _check(t.device == ref.device, op, f"{name} is on {t.device} but {first} is on {ref.device}")
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int, op: str) -> None:
+    _check(cu_seqlens.dtype == torch.int32, op, f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    _check(
+        cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 1,
+        op,
+        f"cu_seqlens must be 1-D (R+1,), got shape {tuple(cu_seqlens.shape)}",
+    )
+    if torch.compiler.is_compiling():
+        return  # value checks need a host sync
+    first, last = cu_seqlens[0], cu_seqlens[-1]
+    monotone = (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
+    if bool((first == 0) & (last == num_tokens) & monotone):  # one sync
+        return
+    _check(int(first) == 0, op, f"cu_seqlens[0] must be 0, got {int(first)}")
+    _check(
+        int(last) == num_tokens,
+        op,
+        f"cu_seqlens[-1] must equal the number of tokens {num_tokens}, got {int(last)}",
+    )
+    _check(False, op, "cu_seqlens must be non-decreasing")
+
+
+# ---------------------------------------------------------------------------------------- segment_sum
+
+
+def segment_sum_reference(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """PyTorch reference of :func:`segment_sum`: index_add over a token -> sequence index."""
+    num_seqs = cu_seqlens.shape[0] - 1
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq = torch.repeat_interleave(
+        torch.arange(num_seqs, device=values.device), lengths, output_size=values.shape[0]
+    )
+    acc = _acc_dtype(values.dtype)
+    out = values.new_zeros((num_seqs, values.shape[1]), dtype=acc).index_add(0, seq, values.to(acc))
+    return out.to(values.dtype)
+
+
+def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Sum the packed tokens of each sequence.
+
+    Args:
+        values: (T, K) floating, the tokens of all sequences back to back.
+        cu_seqlens: (R+1,) int32, sequence r holds tokens ``cu_seqlens[r]:cu_seqlens[r+1]``;
+            ``cu_seqlens[0] == 0``, non-decreasing, ``cu_seqlens[-1] == T``.
+
+    Returns:
+        (R, K) in the dtype of ``values``; empty sequences give 0. The gradient broadcasts back to
+        the tokens.
+    """
+    op = "segment_sum"
+    _check(values.dim() == 2, op, f"values must be 2-D (T, K), got shape {tuple(values.shape)}")
+    _check_float(values, "values", op)
+    _check_same_device(op, values=values, cu_seqlens=cu_seqlens)
+    _check_cu_seqlens(cu_seqlens, values.shape[0], op)
+    if _ext.has_kernels(values.device):
+        return torch.ops.shapkern.segment_sum(values, cu_seqlens)
+    return segment_sum_reference(values, cu_seqlens)
+
+
+# ----------------------------------------------------------------------------------- pack / unpack masks
+
+
+def pack_masks_reference(mask: torch.Tensor) -> torch.Tensor:
+    """PyTorch reference of :func:`pack_masks`."""
+    num_words = _num_words(mask.shape[-1])
+    bits = torch.nn.functional.pad(mask.to(torch.int64), (0, 32 * num_words - mask.shape[-1]))
+    shifts = torch.arange(32, device=mask.device, dtype=torch.int64)
+    words = (bits.unflatten(-1, (num_words, 32)) << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
+
+
+def unpack_masks_reference(packed: torch.Tensor, num_players: int) -> torch.Tensor:
+    """PyTorch reference of :func:`unpack_masks`."""
+    shifts = torch.arange(32, device=packed.device, dtype=torch.int32)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(-2)[..., :num_players].bool()
+
+
+def pack_masks(mask: torch.Tensor) -> torch.Tensor:
+    """Bit-pack coalition masks: bool (..., N) -> int32 (..., ceil(N / 32)).
+
+    Player n is bit ``n % 32`` (little-endian) of word ``n // 32``; padding bits are 0.
+    """
+    _check(mask.dtype == torch.bool, "pack_masks", f"mask must be bool, got {mask.dtype}")
+    _check(mask.dim() >= 1, "pack_masks", "mask must have a last dimension of players (..., N)")
+    if _ext.has_kernels(mask.device):
+        return torch.ops.shapkern.pack_masks(mask)
+    return pack_masks_reference(mask)
+
+
+def unpack_masks(packed: torch.Tensor, num_players: int) -> torch.Tensor:
+    """Unpack coalition masks: int32 (..., W) -> bool (..., N) with N = ``num_players`` <= 32 W."""
+    op = "unpack_masks"
+    _check(packed.dtype == torch.int32, op, f"packed must be int32, got {packed.dtype}")
+    _check(packed.dim() >= 1, op, "packed must have a last dimension of words (..., W)")
+    _check(num_players >= 0, op, f"num_players must be >= 0, got {num_players}")
+    _check(
+        packed.shape[-1] >= _num_words(num_players),
+        op,
+        f"packed has W={packed.shape[-1]} words, too few for num_players={num_players}",
+    )
+    if _ext.has_kernels(packed.device):
+        return torch.ops.shapkern.unpack_masks(packed, num_players)
+    return unpack_masks_reference(packed, num_players)
+
+
+# ----------------------------------------------------------------------------------- coalition_reduce
+
+
+def coalition_reduce_reference(
+    masks: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, num_players: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch reference of :func:`coalition_reduce`: einsum over the unpacked masks."""
+    acc = _acc_dtype(values.dtype)
+    z = unpack_masks_reference(masks, num_players).to(acc)
+    w = weights.to(acc)
+    sums = torch.einsum("bmn,bm,bmk->bnk", z, w, values.to(acc))
+    weight_sums = torch.einsum("bmn,bm->bn", z, w)
+    return sums.to(values.dtype), weight_sums.to(values.dtype)
+
+
+def coalition_reduce(
+    masks: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, num_players: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted sums of coalition values onto the players in each coalition.
+
+    ``sums[b, n, k] = sum_m weights[b, m] z[b, m, n] values[b, m, k]`` and
+    ``weight_sums[b, n] = sum_m weights[b, m] z[b, m, n]``, where z is the unpacked mask.
+
+    Args:
+        masks: (B, M, W) int32, bit-packed coalitions (see :func:`pack_masks`), W >= ceil(N / 32).
+        values: (B, M, K) floating, the value of each coalition.
+        weights: (B, M), dtype of ``values``, a weight per coalition.
+        num_players: N.
+
+    Returns:
+        sums (B, N, K) and weight_sums (B, N), in the dtype of ``values``; differentiable in
+        ``values`` and ``weights``.
+    """
+    op = "coalition_reduce"
+    _check(masks.dim() == 3, op, f"masks must be 3-D (B, M, W), got shape {tuple(masks.shape)}")
+    _check(masks.dtype == torch.int32, op, f"masks must be int32 (bit-packed), got {masks.dtype}")
+    _check(values.dim() == 3, op, f"values must be 3-D (B, M, K), got shape {tuple(values.shape)}")
+    _check_float(values, "values", op)
+    _check(weights.dim() == 2, op, f"weights must be 2-D (B, M), got shape {tuple(weights.shape)}")
+    _check(
+        weights.dtype == values.dtype,
+        op,
+        f"weights must have the dtype of values ({values.dtype}), got {weights.dtype}",
+    )
+    _check(
+        masks.shape[:2] == values.shape[:2],
+        op,
+        f"masks shape {tuple(masks.shape)} does not match values shape {tuple(values.shape)} in (B, M)",
+    )
+    _check(
+        weights.shape == values.shape[:2],
+        op,
+        f"weights shape {tuple(weights.shape)} does not match values shape {tuple(values.shape)} in (B, M)",
+    )
+    _check(num_players >= 0, op, f"num_players must be >= 0, got {num_players}")
+    _check(
+        masks.shape[2] >= _num_words(num_players),
+        op,
+        f"masks has W={masks.shape[2]} words per coalition, too few for num_players={num_players}",
+    )
+    _check_same_device(op, values=values, masks=masks, weights=weights)
+    if _ext.has_kernels(values.device):
+        return torch.ops.shapkern.coalition_reduce(masks, values, weights, num_players)
+    return coalition_reduce_reference(masks, values, weights, num_players)
+
+
+# ------------------------------------------------------------------ fake kernels and autograd (extension)
+
+
+def _register() -> None:
+    lib = "shapkern::"
+
+    @torch.library.register_fake(lib + "segment_sum")
+    def _(values, cu_seqlens):
+        return values.new_empty((cu_seqlens.shape[0] - 1, values.shape[1]))
+
+    @torch.library.register_fake(lib + "segment_expand")
+    def _(grad, cu_seqlens, num_tokens):
+        return grad.new_empty((num_tokens, grad.shape[1]))
+
+    @torch.library.register_fake(lib + "coalition_reduce")
+    def _(masks, values, weights, num_players):
+        batch, _, k = values.shape
+        return values.new_empty((batch, num_players, k)), values.new_empty((batch, num_players))
+
+    @torch.library.register_fake(lib + "pack_masks")
+    def _(mask):
+        return mask.new_empty((*mask.shape[:-1], _num_words(mask.shape[-1])), dtype=torch.int32)
+
+    @torch.library.register_fake(lib + "unpack_masks")
+    def _(packed, num_players):
+        return packed.new_empty((*packed.shape[:-1], num_players), dtype=torch.bool)
+
+    def segment_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+        ctx.num_tokens = inputs[0].shape[0]
+
+    def segment_sum_backward(ctx, grad):
+        (cu_seqlens,) = ctx.saved_tensors
+        return torch.ops.shapkern.segment_expand(grad, cu_seqlens, ctx.num_tokens), None
+
+    def segment_expand_backward(ctx, grad):
+        (cu_seqlens,) = ctx.saved_tensors
+        return torch.ops.shapkern.segment_sum(grad, cu_seqlens), None, None
+
+    def coalition_setup(ctx, inputs, output):
+        masks, values, weights, num_players = inputs
+        ctx.save_for_backward(masks, values, weights)
+        ctx.num_players = num_players
+
+    def coalition_reduce_backward(ctx, grad_sums, grad_weight_sums):
+        # d sums / d v[b,m,k] = w[b,m] (Z G)[b,m,k]; d / d w[b,m] = sum_k (Z G)[b,m,k] v[b,m,k] + (Z g)[b,m]
+        masks, values, weights = ctx.saved_tensors
+        acc = _acc_dtype(values.dtype)
+        z = torch.ops.shapkern.unpack_masks(masks, ctx.num_players).to(acc)
+        zg = torch.bmm(z, grad_sums.to(acc))
+        grad_values = grad_weights = None
+        if ctx.needs_input_grad[1]:
+            grad_values = (weights.to(acc).unsqueeze(-1) * zg).to(values.dtype)
+        if ctx.needs_input_grad[2]:
+            gw = (zg * values.to(acc)).sum(-1) + torch.bmm(z, grad_weight_sums.to(acc).unsqueeze(-1)).squeeze(
+                -1
+            )
+            grad_weights = gw.to(weights.dtype)
+        return None, grad_values, grad_weights, None
+
+    torch.library.register_autograd(lib + "segment_sum", segment_sum_backward, setup_context=segment_setup)
+    torch.library.register_autograd(
+        lib + "segment_expand", segment_expand_backward, setup_context=segment_setup
+    )
+    torch.library.register_autograd(
+        lib + "coalition_reduce", coalition_reduce_backward, setup_context=coalition_setup
+    )
+
+
+if _ext.extension_loaded():
+    _register()
