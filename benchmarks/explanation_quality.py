@@ -161,9 +161,9 @@ def markdown(results: dict, env: dict, args) -> str:
         (
             "Both models are the same ShapleyViT architecture (soft voting over per-patch scores Φ); the "
             "classification-only one is trained with λ = μ = 0, so its Φ is never fitted to Shapley values "
-            "and it never sees masked inputs. `self` is Φ from one forward pass; efficiency Σφ = v(N) - v(∅) "
-            "holds to < 1e-6 for every estimator (JSON: efficiency_gap), permutation sampling included "
-            "(each ordering telescopes)."
+            "and it never sees masked inputs. `self` is Φ from one forward pass; efficiency "
+            "Σφ = v(N) - v(∅) holds to float32 precision (< 2e-6) for every estimator (JSON: "
+            "efficiency_gap), permutation sampling included (each ordering telescopes)."
         ),
         "",
     ]

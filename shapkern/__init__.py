@@ -14,16 +14,29 @@ from shapkern.coalitions import (
     sample_coalitions,
     sample_permutations,
 )
+from shapkern.data import load_dataset
 from shapkern.engine import PackedTokens, fused_coalition_forward, masked_input_forward
+from shapkern.explain import Attribution, ValueFunction, estimate, explain, value_function
+from shapkern.losses import ShapleyLoss
+from shapkern.models import ShapleyViT
 from shapkern.ops import coalition_reduce, pack_masks, segment_sum, unpack_masks, varlen_attention
+from shapkern.train import TrainConfig, train
 
 __all__ = [
+    "Attribution",
     "PackPlan",
     "PackedTokens",
+    "ShapleyLoss",
+    "ShapleyViT",
+    "TrainConfig",
+    "ValueFunction",
     "__version__",
     "all_coalitions",
     "coalition_reduce",
+    "estimate",
+    "explain",
     "fused_coalition_forward",
+    "load_dataset",
     "masked_input_forward",
     "pack_masks",
     "pack_plan",
@@ -31,6 +44,8 @@ __all__ = [
     "sample_coalitions",
     "sample_permutations",
     "segment_sum",
+    "train",
     "unpack_masks",
+    "value_function",
     "varlen_attention",
 ]

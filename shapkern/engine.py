@@ -115,7 +115,8 @@ def _attention(attn: nn.Module, x: torch.Tensor, plan: PackPlan, attention) -> t
     """timm Attention on packed tokens: (T, D) -> (T, D)."""
     tokens = x.shape[0]
     q, k, v = attn.qkv(x).view(tokens, 3, attn.num_heads, attn.head_dim).unbind(1)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    # Under autocast, q/k norms return fp32 while v keeps the autocast dtype; attention takes one dtype.
+    q, k = attn.q_norm(q).to(v.dtype), attn.k_norm(k).to(v.dtype)
     out = attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, scale=attn.scale)
     out = attn.norm(out.reshape(tokens, attn.num_heads * attn.head_dim))
     gate = getattr(attn, "gate", None)

@@ -273,3 +273,13 @@ def test_devices_must_match():
         fused_coalition_forward(
             model, torch.randn(1, 3, 32, 32, device="cuda"), torch.ones(1, 2, 16, dtype=torch.bool)
         )
+
+
+def test_qk_norm_under_autocast_runs_in_one_dtype():
+    model = make_model("qk_norm")
+    images = torch.randn(2, 3, 32, 32)
+    coalitions = random_coalitions(2, 3, 16, seed=11)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_coalition_forward(model, images, coalitions)
+    want = key_masked_reference(model, images, coalitions)
+    assert ((got.float() - want).norm() / want.norm()).item() < 5e-2

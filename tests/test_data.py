@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from shapkern.data import load_dataset, make_evidence
+
+
+def test_digits_split_and_items():
+    bundle = load_dataset("digits")
+    assert (len(bundle.train), len(bundle.test)) == (1437, 360) and bundle.num_classes == 10
+    image, label, index = bundle.train[7]
+    assert (
+        image.shape == (3, 32, 32) and image.dtype == torch.float32 and isinstance(label, int) and index == 7
+    )
+    assert abs(float(bundle.train.images.mean())) < 1e-3
+    assert set(bundle.test.labels.tolist()) == set(range(10))
+
+
+def test_evidence_is_seeded_and_evidence_cells_decide_the_class():
+    a = make_evidence(64, seed=3, noise=0.0)
+    b = make_evidence(64, seed=3, noise=0.0)
+    assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
+    assert a.masks.shape == (64, 4, 4) and (a.masks.flatten(1).sum(1) == 2).all()
+    cells = a.images.view(64, 3, 4, 8, 4, 8).permute(0, 2, 4, 1, 3, 5).reshape(64, 16, -1)
+    for i in range(64):
+        evidence = cells[i][a.masks[i].flatten()]
+        others = cells[i][~a.masks[i].flatten()]
+        assert torch.equal(evidence[0], evidence[1])  # both evidence cells show the class pattern
+        class_of = {tuple(cells[j][a.masks[j].flatten()][0].tolist()): int(a.labels[j]) for j in range(64)}
+        assert class_of[tuple(evidence[0].tolist())] == int(a.labels[i])
+        assert not any(torch.equal(o, evidence[0]) for o in others)  # no distractor is a class pattern
+    assert a.patch_masks((4, 4)).shape == (64, 16)
+    assert torch.equal(a.patch_masks((8, 8)).view(64, 8, 8)[:, ::2, ::2].bool(), a.masks)
+    assert torch.allclose(a.patch_masks((2, 2)).sum(1) * 4, torch.full((64,), 2.0))
+
+
+def test_evidence_bundle():
+    bundle = load_dataset("evidence", img_size=32, patch_size=8)
+    assert bundle.num_classes == 4 and bundle.train[0][0].shape == (3, 32, 32)
+    assert bundle.test.masks.shape[0] == len(bundle.test)
+
+
+def test_imagefolder(tmp_path):
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(5):
+            Image.new("RGB", (40, 40), color=(i * 40, 10, 200 if cls == "cat" else 0)).save(
+                tmp_path / cls / f"{i}.png"
+            )
+    bundle = load_dataset(f"imagefolder:{tmp_path}", img_size=32, patch_size=8)
+    assert bundle.classes == ["cat", "dog"] and len(bundle.train) + len(bundle.test) == 10
+    image, label, index = bundle.test[0]
+    assert image.shape == (3, 32, 32) and label in (0, 1) and index == 0
+
+
+def test_bad_inputs_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        load_dataset("mnist")
+    with pytest.raises(ValueError, match="does not divide"):
+        load_dataset("digits", img_size=32, patch_size=6)
+    with pytest.raises(ValueError, match="not a directory"):
+        load_dataset(f"imagefolder:{tmp_path / 'nope'}")

@@ -1,0 +1,255 @@
+import math
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from shapkern.explain import Attribution, ValueFunction, estimate, explain, value_function
+
+
+def table_game(table: torch.Tensor) -> ValueFunction:
+    """A game given by its full table: (B, 2^N, K), coalition index = Σ_n z_n 2^n."""
+    batch, size, _ = table.shape
+    players = size.bit_length() - 1
+    bits = 2 ** torch.arange(players)
+
+    def fn(coalitions):
+        index = (coalitions.long() * bits).sum(-1)  # (B, M)
+        return torch.stack([table[b, index[b]] for b in range(batch)])
+
+    return ValueFunction(fn, batch, players)
+
+
+def brute_force_shapley(table: torch.Tensor) -> torch.Tensor:
+    """φ_i = Σ_{S ⊆ N∖i} |S|!(N-|S|-1)!/N! (v(S∪i) - v(S)), straight from the definition."""
+    batch, size, classes = table.shape
+    players = size.bit_length() - 1
+    phi = torch.zeros(batch, players, classes, dtype=torch.float64)
+    for i in range(players):
+        for s in range(size):
+            if not s >> i & 1:
+                k = s.bit_count()
+                weight = math.factorial(k) * math.factorial(players - k - 1) / math.factorial(players)
+                phi[:, i] += weight * (table[:, s | 1 << i] - table[:, s])
+    return phi
+
+
+def random_table(batch, players, classes, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 1 << players, classes, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("players", [1, 2, 5, 8])
+def test_exact_matches_brute_force(players):
+    table = random_table(2, players, 3, seed=players)
+    att = estimate(table_game(table), method="exact", progress=False)
+    assert att.values.shape == (2, players, 3)
+    assert att.evaluations == 1 << players
+    torch.testing.assert_close(att.values, brute_force_shapley(table), rtol=0, atol=1e-12)
+    torch.testing.assert_close(att.base, table[:, 0])
+    torch.testing.assert_close(att.full, table[:, -1])
+    assert att.efficiency_gap().abs().max() < 1e-12
+
+
+def test_exact_chunking_does_not_change_the_result():
+    table = random_table(1, 6, 2, seed=1)
+    whole = estimate(table_game(table), method="exact", progress=False).values
+    chunked = estimate(table_game(table), method="exact", batch_size=5, progress=False).values
+    torch.testing.assert_close(whole, chunked, rtol=0, atol=1e-12)
+
+
+def test_exact_additive_game_gives_the_weights_and_symmetric_players_tie():
+    weights = torch.tensor([[0.5, -1.0, 2.0, 0.0, 3.0]], dtype=torch.float64)
+    additive = ValueFunction(lambda z: (z.double() * weights.unsqueeze(1)).sum(-1, keepdim=True) + 7.0, 1, 5)
+    att = estimate(additive, method="exact", progress=False)
+    torch.testing.assert_close(att.values[..., 0], weights, rtol=0, atol=1e-12)
+    # Players 0 and 1 enter only through z_0 + z_1, players 2 and 3 only through z_2 z_3.
+    symmetric = ValueFunction(
+        lambda z: ((z[..., 0] + z[..., 1]).double() ** 2 + 3 * (z[..., 2] & z[..., 3]).double()).unsqueeze(
+            -1
+        ),
+        1,
+        5,
+    )
+    phi = estimate(symmetric, method="exact", progress=False).values[0, :, 0]
+    torch.testing.assert_close(phi[0], phi[1])
+    torch.testing.assert_close(phi[2], phi[3])
+    assert abs(phi[4]) < 1e-12  # a null player
+
+
+def test_exact_refuses_more_than_20_players():
+    game = ValueFunction(lambda z: z.double().sum(-1, keepdim=True), 1, 21)
+    with pytest.raises(ValueError, match=r"N <= 20 players; this model has N = 21"):
+        estimate(game, method="exact", progress=False)
+
+
+@pytest.mark.parametrize("method", ["kernel", "permutation"])
+def test_sampling_converges_to_exact(method):
+    table = random_table(2, 6, 2, seed=3)
+    exact = brute_force_shapley(table)
+    errors = []
+    for budget in (64, 256, 1024, 4096):
+        att = estimate(table_game(table), method=method, budget=budget, seed=0, progress=False)
+        assert att.evaluations <= budget
+        errors.append(float((att.values - exact).norm() / exact.norm()))
+    assert errors[-1] < 0.2 and errors[-1] < errors[0] / 3, errors
+
+
+@pytest.mark.parametrize("paired", [True, False])
+@pytest.mark.parametrize("method", ["kernel", "permutation"])
+def test_sampling_mean_over_seeds_lies_within_the_standard_error(method, paired):
+    """Statistical check, all seeded. Over S = 30 seeds, every |mean φ - exact| ≤ 4 · SE / sqrt(S)
+    (SE = the mean reported standard error; 4 sigma over 12 entries: a false alarm has probability
+    < 1e-3), and the reported SE matches the spread across seeds within a factor of 2."""
+    seeds = 30
+    table = random_table(1, 6, 2, seed=4)
+    exact = brute_force_shapley(table)
+    runs = [
+        estimate(table_game(table), method=method, budget=202, paired=paired, seed=s, progress=False)
+        for s in range(seeds)
+    ]
+    values = torch.stack([r.values for r in runs])
+    se = torch.stack([r.std_error for r in runs]).mean(0)
+    assert ((values.mean(0) - exact).abs() <= 4 * se / seeds**0.5).all()
+    ratio = values.std(0) / se
+    assert ((ratio > 0.5) & (ratio < 2)).all(), ratio
+
+
+def test_efficiency_holds_for_every_estimator():
+    table = random_table(2, 7, 3, seed=5)
+    for method in ("exact", "kernel", "permutation"):
+        att = estimate(table_game(table), method=method, budget=300, seed=0, progress=False)
+        # kernel: the constraint of the least squares; permutation: every ordering telescopes.
+        assert att.efficiency_gap().abs().max() < 1e-10, method
+
+
+def test_kernel_stops_early_at_tol():
+    table = random_table(1, 5, 1, seed=6)
+    att = estimate(
+        table_game(table), method="kernel", budget=8192, tol=0.2, batch_size=64, seed=0, progress=False
+    )
+    assert att.evaluations < 8192
+    assert att.std_error.max() < 0.2
+
+
+def test_targets():
+    table = random_table(3, 4, 5, seed=7)
+    game = table_game(table)
+    pred = estimate(game, method="exact", target="pred", progress=False)
+    assert pred.values.shape == (3, 4, 1)
+    torch.testing.assert_close(pred.target[:, 0], table[:, -1].argmax(-1))
+    every = estimate(game, method="exact", target="all", progress=False)
+    torch.testing.assert_close(pred.values[..., 0], every.values[torch.arange(3), :, pred.target[:, 0]])
+    one = estimate(game, method="exact", target=2, progress=False)
+    torch.testing.assert_close(one.values[..., 0], every.values[..., 2])
+    per_image = estimate(game, method="exact", target=torch.tensor([0, 4, 1]), progress=False)
+    torch.testing.assert_close(per_image.values[2, :, 0], every.values[2, :, 1])
+    with pytest.raises(ValueError, match="target class 5 is out of range: the model has 5 classes"):
+        estimate(game, method="exact", target=5, progress=False)
+    with pytest.raises(ValueError, match="3 images"):
+        estimate(game, method="exact", target=torch.tensor([0, 1]), progress=False)
+    with pytest.raises(ValueError, match="budget=4 is too small"):
+        estimate(game, method="permutation", budget=4, progress=False)
+
+
+def tiny_vit(img_size=24, seed=0):
+    torch.manual_seed(seed)
+    model = VisionTransformer(
+        img_size=img_size, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=4
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_explain_a_timm_vit_through_the_engine():
+    model = tiny_vit()
+    images = torch.randn(2, 3, 24, 24)
+    att = explain(model, images, method="exact", progress=False)
+    assert isinstance(att, Attribution) and att.values.shape == (2, 9, 1)
+    logits = model(images)
+    torch.testing.assert_close(att.target[:, 0], logits.argmax(-1))
+    torch.testing.assert_close(att.full[:, 0], logits.max(-1).values, rtol=1e-4, atol=1e-5)
+    assert att.efficiency_gap().abs().max() < 1e-4
+    # The same game through timm's own forward with a key mask, enumerated by brute force.
+    game = value_function(model, images)
+    coalitions = (torch.arange(512).unsqueeze(-1) >> torch.arange(9)) & 1 == 1
+    with torch.no_grad():
+        table = game(coalitions.expand(2, -1, -1)).double()
+    want = brute_force_shapley(table)[torch.arange(2), :, att.target[:, 0]]
+    torch.testing.assert_close(att.values[..., 0].double(), want, rtol=1e-4, atol=1e-5)
+    kernel = explain(model, images, method="kernel", budget=128, seed=0, progress=False)
+    assert kernel.efficiency_gap().abs().max() < 1e-4 and kernel.evaluations == 128
+
+
+def test_explain_any_classifier_by_pixel_masking():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)
+    ).eval()
+    images = torch.randn(2, 1, 8, 8)
+    att = explain(model, images, method="exact", players=4, progress=False)
+    assert att.values.shape == (2, 4, 1)
+    torch.testing.assert_close(att.full[:, 0], model(images).max(-1).values)
+    torch.testing.assert_close(att.base[:, 0], model(torch.zeros_like(images)).gather(-1, att.target)[:, 0])
+    with pytest.raises(ValueError, match="pass players=N"):
+        explain(model, images, method="exact", progress=False)
+
+
+def test_bad_images_fail_clearly():
+    model = tiny_vit()
+    with pytest.raises(ValueError, match=r"takes 3x24x24 images .*got 3x32x32"):
+        explain(model, torch.randn(1, 3, 32, 32), method="kernel", progress=False)
+    with pytest.raises(ValueError, match="floating"):
+        explain(model, torch.zeros(3, 24, 24), progress=False)
+    with pytest.raises(ValueError, match="self-explaining"):
+        explain(model, torch.randn(1, 3, 24, 24), method="self", progress=False)
+    with pytest.raises(ValueError, match="method must be one of"):
+        explain(model, torch.randn(1, 3, 24, 24), method="lime", progress=False)
+
+
+class SoftVoting(nn.Module):
+    """A minimal self-explaining model: per-patch scores Φ, prediction Σ_n Φ_n, v(S) = Σ_{n∈S} Φ_n."""
+
+    num_players = 4
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 3)
+
+    def phi(self, images):
+        return self.proj(images.unfold(2, 4, 4).unfold(3, 4, 4).reshape(images.shape[0], 4, 16))
+
+    def forward(self, images):
+        phi = self.phi(images)
+        return phi, phi.sum(1)
+
+    def coalition_values(self, images, coalitions):
+        return torch.einsum("bmn,bnk->bmk", coalitions.float(), self.phi(images))
+
+
+def test_self_explanation_is_one_forward_and_matches_exact_on_an_additive_model():
+    torch.manual_seed(0)
+    model, images = SoftVoting(), torch.randn(2, 1, 8, 8)
+    own = explain(model, images, method="self", target="all")
+    assert own.evaluations == 1 and own.values.shape == (2, 4, 3)
+    exact = explain(model, images, method="exact", target="all", progress=False)
+    torch.testing.assert_close(own.values, exact.values, rtol=1e-5, atol=1e-5)
+    assert own.efficiency_gap().abs().max() < 1e-5
+
+
+def test_shapley_vit_is_explained_through_its_own_value_function():
+    from shapkern.models import ShapleyViT
+
+    torch.manual_seed(0)
+    kwargs = {"img_size": 24, "patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2}
+    model = ShapleyViT("vit_tiny_patch16_224", 4, **kwargs).eval()
+    images = torch.randn(2, 3, 24, 24)
+    own = explain(model, images, method="self")
+    exact = explain(model, images, method="exact", progress=False)
+    torch.testing.assert_close(exact.base, torch.zeros(2, 1))  # v(∅) = 0 for soft voting
+    torch.testing.assert_close(exact.full, own.full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(own.target, exact.target)
+    assert exact.efficiency_gap().abs().max() < 1e-4 and own.efficiency_gap().abs().max() < 1e-4

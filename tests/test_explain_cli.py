@@ -1,0 +1,124 @@
+import json
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from shapkern.explain_cli import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A ShapleyViT trained for one short epoch on digits (32x32, 16x16 patches: N = 4)."""
+    from shapkern.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    train(
+        data="digits", patch_size=16, depth=1, embed_dim=16, num_heads=2, epochs=1, batch_size=32,
+        limit_train=64, limit_test=16, num_coalitions=4, faith_images=0, heatmap_images=0, progress=False,
+        out=str(out),
+    )  # fmt: skip
+    return out / "checkpoint.pt"
+
+
+def run(argv, capsys):
+    main(["explain", *map(str, argv)])
+    return capsys.readouterr().out
+
+
+def test_explain_builtin_data_end_to_end(checkpoint, tmp_path, capsys):
+    out = tmp_path / "expl"
+    log = run(["--checkpoint", checkpoint, "--data", "digits", "--num-images", 3, "--method", "exact",
+               "--out", out, "--no-progress"], capsys)  # fmt: skip
+    assert "3 image(s), method exact, 16 evaluations/image" in log
+    result = json.loads((out / "explanations.json").read_text())
+    assert result["num_players"] == 4 and len(result["images"]) == 3
+    first = result["images"][0]
+    assert np.array(first["values"]).shape == (4, 1)
+    assert abs(np.sum(first["values"]) - (first["full"][0] - first["base"][0])) < 1e-4
+    assert result["efficiency_gap_max"] < 1e-4
+    for name in ("heatmap_000.png", "heatmap_002.png", "grid.png", "curves.png"):
+        assert matplotlib.image.imread(out / name).shape[0] > 100
+    # Evidence images carry ground-truth masks: localisation is scored too.
+    run(["--checkpoint", checkpoint, "--data", "evidence", "--num-images", 4, "--method", "kernel",
+         "--budget", 64, "--out", out / "ev", "--no-progress"], capsys)  # fmt: skip
+    result = json.loads((out / "ev" / "explanations.json").read_text())
+    assert set(result["localization"]) == {"pointing", "auroc", "miou", "miou_threshold"}
+    assert result["evaluations_per_image"] == 64 and result["images"][0]["std_error"] is not None
+
+
+def test_explain_the_users_own_png_files(checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i, size in enumerate((32, 32, 48)):
+        files.append(tmp_path / f"digit{i}.png")
+        Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(files[-1])
+    run(
+        ["--checkpoint", checkpoint, "--images", *files[:2], "--out", tmp_path / "a", "--no-progress"], capsys
+    )
+    result = json.loads((tmp_path / "a" / "explanations.json").read_text())
+    assert result["method"] == "self" and result["evaluations_per_image"] == 1
+    assert result["images"][1]["source"].endswith("digit1.png")
+    run(["--checkpoint", checkpoint, "--images", files[2], "--resize", "--method", "permutation",
+         "--budget", 20, "--target", 3, "--out", tmp_path / "b", "--no-progress"], capsys)  # fmt: skip
+    assert json.loads((tmp_path / "b" / "explanations.json").read_text())["images"][0]["target"] == [3]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--images", "{big}"], "is 48x48 pixels but the model takes 32x32; pass --resize"),
+        (["--images", "{bad}"], "cannot read .*bad.png as an image"),
+        (["--images", "{missing}"], "image file not found"),
+        (["--data", "digits", "--target", "10"], "target class 10 is out of range: the model has 10 classes"),
+        (["--data", "digits", "--target", "cat"], "--target must be 'pred', 'all' or a class index"),
+    ],
+)
+def test_bad_input_fails_with_a_clear_message(checkpoint, tmp_path, capsys, extra, message):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((48, 48), dtype=np.uint8)).save(tmp_path / "big.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    paths = {"big": tmp_path / "big.png", "bad": tmp_path / "bad.png", "missing": tmp_path / "none.png"}
+    extra = [str(a).format(**paths) for a in extra]
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "explain",
+                "--checkpoint",
+                str(checkpoint),
+                *extra,
+                "--out",
+                str(tmp_path / "o"),
+                "--no-progress",
+            ]
+        )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "shapkern explain: error:" in err
+    import re
+
+    assert re.search(message, err), err
+
+
+def test_a_missing_or_foreign_checkpoint_fails_clearly(tmp_path, capsys):
+    (tmp_path / "x.pt").write_bytes(b"junk")
+    for path, message in (
+        (tmp_path / "none.pt", "no checkpoint at"),
+        (tmp_path / "x.pt", "cannot read checkpoint"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["explain", "--checkpoint", str(path), "--data", "digits", "--out", str(tmp_path)])
+        assert message in capsys.readouterr().err
+
+
+def test_the_shapkern_command_line_runs_explain(checkpoint, tmp_path, capsys):
+    from shapkern.cli import main as shapkern_main
+
+    argv = ["explain", "--checkpoint", str(checkpoint), "--data", "digits", "--num-images", "2"]
+    assert shapkern_main([*argv, "--out", str(tmp_path / "c"), "--no-progress"]) == 0
+    assert (tmp_path / "c" / "grid.png").stat().st_size > 1000
+    assert shapkern_main([*argv, "--target", "11", "--out", str(tmp_path / "d")]) == 2
+    assert "target class 11 is out of range" in capsys.readouterr().err

@@ -1,0 +1,112 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shapkern import sample_coalitions
+from shapkern.losses import ShapleyLoss, seeded_coalitions, shapley_regression_loss
+from shapkern.models import ShapleyViT
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    kw = {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}
+    return ShapleyViT("vit_tiny_patch16_224", 3, **kw).train()
+
+
+def test_sv_loss_is_zero_at_the_shapley_values_of_an_additive_game():
+    weights = torch.randn(4, 16, 3, dtype=torch.float64)  # v(S) = Σ_{n∈S} w_n: φ = w exactly
+    coalitions = sample_coalitions(4, 32, 16, generator=torch.Generator().manual_seed(0))
+    values = torch.bmm(coalitions.double(), weights)
+    assert shapley_regression_loss(weights, values, coalitions) < 1e-20
+    assert shapley_regression_loss(weights + 0.1 * torch.randn_like(weights), values, coalitions) > 1e-3
+
+
+def test_stop_grad_keeps_gradients_from_the_target():
+    phi = torch.randn(2, 16, 3, requires_grad=True)
+    coalitions = torch.rand(2, 8, 16) < 0.5
+    values = torch.randn(2, 8, 3, requires_grad=True)
+    shapley_regression_loss(phi, values, coalitions).backward()
+    assert values.grad is None and phi.grad is not None
+    shapley_regression_loss(phi, values, coalitions, stop_grad=False).backward()
+    assert values.grad is not None and values.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("stop_grad", [True, False])
+def test_stop_grad_through_the_model(stop_grad):
+    model = tiny()
+    images, labels = torch.randn(2, 3, 16, 16), torch.tensor([0, 2])
+    out = ShapleyLoss(num_coalitions=4, mask_loss=None, stop_grad=stop_grad)(model, images, labels)
+    (grad,) = torch.autograd.grad(out.total, out.values, allow_unused=True)
+    assert (grad is None) == stop_grad
+
+
+def reference_loss(model, images, labels, coalitions, lam, mu, mask_loss):
+    """Slow reference from timm's key-masked forward, one coalition at a time."""
+    prefix = model.num_prefix_tokens
+    tokens = model.backbone.forward_features(images)
+    phi = model.head(model.head_norm(tokens[:, prefix:]))
+    logits = phi.sum(1)
+    values = torch.zeros(*coalitions.shape[:2], 3)
+    for b in range(images.shape[0]):
+        for m, mask in enumerate(coalitions[b]):
+            keep = torch.cat([torch.ones(prefix, dtype=torch.bool), mask])[None, None, None, :]
+            masked = model.backbone.forward_features(images[b : b + 1], attn_mask=keep)
+            values[b, m] = (model.head(model.head_norm(masked[0, prefix:])) * mask[:, None]).sum(0)
+    cls = F.cross_entropy(logits, labels)
+    sv = (
+        sum(
+            (values[b, m].detach() - phi[b][coalitions[b, m]].sum(0)).square().sum()
+            for b in range(images.shape[0])
+            for m in range(coalitions.shape[1])
+        )
+        / coalitions.shape[:2].numel()
+    )
+    if mask_loss == "ce":
+        mask = (
+            sum(F.cross_entropy(values[:, m], labels) for m in range(coalitions.shape[1]))
+            / coalitions.shape[1]
+        )
+    else:
+        target = logits.detach().softmax(-1)
+        mask = (
+            sum(
+                (target * (target.log() - values[:, m].log_softmax(-1))).sum(-1).mean()
+                for m in range(coalitions.shape[1])
+            )
+            / coalitions.shape[1]
+        )
+    return cls + lam * sv + mu * mask
+
+
+@pytest.mark.parametrize("mask_loss", ["ce", "kl"])
+def test_loss_step_equals_slow_timm_reference(mask_loss):
+    model = tiny()
+    images, labels = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    coalitions = sample_coalitions(2, 4, 16, generator=torch.Generator().manual_seed(1))
+    loss = ShapleyLoss(lam=0.7, mu=0.3, num_coalitions=4, mask_loss=mask_loss)
+    out = loss(model, images, labels, coalitions)
+    grads = torch.autograd.grad(out.total, list(model.parameters()))
+    ref = reference_loss(model, images, labels, coalitions, 0.7, 0.3, mask_loss)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    torch.testing.assert_close(out.total, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+    assert set(out.components()) == {"loss", "cls", "sv", "mask"}
+
+
+def test_no_mask_loss_and_bad_arguments():
+    model = tiny()
+    out = ShapleyLoss(num_coalitions=2, mask_loss=None)(model, torch.randn(1, 3, 16, 16), torch.tensor([0]))
+    torch.testing.assert_close(out.total, out.cls + out.sv)
+    with pytest.raises(ValueError, match="mask_loss"):
+        ShapleyLoss(mask_loss="mse")
+    with pytest.raises(ValueError, match="even"):
+        ShapleyLoss(num_coalitions=3)
+
+
+def test_seeded_coalitions_depend_only_on_seed_epoch_and_index():
+    kw = {"seed": 3, "epoch": 2, "num": 6, "players": 16}
+    both = seeded_coalitions(torch.tensor([5, 9]), **kw)
+    assert torch.equal(both[1], seeded_coalitions(torch.tensor([9]), **kw)[0])
+    assert not torch.equal(both[0], seeded_coalitions(torch.tensor([5]), **(kw | {"epoch": 3}))[0])
+    assert torch.equal(both[:, 0], ~both[:, 1])  # paired

@@ -1,0 +1,103 @@
+import pytest
+import timm
+import torch
+
+from shapkern.models import ShapleyViT
+
+KW = {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2}
+
+
+def tiny(head="linear", seed=0, **kw):
+    torch.manual_seed(seed)
+    return ShapleyViT("vit_tiny_patch16_224", 3, head, **(KW | kw)).eval()
+
+
+def reference_values(model: ShapleyViT, images: torch.Tensor, coalitions: torch.Tensor) -> torch.Tensor:
+    """Slow reference: one timm forward per coalition with a boolean key mask, then the head."""
+    prefix = model.num_prefix_tokens
+    out = []
+    for b in range(images.shape[0]):
+        rows = []
+        for mask in coalitions[b]:
+            keep = torch.cat([torch.ones(prefix, dtype=torch.bool), mask])
+            attn_mask = keep[None, None, None, :]
+            tokens = model.backbone.forward_features(images[b : b + 1], attn_mask=attn_mask)
+            if model.head_block is not None:
+                tokens = model.head_block(tokens, attn_mask=attn_mask)
+            phi = model.head(model.head_norm(tokens[0, prefix:]))
+            rows.append((phi * mask.unsqueeze(-1)).sum(0))
+        out.append(torch.stack(rows))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("head", ["linear", "block"])
+def test_shapes_and_soft_voting(head):
+    model = tiny(head)
+    images = torch.randn(2, 3, 16, 16)
+    phi, logits = model(images)
+    assert phi.shape == (2, 16, 3) and logits.shape == (2, 3)
+    torch.testing.assert_close(logits, phi.sum(1))
+
+
+@pytest.mark.parametrize("head", ["linear", "block"])
+def test_engine_values_equal_timm_masked_forward(head):
+    model = tiny(head)
+    images = torch.randn(2, 3, 16, 16)
+    coalitions = torch.rand(2, 5, 16) < 0.5
+    values = model.coalition_values(images, coalitions)
+    torch.testing.assert_close(values, reference_values(model, images, coalitions), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("head", ["linear", "block"])
+def test_one_pass_matches_plain_forward_and_efficiency(head):
+    model = tiny(head)
+    images = torch.randn(3, 3, 16, 16)
+    gen = torch.Generator().manual_seed(0)
+    from shapkern import sample_coalitions
+
+    coalitions = sample_coalitions(3, 4, 16, generator=gen)
+    phi, _logits = model(images)
+    out = model.forward_coalitions(images, coalitions, paired=True)
+    torch.testing.assert_close(out.phi, phi, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.values, model.coalition_values(images, coalitions), atol=1e-5, rtol=1e-4)
+    ends = torch.stack([torch.zeros(16, dtype=torch.bool), torch.ones(16, dtype=torch.bool)])
+    empty, full = model.coalition_values(images, ends).unbind(1)
+    assert torch.count_nonzero(empty) == 0  # v(∅) = 0
+    torch.testing.assert_close(phi.sum(1), full - empty, atol=1e-5, rtol=1e-4)  # Σ Φ = f(x) - v(∅)
+
+
+def test_gradients_reach_params_and_images():
+    model = tiny().train()
+    images = torch.randn(2, 3, 16, 16, requires_grad=True)
+    values = model.coalition_values(images, torch.rand(2, 4, 16) < 0.5)
+    values.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.backbone.blocks.parameters())
+
+
+def test_user_backbone_and_local_weights(tmp_path):
+    backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, **KW)
+    path = tmp_path / "w.pth"
+    torch.save(backbone.state_dict(), path)
+    model = ShapleyViT(backbone, 5)
+    assert model.head.out_features == 5 and model.num_players == 16
+    loaded = ShapleyViT("vit_tiny_patch16_224", 5, checkpoint=path, **KW)
+    torch.testing.assert_close(loaded.backbone.blocks[0].attn.qkv.weight, backbone.blocks[0].attn.qkv.weight)
+
+
+def test_bad_inputs_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="unknown model"):
+        ShapleyViT("vit_nonexistent_xyz", 3)
+    with pytest.raises(ValueError, match="head must be"):
+        ShapleyViT("vit_tiny_patch16_224", 3, head="mlp", **KW)
+    with pytest.raises(NotImplementedError, match="not supported"):
+        ShapleyViT(timm.create_model("resnet10t", pretrained=False), 3)
+    other = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, **(KW | {"embed_dim": 48, "num_heads": 3})
+    )
+    path = tmp_path / "other.pth"
+    torch.save({"model": other.state_dict()}, path)
+    with pytest.raises(ValueError, match="does not fit"):
+        ShapleyViT("vit_tiny_patch16_224", 3, checkpoint=path, **KW)
+    with pytest.raises(FileNotFoundError):
+        ShapleyViT("vit_tiny_patch16_224", 3, checkpoint=tmp_path / "missing.pth", **KW)

@@ -1,0 +1,155 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from shapkern.train import TrainConfig, Trainer, load_checkpoint, model_shapley_values, relative_error, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def tiny_config(out, **kw) -> TrainConfig:
+    base = {
+        "data": "digits",
+        "img_size": 16,
+        "patch_size": 4,
+        "depth": 1,
+        "embed_dim": 32,
+        "num_heads": 2,
+        "epochs": 2,
+        "batch_size": 16,
+        "num_coalitions": 4,
+        "limit_train": 48,
+        "limit_test": 16,
+        "faith_images": 2,
+        "faith_permutations": 2,
+        "heatmap_images": 4,
+        "progress": False,
+        "out": str(out),
+        "lr": 3e-3,
+    }
+    return TrainConfig(**(base | kw))
+
+
+def weights(trainer_or_path):
+    if isinstance(trainer_or_path, Trainer):
+        return trainer_or_path.model.state_dict()
+    return load_checkpoint(trainer_or_path)["model"]
+
+
+def test_run_writes_checkpoint_metrics_and_heatmaps(tmp_path):
+    record = train(tiny_config(tmp_path))
+    lines = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["epoch"] for r in lines] == [1, 2] and record["epoch"] == 2
+    for key in (
+        "train_loss",
+        "train_cls",
+        "train_sv",
+        "train_mask",
+        "test_acc",
+        "test_sv",
+        "faithfulness_rel_err",
+        "images_per_s",
+    ):
+        assert key in lines[-1]
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert {"model", "optimizer", "scheduler", "rng", "epoch", "arch", "config"} <= set(ckpt) and ckpt[
+        "epoch"
+    ] == 2
+    assert (tmp_path / "explanations.png").stat().st_size > 1000
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_killed_run_resumes_bit_exactly(tmp_path):
+    full = Trainer(tiny_config(tmp_path / "full"))
+    full.fit()
+    cfg = tiny_config(tmp_path / "killed")
+    killed = Trainer(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit(stop_after_steps=len(killed.loader) + 1)  # killed in the middle of epoch 2
+    assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["epoch"] == 1
+    resumed = Trainer(tiny_config(tmp_path / "killed", resume=True))
+    assert resumed.epoch == 1
+    resumed.fit()
+    for name, value in full.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    lines = read_jsonl(tmp_path / "killed" / "metrics.jsonl")
+    assert [r["epoch"] for r in lines] == [1, 2]
+
+
+def test_checkpoint_from_another_architecture_fails_clearly(tmp_path):
+    train(tiny_config(tmp_path, epochs=1, faith_images=0, heatmap_images=0))
+    with pytest.raises(ValueError, match="another architecture"):
+        Trainer(tiny_config(tmp_path, embed_dim=48, epochs=2, resume=True))
+    with pytest.raises(FileNotFoundError):
+        Trainer(tiny_config(tmp_path / "empty", resume=True))
+
+
+def test_permutation_estimate_and_exact_shapley_agree_with_a_trained_phi():
+    from shapkern.models import ShapleyViT
+
+    torch.manual_seed(0)
+    model = ShapleyViT(
+        "vit_tiny_patch16_224", 3, img_size=8, patch_size=4, depth=1, embed_dim=32, num_heads=2
+    ).eval()
+    images = torch.randn(2, 3, 8, 8)
+    exact = model_shapley_values(model, images, exact=True)
+    estimate = model_shapley_values(model, images, permutations=512)
+    assert relative_error(estimate, exact).max() < 0.1
+    full = model.coalition_values(images, torch.ones(1, 4, dtype=torch.bool))[:, 0]
+    torch.testing.assert_close(exact.sum(1), full, atol=1e-5, rtol=1e-4)  # efficiency, v(∅) = 0
+
+
+WORKER = textwrap.dedent(
+    """
+    import os, sys, torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, {root!r})
+    from shapkern.train import TrainConfig, Trainer
+    cfg = TrainConfig(**{cfg!r})
+    trainer = Trainer(cfg)
+    images, labels, indices = next(iter(trainer.loader))
+    trainer.backward(images, labels, indices, epoch=0)
+    grads = {{n: p.grad.clone() for n, p in trainer.model.named_parameters()}}
+    trainer.optimizer.zero_grad()
+    trainer.fit()
+    torch.save({{"grads": grads, "weights": trainer.model.state_dict()}}, os.path.join({out!r}, f"rank{{trainer.rank}}.pt"))
+    trainer.close()
+    """
+)
+
+
+def test_ddp_two_cpu_processes_match_one_process(tmp_path):
+    cfg = dict(vars(tiny_config(tmp_path, epochs=1, faith_images=0, heatmap_images=0, limit_train=32)))
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=ROOT, cfg=cfg, out=str(tmp_path)))
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(script),
+    ]
+    result = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for name, value in rank0["weights"].items():
+        assert torch.equal(value, rank1["weights"][name]), name  # ranks stay identical
+
+    single = Trainer(TrainConfig(**(cfg | {"out": str(tmp_path / "single")})))
+    images, labels, indices = next(iter(single.loader))  # the same global batch as both ranks together
+    single.backward(images, labels, indices, epoch=0)
+    for name, p in single.model.named_parameters():
+        torch.testing.assert_close(rank0["grads"][name], p.grad, atol=1e-5, rtol=1e-5, msg=name)

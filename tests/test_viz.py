@@ -1,0 +1,37 @@
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+
+from shapkern.viz import patch_map, plot_curves, plot_grid, plot_heatmap
+
+
+def png_shape(path):
+    assert path.stat().st_size > 1000
+    return matplotlib.image.imread(path).shape[:2]
+
+
+def test_heatmap_png_has_the_expected_size(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "heat.png"
+    plot_heatmap(torch.randn(3, 32, 32), torch.randn(16), path, size=(4, 3), dpi=50, title="class 3")
+    assert png_shape(path) == (150, 200)
+    plot_heatmap(torch.randn(1, 8, 8), torch.zeros(4), tmp_path / "flat.png")  # φ = 0: no division by 0
+    assert png_shape(tmp_path / "flat.png") == (320, 400)
+
+
+def test_grid_and_curves_png(tmp_path):
+    torch.manual_seed(0)
+    plot_grid(torch.randn(5, 1, 8, 8), torch.randn(5, 4), tmp_path / "grid.png", ncols=3, cell=1.0, dpi=40)
+    assert png_shape(tmp_path / "grid.png") == (80, 120)  # 2 rows x 3 cols of 40 px
+    curves = torch.rand(4, 17)
+    plot_curves({"exact": curves, "kernel": curves.flip(1)}, curves[0], tmp_path / "curves.png", dpi=50)
+    assert png_shape(tmp_path / "curves.png") == (160, 400)
+
+
+def test_patch_map_is_centred_and_checks_the_grid():
+    phi = torch.tensor([1.0, -2.0, 3.0, 0.0])
+    np.testing.assert_array_equal(patch_map(phi, (4, 4))[:2, :2], np.ones((2, 2)))
+    assert patch_map(phi, (4, 4))[3, 0] == 3.0
+    with pytest.raises(ValueError, match="do not fill a 3x3"):
+        patch_map(phi, (6, 6), grid=(3, 3))
