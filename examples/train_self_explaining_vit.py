@@ -6,18 +6,19 @@ python examples/train_self_explaining_vit.py
 import torch
 from torch.utils.data import DataLoader
 
+import shapkern
 from shapkern.data import load_dataset
 from shapkern.losses import ShapleyLoss, seeded_coalitions
+from shapkern.metrics import relative_l2
 from shapkern.models import ShapleyViT
-from shapkern.train import model_shapley_values, relative_error
 
 torch.manual_seed(0)
 data = load_dataset("digits", img_size=32, patch_size=8)  # 16 patches = 16 players
 model = ShapleyViT(
     "vit_tiny_patch16_224", data.num_classes, img_size=32, patch_size=8, depth=3, embed_dim=64, num_heads=2
 )
-loss_fn = ShapleyLoss(lam=1.0, mu=1.0, num_coalitions=8, mask_loss="ce")  # L = ℓ_cls + λ ℓ_sv + μ ℓ_mask
-epochs = 40
+loss_fn = ShapleyLoss(lam=0.1, mu=1.0, num_coalitions=8, mask_loss="kl")  # L = ℓ_cls + λ ℓ_sv + μ ℓ_mask
+epochs = 30
 loader = DataLoader(data.train, batch_size=64, shuffle=True)
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
 schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -44,5 +45,5 @@ with torch.no_grad():
 print(f"test accuracy {(logits.argmax(-1) == test_labels).float().mean():.3f}")
 
 # Faithfulness: Φ against the exact Shapley values of the model's own game (2^16 coalitions).
-exact = model_shapley_values(model, test_images[:4], exact=True)
-print(f"relative error vs exact Shapley values: {relative_error(phi[:4], exact).mean():.3f}")
+exact = shapkern.explain(model, test_images[:4], method="exact", target="all", progress=False).values
+print(f"relative error vs exact Shapley values: {relative_l2(phi[:4], exact).mean():.3f}")

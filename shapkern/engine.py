@@ -18,7 +18,14 @@ from torch.utils.checkpoint import checkpoint
 from shapkern.coalitions import PackPlan
 from shapkern.nn import drop_path_packed, first_tokens, pack_tokens, segment_mean, varlen_attention
 
-__all__ = ["PackedTokens", "fused_coalition_forward", "masked_input_forward", "num_players"]
+__all__ = [
+    "PackedTokens",
+    "check_packed_model",
+    "fused_coalition_forward",
+    "masked_input_forward",
+    "num_players",
+    "packed_block_forward",
+]
 
 SUPPORTED = (
     "timm VisionTransformer and VisionTransformerDistilled (DeiT) with global_pool 'token' or 'avg', "
@@ -59,7 +66,8 @@ def _unsupported(model: nn.Module, why: str) -> NotImplementedError:
     )
 
 
-def _check_packed_model(model: nn.Module) -> None:
+def check_packed_model(model: nn.Module) -> None:
+    """Raise NotImplementedError, naming the model and what is supported, unless packed mode runs it."""
     vit_cls, block_cls, attention_cls = _timm_vit_classes()
     if not isinstance(model, vit_cls):
         raise _unsupported(model, "not a timm VisionTransformer")
@@ -252,7 +260,7 @@ def fused_coalition_forward(
         return masked_input_forward(model, images, coalitions, baseline=baseline, chunk_size=chunk_size)
     if mode != "packed":
         raise ValueError(f"mode must be 'packed' or 'input', got {mode!r}")
-    _check_packed_model(model)
+    check_packed_model(model)
     coalitions = _check_inputs(model, images, coalitions, num_players(model))
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")

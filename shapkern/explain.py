@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from shapkern.coalitions import all_coalitions, permutation_chain, sample_coalitions, sample_permutations
-from shapkern.engine import fused_coalition_forward
+from shapkern.engine import check_packed_model, fused_coalition_forward
 from shapkern.ops import coalition_reduce, pack_masks
 
 __all__ = [
@@ -132,10 +132,8 @@ def find_patch_embed(model: nn.Module) -> nn.Module | None:
 
 
 def _is_packed_vit(model: nn.Module) -> bool:
-    from shapkern.engine import _check_packed_model
-
     try:
-        _check_packed_model(model)
+        check_packed_model(model)
     except NotImplementedError:
         return False
     return True

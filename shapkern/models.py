@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from shapkern.coalitions import PackPlan
-from shapkern.engine import _check_packed_model, fused_coalition_forward, num_players, packed_block_forward
+from shapkern.engine import check_packed_model, fused_coalition_forward, num_players, packed_block_forward
 from shapkern.ops import segment_sum
 
 __all__ = ["HEADS", "ShapleyOutput", "ShapleyViT", "create_backbone"]
@@ -117,7 +117,7 @@ class ShapleyViT(nn.Module):
             backbone = create_backbone(backbone, checkpoint=checkpoint, **backbone_kwargs)
         elif checkpoint is not None or backbone_kwargs:
             raise ValueError("checkpoint and backbone kwargs apply only to a backbone given by name")
-        _check_packed_model(backbone)
+        check_packed_model(backbone)
         backbone.reset_classifier(0)
         self.backbone = backbone
         self.num_classes = num_classes
