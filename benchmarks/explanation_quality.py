@@ -1,7 +1,7 @@
 """Explanation quality: self-explanation vs exact vs sampling estimators, for two training regimes.
 
 For each built-in dataset (digits; evidence, which has ground-truth masks) it trains two ShapleyViTs
-of the same architecture with ``shapkern.train``: one with the paper's objective (λ = μ = 1) and one
+of the same architecture with ``shapkern.train``: one with the paper's objective (the training defaults) and one
 with classification only (λ = μ = 0; its Φ is the soft-voting head's per-patch logits, never fitted
 to Shapley values, and it never saw masked inputs). On the first test images it then compares, for
 the predicted class: the model's own Φ (one forward pass), exact Shapley values of the model's value
@@ -40,9 +40,13 @@ from shapkern.metrics import (
     spearman,
     topk_precision,
 )
+from shapkern.train import TrainConfig
 
 REGIMES = {
-    "ShapleyViT (λ=μ=1)": {"lam": 1.0, "mu": 1.0},
+    f"ShapleyViT (λ={TrainConfig.lam:g}, μ={TrainConfig.mu:g})": {
+        "lam": TrainConfig.lam,
+        "mu": TrainConfig.mu,
+    },
     "classification only (λ=μ=0)": {"lam": 0.0, "mu": 0.0},
 }
 
@@ -61,10 +65,9 @@ def train_or_reuse(data: str, regime: dict, args, device: str) -> Path:
         patch_size=8,
         depth=args.depth,
         embed_dim=args.embed_dim,
-        num_heads=2,
         epochs=args.epochs,
-        num_coalitions=8 if regime["lam"] > 0 else 2,
-        mask_loss="ce" if regime["mu"] > 0 else None,
+        num_coalitions=TrainConfig.num_coalitions if regime["lam"] > 0 else 2,
+        mask_loss=TrainConfig.mask_loss if regime["mu"] > 0 else None,
         faith_images=0,
         heatmap_images=0,
         progress=False,
@@ -204,9 +207,9 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", default=["digits", "evidence"])
     parser.add_argument("--images", type=int, default=4, help="test images per dataset (default 4: CPU)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[64, 256, 1024, 4096])
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--depth", type=int, default=2)
-    parser.add_argument("--embed-dim", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--depth", type=int, default=TrainConfig.depth)
+    parser.add_argument("--embed-dim", type=int, default=TrainConfig.embed_dim)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=common.default_device())
     parser.add_argument(
