@@ -1,4 +1,5 @@
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -37,11 +38,12 @@ def naive_attention(q, k, v, cu, scale):
     return out
 
 
+@pytest.mark.parametrize("buckets", [0, 1, 2, 4])
 @pytest.mark.parametrize("lengths", [[5], [0, 1, 7, 0, 17], [3, 33, 1, 10]])
-def test_reference_matches_naive(lengths):
+def test_reference_matches_naive(lengths, buckets):
     q, k, v, cu = make_inputs(lengths, 2, 8, torch.float64)
     scale = 0.3
-    out = varlen_attention_reference(q, k, v, cu, max(lengths) + 4, scale)
+    out = varlen_attention_reference(q, k, v, cu, max(lengths) + 4, scale, length_buckets=buckets)
     torch.testing.assert_close(out, naive_attention(q, k, v, cu, scale), rtol=1e-12, atol=1e-12)
     # Default scale is D ** -0.5; CPU dispatch goes to the reference.
     torch.testing.assert_close(
@@ -52,10 +54,12 @@ def test_reference_matches_naive(lengths):
     )
 
 
-def test_reference_gradcheck_and_empty_sequence():
+@pytest.mark.parametrize("buckets", [0, 2])
+def test_reference_gradcheck_and_empty_sequence(buckets):
     q, k, v, cu = make_inputs([2, 0, 3], 1, 4, torch.float64)
     q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    assert torch.autograd.gradcheck(lambda q, k, v: varlen_attention_reference(q, k, v, cu, 5), (q, k, v))
+    attend = partial(varlen_attention_reference, cu_seqlens=cu, max_seqlen=5, length_buckets=buckets)
+    assert torch.autograd.gradcheck(attend, (q, k, v))
     out = varlen_attention_reference(q, k, v, cu, 5)
     out.sum().backward()
     assert all(torch.isfinite(x.grad).all() for x in (q, k, v))

@@ -24,6 +24,23 @@ __all__ = ["varlen_attention", "varlen_attention_reference"]
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+CPU_LENGTH_BUCKETS = 4
+
+
+def _padded_attention(q, k, v, starts, lengths, width: int, scale):
+    """Attention over sequences padded to ``width``: starts, lengths (G,) -> (token index, out) of the real tokens."""
+    pos = torch.arange(width, device=q.device)
+    real = pos < lengths[:, None]  # (G, width)
+    index = torch.where(real, starts[:, None] + pos, 0)
+    # Empty sequences keep key 0 so that no softmax row is fully masked (NaN); their rows are dropped.
+    key_mask = pos < lengths.clamp(min=1)[:, None]
+    q, k, v = (x[index].transpose(1, 2) for x in (q, k, v))  # (G, H, width, D)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=key_mask[:, None, None, :], scale=scale
+    )
+    return index[real], out.transpose(1, 2)[real]
+
+
 def varlen_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -31,29 +48,31 @@ def varlen_attention_reference(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     scale: float | None = None,
+    *,
+    length_buckets: int | None = None,
 ) -> torch.Tensor:
-    """Plain PyTorch varlen attention: pad to (R, max_seqlen, H, D), masked SDPA, gather back.
+    """Plain PyTorch varlen attention: pad sequences, masked SDPA, gather back.
 
     q, k, v: (T, H, D); cu_seqlens: (R + 1,) int; max_seqlen: upper bound on every length.
-    Returns (T, H, D). Vectorised, no host sync; differentiable; accepts float64.
+    length_buckets: sort the sequences by length into this many groups, each padded to its own
+    longest (reads the lengths on the host); 0 pads all to ``max_seqlen`` with no host sync.
+    Default: CPU_LENGTH_BUCKETS on the CPU, where host reads are free, else 0.
+    Returns (T, H, D); differentiable; accepts float64.
     """
-    T, H, D = q.shape
-    num_seqs = cu_seqlens.numel() - 1
+    if q.shape[0] == 0:  # no tokens: nothing to attend; clone keeps the autograd graph
+        return q.clone()
     cu = cu_seqlens.long()
-    lengths = cu[1:] - cu[:-1]
-    seq_id = torch.repeat_interleave(torch.arange(num_seqs, device=q.device), lengths, output_size=T)
-    pos = torch.arange(T, device=q.device) - cu[seq_id]
-
-    def pad(x: torch.Tensor) -> torch.Tensor:  # (T, H, D) -> (R, H, max_seqlen, D)
-        padded = x.new_zeros(num_seqs, max_seqlen, H, D).index_put((seq_id, pos), x)
-        return padded.transpose(1, 2)
-
-    # Empty sequences keep key 0 (a zero pad) so that no softmax row is fully masked (NaN).
-    key_mask = torch.arange(max_seqlen, device=q.device) < lengths.clamp(min=1)[:, None]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        pad(q), pad(k), pad(v), attn_mask=key_mask[:, None, None, :], scale=scale
-    )
-    return out.transpose(1, 2)[seq_id, pos]
+    starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+    if length_buckets is None:
+        length_buckets = CPU_LENGTH_BUCKETS if q.device.type == "cpu" else 0
+    if length_buckets > 0:
+        groups = lengths.argsort().tensor_split(length_buckets)
+        parts = [(g, int(lengths[g].max())) for g in groups if g.numel()]
+    else:
+        parts = [(slice(None), max_seqlen)]
+    pieces = [_padded_attention(q, k, v, starts[g], lengths[g], max(width, 1), scale) for g, width in parts]
+    index = torch.cat([index for index, _ in pieces])
+    return q.new_zeros(q.shape).index_put((index,), torch.cat([out for _, out in pieces]))
 
 
 @torch.library.custom_op("shapkern::varlen_attention_fwd", mutates_args=())
