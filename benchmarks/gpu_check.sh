@@ -12,3 +12,4 @@ step cuda-tests 300 pytest -q -m cuda tests
 step engine 300 python benchmarks/bench_engine.py --device cuda --out "$OUT/results"
 step attention 200 python benchmarks/bench_attention.py --device cuda --out "$OUT/results"
 step reductions 120 python benchmarks/bench_reductions.py --device cuda --out "$OUT/results/reductions-cuda.json"
+step train-step 120 python benchmarks/bench_train_step.py --device cuda --out "$OUT/results"
