@@ -46,14 +46,16 @@ def _use_cuda() -> bool:
 
 def _extension():
     sources = ["csrc/bindings.cpp", "csrc/reduce_cpu.cpp"]
-    args = {"cxx": ["-O3"]}
+    # at::parallel_for is OpenMP in torch's headers: without -fopenmp the CPU kernels run on one thread.
+    args = {"cxx": ["-O3", "-fopenmp"]}
+    link = ["-fopenmp"]
     if not _use_cuda():
-        return CppExtension("shapkern._C", sources, extra_compile_args=args)
+        return CppExtension("shapkern._C", sources, extra_compile_args=args, extra_link_args=link)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     args["cxx"].append("-DWITH_CUDA")
     args["nvcc"] = ["-O3", "-DWITH_CUDA"]
     sources += ["csrc/reduce_cuda_host.cpp", "csrc/reduce_cuda.cu"]
-    return CUDAExtension("shapkern._C", sources, extra_compile_args=args)
+    return CUDAExtension("shapkern._C", sources, extra_compile_args=args, extra_link_args=link)
 
 
 setup(

@@ -31,6 +31,68 @@ struct ByteBits {
 constexpr ByteBits kByteBitsTable{};
 constexpr const float (&kByteBits)[256][8] = kByteBitsTable.table;
 
+// Hot loops, built for AVX2 too and picked at load time (function multiversioning): the extension
+// stays portable while matching ATen's own vectorised kernels on current CPUs.
+#define SHAPKERN_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+
+// acc[0:n] += rows[t * stride + 0:n] for t in [0, count).
+template <typename acc_t, typename scalar_t>
+inline void add_rows_impl(acc_t* __restrict__ acc, const scalar_t* __restrict__ rows, int64_t stride,
+                          int64_t count, int64_t n) {
+  int64_t t = 0;
+  for (; t + 4 <= count; t += 4) {  // four rows per pass over acc: a quarter of the accumulator traffic
+    const scalar_t* __restrict__ r0 = rows + t * stride;
+    const scalar_t* __restrict__ r1 = r0 + stride;
+    const scalar_t* __restrict__ r2 = r1 + stride;
+    const scalar_t* __restrict__ r3 = r2 + stride;
+    for (int64_t k = 0; k < n; ++k)
+      acc[k] += (static_cast<acc_t>(r0[k]) + static_cast<acc_t>(r1[k])) +
+                (static_cast<acc_t>(r2[k]) + static_cast<acc_t>(r3[k]));
+  }
+  for (; t < count; ++t)
+    for (int64_t k = 0; k < n; ++k) acc[k] += static_cast<acc_t>(rows[t * stride + k]);
+}
+template <typename acc_t, typename scalar_t>
+void add_rows(acc_t* acc, const scalar_t* rows, int64_t stride, int64_t count, int64_t n) {
+  add_rows_impl(acc, rows, stride, count, n);
+}
+SHAPKERN_VECTOR_CLONES void add_rows(float* acc, const float* rows, int64_t stride, int64_t count, int64_t n) {
+  add_rows_impl(acc, rows, stride, count, n);
+}
+
+// z[0:8 * nbytes] = w * the bits of bytes, and wsum += the same: one weighted mask row, 8 players at a time
+// from a table, branch-free.
+template <typename acc_t>
+inline void unpack_weighted_row_impl(acc_t* __restrict__ z, acc_t* __restrict__ wsum, const uint8_t* bytes,
+                                     int64_t nbytes, acc_t w) {
+  for (int64_t byte = 0; byte < nbytes; ++byte) {
+    const float* bits = kByteBits[bytes[byte]];
+    for (int i = 0; i < 8; ++i) {
+      const acc_t zn = static_cast<acc_t>(bits[i]) * w;
+      z[byte * 8 + i] = zn;
+      wsum[byte * 8 + i] += zn;
+    }
+  }
+}
+template <typename acc_t>
+void unpack_weighted_row(acc_t* z, acc_t* wsum, const uint8_t* bytes, int64_t nbytes, acc_t w) {
+  unpack_weighted_row_impl(z, wsum, bytes, nbytes, w);
+}
+SHAPKERN_VECTOR_CLONES void unpack_weighted_row(float* z, float* wsum, const uint8_t* bytes, int64_t nbytes,
+                                                float w) {
+  unpack_weighted_row_impl(z, wsum, bytes, nbytes, w);
+}
+
+// out[0:n] = bits 0..n-1 of words, little-endian within each word.
+SHAPKERN_VECTOR_CLONES void unpack_bits_row(bool* __restrict__ out, const uint32_t* __restrict__ words, int64_t n) {
+  const int64_t full = n / 32;
+  for (int64_t w = 0; w < full; ++w) {
+    const uint32_t word = words[w];
+    for (int i = 0; i < 32; ++i) out[w * 32 + i] = (word >> i) & 1u;
+  }
+  for (int64_t i = full * 32; i < n; ++i) out[i] = (words[full] >> (i - full * 32)) & 1u;
+}
+
 bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
@@ -111,10 +173,7 @@ at::Tensor segment_sum_cpu(const at::Tensor& values_in, const at::Tensor& cu_seq
         const auto [begin, end] = segment(cu, r, T);
         acc_t* __restrict__ a = acc.data();
         std::fill_n(a, n, acc_t(0));
-        for (int64_t t = begin; t < end; ++t) {
-          const scalar_t* __restrict__ row = v + t * K + k0;
-          for (int64_t k = 0; k < n; ++k) a[k] += static_cast<acc_t>(row[k]);
-        }
+        add_rows(a, v + begin * K + k0, K, end - begin, n);
         std::copy_n(a, n, o + r * K + k0);
       }
     });
@@ -143,9 +202,9 @@ at::Tensor segment_expand_cpu(const at::Tensor& grad_in, const at::Tensor& cu_se
   return out;
 }
 
-// sums = Zw^T V batched over b, with Zw[b, m, n] = w[b, m] z[b, m, n]: the masks are unpacked (in parallel
-// over b, weight sums on the way) into a buffer of at most kMaskBufferBytes, and the contraction is left to
-// BLAS (bmm, which brings its own threads). The first chunk writes the output, so it is never zero-filled.
+// sums = Zw^T V batched over b, with Zw[b, m, n] = w[b, m] z[b, m, n]: the masks are unpacked (weight sums on
+// the way) into a buffer of at most kMaskBufferBytes, and the contraction is left to BLAS (bmm, with its own
+// threads). The first chunk writes the output, so it is never zero-filled.
 std::tuple<at::Tensor, at::Tensor> coalition_reduce_cpu(const at::Tensor& masks_in, const at::Tensor& values_in,
                                                         const at::Tensor& weights_in, int64_t num_players) {
   check_coalition_args(masks_in, values_in, weights_in, num_players);
@@ -173,26 +232,18 @@ std::tuple<at::Tensor, at::Tensor> coalition_reduce_cpu(const at::Tensor& masks_
     const int64_t z_stride = zw.size(1) * padded;
     for (int64_t m0 = 0; m0 < M; m0 += max_chunk) {
       const int64_t chunk = std::min(max_chunk, M - m0);
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          acc_t* __restrict__ wsum = ws + b * padded;
-          for (int64_t j = 0; j < chunk; ++j) {
-            const int64_t bm = b * M + m0 + j;
-            const acc_t wm = static_cast<acc_t>(w[bm]);
-            acc_t* __restrict__ zrow = z + b * z_stride + j * padded;
-            const uint8_t* bytes = reinterpret_cast<const uint8_t*>(mk + bm * W);  // little-endian words
-            for (int64_t byte = 0; byte < W * 4; ++byte) {
-              // 8 players at a time from a table, branch-free: vectorises even without AVX2 shifts.
-              const float* bits = kByteBits[bytes[byte]];
-              for (int i = 0; i < 8; ++i) {
-                const acc_t zn = static_cast<acc_t>(bits[i]) * wm;
-                zrow[byte * 8 + i] = zn;
-                wsum[byte * 8 + i] += zn;
-              }
-            }
-          }
+      // One thread: unpacking is cheap next to the GEMM, and OpenMP workers left spinning after a parallel
+      // region would compete with BLAS's own threads for the cores.
+      for (int64_t b = 0; b < B; ++b) {
+        acc_t* __restrict__ wsum = ws + b * padded;
+        for (int64_t j = 0; j < chunk; ++j) {
+          const int64_t bm = b * M + m0 + j;
+          const acc_t wm = static_cast<acc_t>(w[bm]);
+          acc_t* __restrict__ zrow = z + b * z_stride + j * padded;
+          const uint8_t* bytes = reinterpret_cast<const uint8_t*>(mk + bm * W);  // little-endian words
+          unpack_weighted_row(zrow, wsum, bytes, W * 4, wm);
         }
-      });
+      }
       const at::Tensor zt = zw.narrow(1, 0, chunk).narrow(2, 0, N).transpose(1, 2);
       const at::Tensor v = values.narrow(1, m0, chunk).to(acc_type);
       if (m0 == 0) {
@@ -241,7 +292,7 @@ at::Tensor unpack_masks_cpu(const at::Tensor& packed_in, int64_t num_players) {
   bool* o = out.mutable_data_ptr<bool>();
   at::parallel_for(0, rows, 4096, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t n = 0; n < N; ++n) o[r * N + n] = (p[r * W + (n >> 5)] >> (n & 31)) & 1u;
+      unpack_bits_row(o + r * N, p + r * W, N);
     }
   });
   return out;
