@@ -39,7 +39,10 @@ def naive_attention(q, k, v, cu, scale):
 
 
 @pytest.mark.parametrize("buckets", [0, 1, 2, 4])
-@pytest.mark.parametrize("lengths", [[5], [0, 1, 7, 0, 17], [3, 33, 1, 10]])
+# [3, 9, 12, 0, 7, 5] and [0, 6, 6, 0]: complementary pairs filling equal rows (the dense-row path).
+@pytest.mark.parametrize(
+    "lengths", [[5], [0, 1, 7, 0, 17], [3, 33, 1, 10], [3, 9, 12, 0, 7, 5], [0, 6, 6, 0]]
+)
 def test_reference_matches_naive(lengths, buckets):
     q, k, v, cu = make_inputs(lengths, 2, 8, torch.float64)
     scale = 0.3
@@ -54,9 +57,9 @@ def test_reference_matches_naive(lengths, buckets):
     )
 
 
-@pytest.mark.parametrize("buckets", [0, 2])
-def test_reference_gradcheck_and_empty_sequence(buckets):
-    q, k, v, cu = make_inputs([2, 0, 3], 1, 4, torch.float64)
+@pytest.mark.parametrize("buckets, lengths", [(0, [2, 0, 3]), (2, [2, 0, 3]), (2, [2, 3, 5, 0])])
+def test_reference_gradcheck_and_empty_sequence(buckets, lengths):
+    q, k, v, cu = make_inputs(lengths, 1, 4, torch.float64)
     q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
     attend = partial(varlen_attention_reference, cu_seqlens=cu, max_seqlen=5, length_buckets=buckets)
     assert torch.autograd.gradcheck(attend, (q, k, v))

@@ -41,6 +41,17 @@ def _padded_attention(q, k, v, starts, lengths, width: int, scale):
     return index[real], out.transpose(1, 2)[real]
 
 
+def _paired_rows_attention(q, k, v, first_lengths, width: int, scale):
+    """Sequences 2i and 2i+1 filling rows of ``width`` tokens (complementary coalitions): each row is
+    dense attention with a block-diagonal mask, read in place, no gather: (T, H, D) -> (T, H, D)."""
+    rows = first_lengths.shape[0]
+    second = torch.arange(width, device=q.device) >= first_lengths[:, None]  # (rows, width)
+    mask = (second[:, :, None] == second[:, None, :]).unsqueeze(1)
+    q, k, v = (x.view(rows, width, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).reshape(rows * width, *out.shape[1:2], out.shape[-1])
+
+
 def varlen_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -56,7 +67,8 @@ def varlen_attention_reference(
     q, k, v: (T, H, D); cu_seqlens: (R + 1,) int; max_seqlen: upper bound on every length.
     length_buckets: sort the sequences by length into this many groups, each padded to its own
     longest (reads the lengths on the host); 0 pads all to ``max_seqlen`` with no host sync.
-    Default: CPU_LENGTH_BUCKETS on the CPU, where host reads are free, else 0.
+    Default: CPU_LENGTH_BUCKETS on the CPU, where host reads are free, else 0. With buckets, pairs of
+    sequences that fill equal rows (complementary coalitions) run as dense rows with no gather.
     Returns (T, H, D); differentiable; accepts float64.
     """
     if q.shape[0] == 0:  # no tokens: nothing to attend; clone keeps the autograd graph
@@ -66,6 +78,9 @@ def varlen_attention_reference(
     if length_buckets is None:
         length_buckets = CPU_LENGTH_BUCKETS if q.device.type == "cpu" else 0
     if length_buckets > 0:
+        pairs = lengths.view(-1, 2).sum(-1) if lengths.shape[0] % 2 == 0 else lengths[:0]
+        if pairs.numel() and int(pairs[0]) > 0 and bool((pairs == pairs[0]).all()):
+            return _paired_rows_attention(q, k, v, lengths[0::2], int(pairs[0]), scale)
         groups = lengths.argsort().tensor_split(length_buckets)
         parts = [(g, int(lengths[g].max())) for g in groups if g.numel()]
     else:
