@@ -12,7 +12,6 @@ and torch varlen_attn (packed). Reports forward and forward+backward TFLOP/s (us
 from __future__ import annotations
 
 import argparse
-import datetime
 from functools import partial
 from pathlib import Path
 
@@ -167,7 +166,7 @@ def main(argv=None) -> dict:
     args.sequences = args.sequences or (1024 if args.device == "cuda" else 32)
     common.configure_cpu_threads()
     result = measure(args)
-    out = args.out or Path(__file__).parent / "results" / f"{datetime.date.today().isoformat()}-{args.device}"
+    out = common.results_dir(args.out, args.device)
     common.write_results(out, "attention", result, markdown(result))
     print(markdown(result))
     return result

@@ -8,7 +8,6 @@ benchmarks/results/<date>-<device>/.
 """
 
 import argparse
-import datetime
 from pathlib import Path
 
 import common
@@ -63,7 +62,7 @@ def main(argv=None) -> list:
         f"| {p['method']} | {p['coalitions']} | {p['players']} | {p['evals_per_s']:,.0f} | {p['correct']} |"
         for p in points
     ]
-    out = args.out or Path(__file__).parent / "results" / f"{datetime.date.today().isoformat()}-{args.device}"
+    out = common.results_dir(args.out, args.device)
     common.write_results(out, "scaling", {"environment": env, "points": points}, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return points

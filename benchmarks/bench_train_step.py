@@ -12,7 +12,6 @@ benchmarks/results/<date>-<device>/.
 from __future__ import annotations
 
 import argparse
-import datetime
 from functools import partial
 from pathlib import Path
 
@@ -134,7 +133,7 @@ def main(argv=None) -> dict:
         f"| {r['method']} | {r['steps_per_s']:.2f} | {r['images_per_s']:.1f} | ×{r['speedup_vs_zero_input']:.2f} |"
         for r in rows
     ]
-    out = args.out or Path(__file__).parent / "results" / f"{datetime.date.today().isoformat()}-{args.device}"
+    out = common.results_dir(args.out, args.device)
     common.write_results(out, "train_step", result, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return result

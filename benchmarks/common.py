@@ -252,6 +252,11 @@ def hardware_name(env: dict) -> str:
     return env.get("gpu") or f"{env['cpu']} ({env['cpu_threads']} threads)"
 
 
+def results_dir(out: Path | None, device: str) -> Path:
+    """``out``, or benchmarks/results/<date>-<device>/ by default."""
+    return out or Path(__file__).parent / "results" / f"{datetime.date.today().isoformat()}-{device}"
+
+
 def write_results(out: Path, stem: str, payload: dict, markdown: str) -> None:
     """Write stem.json and stem.md under out."""
     out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 from functools import partial
 from pathlib import Path
 
@@ -224,7 +223,7 @@ def main(argv=None, stem: str = "throughput", **defaults) -> dict:
     args = parse_args(argv, **defaults)
     common.configure_cpu_threads()
     result = measure(args)
-    out = args.out or Path(__file__).parent / "results" / f"{datetime.date.today().isoformat()}-{args.device}"
+    out = common.results_dir(args.out, args.device)
     command = "python benchmarks/run.py " + " ".join(
         f"--{k.replace('_', '-')} {v}"
         for k, v in vars(args).items()
