@@ -91,6 +91,7 @@ class DataBundle:
     in_chans: int
     img_size: int
     classes: list[str]
+    normalisation: tuple[float, float] | None = None  # (mean, std) the images were standardised with
 
 
 def _check_sizes(img_size: int, patch_size: int) -> None:
@@ -103,9 +104,10 @@ def _check_sizes(img_size: int, patch_size: int) -> None:
         )
 
 
-def _normalise(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _normalise(train: torch.Tensor, test: torch.Tensor):
+    """Standardise both splits with the training split's statistics: (train, test, (mean, std))."""
     mean, std = train.mean(), train.std()
-    return (train - mean) / std, (test - mean) / std
+    return (train - mean) / std, (test - mean) / std, (float(mean), float(std))
 
 
 def digits(img_size: int = 32, *, test_fraction: float = 0.2, seed: int = 0) -> DataBundle:
@@ -123,7 +125,7 @@ def digits(img_size: int = 32, *, test_fraction: float = 0.2, seed: int = 0) -> 
     train_idx, test_idx = train_test_split(
         torch.arange(len(labels)).numpy(), test_size=test_fraction, random_state=seed, stratify=raw.target
     )
-    train, test = _normalise(images[train_idx], images[test_idx])
+    train, test, normalisation = _normalise(images[train_idx], images[test_idx])
     return DataBundle(
         name="digits",
         train=TensorImageDataset(train.expand(-1, 3, -1, -1).contiguous(), labels[train_idx]),
@@ -132,6 +134,7 @@ def digits(img_size: int = 32, *, test_fraction: float = 0.2, seed: int = 0) -> 
         in_chans=3,
         img_size=img_size,
         classes=[str(i) for i in range(10)],
+        normalisation=normalisation,
     )
 
 

@@ -105,24 +105,11 @@ def load_model(path: str, device: torch.device):
     return model.to(device).eval(), cfg
 
 
-def _digits_stats(img_size: int, seed: int) -> tuple[float, float]:
-    """Mean and std of the raw digits training split, as ``shapkern.data.digits`` standardises it."""
-    import torch.nn.functional as F
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+def _preprocess(image, cfg, size: tuple[int, int], channels: int, normalisation) -> torch.Tensor:
+    """A PIL image -> (C, H, W) float32 as the training data was preprocessed.
 
-    raw = load_digits()
-    images = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
-    train_idx, _ = train_test_split(
-        torch.arange(len(raw.target)).numpy(), test_size=0.2, random_state=seed, stratify=raw.target
-    )
-    train = images[train_idx]
-    return float(train.mean()), float(train.std())
-
-
-def _preprocess(image, cfg, size: tuple[int, int], channels: int) -> torch.Tensor:
-    """A PIL image -> (C, H, W) float32 as the training data was preprocessed."""
+    normalisation: (mean, std) of the digits training split; None for other data.
+    """
     import numpy as np
 
     if cfg.data.startswith("imagefolder:"):
@@ -134,7 +121,7 @@ def _preprocess(image, cfg, size: tuple[int, int], channels: int) -> torch.Tenso
     x = torch.from_numpy(array)
     x = x.unsqueeze(0) if gray else x.permute(2, 0, 1)
     if cfg.data == "digits":  # standardised with the training split's statistics, 3 equal channels
-        mean, std = _digits_stats(cfg.img_size, cfg.seed)
+        mean, std = normalisation
         x = ((x - mean) / std).expand(channels, -1, -1)
     elif cfg.data == "evidence":  # ±1 patterns
         x = 2 * x - 1
@@ -147,6 +134,13 @@ def load_images(files: list[str], cfg, model, *, resize: bool) -> torch.Tensor:
 
     embed = find_patch_embed(model)
     size, channels = tuple(embed.img_size), embed.proj.in_channels
+    normalisation = None
+    if cfg.data == "digits":  # the training split's statistics, computed once
+        from shapkern.data import load_dataset
+
+        normalisation = load_dataset(
+            "digits", img_size=cfg.img_size, patch_size=cfg.patch_size, seed=cfg.seed
+        ).normalisation
     out = []
     for file in files:
         if not os.path.isfile(file):
@@ -165,7 +159,7 @@ def load_images(files: list[str], cfg, model, *, resize: bool) -> torch.Tensor:
                     f"pass --resize to resize it"
                 )
             image = image.resize((size[1], size[0]), Image.BILINEAR)
-        out.append(_preprocess(image, cfg, size, channels))
+        out.append(_preprocess(image, cfg, size, channels, normalisation))
     return torch.stack(out)
 
 
