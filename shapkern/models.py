@@ -16,7 +16,7 @@ from torch import nn
 
 from shapkern.coalitions import PackPlan
 from shapkern.engine import check_packed_model, fused_coalition_forward, num_players, packed_block_forward
-from shapkern.ops import segment_sum
+from shapkern.nn import segment_patch_sum
 
 __all__ = ["HEADS", "ShapleyOutput", "ShapleyViT", "create_backbone"]
 
@@ -171,11 +171,6 @@ class ShapleyViT(nn.Module):
         phi = self.head(self.head_norm(tokens[:, self.num_prefix_tokens :])).float()
         return phi, phi.sum(dim=1)
 
-    def _values(self, phi_tokens: torch.Tensor, plan: PackPlan) -> torch.Tensor:
-        """v(S) of every row: segment sum over the kept patch tokens, prefix tokens masked: (R, K)."""
-        is_patch = (plan.token_patch >= 0).unsqueeze(-1)
-        return segment_sum(phi_tokens * is_patch, plan.cu_seqlens)
-
     def coalition_values(
         self, images: torch.Tensor, coalitions: torch.Tensor, *, paired: bool = False
     ) -> torch.Tensor:
@@ -190,7 +185,7 @@ class ShapleyViT(nn.Module):
             (B, M, K) float32; the empty coalition gives 0.
         """
         packed = fused_coalition_forward(self.backbone, images, coalitions, output="tokens", paired=paired)
-        values = self._values(self._head_packed(packed.tokens, packed.plan), packed.plan)
+        values = segment_patch_sum(self._head_packed(packed.tokens, packed.plan), packed.plan)
         return values.view(*packed.shape, -1)
 
     def forward_coalitions(
@@ -224,7 +219,7 @@ class ShapleyViT(nn.Module):
         rows = torch.arange(batch, device=images.device) * ends.shape[1]
         first = plan.cu_seqlens[rows].long() + self.num_prefix_tokens
         phi = phi_tokens[first.unsqueeze(1) + torch.arange(players, device=images.device)]
-        values = self._values(phi_tokens, plan).view(batch, ends.shape[1], -1)[:, 2:]
+        values = segment_patch_sum(phi_tokens, plan).view(batch, ends.shape[1], -1)[:, 2:]
         return ShapleyOutput(
             phi=phi, logits=phi.sum(dim=1), values=values if coalitions is not None else None
         )

@@ -13,7 +13,14 @@ import torch
 from shapkern.coalitions import PackPlan, pack_plan
 from shapkern.ops import segment_sum, varlen_attention
 
-__all__ = ["drop_path_packed", "first_tokens", "pack_tokens", "segment_mean", "varlen_attention"]
+__all__ = [
+    "drop_path_packed",
+    "first_tokens",
+    "pack_tokens",
+    "segment_mean",
+    "segment_patch_sum",
+    "varlen_attention",
+]
 
 
 def pack_tokens(
@@ -41,14 +48,18 @@ def pack_tokens(
     return tokens.reshape(-1, tokens.shape[-1])[plan.gather_index], plan
 
 
+def segment_patch_sum(x: torch.Tensor, plan: PackPlan) -> torch.Tensor:
+    """Sum over each row's kept patch tokens, prefix tokens excluded: (T, D) -> (R, D)."""
+    is_patch = (plan.token_patch >= 0).unsqueeze(-1).to(x.dtype)
+    return segment_sum(x * is_patch, plan.cu_seqlens)
+
+
 def segment_mean(x: torch.Tensor, plan: PackPlan) -> torch.Tensor:
     """Mean over each row's kept patch tokens, prefix tokens excluded: (T, D) -> (R, D).
 
     A row with no kept patches gives zeros.
     """
-    is_patch = (plan.token_patch >= 0).unsqueeze(-1).to(x.dtype)
-    sums = segment_sum(x * is_patch, plan.cu_seqlens)
-    return sums / plan.patch_counts.clamp(min=1).unsqueeze(-1).to(x.dtype)
+    return segment_patch_sum(x, plan) / plan.patch_counts.clamp(min=1).unsqueeze(-1).to(x.dtype)
 
 
 def first_tokens(x: torch.Tensor, plan: PackPlan, count: int) -> torch.Tensor:
