@@ -144,39 +144,19 @@ def _cosine_warmup(total_steps: int, warmup_steps: int):
 def save_heatmaps(
     model: ShapleyViT, images: torch.Tensor, labels: torch.Tensor, path: str, classes=None
 ) -> None:
-    """A PNG grid: each held-out image beside Φ of its predicted class over the patch grid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """A PNG grid: each held-out image overlaid with Φ of its predicted class over the patch grid."""
+    from shapkern.viz import plot_grid
 
     model.eval()
     with torch.no_grad():
         phi, logits = model(images)
     pred = logits.argmax(-1)
-    grid = model.backbone.patch_embed.grid_size
-    maps = phi[torch.arange(len(pred)), :, pred].view(-1, 1, *grid).float()
-    maps = torch.nn.functional.interpolate(maps, size=images.shape[-2:], mode="nearest")[:, 0]
-    count = images.shape[0]
-    cols = min(8, count)
-    rows = math.ceil(count / cols)
-    fig, axes = plt.subplots(2 * rows, cols, figsize=(1.6 * cols, 3.3 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for i in range(count):
-        img = images[i].float().cpu()
-        img = (img - img.min()) / (img.max() - img.min()).clamp(min=1e-8)
-        row, col = 2 * (i // cols), i % cols
-        axes[row, col].imshow(img.permute(1, 2, 0).numpy())
-        name = lambda c: classes[c] if classes else str(c)
-        axes[row, col].set_title(f"pred {name(int(pred[i]))} / {name(int(labels[i]))}", fontsize=7)
-        bound = float(maps[i].abs().max().clamp(min=1e-8))
-        axes[row + 1, col].imshow(img.mean(0).numpy(), cmap="gray", alpha=0.4)
-        axes[row + 1, col].imshow(maps[i].cpu().numpy(), cmap="bwr", vmin=-bound, vmax=bound, alpha=0.7)
-    fig.suptitle("Φ of the predicted class (red: for, blue: against)", fontsize=9)
-    fig.tight_layout()
+    name = (lambda c: classes[c]) if classes else str
+    titles = [f"pred {name(int(p))} / {name(int(y))}" for p, y in zip(pred, labels)]
+    maps = phi[torch.arange(len(pred)), :, pred].float().cpu()
+    grid = tuple(model.backbone.patch_embed.grid_size)
+    fig = plot_grid(images.float().cpu(), maps, titles=titles, grid=grid, dpi=110)
     _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------- trainer
