@@ -20,6 +20,7 @@ from shapkern.nn import drop_path_packed, first_tokens, pack_tokens, segment_mea
 
 __all__ = [
     "PackedTokens",
+    "check_images",
     "check_packed_model",
     "fused_coalition_forward",
     "masked_input_forward",
@@ -175,10 +176,15 @@ def _default_chunk_rows(model: nn.Module, tokens: torch.Tensor) -> int:
     return max(2, int(0.5 * free / per_row))
 
 
-def _check_inputs(model: nn.Module, images: torch.Tensor, coalitions: torch.Tensor, players: int):
-    """Validate and broadcast coalitions to (B, M, N)."""
+def check_images(images) -> None:
+    """Raise ValueError unless images is a floating (B, C, H, W) tensor."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
         raise ValueError("images must be a floating (B, C, H, W) tensor")
+
+
+def _check_inputs(model: nn.Module, images: torch.Tensor, coalitions: torch.Tensor, players: int):
+    """Validate and broadcast coalitions to (B, M, N)."""
+    check_images(images)
     if not isinstance(coalitions, torch.Tensor) or coalitions.dtype != torch.bool:
         got = coalitions.dtype if isinstance(coalitions, torch.Tensor) else type(coalitions).__name__
         raise TypeError(f"coalitions must be a bool tensor (B, M, N) or (M, N), got {got}")

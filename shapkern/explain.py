@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from shapkern.coalitions import all_coalitions, permutation_chain, sample_coalitions, sample_permutations
-from shapkern.engine import check_packed_model, fused_coalition_forward
+from shapkern.engine import check_images, check_packed_model, fused_coalition_forward
 from shapkern.ops import coalition_reduce, pack_masks
 
 __all__ = [
@@ -140,8 +140,7 @@ def _is_packed_vit(model: nn.Module) -> bool:
 
 
 def _check_images(model: nn.Module, images: torch.Tensor) -> None:
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
-        raise ValueError("images must be a floating (B, C, H, W) tensor")
+    check_images(images)
     embed = find_patch_embed(model)
     if embed is None or embed.img_size is None or getattr(embed, "dynamic_img_size", False):
         return
