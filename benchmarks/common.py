@@ -24,8 +24,13 @@ from shapkern.engine import embed_tokens
 
 
 def engine(model, images, coalitions):
-    """shapkern: all kept tokens packed flat, Triton varlen attention."""
-    return shapkern.fused_coalition_forward(model, images, coalitions, paired=True)
+    """shapkern, plain path: all kept tokens packed flat, the model's own modules, Triton varlen attention."""
+    return shapkern.fused_coalition_forward(model, images, coalitions, paired=True, compiled=False)
+
+
+def engine_compiled(model, images, coalitions):
+    """shapkern engine with its blocks under torch.compile (fused LayerNorm, GELU, residual adds)."""
+    return shapkern.fused_coalition_forward(model, images, coalitions, paired=True, compiled=True)
 
 
 def zero_input(model, images, coalitions):
@@ -111,7 +116,9 @@ def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale=None):
 
 def engine_torch_varlen(model, images, coalitions):
     """All kept tokens packed flat, torch.nn.attention.varlen.varlen_attn."""
-    return shapkern.fused_coalition_forward(model, images, coalitions, paired=True, attention=_torch_varlen)
+    return shapkern.fused_coalition_forward(
+        model, images, coalitions, paired=True, attention=_torch_varlen, compiled=False
+    )
 
 
 _compiled_pairs = None
@@ -127,6 +134,7 @@ def pairs_dense_mask_compiled(model, images, coalitions):
 
 METHODS = {
     "shapkern engine": engine,
+    "shapkern engine, compiled": engine_compiled,
     "zero-input full forward": zero_input,
     "key mask, SDPA": key_mask,
     "pairs + dense mask, SDPA": pairs_dense_mask,
@@ -134,7 +142,12 @@ METHODS = {
     "packed, torch varlen_attn": engine_torch_varlen,
     "pairs + dense mask, torch.compile": pairs_dense_mask_compiled,
 }
-CUDA_ONLY = {"pairs, FlexAttention", "packed, torch varlen_attn", "pairs + dense mask, torch.compile"}
+CUDA_ONLY = {
+    "shapkern engine, compiled",
+    "pairs, FlexAttention",
+    "packed, torch varlen_attn",
+    "pairs + dense mask, torch.compile",
+}
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:

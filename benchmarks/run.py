@@ -25,7 +25,8 @@ import shapkern
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOLERANCE = {"bf16": 1e-2, "fp16": 1e-2, "fp32": 1e-4}
-SAME_GAME_REFERENCE = "key mask, SDPA"  # the fp32 oracle of the token-dropping value function
+CHECK_IMAGES, GRADIENT_CHECK_IMAGES = 8, 2
+RATIO_BASELINES = {"vs_zero_input": "zero-input full forward", "vs_varlen_attn": "packed, torch varlen_attn"}
 
 
 def parse_args(argv=None, **defaults):
@@ -43,6 +44,7 @@ def parse_args(argv=None, **defaults):
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-backward", action="store_true", help="forward only")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--stem", default=None, help="output file name without extension")
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
@@ -79,6 +81,30 @@ def _forward_backward(fn, model, images, coalitions):
     fn(model, images, coalitions).float().sum().backward()
 
 
+def _gradients(fn, model, images, coalitions, weights) -> torch.Tensor:
+    """Gradient of sum(weights * output) for every parameter and the images, flat in float64."""
+    model.zero_grad(set_to_none=True)
+    images = images.detach().clone().requires_grad_()
+    (fn(model, images, coalitions).float() * weights).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None] + [images.grad]
+    flat = torch.cat([g.double().flatten() for g in grads])
+    model.zero_grad(set_to_none=True)
+    return flat
+
+
+def _measure_method(row, fn, model, images, coalitions, args, check, want) -> None:
+    """Correctness on the checked images, then forward and forward+backward times, into row."""
+    with torch.no_grad():
+        row["relative_error"] = common.relative_error(fn(model, images, coalitions)[check], want)
+        row["forward"] = common.time_fn(
+            partial(fn, model, images, coalitions), images.device, repeats=args.repeats
+        )
+    if not args.no_backward:
+        step = partial(_forward_backward, fn, model, images.clone().requires_grad_(), coalitions)
+        row["forward+backward"] = common.time_fn(step, images.device, repeats=args.repeats)
+        model.zero_grad(set_to_none=True)
+
+
 def measure(args) -> dict:
     device, reference_model, model, images, coalitions = build(args)
     low = images.to(DTYPES[args.dtype])
@@ -90,10 +116,20 @@ def measure(args) -> dict:
         "forward": gemm * 1e12 / flops * evaluations,
         "forward+backward": gemm * 1e12 / (3 * flops) * evaluations,
     }
+    # fp32 oracles on the first images only (each row is independent), so that they stay cheap.
+    check, grad_check = slice(0, CHECK_IMAGES), slice(0, GRADIENT_CHECK_IMAGES)
+    oracle_fns = {"token dropping": common.key_mask, "zero input": common.zero_input}
     with torch.no_grad():
         oracle = {
-            "token dropping": common.key_mask(reference_model, images, coalitions),
-            "zero input": common.zero_input(reference_model, images, coalitions),
+            game: fn(reference_model, images[check], coalitions[check]) for game, fn in oracle_fns.items()
+        }
+    if not args.no_backward:
+        # Random output weights, so that the check sees every logit's gradient, not only their sum.
+        gen = torch.Generator(device=device).manual_seed(1)
+        weights = torch.randn(oracle["token dropping"][grad_check].shape, device=device, generator=gen)
+        grad_inputs = (images[grad_check], coalitions[grad_check], weights)
+        oracle_grads = {
+            game: _gradients(fn, reference_model, *grad_inputs) for game, fn in oracle_fns.items()
         }
     rows = []
     for name, fn in common.METHODS.items():
@@ -103,34 +139,39 @@ def measure(args) -> dict:
         reason = common.unavailable_reason(name, device)
         if reason:
             row["unavailable"] = reason
-            rows.append(row)
             print(f"{name:<36} unavailable: {reason}", flush=True)
-            continue
-        with torch.no_grad():
-            got = fn(model, low, coalitions)
-        want = oracle["zero input" if fn is common.zero_input else "token dropping"]
-        row["relative_error"] = common.relative_error(got, want)
-        row["correct"] = row["relative_error"] <= TOLERANCE[args.dtype]
-        with torch.no_grad():
-            row["forward"] = common.time_fn(partial(fn, model, low, coalitions), device, repeats=args.repeats)
-        if not args.no_backward:
-            step = partial(_forward_backward, fn, model, low.clone().requires_grad_(), coalitions)
-            row["forward+backward"] = common.time_fn(step, device, repeats=args.repeats)
-            model.zero_grad(set_to_none=True)
-        for phase in ("forward", "forward+backward"):
-            if phase in row:
-                row[phase]["evals_per_s"] = evaluations / (row[phase]["median_ms"] * 1e-3)
-                row[phase]["fraction_of_floor"] = row[phase]["evals_per_s"] / floor[phase]
+        else:
+            try:
+                game = "zero input" if fn is common.zero_input else "token dropping"
+                _measure_method(row, fn, model, low, coalitions, args, check, oracle[game])
+                if not args.no_backward:
+                    grads = _gradients(fn, model, low[grad_check], coalitions[grad_check], weights)
+                    row["gradient_relative_error"] = common.relative_error(grads, oracle_grads[game])
+            except Exception as error:  # noqa: BLE001 - one failing method must not hide the others
+                row["failed"] = "out of memory" if isinstance(error, torch.OutOfMemoryError) else repr(error)
+                model.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                print(f"{name:<36} failed: {row['failed']}", flush=True)
+        if "relative_error" in row:
+            errors = [row[key] for key in ("relative_error", "gradient_relative_error") if key in row]
+            row["correct"] = max(errors) <= TOLERANCE[args.dtype]
+            for phase in ("forward", "forward+backward"):
+                if phase in row:
+                    row[phase]["evals_per_s"] = evaluations / (row[phase]["median_ms"] * 1e-3)
+                    row[phase]["fraction_of_floor"] = row[phase]["evals_per_s"] / floor[phase]
+            if "forward" in row:
+                print(
+                    f"{name:<36} {row['forward']['evals_per_s']:>12,.0f} evals/s fwd  err {row['relative_error']:.1e}",
+                    flush=True,
+                )
         rows.append(row)
-        print(
-            f"{name:<36} {row['forward']['evals_per_s']:>12,.0f} evals/s fwd  err {row['relative_error']:.1e}",
-            flush=True,
-        )
-    baseline = next((r for r in rows if r["method"] == "zero-input full forward" and "forward" in r), None)
-    for row in rows:
-        for phase in ("forward", "forward+backward"):
-            if baseline and phase in row and phase in baseline:
-                row[phase]["vs_zero_input"] = row[phase]["evals_per_s"] / baseline[phase]["evals_per_s"]
+    for key, method in RATIO_BASELINES.items():
+        baseline = next((r for r in rows if r["method"] == method), {})
+        for row in rows:
+            for phase in ("forward", "forward+backward"):
+                if phase in row and phase in baseline:
+                    row[phase][key] = row[phase]["evals_per_s"] / baseline[phase]["evals_per_s"]
     return {
         "environment": common.environment(device),
         "config": {
@@ -151,15 +192,29 @@ def measure(args) -> dict:
     }
 
 
-def _cell(row: dict, phase: str) -> str:
+def _not_measured(row: dict) -> str | None:
     if "unavailable" in row:
-        return "unavailable"
+        return f"unavailable: {row['unavailable']}"
+    if "failed" in row:
+        return f"failed: {row['failed']}"
+    return None
+
+
+def _cell(row: dict, phase: str) -> str:
     stats = row.get(phase)
     if stats is None:
         return "—"
     spread = f"{stats['min_ms']:.1f}–{stats['max_ms']:.1f} ms"
-    ratio = f", ×{stats['vs_zero_input']:.2f}" if "vs_zero_input" in stats else ""
+    ratio = "".join(
+        f", ×{stats[key]:.2f} {label}"
+        for key, label in (("vs_zero_input", "zero-input"), ("vs_varlen_attn", "varlen_attn"))
+        if key in stats
+    )
     return f"{stats['evals_per_s']:,.0f} ({spread}{ratio}, {stats['fraction_of_floor']:.0%} of floor)"
+
+
+def _error(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1e}"
 
 
 def markdown(result: dict, command: str) -> str:
@@ -174,22 +229,26 @@ def markdown(result: dict, command: str) -> str:
         ),
         "",
         (
-            "Evaluations per second, median (min–max time, ratio to zero-input, fraction of the floor). "
+            "Evaluations per second, median (min–max time, ratios to zero-input and to varlen_attn, "
+            "fraction of the floor). "
             f"Floor: packed FLOPs at the measured GEMM rate of {result['gemm_tflops']:.1f} TFLOP/s = "
             f"{result['floor_evals_per_s']['forward']:,.0f} evals/s forward."
         ),
         "",
-        "| method | forward | forward+backward | peak MiB | rel. error | correct |",
-        "|---|---|---|---|---|---|",
+        "| method | forward | forward+backward | peak MiB | rel. error | grad. rel. error | correct |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in result["methods"]:
-        peak = row.get("forward", {}).get("peak_mib")
+        missing = _not_measured(row)
+        if missing:
+            lines.append(f"| {row['method']} | {missing} | | | | | |")
+            continue
+        peak = row["forward"]["peak_mib"]
         lines.append(
             f"| {row['method']} | {_cell(row, 'forward')} | {_cell(row, 'forward+backward')} | "
             f"{'—' if peak is None else f'{peak:,.0f}'} | "
-            f"{row['relative_error']:.1e} | {'yes' if row['correct'] else 'NO'} |"
-            if "unavailable" not in row
-            else f"| {row['method']} | unavailable: {row['unavailable']} | | | | |"
+            f"{row['relative_error']:.1e} | {_error(row.get('gradient_relative_error'))} | "
+            f"{'yes' if row['correct'] else 'NO'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -223,6 +282,7 @@ def main(argv=None, stem: str = "throughput", **defaults) -> dict:
     args = parse_args(argv, **defaults)
     common.configure_cpu_threads()
     result = measure(args)
+    stem = args.stem or stem
     out = common.results_dir(args.out, args.device)
     command = "python benchmarks/run.py " + " ".join(
         f"--{k.replace('_', '-')} {v}"

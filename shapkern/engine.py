@@ -9,6 +9,7 @@ varlen attention. Input mode masks pixels instead and works for any image classi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,8 @@ SUPPORTED = (
 OUTPUTS = ("logits", "pre_logits", "tokens")
 BASELINES = ("zeros", "mean", "blur")
 CPU_CHUNK_ROWS = 256
+# torch.compile of the blocks on CUDA with paired coalitions, unless the caller says otherwise.
+COMPILE_BY_DEFAULT = False
 
 
 @dataclass
@@ -146,15 +149,24 @@ def packed_block_forward(
     return x + _drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), plan)
 
 
+@cache
+def _compiled_block_forward():
+    # Inductor fuses the memory-bound work between the GEMMs (residual + LayerNorm, bias + GELU);
+    # the attention op stays one custom op. Blocks of one model share the compiled code (their
+    # parameters are graph inputs); shapes turn dynamic after a first change of T.
+    return torch.compile(packed_block_forward)
+
+
 def _packed_rows(
-    model: nn.Module, tokens: torch.Tensor, coalitions: torch.Tensor, output: str, paired, attention
+    model: nn.Module, tokens: torch.Tensor, coalitions: torch.Tensor, output: str, paired, attention, compiled
 ):
     """Run the blocks and head for one chunk: tokens (B, P + N, D), coalitions (B, m, N)."""
     num_prefix = model.num_prefix_tokens
     x, plan = pack_tokens(tokens, coalitions, num_prefix, paired=paired)
     x = model.norm_pre(model.pos_drop(x))
+    block_forward = _compiled_block_forward() if compiled else packed_block_forward
     for block in model.blocks:
-        x = packed_block_forward(block, x, plan, attention)
+        x = block_forward(block, x, plan, attention)
     if output == "tokens":
         return model.norm(x), plan
     if model.global_pool == "token":
@@ -235,6 +247,7 @@ def fused_coalition_forward(
     mode: str = "packed",
     baseline: str = "zeros",
     attention=varlen_attention,
+    compiled: bool | None = None,
 ):
     """The model's output on every image with only each coalition's patches present.
 
@@ -255,6 +268,10 @@ def fused_coalition_forward(
         baseline: input mode only: ``"zeros"``, ``"mean"`` (per image and channel) or ``"blur"``.
         attention: the varlen attention op, ``(q, k, v, cu_seqlens, max_seqlen, scale=...)`` on
             (T, H, Dh); override it to compare attention kernels inside the same engine.
+        compiled: run the blocks under ``torch.compile``, which fuses LayerNorm, GELU and the
+            residual adds into fewer passes over memory (the first call compiles). Default:
+            ``COMPILE_BY_DEFAULT`` on CUDA with paired coalitions (static shapes), off elsewhere;
+            ``False`` is the plain path.
 
     The empty coalition keeps only the prefix tokens (class, register, distillation); a model
     without prefix tokens then pools an all-zero feature vector. The full coalition equals the
@@ -273,13 +290,15 @@ def fused_coalition_forward(
     batch, num, _ = coalitions.shape
     tokens = embed_tokens(model, images)
     chunk_rows = chunk_size or _default_chunk_rows(model, tokens)
+    if compiled is None:
+        compiled = COMPILE_BY_DEFAULT and paired and images.is_cuda
     if output == "tokens":
         # One pass, so that the plan describes all rows.
-        x, plan = _packed_rows(model, tokens, coalitions, output, paired, attention)
+        x, plan = _packed_rows(model, tokens, coalitions, output, paired, attention, compiled)
         return PackedTokens(tokens=x, plan=plan, shape=(batch, num))
 
     def run(chunk: torch.Tensor) -> torch.Tensor:
-        return _packed_rows(model, tokens, chunk, output, paired, attention)
+        return _packed_rows(model, tokens, chunk, output, paired, attention, compiled)
 
     outs = _run_chunks(run, coalitions, chunk_rows, paired)
     return torch.cat([out.view(batch, -1, out.shape[-1]) for out in outs], dim=1)

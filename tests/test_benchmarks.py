@@ -14,8 +14,9 @@ def test_run_py_smoke_on_cpu(tmp_path):
     assert {"environment", "config", "gemm_tflops", "floor_evals_per_s", "methods"} <= result.keys()
     assert result["environment"]["torch"] and result["config"]["players"] == 16
     names = [row["method"] for row in result["methods"]]
-    assert names[:4] == [
+    assert names[:5] == [
         "shapkern engine",
+        "shapkern engine, compiled",
         "zero-input full forward",
         "key mask, SDPA",
         "pairs + dense mask, SDPA",
@@ -24,7 +25,8 @@ def test_run_py_smoke_on_cpu(tmp_path):
         if "unavailable" in row:
             assert row["unavailable"]
             continue
-        assert row["correct"], row
+        assert "failed" not in row and row["correct"], row
+        assert row["gradient_relative_error"] < 1e-4
         for phase in ("forward", "forward+backward"):
             assert row[phase]["evals_per_s"] > 0 and row[phase]["min_ms"] <= row[phase]["max_ms"]
     assert (tmp_path / "throughput.md").read_text().startswith("# Coalition throughput")

@@ -153,6 +153,22 @@ def test_chunked_backward_matches_single_pass():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+def test_compiled_blocks_match_plain_path_forward_and_backward():
+    """compiled=True (torch.compile of the blocks) computes what the plain path does, chunked too."""
+    model = make_model("layer_scale")
+    images = torch.randn(2, 3, 32, 32)
+    coalitions = sample_coalitions(2, 8, 16, generator=torch.Generator().manual_seed(6))
+    results = []
+    for compiled in (False, True):
+        model.zero_grad()
+        x = images.clone().requires_grad_()
+        out = fused_coalition_forward(model, x, coalitions, paired=True, chunk_size=8, compiled=compiled)
+        out.square().sum().backward()
+        results.append([out.detach(), x.grad] + [p.grad.clone() for p in model.parameters()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_tokens_output_is_packed_features():
     model = make_model("registers")
     images = torch.randn(2, 3, 32, 32)

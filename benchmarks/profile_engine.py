@@ -1,0 +1,155 @@
+"""Where the engine's time goes: device time per kernel class, forward and forward+backward.
+
+    python benchmarks/profile_engine.py [--device cuda|cpu] [--model vit_base_patch16_224]
+                                        [--images 32] [--coalitions 32] [--dtype bf16] [--out DIR]
+
+Runs ``shapkern.fused_coalition_forward`` (plain and, on CUDA, compiled blocks) under
+torch.profiler and sums kernel time by class: GEMM, attention, LayerNorm, GELU, elementwise,
+gather/index, copies, reductions. The gap between wall time (CUDA events) and summed kernel time
+is launch gaps and host work. On the CPU it classifies operator self time instead. Writes
+profile.json and profile.md under benchmarks/results/<date>-<device>/.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+
+import common
+import run
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+# First match wins: attention before GEMM (flash kernels mention gemm), LayerNorm before the
+# elementwise catch-all (inductor names fused kernels after the ops they hold).
+KERNEL_CLASSES = [
+    ("attention", r"_fwd_kernel|_bwd_dkdv|_bwd_dq|_bwd_preprocess|flash|fmha|attention|sdpa"),
+    ("GEMM", r"gemm|gemv|cutlass|nvjet|xmma|cublas|sm90_|aten::(mm|addmm|bmm|matmul|linear)$"),
+    ("LayerNorm", r"layer_norm|layernorm"),
+    ("GELU", r"gelu"),
+    ("gather / index", r"index|gather|scatter|nonzero|cumsum|repeat_interleave|embedding"),
+    ("copy / cat", r"copy|cat_|catarray|aten::cat$|contiguous|clone"),
+    ("reduction", r"reduce|aten::sum$|aten::mean$"),
+    ("elementwise (add, mul, ...)", r"elementwise|vectorized|triton_|aten::(add|mul|div|sub|where)"),
+]
+PHASES = ("forward", "forward+backward")
+
+
+def kernel_class(name: str) -> str:
+    lowered = name.lower()
+    for label, pattern in KERNEL_CLASSES:
+        if re.search(pattern, lowered):
+            return label
+    return "other"
+
+
+def breakdown(prof, device: torch.device, iterations: int) -> dict:
+    """Per-iteration milliseconds by kernel class, and the five most expensive kernels."""
+    per_kernel: dict[str, float] = {}
+    for event in prof.key_averages():
+        if device.type == "cuda":
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = event.self_device_time_total
+        else:
+            us = event.self_cpu_time_total
+        if us > 0:
+            per_kernel[event.key] = per_kernel.get(event.key, 0.0) + us / 1e3 / iterations
+    classes: dict[str, float] = {}
+    for name, ms in per_kernel.items():
+        label = kernel_class(name)
+        classes[label] = classes.get(label, 0.0) + ms
+    top = sorted(per_kernel.items(), key=lambda item: -item[1])[:5]
+    return {
+        "classes_ms": dict(sorted(classes.items(), key=lambda item: -item[1])),
+        "kernels_ms": sum(per_kernel.values()),
+        "top_kernels_ms": dict(top),
+    }
+
+
+def _forward(fn, model, images, coalitions):
+    with torch.no_grad():
+        fn(model, images, coalitions)
+
+
+def profile_method(fn, model, images, coalitions, device, iterations: int) -> dict:
+    steps = {
+        "forward": partial(_forward, fn, model, images, coalitions),
+        "forward+backward": partial(
+            run._forward_backward, fn, model, images.clone().requires_grad_(), coalitions
+        ),
+    }
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    result = {}
+    for phase, step in steps.items():
+        wall = common.time_fn(step, device, repeats=iterations)
+        with profile(activities=activities) as prof:
+            for _ in range(iterations):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        result[phase] = {"wall_ms": wall["median_ms"], **breakdown(prof, device, iterations)}
+        result[phase]["gaps_ms"] = max(0.0, result[phase]["wall_ms"] - result[phase]["kernels_ms"])
+        model.zero_grad(set_to_none=True)
+    return result
+
+
+def markdown(payload: dict) -> str:
+    env, config = payload["environment"], payload["config"]
+    lines = [
+        f"# Engine time by kernel class on {common.hardware_name(env)}",
+        "",
+        (
+            f"{config['model']}, {config['dtype']}, {config['images']} images × {config['coalitions']} paired "
+            f"coalitions; torch {env['torch']}, triton {env['triton']}, {env['date']}. Milliseconds per call "
+            "(device time summed per class; gaps = wall time − summed kernel time)."
+        ),
+        "",
+    ]
+    for method, phases in payload["methods"].items():
+        for phase, stats in phases.items():
+            lines += [f"## {method}, {phase}: {stats['wall_ms']:.2f} ms wall", "", "| class | ms | share |"]
+            lines.append("|---|---|---|")
+            for label, ms in stats["classes_ms"].items():
+                lines.append(f"| {label} | {ms:.2f} | {ms / stats['wall_ms']:.0%} |")
+            lines.append(
+                f"| launch gaps / host | {stats['gaps_ms']:.2f} | {stats['gaps_ms'] / stats['wall_ms']:.0%} |"
+            )
+            lines += [
+                "",
+                "Top kernels: "
+                + "; ".join(f"`{k[:60]}` {v:.2f} ms" for k, v in stats["top_kernels_ms"].items()),
+                "",
+            ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = run.parse_args(argv)
+    common.configure_cpu_threads()
+    device, _, model, images, coalitions = run.build(args)
+    images = images.to(run.DTYPES[args.dtype])
+    methods = {"shapkern engine": common.engine}
+    if device.type == "cuda":
+        methods["shapkern engine, compiled"] = common.engine_compiled
+    payload = {
+        "environment": common.environment(device),
+        "config": {
+            "model": args.model,
+            "images": coalitions.shape[0],
+            "coalitions": coalitions.shape[1],
+            "dtype": args.dtype,
+        },
+        "methods": {
+            name: profile_method(fn, model, images, coalitions, device, iterations=min(args.repeats, 5))
+            for name, fn in methods.items()
+        },
+    }
+    out = common.results_dir(args.out, args.device)
+    common.write_results(out, args.stem or "profile", payload, markdown(payload))
+    print(markdown(payload))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
