@@ -132,14 +132,15 @@ def pairs_dense_mask_compiled(model, images, coalitions):
     return _compiled_pairs(model, images, coalitions)
 
 
+# Methods that compile come last, so that a run cut short keeps the others.
 METHODS = {
     "shapkern engine": engine,
     "shapkern engine, compiled": engine_compiled,
     "zero-input full forward": zero_input,
     "key mask, SDPA": key_mask,
     "pairs + dense mask, SDPA": pairs_dense_mask,
-    "pairs, FlexAttention": pairs_flex,
     "packed, torch varlen_attn": engine_torch_varlen,
+    "pairs, FlexAttention": pairs_flex,
     "pairs + dense mask, torch.compile": pairs_dense_mask_compiled,
 }
 CUDA_ONLY = {

@@ -82,11 +82,16 @@ def _forward_backward(fn, model, images, coalitions):
 
 
 def _gradients(fn, model, images, coalitions, weights) -> torch.Tensor:
-    """Gradient of sum(weights * output) for every parameter and the images, flat in float64."""
+    """Gradient of sum(weights * output) for every parameter and the images, flat in float64.
+
+    weights (B', M, K) covers the first B' images; the rest get zero weight, so a method runs on
+    the whole batch (the shapes it was timed at) while the oracle needs only those B' images.
+    """
     model.zero_grad(set_to_none=True)
     images = images.detach().clone().requires_grad_()
-    (fn(model, images, coalitions).float() * weights).sum().backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None] + [images.grad]
+    out = fn(model, images, coalitions)
+    (out[: weights.shape[0]].float() * weights).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None] + [images.grad[: weights.shape[0]]]
     flat = torch.cat([g.double().flatten() for g in grads])
     model.zero_grad(set_to_none=True)
     return flat
@@ -105,7 +110,8 @@ def _measure_method(row, fn, model, images, coalitions, args, check, want) -> No
         model.zero_grad(set_to_none=True)
 
 
-def measure(args) -> dict:
+def measure(args, on_row=None) -> dict:
+    """Every selected method's speed and correctness; on_row(result so far) runs after each method."""
     device, reference_model, model, images, coalitions = build(args)
     low = images.to(DTYPES[args.dtype])
     evaluations = coalitions.shape[0] * coalitions.shape[1]
@@ -127,52 +133,12 @@ def measure(args) -> dict:
         # Random output weights, so that the check sees every logit's gradient, not only their sum.
         gen = torch.Generator(device=device).manual_seed(1)
         weights = torch.randn(oracle["token dropping"][grad_check].shape, device=device, generator=gen)
-        grad_inputs = (images[grad_check], coalitions[grad_check], weights)
         oracle_grads = {
-            game: _gradients(fn, reference_model, *grad_inputs) for game, fn in oracle_fns.items()
+            game: _gradients(fn, reference_model, images[grad_check], coalitions[grad_check], weights)
+            for game, fn in oracle_fns.items()
         }
     rows = []
-    for name, fn in common.METHODS.items():
-        if args.methods and name not in args.methods:
-            continue
-        row = {"method": name, "doc": fn.__doc__}
-        reason = common.unavailable_reason(name, device)
-        if reason:
-            row["unavailable"] = reason
-            print(f"{name:<36} unavailable: {reason}", flush=True)
-        else:
-            try:
-                game = "zero input" if fn is common.zero_input else "token dropping"
-                _measure_method(row, fn, model, low, coalitions, args, check, oracle[game])
-                if not args.no_backward:
-                    grads = _gradients(fn, model, low[grad_check], coalitions[grad_check], weights)
-                    row["gradient_relative_error"] = common.relative_error(grads, oracle_grads[game])
-            except Exception as error:  # noqa: BLE001 - one failing method must not hide the others
-                row["failed"] = "out of memory" if isinstance(error, torch.OutOfMemoryError) else repr(error)
-                model.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                print(f"{name:<36} failed: {row['failed']}", flush=True)
-        if "relative_error" in row:
-            errors = [row[key] for key in ("relative_error", "gradient_relative_error") if key in row]
-            row["correct"] = max(errors) <= TOLERANCE[args.dtype]
-            for phase in ("forward", "forward+backward"):
-                if phase in row:
-                    row[phase]["evals_per_s"] = evaluations / (row[phase]["median_ms"] * 1e-3)
-                    row[phase]["fraction_of_floor"] = row[phase]["evals_per_s"] / floor[phase]
-            if "forward" in row:
-                print(
-                    f"{name:<36} {row['forward']['evals_per_s']:>12,.0f} evals/s fwd  err {row['relative_error']:.1e}",
-                    flush=True,
-                )
-        rows.append(row)
-    for key, method in RATIO_BASELINES.items():
-        baseline = next((r for r in rows if r["method"] == method), {})
-        for row in rows:
-            for phase in ("forward", "forward+backward"):
-                if phase in row and phase in baseline:
-                    row[phase][key] = row[phase]["evals_per_s"] / baseline[phase]["evals_per_s"]
-    return {
+    result = {
         "environment": common.environment(device),
         "config": {
             "model": args.model,
@@ -190,6 +156,54 @@ def measure(args) -> dict:
         "tolerance": TOLERANCE[args.dtype],
         "methods": rows,
     }
+    for name, fn in common.METHODS.items():
+        if args.methods and name not in args.methods:
+            continue
+        row = {"method": name, "doc": fn.__doc__}
+        reason = common.unavailable_reason(name, device)
+        if reason:
+            row["unavailable"] = reason
+            print(f"{name:<36} unavailable: {reason}", flush=True)
+        else:
+            try:
+                game = "zero input" if fn is common.zero_input else "token dropping"
+                _measure_method(row, fn, model, low, coalitions, args, check, oracle[game])
+                if not args.no_backward:
+                    grads = _gradients(fn, model, low, coalitions, weights)
+                    row["gradient_relative_error"] = common.relative_error(grads, oracle_grads[game])
+            except Exception as error:  # noqa: BLE001 - one failing method must not hide the others
+                row["failed"] = "out of memory" if isinstance(error, torch.OutOfMemoryError) else repr(error)
+            if "failed" in row:  # after the except clause, which holds the failed step's tensors
+                model.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                print(f"{name:<36} failed: {row['failed']}", flush=True)
+        if "relative_error" in row:
+            errors = [row[key] for key in ("relative_error", "gradient_relative_error") if key in row]
+            row["correct"] = max(errors) <= TOLERANCE[args.dtype]
+            for phase in ("forward", "forward+backward"):
+                if phase in row:
+                    row[phase]["evals_per_s"] = evaluations / (row[phase]["median_ms"] * 1e-3)
+                    row[phase]["fraction_of_floor"] = row[phase]["evals_per_s"] / floor[phase]
+            if "forward" in row:
+                print(
+                    f"{name:<36} {row['forward']['evals_per_s']:>12,.0f} evals/s fwd  err {row['relative_error']:.1e}",
+                    flush=True,
+                )
+        rows.append(row)
+        _add_ratios(rows)
+        if on_row:
+            on_row(result)
+    return result
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    for key, method in RATIO_BASELINES.items():
+        baseline = next((r for r in rows if r["method"] == method), {})
+        for row in rows:
+            for phase in ("forward", "forward+backward"):
+                if phase in row and phase in baseline and "evals_per_s" in baseline[phase]:
+                    row[phase][key] = row[phase]["evals_per_s"] / baseline[phase]["evals_per_s"]
 
 
 def _not_measured(row: dict) -> str | None:
@@ -203,7 +217,7 @@ def _not_measured(row: dict) -> str | None:
 def _cell(row: dict, phase: str) -> str:
     stats = row.get(phase)
     if stats is None:
-        return "—"
+        return _not_measured(row) or "—"
     spread = f"{stats['min_ms']:.1f}–{stats['max_ms']:.1f} ms"
     ratio = "".join(
         f", ×{stats[key]:.2f} {label}"
@@ -239,16 +253,15 @@ def markdown(result: dict, command: str) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for row in result["methods"]:
-        missing = _not_measured(row)
-        if missing:
-            lines.append(f"| {row['method']} | {missing} | | | | | |")
+        if "forward" not in row:
+            lines.append(f"| {row['method']} | {_not_measured(row)} | | | | | |")
             continue
         peak = row["forward"]["peak_mib"]
         lines.append(
             f"| {row['method']} | {_cell(row, 'forward')} | {_cell(row, 'forward+backward')} | "
             f"{'—' if peak is None else f'{peak:,.0f}'} | "
             f"{row['relative_error']:.1e} | {_error(row.get('gradient_relative_error'))} | "
-            f"{'yes' if row['correct'] else 'NO'} |"
+            f"{'yes' if row.get('correct') else 'NO'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -281,7 +294,6 @@ def bar_chart(result: dict, path: Path) -> None:
 def main(argv=None, stem: str = "throughput", **defaults) -> dict:
     args = parse_args(argv, **defaults)
     common.configure_cpu_threads()
-    result = measure(args)
     stem = args.stem or stem
     out = common.results_dir(args.out, args.device)
     command = "python benchmarks/run.py " + " ".join(
@@ -289,7 +301,11 @@ def main(argv=None, stem: str = "throughput", **defaults) -> dict:
         for k, v in vars(args).items()
         if k in ("device", "model", "images", "coalitions", "dtype")
     )
-    common.write_results(out, stem, result, markdown(result, command))
+
+    def write(result: dict) -> None:  # after every method, so that a run cut short keeps its rows
+        common.write_results(out, stem, result, markdown(result, command))
+
+    result = measure(args, on_row=write)
     bar_chart(result, out / f"{stem}.png")
     print(markdown(result, command))
     print(f"wrote {out}/{stem}.{{json,md,png}}")
