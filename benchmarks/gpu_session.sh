@@ -72,6 +72,7 @@ step throughput-small 60 "$PY" benchmarks/run.py --device cuda --model vit_small
 step throughput-large 90 "$PY" benchmarks/run.py --device cuda --model vit_large_patch16_224 --images 16 \
   --methods "${FAST[@]}" --out "$R" --stem throughput-vit_large
 step attention 60 "$PY" benchmarks/bench_attention.py --device cuda --out "$R"
+step tune-attention 60 "$PY" benchmarks/tune_attention.py --out "$R"
 step reductions 30 "$PY" benchmarks/bench_reductions.py --device cuda --out "$R/reductions.json"
 step train-step 45 "$PY" benchmarks/bench_train_step.py --device cuda --out "$R"
 pack
