@@ -79,9 +79,10 @@ def sample_coalitions(
         device = generator.device
     drawn = num // 2 if paired else num
     if method == "shapley":
-        probs = shapley_size_distribution(players).float()
+        # On the generator's device: multinomial takes a generator of its input's device only.
+        probs = shapley_size_distribution(players).float().to(device)
         sizes = torch.multinomial(probs, batch * drawn, replacement=True, generator=generator)
-        masks = _subsets_of_size(sizes.view(batch, drawn).to(device), players, generator, device)
+        masks = _subsets_of_size(sizes.view(batch, drawn), players, generator, device)
     elif method == "uniform":
         if players < 2:
             raise ValueError(f"players must be >= 2 for method='uniform', got {players}")

@@ -141,3 +141,12 @@ def test_pack_plan_rejects_unpaired_rows_marked_paired():
     masks = torch.tensor([[True, False], [True, False]])
     with pytest.raises(RuntimeError, match="complements"):
         pack_plan(masks, torch.zeros(2, dtype=torch.long), 1, paired=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["shapley", "uniform", "bernoulli"])
+def test_cuda_generator_samples_on_the_gpu(method):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    masks = sample_coalitions(3, 4, 196, method=method, generator=gen)
+    assert masks.is_cuda and masks.shape == (3, 4, 196)
+    assert (masks[:, 0::2] ^ masks[:, 1::2]).all()

@@ -223,6 +223,7 @@ def test_bad_inputs_cuda():
     q, k, v, cu = make_inputs([3, 4], 2, 48, torch.float32, "cuda")
     with pytest.raises(ValueError, match="head dim of q"):
         varlen_attention(q, k, v, cu, 4)
+    q, k, v, cu = make_inputs([3, 4], 2, 32, torch.float32, "cuda")
     with pytest.raises(ValueError, match="cu_seqlens device"):
         varlen_attention(q, k, v, cu.cpu(), 4)
     with pytest.raises(ValueError, match="q dtype"):
