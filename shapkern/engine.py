@@ -177,15 +177,27 @@ def _packed_rows(
     return model.forward_head(pooled, pre_logits=output == "pre_logits")
 
 
-def _default_chunk_rows(model: nn.Module, tokens: torch.Tensor) -> int:
+def _row_activation_bytes(model: nn.Module, tokens: torch.Tensor, paired: bool) -> int:
+    """Live activation bytes of one (image, coalition) row: ~16 D-wide tensors per token in one
+    block, in every block when autograd keeps them. tokens: (B, P + N, D)."""
+    prefix = model.num_prefix_tokens
+    players = tokens.shape[1] - prefix
+    # A complementary pair holds P + N/2 tokens per row on average; otherwise P + N bounds a row.
+    length = prefix + (players + 1) // 2 if paired else prefix + players
+    element = 2 if torch.is_autocast_enabled() else tokens.element_size()
+    return length * tokens.shape[2] * element * 16 * (len(model.blocks) if torch.is_grad_enabled() else 1)
+
+
+def _free_cuda_bytes(device: torch.device) -> int:
+    """Free device memory plus what torch's caching allocator holds unused (it can reuse that)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _default_chunk_rows(model: nn.Module, tokens: torch.Tensor, paired: bool) -> int:
     if tokens.device.type != "cuda":
         return CPU_CHUNK_ROWS
-    width, dim = tokens.shape[1], tokens.shape[2]
-    element = 2 if torch.is_autocast_enabled() else tokens.element_size()
-    # Live activations per row: ~16 D-wide tensors per token in one block, all blocks with autograd.
-    per_row = width * dim * element * 16 * (len(model.blocks) if torch.is_grad_enabled() else 1)
-    free, _ = torch.cuda.mem_get_info(tokens.device)
-    return max(2, int(0.5 * free / per_row))
+    return max(2, int(0.5 * _free_cuda_bytes(tokens.device) / _row_activation_bytes(model, tokens, paired)))
 
 
 def check_images(images) -> None:
@@ -229,6 +241,11 @@ def _run_chunks(fn, coalitions: torch.Tensor, chunk_rows: int, paired: bool) -> 
     step = max(1, chunk_rows // batch)
     if paired:
         step = max(2, step - step % 2)
+    # Balance the chunks: equal shapes reuse compiled code, and no chunk is a small remainder.
+    count = -(-num // step)
+    step = -(-num // count)
+    if paired:
+        step += step % 2
     chunks = [coalitions[:, start : start + step] for start in range(0, num, step)]
     if len(chunks) > 1 and torch.is_grad_enabled():
         # Recompute each chunk in backward so that peak memory is one chunk's activations.
@@ -289,7 +306,7 @@ def fused_coalition_forward(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     batch, num, _ = coalitions.shape
     tokens = embed_tokens(model, images)
-    chunk_rows = chunk_size or _default_chunk_rows(model, tokens)
+    chunk_rows = chunk_size or _default_chunk_rows(model, tokens, paired)
     if compiled is None:
         compiled = COMPILE_BY_DEFAULT and paired and images.is_cuda
     if output == "tokens":

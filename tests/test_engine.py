@@ -171,6 +171,29 @@ def test_compiled_blocks_match_plain_path_forward_and_backward():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_chunks_are_balanced_and_keep_pairs_together():
+    from shapkern.engine import _run_chunks
+
+    coalitions = sample_coalitions(2, 32, 16, generator=torch.Generator().manual_seed(3))
+    sizes = [chunk.shape[1] for chunk in _run_chunks(lambda c: c, coalitions, chunk_rows=60, paired=True)]
+    assert sizes == [16, 16]  # 30 coalitions per chunk would leave a remainder of 2
+    sizes = [
+        chunk.shape[1] for chunk in _run_chunks(lambda c: c, coalitions[:, :7], chunk_rows=6, paired=False)
+    ]
+    assert sizes == [3, 3, 1] and sum(sizes) == 7
+
+
+def test_row_activation_estimate_counts_kept_tokens():
+    from shapkern.engine import _row_activation_bytes
+
+    model = make_model("registers")  # 3 prefix tokens, 16 patches, D = 32, depth 2
+    tokens = torch.zeros(1, 19, 32)
+    with torch.no_grad():
+        assert _row_activation_bytes(model, tokens, paired=False) == 19 * 32 * 4 * 16
+        assert _row_activation_bytes(model, tokens, paired=True) == 11 * 32 * 4 * 16
+    assert _row_activation_bytes(model, tokens, paired=True) == 2 * 11 * 32 * 4 * 16  # every block
+
+
 def test_tokens_output_is_packed_features():
     model = make_model("registers")
     images = torch.randn(2, 3, 32, 32)
