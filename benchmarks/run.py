@@ -231,6 +231,25 @@ def _error(value: float | None) -> str:
     return "—" if value is None else f"{value:.1e}"
 
 
+def _error_note(result: dict) -> str:
+    """What the error columns compare, and the error of timm's own forward in the same dtype."""
+    note = (
+        f"Errors: relative to an fp32 run of timm's own forward on the first {CHECK_IMAGES} images (logits) "
+        f"and {GRADIENT_CHECK_IMAGES} images (gradients of parameters and images); correct = both ≤ "
+        f"{result['tolerance']:g}."
+    )
+    timm_row = next(
+        (r for r in result["methods"] if r["method"] == "key mask, SDPA" and "relative_error" in r), None
+    )
+    if timm_row and result["config"]["dtype"] != "fp32":
+        note += (
+            f" timm's own key-masked forward in {result['config']['dtype']} (same game, no shapkern code) errs by "
+            f"{timm_row['relative_error']:.1e} (logits) and {_error(timm_row.get('gradient_relative_error'))} "
+            "(gradients): the rounding of the dtype itself."
+        )
+    return note
+
+
 def markdown(result: dict, command: str) -> str:
     env, config = result["environment"], result["config"]
     lines = [
@@ -248,6 +267,8 @@ def markdown(result: dict, command: str) -> str:
             f"Floor: packed FLOPs at the measured GEMM rate of {result['gemm_tflops']:.1f} TFLOP/s = "
             f"{result['floor_evals_per_s']['forward']:,.0f} evals/s forward."
         ),
+        "",
+        _error_note(result),
         "",
         "| method | forward | forward+backward | peak MiB | rel. error | grad. rel. error | correct |",
         "|---|---|---|---|---|---|---|",

@@ -8,6 +8,7 @@ varlen attention. Input mode masks pixels instead and works for any image classi
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cache
 
@@ -38,8 +39,9 @@ SUPPORTED = (
 OUTPUTS = ("logits", "pre_logits", "tokens")
 BASELINES = ("zeros", "mean", "blur")
 CPU_CHUNK_ROWS = 256
-# torch.compile of the blocks on CUDA with paired coalitions, unless the caller says otherwise.
-COMPILE_BY_DEFAULT = False
+# torch.compile of the blocks on CUDA with paired coalitions (static shapes) unless the caller
+# passes compiled=False; SHAPKERN_COMPILE=0 turns the default off for a whole program.
+COMPILE_BY_DEFAULT = os.environ.get("SHAPKERN_COMPILE", "1") != "0"
 
 
 @dataclass
@@ -286,9 +288,9 @@ def fused_coalition_forward(
         attention: the varlen attention op, ``(q, k, v, cu_seqlens, max_seqlen, scale=...)`` on
             (T, H, Dh); override it to compare attention kernels inside the same engine.
         compiled: run the blocks under ``torch.compile``, which fuses LayerNorm, GELU and the
-            residual adds into fewer passes over memory (the first call compiles). Default:
-            ``COMPILE_BY_DEFAULT`` on CUDA with paired coalitions (static shapes), off elsewhere;
-            ``False`` is the plain path.
+            residual adds into fewer passes over memory; the first call compiles. Default: on for
+            CUDA inputs with ``paired=True`` (static shapes), off elsewhere; ``False``, or the
+            environment variable ``SHAPKERN_COMPILE=0``, gives the plain path.
 
     The empty coalition keeps only the prefix tokens (class, register, distillation); a model
     without prefix tokens then pools an all-zero feature vector. The full coalition equals the
