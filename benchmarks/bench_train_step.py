@@ -40,15 +40,17 @@ class ZeroInputShapleyViT(nn.Module):
         super().__init__()
         self.model = model
         self.flat_phi = FlatPhi(model)
-        self.num_players = model.num_players
+        self.num_players, self.num_classes = model.num_players, model.num_classes
 
     def forward(self, images, coalitions, paired=False):
-        phi, logits = self.model(images)
+        phi, logits, _ = self.model(images)
         batch, num, players = coalitions.shape
         masked_phi = shapkern.masked_input_forward(self.flat_phi, images, coalitions, chunk_size=1 << 30)
         masked_phi = masked_phi.view(batch, num, players, -1)
         values = (masked_phi * coalitions.unsqueeze(-1)).sum(2)  # v(S) = Σ_{n∈S} Φ(x_S)_n
-        return phi, logits, values
+        return shapkern.ShapleyOutput(phi, logits, values)
+
+    forward_coalitions = forward
 
 
 def step(model, loss_fn, optimizer, images, labels, coalitions):

@@ -29,9 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 from shapkern.data import load_dataset
-from shapkern.explain import explain, value_function
-from shapkern.explain_cli import load_model
-from shapkern.metrics import (
+from shapkern.explainers import explain, value_function
+from shapkern.explainers.metrics import (
     auroc,
     insertion_deletion,
     miou_best_threshold,
@@ -40,7 +39,8 @@ from shapkern.metrics import (
     spearman,
     topk_precision,
 )
-from shapkern.train import TrainConfig
+from shapkern.models import ShapleyViT
+from shapkern.training import TrainConfig
 
 REGIMES = {
     f"ShapleyViT (λ={TrainConfig.lam:g}, μ={TrainConfig.mu:g})": {
@@ -52,7 +52,7 @@ REGIMES = {
 
 
 def train_or_reuse(data: str, regime: dict, args, device: str) -> Path:
-    from shapkern.train import train
+    from shapkern.training import train
 
     tag = "shapley" if regime["lam"] > 0 else "cls"
     out = Path(args.runs) / f"{data}-{tag}-d{args.depth}e{args.embed_dim}-ep{args.epochs}"
@@ -230,7 +230,7 @@ def main() -> None:
         for name, regime in REGIMES.items():
             started = time.perf_counter()
             ckpt = train_or_reuse(data, regime, args, "cuda" if device.type == "cuda" else "cpu")
-            model, _ = load_model(str(ckpt), device)
+            model = ShapleyViT.from_checkpoint(ckpt, device)
             accuracy = test_accuracy(model, bundle, device)
             print(
                 f"{data} / {name}: trained in {time.perf_counter() - started:.0f} s, acc {accuracy:.3f}",

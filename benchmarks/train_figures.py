@@ -21,8 +21,8 @@ import time
 import torch
 
 from shapkern import explain
-from shapkern.metrics import relative_l2
-from shapkern.train import TrainConfig, Trainer
+from shapkern.explainers.metrics import relative_l2
+from shapkern.training import TrainConfig, Trainer
 
 
 def cpu_name() -> str:
@@ -44,7 +44,7 @@ def exact_faithfulness(trainer: Trainer, count: int, batch: int = 2) -> dict:
         images = torch.stack([trainer.test_set[i][0] for i in range(first, min(first + batch, count))])
         images = images.to(trainer.device)
         with torch.no_grad():
-            phi, _ = model(images)
+            phi = model(images).phi
         exact = explain(model, images, method="exact", target="all", progress=False).values
         errors += relative_l2(phi, exact).tolist()
     return {

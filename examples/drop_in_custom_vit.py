@@ -2,7 +2,7 @@
 
 The model below is an ordinary ViT. The conversion (marked) adds a packed forward that reuses
 its modules: pack the embedded tokens of every (image, coalition) pair, swap dense attention for
-``shapkern.nn.varlen_attention``, and pool each sequence's class token. The script checks the
+``shapkern.packed.varlen_attention``, and pool each sequence's class token. The script checks the
 packed outputs against the original model run with a key mask that hides the absent patches.
 
     python examples/drop_in_custom_vit.py
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import shapkern
-import shapkern.nn as snn
+import shapkern.packed as snn
 
 
 class Attention(nn.Module):

@@ -7,10 +7,11 @@ import torch
 from torch.utils.data import DataLoader
 
 import shapkern
+from shapkern.coalitions import seeded_coalitions
 from shapkern.data import load_dataset
-from shapkern.losses import ShapleyLoss, seeded_coalitions
-from shapkern.metrics import relative_l2
+from shapkern.explainers.metrics import relative_l2
 from shapkern.models import ShapleyViT
+from shapkern.training import ShapleyLoss
 
 torch.manual_seed(0)
 data = load_dataset("digits", img_size=32, patch_size=8)  # 16 patches = 16 players
@@ -41,7 +42,7 @@ for epoch in range(epochs):
 model.eval()
 test_images, test_labels = data.test.images, data.test.labels
 with torch.no_grad():
-    phi, logits = model(test_images)  # Φ (B, 16, 10) and f(x) = Σ_n Φ_n
+    phi, logits, _ = model(test_images)  # Φ (B, 16, 10) and f(x) = Σ_n Φ_n
 print(f"test accuracy {(logits.argmax(-1) == test_labels).float().mean():.3f}")
 
 # Faithfulness: Φ against the exact Shapley values of the model's own game (2^16 coalitions).

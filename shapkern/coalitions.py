@@ -1,29 +1,26 @@
-"""Coalition samplers and the packing plan that lays coalitions out as varlen token sequences.
+"""Coalition samplers: Shapley-kernel subsets, enumeration, permutations and per-sample seeding.
 
-A coalition is a bool mask over the N patches (players) of an image. The packing plan turns
-masks (R, N) plus P prefix tokens (CLS, register, distillation; always kept) into the flat
-varlen layout of design.md §3: one row per kept token, sequences delimited by ``cu_seqlens``.
+A coalition is a bool mask (..., N) over the N patches (players) of an image; True keeps a patch.
+The packed layout that the engine runs coalitions in is in :mod:`shapkern.packed`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
 __all__ = [
-    "PackPlan",
+    "MAX_EXACT_PLAYERS",
     "all_coalitions",
-    "pack_plan",
     "permutation_chain",
     "sample_coalitions",
     "sample_permutations",
+    "seeded_coalitions",
     "shapley_size_distribution",
 ]
 
-MAX_EXACT_PLAYERS = 24
+MAX_EXACT_PLAYERS = 20  # 2^20 ≈ 1M coalitions per image: the most that enumeration (``exact``) takes
 
 
 def shapley_size_distribution(players: int, dtype=torch.float64) -> torch.Tensor:
@@ -37,6 +34,22 @@ def shapley_size_distribution(players: int, dtype=torch.float64) -> torch.Tensor
     p = torch.zeros(players + 1, dtype=dtype)
     p[1:-1] = (players - 1) / (s[1:-1] * (players - s[1:-1]))
     return p / p.sum()
+
+
+def _sampling_device(generator: torch.Generator | None, device) -> torch.device | None:
+    """Where to sample: the generator's device. A different explicit device is an error, not a
+    silent move (torch samples only on its generator's device)."""
+    if generator is None:
+        return None if device is None else torch.device(device)
+    wanted = None if device is None else torch.device(device)
+    if wanted is not None and (
+        wanted.type != generator.device.type or wanted.index not in (None, generator.device.index)
+    ):
+        raise ValueError(
+            f"device={str(device)!r} but the generator is on {generator.device}; pass a generator on "
+            f"{device} or leave device out"
+        )
+    return generator.device
 
 
 def _subsets_of_size(sizes: torch.Tensor, players: int, generator, device) -> torch.Tensor:
@@ -75,8 +88,7 @@ def sample_coalitions(
         raise ValueError(f"batch, num and players must be positive, got {batch}, {num}, {players}")
     if paired and num % 2:
         raise ValueError(f"num must be even when paired=True, got {num}")
-    if generator is not None:
-        device = generator.device
+    device = _sampling_device(generator, device)
     drawn = num // 2 if paired else num
     if method == "shapley":
         # On the generator's device: multinomial takes a generator of its input's device only.
@@ -127,8 +139,7 @@ def sample_permutations(
     """
     if antithetic and num % 2:
         raise ValueError(f"num must be even when antithetic=True, got {num}")
-    if generator is not None:
-        device = generator.device
+    device = _sampling_device(generator, device)
     drawn = num // 2 if antithetic else num
     perms = torch.rand(batch, drawn, players, generator=generator, device=device).argsort(dim=-1)
     if antithetic:
@@ -148,79 +159,32 @@ def permutation_chain(perms: torch.Tensor) -> torch.Tensor:
     return rank.unsqueeze(-2) < steps
 
 
-@dataclass
-class PackPlan:
-    """Where every kept token of R (image, coalition) rows goes in the packed layout.
+def seeded_coalitions(
+    indices: torch.Tensor,
+    *,
+    seed: int,
+    epoch: int,
+    num: int,
+    players: int,
+    method: str = "shapley",
+    paired: bool = True,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Coalitions of each sample from its own generator, seeded by (seed, epoch, sample index).
 
-    Attributes:
-        gather_index: (T,) int64 rows of the per-image token table (B * (P + N), D).
-        cu_seqlens: (R + 1,) int32 sequence boundaries, FlashAttention varlen convention.
-        max_seqlen: upper bound on sequence lengths, P + N (static, so no host sync).
-        token_patch: (T,) int64 patch index of each packed token; negative for prefix tokens.
-        patch_counts: (R,) int64 kept patches per row.
-        row_image: (R,) int64 image index of each row.
-        num_prefix_tokens: P.
-    """
-
-    gather_index: torch.Tensor
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-    token_patch: torch.Tensor
-    patch_counts: torch.Tensor
-    row_image: torch.Tensor
-    num_prefix_tokens: int
-
-    @property
-    def num_tokens(self) -> int:
-        return self.gather_index.shape[0]
-
-    @cached_property
-    def token_row(self) -> torch.Tensor:
-        """(T,) int64 row (sequence) index of every packed token."""
-        lengths = self.patch_counts + self.num_prefix_tokens
-        return torch.repeat_interleave(
-            torch.arange(lengths.shape[0], device=lengths.device), lengths, output_size=self.num_tokens
-        )
-
-
-def pack_plan(
-    masks: torch.Tensor, row_image: torch.Tensor, num_prefix_tokens: int, *, paired: bool = False
-) -> PackPlan:
-    """Plan the packed layout of R coalition rows.
+    They depend neither on the batch a sample lands in nor on the number of processes.
 
     Args:
-        masks: bool (R, N), the kept patches of each row.
-        row_image: int64 (R,), the image each row belongs to.
-        num_prefix_tokens: P, tokens kept in every row ahead of its patches.
-        paired: rows 2i and 2i+1 are complements. Then T is known, R*P + (R/2)*N, and the plan
-            makes no host sync; the pairing is checked asynchronously on the device.
-            Otherwise T is read back once.
+        indices: (B,) int dataset indices.
 
-    Each row's sequence is its P prefix tokens followed by its kept patches in patch order.
+    Returns:
+        bool (B, M, N) on ``device``.
     """
-    rows, players = masks.shape
-    width = num_prefix_tokens + players
-    if paired:
-        if rows % 2:
-            raise ValueError(f"paired coalitions need an even number of rows, got {rows}")
-        pairs = masks.view(rows // 2, 2, players)
-        torch._assert_async((pairs[:, 0] ^ pairs[:, 1]).all(), "coalitions marked paired are not complements")
-        total = rows * num_prefix_tokens + rows // 2 * players
-    patch_counts = masks.sum(-1)
-    keep = torch.cat([masks.new_ones(rows, num_prefix_tokens), masks], dim=1).view(-1)
-    if paired:
-        flat = torch.nonzero_static(keep, size=total).view(-1)
-    else:
-        flat = keep.nonzero().view(-1)
-    column = flat % width
-    lengths = (patch_counts + num_prefix_tokens).to(torch.int32)
-    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    return PackPlan(
-        gather_index=row_image[flat // width] * width + column,
-        cu_seqlens=cu_seqlens,
-        max_seqlen=width,
-        token_patch=column - num_prefix_tokens,
-        patch_counts=patch_counts,
-        row_image=row_image,
-        num_prefix_tokens=num_prefix_tokens,
-    )
+    gen = torch.Generator()
+    out = []
+    for index in indices.tolist():  # B small generators: sampling only, no coalition evaluation
+        gen.manual_seed(((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63 - 1))
+        out.append(sample_coalitions(1, num, players, method=method, paired=paired, generator=gen))
+    if not out:
+        return torch.zeros(0, num, players, dtype=torch.bool, device=device)
+    return torch.cat(out).to(device)

@@ -6,7 +6,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from shapkern import PackedTokens, fused_coalition_forward, sample_coalitions
+from shapkern import PackedTokens, coalition_tokens, fused_coalition_forward, sample_coalitions
 
 SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 5}
 VARIANTS = {
@@ -172,19 +172,19 @@ def test_compiled_blocks_match_plain_path_forward_and_backward():
 
 
 def test_chunks_are_balanced_and_keep_pairs_together():
-    from shapkern.engine import _run_chunks
+    from shapkern.engine.chunking import run_chunks
 
     coalitions = sample_coalitions(2, 32, 16, generator=torch.Generator().manual_seed(3))
-    sizes = [chunk.shape[1] for chunk in _run_chunks(lambda c: c, coalitions, chunk_rows=60, paired=True)]
+    sizes = [chunk.shape[1] for chunk in run_chunks(lambda c: c, coalitions, chunk_rows=60, paired=True)]
     assert sizes == [16, 16]  # 30 coalitions per chunk would leave a remainder of 2
     sizes = [
-        chunk.shape[1] for chunk in _run_chunks(lambda c: c, coalitions[:, :7], chunk_rows=6, paired=False)
+        chunk.shape[1] for chunk in run_chunks(lambda c: c, coalitions[:, :7], chunk_rows=6, paired=False)
     ]
     assert sizes == [3, 3, 1] and sum(sizes) == 7
 
 
 def test_row_activation_estimate_counts_kept_tokens():
-    from shapkern.engine import _row_activation_bytes
+    from shapkern.engine.vit import _row_activation_bytes
 
     model = make_model("registers")  # 3 prefix tokens, 16 patches, D = 32, depth 2
     tokens = torch.zeros(1, 19, 32)
@@ -198,7 +198,7 @@ def test_tokens_output_is_packed_features():
     model = make_model("registers")
     images = torch.randn(2, 3, 32, 32)
     coalitions = random_coalitions(2, 3, 16, seed=6)
-    packed = fused_coalition_forward(model, images, coalitions, output="tokens")
+    packed = coalition_tokens(model, images, coalitions)
     assert isinstance(packed, PackedTokens) and packed.shape == (2, 3)
     keep = torch.cat([torch.ones(6, 3, dtype=torch.bool), coalitions.view(6, 16)], 1)
     feats = model.forward_features(images.repeat_interleave(3, 0), attn_mask=keep[:, None, None, :])
@@ -303,7 +303,7 @@ def test_bad_inputs_raise():
         fused_coalition_forward(model, images, ok, chunk_size=0)
     with pytest.raises(ValueError, match="images must be"):
         fused_coalition_forward(model, images[0], ok)
-    with pytest.raises(RuntimeError, match="complements"):
+    with pytest.raises(ValueError, match="not complements"):
         fused_coalition_forward(model, images, ok[:, :2], paired=True)
 
 

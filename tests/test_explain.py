@@ -5,7 +5,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from shapkern.explain import Attribution, ValueFunction, estimate, explain, value_function
+from shapkern.explainers import Attribution, ValueFunction, estimate, explain, value_function
 
 
 def table_game(table: torch.Tensor) -> ValueFunction:

@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from shapkern import sample_coalitions
-from shapkern.losses import ShapleyLoss, seeded_coalitions, shapley_regression_loss
 from shapkern.models import ShapleyViT
+from shapkern.training import ShapleyLoss, shapley_regression_loss
 
 
 def tiny(seed=0):
@@ -96,17 +96,10 @@ def test_loss_step_equals_slow_timm_reference(mask_loss):
 
 def test_no_mask_loss_and_bad_arguments():
     model = tiny()
-    out = ShapleyLoss(num_coalitions=2, mask_loss=None)(model, torch.randn(1, 3, 16, 16), torch.tensor([0]))
-    torch.testing.assert_close(out.total, out.cls + out.sv)
+    loss = ShapleyLoss(num_coalitions=2, mask_loss=None)
+    out = loss(model, torch.randn(1, 3, 16, 16), torch.tensor([0]))
+    torch.testing.assert_close(out.total, out.cls + loss.lam * out.sv)
     with pytest.raises(ValueError, match="mask_loss"):
         ShapleyLoss(mask_loss="mse")
     with pytest.raises(ValueError, match="even"):
         ShapleyLoss(num_coalitions=3)
-
-
-def test_seeded_coalitions_depend_only_on_seed_epoch_and_index():
-    kw = {"seed": 3, "epoch": 2, "num": 6, "players": 16}
-    both = seeded_coalitions(torch.tensor([5, 9]), **kw)
-    assert torch.equal(both[1], seeded_coalitions(torch.tensor([9]), **kw)[0])
-    assert not torch.equal(both[0], seeded_coalitions(torch.tensor([5]), **(kw | {"epoch": 3}))[0])
-    assert torch.equal(both[:, 0], ~both[:, 1])  # paired

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from shapkern.explain import ValueFunction
-from shapkern.metrics import (
+from shapkern.explainers import ValueFunction
+from shapkern.explainers.metrics import (
     auroc,
     faithfulness_correlation,
     insertion_deletion,

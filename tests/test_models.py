@@ -34,8 +34,8 @@ def reference_values(model: ShapleyViT, images: torch.Tensor, coalitions: torch.
 def test_shapes_and_soft_voting(head):
     model = tiny(head)
     images = torch.randn(2, 3, 16, 16)
-    phi, logits = model(images)
-    assert phi.shape == (2, 16, 3) and logits.shape == (2, 3)
+    phi, logits, values = model(images)
+    assert values is None and phi.shape == (2, 16, 3) and logits.shape == (2, 3)
     torch.testing.assert_close(logits, phi.sum(1))
 
 
@@ -56,7 +56,7 @@ def test_one_pass_matches_plain_forward_and_efficiency(head):
     from shapkern import sample_coalitions
 
     coalitions = sample_coalitions(3, 4, 16, generator=gen)
-    phi, _logits = model(images)
+    phi = model(images).phi
     out = model.forward_coalitions(images, coalitions, paired=True)
     torch.testing.assert_close(out.phi, phi, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out.values, model.coalition_values(images, coalitions), atol=1e-5, rtol=1e-4)

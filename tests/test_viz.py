@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from shapkern.viz import patch_map, plot_curves, plot_grid, plot_heatmap
+from shapkern.explainers.viz import patch_map, plot_curves, plot_grid, plot_heatmap
 
 
 def png_shape(path):

@@ -47,11 +47,12 @@ def test_train_command_runs_and_resumes(tmp_path):
 
 
 def test_defaults_are_the_digits_quick_start():
-    from shapkern.train import TrainConfig
+    from shapkern.cli.train import config_from_args
+    from shapkern.training import TrainConfig
 
-    args = build_parser().parse_args(["train"])
-    assert (args.data, args.img_size, args.patch_size, args.epochs) == ("digits", 32, 8, TrainConfig.epochs)
-    assert args.stop_grad and not args.resume
+    cfg, explicit = config_from_args(build_parser().parse_args(["train"]))
+    assert cfg == TrainConfig() and not explicit
+    assert (cfg.data, cfg.img_size, cfg.patch_size) == ("digits", 32, 8) and cfg.stop_grad and not cfg.resume
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The training objective of design.md §2: L = ℓ_cls + λ ℓ_sv + μ ℓ_mask.
+"""The training objective (docs/design.md, "The self-explaining model"): L = ℓ_cls + λ ℓ_sv + μ ℓ_mask.
 
 - ℓ_cls = CE(f(x), y), f(x) = Σ_n Φ(x)_n.
 - ℓ_sv = E_S || sg[v_x(S)] - Σ_{n∈S} Φ(x)_n ||², S from the Shapley kernel (paired): Φ(x) is
@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,11 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from shapkern.coalitions import sample_coalitions
-from shapkern.models import ShapleyOutput
 
-__all__ = ["MASK_LOSSES", "LossOutput", "ShapleyLoss", "seeded_coalitions", "shapley_regression_loss"]
+__all__ = ["MASK_LOSSES", "SAMPLERS", "LossOutput", "ShapleyLoss", "shapley_regression_loss"]
 
 MASK_LOSSES = ("ce", "kl", None)
+SAMPLERS = ("shapley", "uniform", "bernoulli")
 
 
 def shapley_regression_loss(
@@ -40,33 +41,20 @@ def shapley_regression_loss(
     return (target.float() - predicted.float()).square().sum(-1).mean()
 
 
-def seeded_coalitions(
-    indices: torch.Tensor,
-    *,
-    seed: int,
-    epoch: int,
-    num: int,
-    players: int,
-    method: str = "shapley",
-    paired: bool = True,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """Coalitions of each sample from its own generator, seeded by (seed, epoch, sample index).
-
-    They do not depend on the batch a sample lands in nor on the number of processes.
-
-    Args:
-        indices: (B,) int dataset indices.
-
-    Returns:
-        bool (B, M, N) on ``device``.
-    """
-    gen = torch.Generator()
-    out = []
-    for index in indices.tolist():  # B small generators: sampling only, no coalition evaluation
-        gen.manual_seed(((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63 - 1))
-        out.append(sample_coalitions(1, num, players, method=method, paired=paired, generator=gen))
-    return torch.cat(out).to(device)
+def _check_targets(targets: torch.Tensor, batch: int, classes: int) -> None:
+    if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64 or targets.shape != (batch,):
+        got = (
+            f"{targets.dtype} {tuple(targets.shape)}"
+            if isinstance(targets, torch.Tensor)
+            else type(targets).__name__
+        )
+        raise ValueError(f"targets must be int64 class indices of shape ({batch},), got {got}")
+    in_range = ((targets >= 0) & (targets < classes)).all()
+    message = f"targets must lie in 0..{classes - 1}: the model has {classes} classes"
+    if targets.device.type != "cpu":
+        torch._assert_async(in_range, message)  # no host sync on the training hot path
+    elif not in_range:
+        raise ValueError(f"{message}, got values {int(targets.min())}..{int(targets.max())}")
 
 
 @dataclass
@@ -97,7 +85,10 @@ class LossOutput:
 
 
 class ShapleyLoss(nn.Module):
-    """L = ℓ_cls + λ ℓ_sv + μ ℓ_mask for a :class:`shapkern.ShapleyViT` (design.md §2).
+    """L = ℓ_cls + λ ℓ_sv + μ ℓ_mask for a :class:`shapkern.ShapleyViT`.
+
+    Defaults match ``TrainConfig`` and ``shapkern train`` (λ = 0.1, μ = 1, KL mask loss, 8 paired
+    coalitions).
 
     Args:
         lam: λ, weight of the Shapley regression loss ℓ_sv (the paper's trade-off).
@@ -111,22 +102,27 @@ class ShapleyLoss(nn.Module):
 
     def __init__(
         self,
-        lam: float = 1.0,
+        lam: float = 0.1,
         mu: float = 1.0,
-        num_coalitions: int = 32,
+        num_coalitions: int = 8,
         paired: bool = True,
         stop_grad: bool = True,
-        mask_loss: str | None = "ce",
+        mask_loss: str | None = "kl",
         method: str = "shapley",
     ):
         super().__init__()
         if mask_loss not in MASK_LOSSES:
             raise ValueError(f"mask_loss must be one of {MASK_LOSSES}, got {mask_loss!r}")
-        if num_coalitions < 1 or (paired and num_coalitions % 2):
-            raise ValueError(f"num_coalitions must be positive (and even when paired), got {num_coalitions}")
-        if lam < 0 or mu < 0:
-            raise ValueError(f"lam and mu must be non-negative, got {lam} and {mu}")
-        self.lam, self.mu = lam, mu
+        if method not in SAMPLERS:
+            raise ValueError(f"method must be one of {SAMPLERS}, got {method!r}")
+        if not isinstance(num_coalitions, int) or num_coalitions < 1 or (paired and num_coalitions % 2):
+            raise ValueError(
+                f"num_coalitions must be a positive int (even when paired=True), got {num_coalitions!r}"
+            )
+        for name, value in (("lam", lam), ("mu", mu)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        self.lam, self.mu = float(lam), float(mu)
         self.num_coalitions, self.paired, self.stop_grad = num_coalitions, paired, stop_grad
         self.mask_loss, self.method = mask_loss, method
 
@@ -155,17 +151,29 @@ class ShapleyLoss(nn.Module):
 
         Args:
             model: a ShapleyViT, or one wrapped in DistributedDataParallel: it is called as
-                ``model(images, coalitions, paired=...) -> (phi, logits, values)``.
+                ``model(images, coalitions, paired=...)`` and returns a ShapleyOutput.
             images: (B, C, H, W); targets: (B,) int64.
             coalitions: bool (B, M, N); sampled with ``generator`` when None.
         """
+        shapley_vit = getattr(model, "module", model)  # unwrap DistributedDataParallel
+        players = getattr(shapley_vit, "num_players", None)
+        if players is None or not hasattr(shapley_vit, "forward_coalitions"):
+            raise TypeError(
+                f"ShapleyLoss needs a self-explaining model (shapkern.ShapleyViT, optionally in "
+                f"DistributedDataParallel), got {type(shapley_vit).__name__}; wrap a timm ViT as "
+                "ShapleyViT(backbone, num_classes)"
+            )
+        _check_targets(targets, images.shape[0], shapley_vit.num_classes)
         if coalitions is None:
-            players = getattr(model, "module", model).num_players  # unwrap DistributedDataParallel
             coalitions = self.sample(images.shape[0], players, generator, device=images.device)
         if coalitions.dim() == 2:
             coalitions = coalitions.unsqueeze(0).expand(images.shape[0], -1, -1)
-        phi, logits, values = model(images, coalitions, paired=self.paired)  # through DDP's forward
-        out = ShapleyOutput(phi=phi, logits=logits, values=values)
+        if coalitions.dim() != 3 or coalitions.shape[0] != images.shape[0] or coalitions.shape[2] != players:
+            raise ValueError(
+                f"coalitions must be (B, M, N) = ({images.shape[0]}, M, {players}) for this model and batch, "
+                f"got {tuple(coalitions.shape)}"
+            )
+        out = model(images, coalitions, paired=self.paired)  # through DDP's forward
         cls = F.cross_entropy(out.logits, targets)
         sv = shapley_regression_loss(out.phi, out.values, coalitions, stop_grad=self.stop_grad)
         total = cls + self.lam * sv

@@ -1,8 +1,8 @@
 """Explanation quality: faithfulness to the model, error against a reference, localisation.
 
-Attributions are φ (B, N) for one target class per image (an :class:`~shapkern.explain.Attribution`'s
+Attributions are φ (B, N) for one target class per image (an :class:`~shapkern.explainers.Attribution`'s
 ``values[..., 0]``; (B, N, 1) is accepted too). Metrics that query the model take a
-:class:`~shapkern.explain.ValueFunction` (``value_function(model, images)``): every model evaluation
+:class:`~shapkern.explainers.ValueFunction` (``value_function(model, images)``): every model evaluation
 goes through the coalition engine, all coalitions of a metric in one call. Per-image results are
 (B,) tensors; NaN marks an image where a metric is undefined (constant scores, an empty mask).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from shapkern.coalitions import sample_coalitions
-from shapkern.explain import ValueFunction
+from shapkern.explainers.game import ValueFunction
 
 __all__ = [
     "auroc",
@@ -29,7 +29,7 @@ __all__ = [
     "topk_precision",
 ]
 
-OUTPUTS = ("prob", "logit")
+METRIC_OUTPUTS = ("prob", "logit")  # what a metric scores: the softmax probability or the logit
 
 
 def _scores(phi: torch.Tensor) -> torch.Tensor:
@@ -43,8 +43,8 @@ def _scores(phi: torch.Tensor) -> torch.Tensor:
 
 def _target_values(game: ValueFunction, coalitions: torch.Tensor, target: torch.Tensor, output: str):
     """The target class's output on coalitions bool (B, M, N): (B, M) float64."""
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if output not in METRIC_OUTPUTS:
+        raise ValueError(f"output must be one of {METRIC_OUTPUTS}, got {output!r}")
     target = torch.as_tensor(target, device=coalitions.device).long().view(-1, 1)
     if target.shape[0] != coalitions.shape[0]:
         raise ValueError(

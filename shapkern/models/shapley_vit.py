@@ -1,4 +1,5 @@
-"""The self-explaining ViT of design.md §2: a timm ViT encoder and a per-patch Shapley head.
+"""The self-explaining ViT (docs/design.md, "The self-explaining model"): a timm ViT encoder and a
+per-patch Shapley head.
 
 Φ(x) ∈ R^{N×K} holds every patch's Shapley value for every class; the prediction is their sum
 f(x) = Σ_n Φ(x)_n, and the value of a coalition S under the same model is
@@ -9,81 +10,39 @@ then a segment sum of the per-token head outputs. v(∅) = 0, so efficiency hold
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from shapkern.coalitions import PackPlan
-from shapkern.engine import check_packed_model, fused_coalition_forward, num_players, packed_block_forward
-from shapkern.nn import segment_patch_sum
+from shapkern.checkpoint import CheckpointError, load_checkpoint
+from shapkern.engine import (
+    check_images,
+    check_packed_model,
+    coalition_tokens,
+    num_players,
+    packed_block_forward,
+)
+from shapkern.models.backbones import create_backbone
+from shapkern.packed import PackPlan, segment_patch_sum
 
-__all__ = ["HEADS", "ShapleyOutput", "ShapleyViT", "create_backbone"]
+__all__ = ["HEADS", "ShapleyOutput", "ShapleyViT"]
 
 HEADS = ("linear", "block")
 
 
-def _load_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
-    """Load a local timm checkpoint into ``backbone``, ignoring its classifier head."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict", "model_state"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    try:
-        state = checkpoint_filter_fn(state, backbone)  # resamples position and patch embeddings
-    except (KeyError, RuntimeError, ValueError, AttributeError) as exc:
-        raise ValueError(
-            f"checkpoint {path} does not fit the backbone {type(backbone).__name__}: {exc}"
-        ) from exc
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    try:
-        missing, unexpected = backbone.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise ValueError(
-            f"checkpoint {path} does not fit the backbone {type(backbone).__name__}: {exc}"
-        ) from exc
-    missing = [k for k in missing if not k.startswith("head.")]
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path} does not fit the backbone {type(backbone).__name__}: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-
-
-def create_backbone(name: str, *, checkpoint: str | os.PathLike | None = None, **kwargs) -> nn.Module:
-    """``timm.create_model(name, pretrained=False, num_classes=0, **kwargs)``, weights from a local file.
-
-    Raises ValueError for a model name timm does not know.
-    """
-    import timm
-
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8] if name else []
-        raise ValueError(f"unknown model {name!r} (timm has no such architecture); similar: {close}")
-    backbone = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-    if checkpoint is not None:
-        _load_weights(backbone, checkpoint)
-    return backbone
-
-
-@dataclass
-class ShapleyOutput:
-    """Outputs of one packed pass over B images (full view) and their M coalitions.
+class ShapleyOutput(NamedTuple):
+    """What a :class:`ShapleyViT` returns, float32.
 
     Attributes:
         phi: (B, N, K) Shapley values Φ(x) of the full images.
         logits: (B, K) f(x) = Σ_n Φ(x)_n.
-        values: (B, M, K) v_x(S) for the M coalitions, or None when none were given.
+        values: (B, M, K) v_x(S) of the M coalitions, or None when none were given.
     """
 
     phi: torch.Tensor
     logits: torch.Tensor
-    values: torch.Tensor | None
+    values: torch.Tensor | None = None
 
 
 class ShapleyViT(nn.Module):
@@ -111,9 +70,12 @@ class ShapleyViT(nn.Module):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        # What rebuilds this model from a checkpoint (a backbone given by name only).
+        self.arch = None
         if isinstance(backbone, str):
+            self.arch = {"backbone": backbone, "num_classes": num_classes, "head": head, **backbone_kwargs}
             backbone = create_backbone(backbone, checkpoint=checkpoint, **backbone_kwargs)
         elif checkpoint is not None or backbone_kwargs:
             raise ValueError("checkpoint and backbone kwargs apply only to a backbone given by name")
@@ -134,6 +96,28 @@ class ShapleyViT(nn.Module):
         self.head_norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, map_location="cpu") -> ShapleyViT:
+        """The model saved in a ``shapkern train`` checkpoint (read safely, no code runs), in eval mode."""
+        return cls.from_state(load_checkpoint(str(path), map_location=map_location), str(path)).to(
+            map_location
+        )
+
+    @classmethod
+    def from_state(cls, state: dict, source: str = "the checkpoint") -> ShapleyViT:
+        """The model of a loaded checkpoint dict (its ``"arch"`` and ``"model"`` entries), in eval mode."""
+        arch = state.get("arch")
+        if not isinstance(arch, dict) or "backbone" not in arch or not isinstance(state.get("model"), dict):
+            raise CheckpointError(
+                f"{source} is not a checkpoint written by `shapkern train` (it has no 'arch' and 'model' entries)"
+            )
+        try:
+            model = cls(**arch)
+            model.load_state_dict(state["model"])
+        except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+            raise CheckpointError(f"{source} does not describe a model this version builds: {exc}") from None
+        return model.eval()
+
     @property
     def num_players(self) -> int:
         """N, the number of patches."""
@@ -149,7 +133,9 @@ class ShapleyViT(nn.Module):
             tokens = packed_block_forward(self.head_block, tokens, plan)
         return self.head(self.head_norm(tokens)).float()
 
-    def forward(self, images: torch.Tensor, coalitions: torch.Tensor | None = None, *, paired: bool = False):
+    def forward(
+        self, images: torch.Tensor, coalitions: torch.Tensor | None = None, *, paired: bool = False
+    ) -> ShapleyOutput:
         """Φ(x) and f(x), and v_x(S) when coalitions are given.
 
         Args:
@@ -159,17 +145,16 @@ class ShapleyViT(nn.Module):
             paired: coalitions 2i and 2i+1 are complements.
 
         Returns:
-            (phi (B, N, K), logits (B, K)), or (phi, logits, values (B, M, K)) with coalitions;
-            all float32.
+            A :class:`ShapleyOutput` (phi (B, N, K), logits (B, K), values (B, M, K) or None).
         """
         if coalitions is not None:
-            out = self.forward_coalitions(images, coalitions, paired=paired)
-            return out.phi, out.logits, out.values
+            return self.forward_coalitions(images, coalitions, paired=paired)
+        check_images(images, self.backbone)
         tokens = self.backbone.forward_features(images)
         if self.head_block is not None:
             tokens = self.head_block(tokens)
         phi = self.head(self.head_norm(tokens[:, self.num_prefix_tokens :])).float()
-        return phi, phi.sum(dim=1)
+        return ShapleyOutput(phi=phi, logits=phi.sum(dim=1))
 
     def coalition_values(
         self, images: torch.Tensor, coalitions: torch.Tensor, *, paired: bool = False
@@ -184,7 +169,7 @@ class ShapleyViT(nn.Module):
         Returns:
             (B, M, K) float32; the empty coalition gives 0.
         """
-        packed = fused_coalition_forward(self.backbone, images, coalitions, output="tokens", paired=paired)
+        packed = coalition_tokens(self.backbone, images, coalitions, paired=paired)
         values = segment_patch_sum(self._head_packed(packed.tokens, packed.plan), packed.plan)
         return values.view(*packed.shape, -1)
 
@@ -198,22 +183,27 @@ class ShapleyViT(nn.Module):
 
         Args:
             images: (B, C, H, W).
-            coalitions: bool (B, M, N) or None (then only Φ and f).
+            coalitions: bool (B, M, N), (M, N), or None (then only Φ and f).
             paired: coalitions 2i and 2i+1 are complements.
         """
+        check_images(images, self.backbone)
         batch, players = images.shape[0], self.num_players
         ends = torch.ones(batch, 2, players, dtype=torch.bool, device=images.device)
         ends[:, 1] = False
         if coalitions is not None:
+            if not isinstance(coalitions, torch.Tensor) or coalitions.dtype != torch.bool:
+                raise TypeError(
+                    f"coalitions must be a bool tensor (B, M, N) or (M, N), got {coalitions!r:.80}"
+                )
             if coalitions.dim() == 2:
                 coalitions = coalitions.unsqueeze(0).expand(batch, -1, -1)
-            if coalitions.dim() != 3 or coalitions.shape[0] != batch or coalitions.dtype != torch.bool:
+            if coalitions.dim() != 3 or coalitions.shape[0] != batch or coalitions.shape[2] != players:
                 raise ValueError(
-                    f"coalitions must be bool (B, M, N) with B = {batch}, got {tuple(coalitions.shape)} "
-                    f"{coalitions.dtype}"
+                    f"coalitions must be (B, M, N) = ({batch}, M, {players}) or (M, {players}), "
+                    f"got {tuple(coalitions.shape)}"
                 )
             ends = torch.cat([ends, coalitions], dim=1)
-        packed = fused_coalition_forward(self.backbone, images, ends, output="tokens", paired=paired)
+        packed = coalition_tokens(self.backbone, images, ends, paired=paired)
         plan = packed.plan
         phi_tokens = self._head_packed(packed.tokens, plan)
         rows = torch.arange(batch, device=images.device) * ends.shape[1]

@@ -1,0 +1,135 @@
+"""``shapkern train``: train a self-explaining ViT, resume it, and report what was written where."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+
+from shapkern.checkpoint import CHECKPOINT, PREVIOUS_CHECKPOINT
+from shapkern.models import HEADS
+from shapkern.training import TrainConfig, resumed_config, train
+from shapkern.training.distributed import DEVICES
+from shapkern.training.losses import MASK_LOSSES
+from shapkern.training.trainer import HEATMAPS, METRICS
+
+__all__ = ["add_parser", "run"]
+
+# (field of TrainConfig, help, choices). Types and defaults come from TrainConfig.
+ARGS = (
+    ("data", "digits, evidence or imagefolder:PATH", None),
+    ("model", "timm ViT architecture (created with pretrained=False)", None),
+    ("img_size", "input size in pixels", None),
+    ("patch_size", "patch size in pixels; must divide the image size", None),
+    ("depth", "backbone depth override (0: the timm model's own; the default makes a 3-block ViT)", None),
+    ("embed_dim", "backbone width override (0: the model's own)", None),
+    ("num_heads", "backbone heads override (0: the model's own)", None),
+    ("head", "Shapley head: linear, or block (one extra attention block, as in ViT-Shapley)", HEADS),
+    ("weights", "local file with pretrained backbone weights (.pth, .pt or .safetensors)", None),
+    ("epochs", "training epochs", None),
+    ("batch_size", "global batch size (split over torchrun processes)", None),
+    ("lr", "peak learning rate (AdamW)", None),
+    ("weight_decay", "AdamW weight decay", None),
+    ("warmup_epochs", "linear warm-up before the cosine decay", None),
+    ("clip_grad", "gradient norm clipping (0: off)", None),
+    ("lam", "λ, weight of the Shapley loss ℓ_sv", None),
+    ("mu", "μ, weight of the masked-input loss ℓ_mask", None),
+    ("num_coalitions", "coalitions per image and step (paired, so even)", None),
+    ("mask_loss", "ℓ_mask", tuple("none" if m is None else m for m in MASK_LOSSES)),
+    ("seed", "random seed; CPU runs with the same seed are bitwise identical", None),
+    ("out", "run folder: checkpoint.pt, checkpoint.prev.pt, metrics.jsonl, explanations.png", None),
+    ("device", "where to train", DEVICES),
+    ("num_workers", "data loader workers", None),
+    ("limit_train", "use only the first n training images", None),
+    ("limit_test", "use only the first n test images", None),
+    ("faith_images", "test images for the per-epoch faithfulness figure (0: off)", None),
+    ("heatmap_images", "test images in the explanation grid (0: none)", None),
+    ("max_steps", "stop after this many optimiser steps (smoke tests)", None),
+)
+OPTIONAL_INT = ("depth", "embed_dim", "num_heads", "limit_train", "limit_test", "max_steps")
+FLAGS = (  # booleans as --x / --no-x
+    (
+        "resume",
+        "continue the run in --out from its newest good checkpoint, with its settings (flags given "
+        "here override them); starts fresh when --out has no checkpoint yet",
+    ),
+    ("stop_grad", "stop gradients through the ℓ_sv target v_x(S) (--no-stop-grad: ablation)"),
+    ("progress", "show progress (a bar on a terminal, periodic lines in a log)"),
+    ("skip_bad_images", "imagefolder: skip unreadable image files (counted in the log) instead of failing"),
+)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``shapkern train``; flags not given on the command line stay out of the namespace, so a
+    resumed run can tell them apart from its saved settings."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train a self-explaining ViT",
+        description="Train a self-explaining ViT: Φ(x) per patch, f(x) = Σ Φ, L = ℓ_cls + λ ℓ_sv + μ ℓ_mask. "
+        "With no arguments: digits on the CPU in minutes. Multi-process: torchrun --nproc-per-node K "
+        "-m shapkern train ...",
+        argument_default=argparse.SUPPRESS,
+    )
+    defaults = TrainConfig()
+    for name, text, choices in ARGS:
+        default = getattr(defaults, name)
+        kind = int if name in OPTIONAL_INT else (str if default is None else type(default))
+        shown = "none" if default is None else default
+        parser.add_argument(
+            "--" + name.replace("_", "-"), type=kind, choices=choices, help=f"{text} (default: {shown})"
+        )
+    for name, text in FLAGS:
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            action=argparse.BooleanOptionalAction,
+            help=f"{text} (default: {'on' if getattr(defaults, name) else 'off'})",
+        )
+    parser.set_defaults(func=run)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
+    """The TrainConfig of parsed arguments, and the fields given explicitly."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields}
+    for name in ("depth", "embed_dim", "num_heads"):
+        if given.get(name) == 0:
+            given[name] = None
+    if given.get("mask_loss") == "none":
+        given["mask_loss"] = None
+    return TrainConfig(**given), set(given)
+
+
+def _summary(cfg: TrainConfig, record: dict, seconds: float) -> str:
+    lines = [f"shapkern train: done in {seconds:.0f} s ({seconds / 60:.1f} min)"]
+    shown = [
+        ("test accuracy", "test_acc", "{:.2%}"),
+        ("held-out ℓ_sv", "test_sv", "{:.4f}"),
+        ("‖Φ − φ‖/‖φ‖ (faithfulness)", "faithfulness_rel_err", "{:.3f}"),
+        ("training loss", "train_loss", "{:.4f}"),
+        ("images/s", "images_per_s", "{:.0f}"),
+    ]
+    width = max(len(label) for label, _, _ in shown)
+    lines += [f"  {label:<{width}}  {fmt.format(record[key])}" for label, key, fmt in shown if key in record]
+    written = [
+        name
+        for name in (CHECKPOINT, PREVIOUS_CHECKPOINT, METRICS, HEATMAPS)
+        if os.path.exists(os.path.join(cfg.out, name))
+    ]
+    lines.append(f"  written to {cfg.out}/: " + ", ".join(written))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``shapkern train``."""
+    cfg, explicit = config_from_args(args)
+    if cfg.resume:
+        cfg, notes = resumed_config(cfg, explicit)
+        for note in notes:
+            print(f"resume: {note}", flush=True)
+    start = time.perf_counter()
+    record = train(cfg)
+    if record and int(os.environ.get("RANK", "0")) == 0:
+        print(_summary(cfg, record, time.perf_counter() - start), flush=True)
+    return 0

@@ -1,0 +1,89 @@
+"""Pixel masking: any image classifier on images whose absent patches are replaced by a baseline.
+
+The universal fallback (and the Captum/shap style of removal): it works for every model but runs
+the full model on every masked image, unlike the packed path, which drops tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shapkern.engine.chunking import CPU_MAX_CHUNK_ROWS, run_chunks
+from shapkern.engine.inputs import check_coalitions, check_images, patch_grid
+
+__all__ = ["BASELINES", "masked_input_forward"]
+
+BASELINES = ("zeros", "mean", "blur")
+CUDA_CHUNK_IMAGES = 1024
+
+
+def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(3 * sigma))
+    taps = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels = images.shape[1]
+    x = F.pad(images, (radius, radius, radius, radius), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
+
+def _baseline_images(images: torch.Tensor, baseline: str, patch: tuple[int, int]) -> torch.Tensor:
+    if baseline == "zeros":
+        return torch.zeros_like(images)
+    if baseline == "mean":
+        return images.mean(dim=(2, 3), keepdim=True).expand_as(images)
+    if baseline == "blur":
+        return _gaussian_blur(images, sigma=max(patch) / 2)
+    raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+
+
+def masked_input_forward(
+    model: nn.Module,
+    images: torch.Tensor,
+    coalitions: torch.Tensor,
+    *,
+    baseline: str = "zeros",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Any image classifier on pixel-masked images: the pixels of absent patches become ``baseline``.
+
+    Args:
+        model: maps (B, C, H, W) to (B, K).
+        images: (B, C, H, W).
+        coalitions: bool (B, M, N) or (M, N); the N patches tile the image as a grid (the timm
+            patch grid when the model has one, else a square grid).
+        baseline: ``"zeros"``, ``"mean"`` (per image and channel) or ``"blur"`` (Gaussian,
+            sigma = half a patch).
+        chunk_size: masked images per model call (default 256 on CPU, 1024 on CUDA).
+
+    Returns:
+        (B, M, K).
+    """
+    check_images(images, model)
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    players = coalitions.shape[-1] if isinstance(coalitions, torch.Tensor) else 0
+    grid = patch_grid(model, players) if players else (1, 1)
+    coalitions = check_coalitions(coalitions, images.shape[0], grid[0] * grid[1], images.device, paired=False)
+    height, width = images.shape[-2:]
+    if height % grid[0] or width % grid[1]:
+        raise ValueError(
+            f"images of size {height}x{width} do not split into a {grid[0]}x{grid[1]} patch grid"
+        )
+    patch = (height // grid[0], width // grid[1])
+    reference = _baseline_images(images, baseline, patch)
+    batch = coalitions.shape[0]
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    chunk_rows = chunk_size or (CUDA_CHUNK_IMAGES if images.device.type == "cuda" else CPU_MAX_CHUNK_ROWS)
+
+    def run(chunk: torch.Tensor) -> torch.Tensor:
+        pixels = chunk.view(batch, -1, *grid).repeat_interleave(patch[0], 2).repeat_interleave(patch[1], 3)
+        masked = torch.where(pixels.unsqueeze(2), images.unsqueeze(1), reference.unsqueeze(1))
+        return model(masked.flatten(0, 1))
+
+    outs = run_chunks(run, coalitions, chunk_rows, paired=False)
+    return torch.cat([out.view(batch, -1, out.shape[-1]) for out in outs], dim=1)

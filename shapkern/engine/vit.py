@@ -1,0 +1,294 @@
+"""The packed coalition engine for timm Vision Transformers.
+
+Patches outside a coalition are dropped from the token sequence after the positional embedding
+(docs/design.md, "The game"); all kept tokens of all (image, coalition) rows are packed into one
+(T, D) tensor (:mod:`shapkern.packed`) and the model's own modules run on it, with varlen
+attention inside each block. Patch and positional embedding run once per image.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+from torch import nn
+
+from shapkern.engine.chunking import default_chunk_rows, run_chunks
+from shapkern.engine.inputs import check_coalitions, check_images
+from shapkern.engine.masked import masked_input_forward
+from shapkern.packed import (
+    AttentionFn,
+    PackPlan,
+    drop_path_packed,
+    first_tokens,
+    pack_tokens,
+    segment_mean,
+    varlen_attention,
+)
+
+__all__ = [
+    "OUTPUTS",
+    "PackedTokens",
+    "check_packed_model",
+    "coalition_tokens",
+    "embed_tokens",
+    "fused_coalition_forward",
+    "num_players",
+    "packed_block_forward",
+]
+
+SUPPORTED = (
+    "timm VisionTransformer and VisionTransformerDistilled (DeiT) with global_pool 'token' or 'avg', "
+    "class/register/distillation tokens, no_embed_class, qk_norm, LayerScale, any depth, width and "
+    "patch size, built from timm's Block and Attention layers. For other models (attention pooling "
+    "'map', Swin, ConvNets, ...) use mode='input', which masks pixels"
+)
+OUTPUTS = ("logits", "pre_logits")
+# torch.compile of the blocks on CUDA with paired coalitions (static shapes) unless the caller
+# passes compiled=False; SHAPKERN_COMPILE=0 turns the default off for a whole program.
+COMPILE_BY_DEFAULT = os.environ.get("SHAPKERN_COMPILE", "1") != "0"
+
+
+@dataclass
+class PackedTokens:
+    """Final-norm token features of every (image, coalition) row, in the packed layout.
+
+    Attributes:
+        tokens: (T, D) features after the model's final norm.
+        plan: the packing plan (cu_seqlens (R + 1,), token_patch (T,), ...).
+        shape: (B, M); row r = b * M + m.
+    """
+
+    tokens: torch.Tensor
+    plan: PackPlan
+    shape: tuple[int, int]
+
+
+def _timm_vit_classes():
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    return VisionTransformer, Block, Attention
+
+
+def _unsupported(model: nn.Module, why: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"{type(model).__name__} is not supported by the packed coalition engine ({why}). Supported: {SUPPORTED}."
+    )
+
+
+def check_packed_model(model: nn.Module) -> None:
+    """Raise NotImplementedError, naming the model and what is supported, unless packed mode runs it."""
+    vit_cls, block_cls, attention_cls = _timm_vit_classes()
+    if not isinstance(model, vit_cls):
+        raise _unsupported(model, "not a timm VisionTransformer")
+    if model.attn_pool is not None:
+        raise _unsupported(model, "attention pooling 'map'")
+    if model.global_pool not in ("token", "avg"):
+        raise _unsupported(model, f"global_pool {model.global_pool!r}")
+    if model.global_pool == "avg" and model.pool_include_prefix:
+        raise _unsupported(model, "average pooling that includes prefix tokens")
+    if model.dynamic_img_size:
+        raise _unsupported(model, "dynamic_img_size")
+    for block in model.blocks:
+        if type(block) is not block_cls or type(block.attn) is not attention_cls:
+            raise _unsupported(model, f"block {type(block).__name__} with {type(block.attn).__name__}")
+        if model.training and block.attn.attn_drop.p > 0:
+            raise _unsupported(model, "attention dropout in train mode")
+    if model.training and not isinstance(model.patch_drop, nn.Identity):
+        raise _unsupported(model, "PatchDropout in train mode")
+
+
+def num_players(model: nn.Module) -> int:
+    """N, the number of patches of a timm ViT's input grid."""
+    return model.patch_embed.num_patches
+
+
+def _prefix_tokens(model: nn.Module) -> list[torch.Tensor]:
+    # Prefix order as timm builds it: class, distillation (DeiT), register tokens.
+    names = ("cls_token", "dist_token", "reg_token")
+    return [getattr(model, name) for name in names if getattr(model, name, None) is not None]
+
+
+def embed_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Patch and positional embedding once per image: (B, C, H, W) -> (B, P + N, D).
+
+    Mirrors timm's ``_pos_embed`` without its dropout, which runs per coalition after packing.
+    """
+    x = model.patch_embed(images)
+    prefix = [token.expand(x.shape[0], -1, -1) for token in _prefix_tokens(model)]
+    if model.pos_embed is None:
+        return torch.cat(prefix + [x], dim=1)
+    if model.no_embed_class:
+        return torch.cat(prefix + [x + model.pos_embed], dim=1)
+    return torch.cat(prefix + [x], dim=1) + model.pos_embed
+
+
+def _drop_path(module: nn.Module, x: torch.Tensor, plan: PackPlan) -> torch.Tensor:
+    if not module.training or isinstance(module, nn.Identity):
+        return x
+    return drop_path_packed(x, module.drop_prob, plan, scale_by_keep=module.scale_by_keep)
+
+
+def _attention(attn: nn.Module, x: torch.Tensor, plan: PackPlan, attention) -> torch.Tensor:
+    """timm Attention on packed tokens: (T, D) -> (T, D)."""
+    tokens = x.shape[0]
+    q, k, v = attn.qkv(x).view(tokens, 3, attn.num_heads, attn.head_dim).unbind(1)
+    # Under autocast, q/k norms return fp32 while v keeps the autocast dtype; attention takes one dtype.
+    q, k = attn.q_norm(q).to(v.dtype), attn.k_norm(k).to(v.dtype)
+    out = attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, scale=attn.scale)
+    out = attn.norm(out.reshape(tokens, attn.num_heads * attn.head_dim))
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        out = out * gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(out))
+
+
+def packed_block_forward(
+    block: nn.Module, x: torch.Tensor, plan: PackPlan, attention: AttentionFn = varlen_attention
+) -> torch.Tensor:
+    """One timm Block on packed tokens: (T, D) -> (T, D).
+
+    ``attention(q, k, v, cu_seqlens, max_seqlen, scale=...)`` maps (T, H, Dh) to (T, H, Dh).
+    """
+    attended = _attention(block.attn, block.norm1(x), plan, attention)
+    x = x + _drop_path(block.drop_path1, block.ls1(attended), plan)
+    return x + _drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), plan)
+
+
+@cache
+def _compiled_block_forward():
+    # Inductor fuses the memory-bound work between the GEMMs (residual + LayerNorm, bias + GELU);
+    # the attention op stays one custom op. Blocks of one model share the compiled code (their
+    # parameters are graph inputs); shapes turn dynamic after a first change of T.
+    return torch.compile(packed_block_forward)
+
+
+def _blocks(model: nn.Module, tokens: torch.Tensor, coalitions: torch.Tensor, paired, attention, compiled):
+    """Pack one chunk and run the blocks: tokens (B, P + N, D), coalitions (B, m, N) -> (T, D), plan."""
+    x, plan = pack_tokens(tokens, coalitions, model.num_prefix_tokens, paired=paired)
+    x = model.norm_pre(model.pos_drop(x))
+    block_forward = _compiled_block_forward() if compiled else packed_block_forward
+    for block in model.blocks:
+        x = block_forward(block, x, plan, attention)
+    return x, plan
+
+
+def _pooled_head(model: nn.Module, x: torch.Tensor, plan: PackPlan, output: str) -> torch.Tensor:
+    """The model's pooling and head on packed block outputs: (T, D) -> (R, K) or (R, D)."""
+    num_prefix = model.num_prefix_tokens
+    if model.global_pool == "token":
+        pooled = model.norm(first_tokens(x, plan, num_prefix))
+    else:
+        x = model.norm(x)
+        pooled = torch.cat([first_tokens(x, plan, num_prefix), segment_mean(x, plan).unsqueeze(1)], dim=1)
+    return model.forward_head(pooled, pre_logits=output == "pre_logits")
+
+
+def _row_activation_bytes(model: nn.Module, tokens: torch.Tensor, paired: bool) -> int:
+    """Live activation bytes of one (image, coalition) row: ~16 D-wide tensors per token in one
+    block, in every block when autograd keeps them. tokens: (B, P + N, D)."""
+    prefix = model.num_prefix_tokens
+    players = tokens.shape[1] - prefix
+    # A complementary pair holds P + N/2 tokens per row on average; otherwise P + N bounds a row.
+    length = prefix + (players + 1) // 2 if paired else prefix + players
+    element = 2 if torch.is_autocast_enabled(tokens.device.type) else tokens.element_size()
+    return length * tokens.shape[2] * element * 16 * (len(model.blocks) if torch.is_grad_enabled() else 1)
+
+
+def _prepare(model: nn.Module, images: torch.Tensor, coalitions: torch.Tensor, paired: bool, compiled):
+    """Checks shared by the public entry points: coalitions (B, M, N), embedded tokens, compile flag."""
+    check_packed_model(model)
+    check_images(images, model)
+    coalitions = check_coalitions(
+        coalitions, images.shape[0], num_players(model), images.device, paired=paired
+    )
+    if compiled is None:
+        compiled = COMPILE_BY_DEFAULT and paired and images.is_cuda
+    return coalitions, embed_tokens(model, images), compiled
+
+
+def coalition_tokens(
+    model: nn.Module,
+    images: torch.Tensor,
+    coalitions: torch.Tensor,
+    *,
+    paired: bool = False,
+    attention: AttentionFn = varlen_attention,
+    compiled: bool | None = None,
+) -> PackedTokens:
+    """The final-norm token features of every (image, coalition) row, in one packed pass.
+
+    Args and behaviour as :func:`fused_coalition_forward` (one pass, no chunking, so that one plan
+    describes all rows). Returns a :class:`PackedTokens` with tokens (T, D).
+    """
+    coalitions, tokens, compiled = _prepare(model, images, coalitions, paired, compiled)
+    x, plan = _blocks(model, tokens, coalitions, paired, attention, compiled)
+    return PackedTokens(tokens=model.norm(x), plan=plan, shape=tuple(coalitions.shape[:2]))
+
+
+def fused_coalition_forward(
+    model: nn.Module,
+    images: torch.Tensor,
+    coalitions: torch.Tensor,
+    *,
+    output: str = "logits",
+    chunk_size: int | None = None,
+    paired: bool = False,
+    mode: str = "packed",
+    baseline: str = "zeros",
+    attention: AttentionFn = varlen_attention,
+    compiled: bool | None = None,
+) -> torch.Tensor:
+    """The model's output on every image with only each coalition's patches present.
+
+    Args:
+        model: a timm VisionTransformer-family model (packed mode), or any image classifier
+            mapping (B, C, H, W) to (B, K) (``mode="input"``).
+        images: (B, C, H, W).
+        coalitions: bool (B, M, N), or (M, N) shared by all images; N = the model's patch count.
+        output: ``"logits"`` (B, M, K) or ``"pre_logits"`` (B, M, D). For the token features use
+            :func:`coalition_tokens`.
+        chunk_size: (image, coalition) rows per pass; bounds peak memory. Default: sized from the
+            model and the free memory of the device (GPU memory on CUDA, available RAM on the CPU,
+            at most 256 rows there). With autograd and several chunks, each chunk is recomputed
+            in backward.
+        paired: coalitions 2i and 2i+1 are complements (as ``sample_coalitions(paired=True)``
+            gives); the packed layout then needs no host sync.
+        mode: ``"packed"`` drops tokens (exact, fast); ``"input"`` replaces the pixels of absent
+            patches by ``baseline`` and runs the full model.
+        baseline: input mode only: ``"zeros"``, ``"mean"`` (per image and channel) or ``"blur"``.
+        attention: the varlen attention op (see :class:`shapkern.ops.AttentionFn`); override it
+            to compare attention kernels inside the same engine.
+        compiled: run the blocks under ``torch.compile``, which fuses LayerNorm, GELU and the
+            residual adds into fewer passes over memory; the first call compiles. Default: on for
+            CUDA inputs with ``paired=True`` (static shapes), off elsewhere; ``False``, or the
+            environment variable ``SHAPKERN_COMPILE=0``, gives the plain path.
+
+    Returns:
+        (B, M, K) logits, or (B, M, D) with ``output="pre_logits"``. B = 0 gives an empty result.
+
+    The empty coalition keeps only the prefix tokens (class, register, distillation); a model
+    without prefix tokens then pools an all-zero feature vector. The full coalition equals the
+    model's ordinary forward. Gradients flow to the model's parameters and to the images.
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if mode == "input":
+        return masked_input_forward(model, images, coalitions, baseline=baseline, chunk_size=chunk_size)
+    if mode != "packed":
+        raise ValueError(f"mode must be 'packed' or 'input', got {mode!r}")
+    coalitions, tokens, compiled = _prepare(model, images, coalitions, paired, compiled)
+    batch = coalitions.shape[0]
+    chunk_rows = chunk_size or default_chunk_rows(images.device, _row_activation_bytes(model, tokens, paired))
+
+    def run(chunk: torch.Tensor) -> torch.Tensor:
+        x, plan = _blocks(model, tokens, chunk, paired, attention, compiled)
+        return _pooled_head(model, x, plan, output)
+
+    outs = run_chunks(run, coalitions, chunk_rows, paired)
+    return torch.cat([out.view(batch, -1, out.shape[-1]) for out in outs], dim=1)

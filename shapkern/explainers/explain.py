@@ -1,0 +1,232 @@
+"""``explain`` and ``estimate``: Shapley values of image patches for any model, or of any game.
+
+Methods (docs/design.md, "The game"):
+    - ``exact``: all 2^N coalitions (N <= MAX_EXACT_PLAYERS).
+    - ``permutation``: marginal contributions along random orderings, antithetic by default.
+    - ``kernel``: KernelSHAP, paired, with standard errors and early stopping at ``tol``.
+    - ``self``: a self-explaining model's own Φ, one forward pass.
+    - ``auto``: ``self`` for a self-explaining model, ``exact`` up to 16 patches, else ``kernel``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from shapkern.engine import check_images
+from shapkern.explainers import estimators
+from shapkern.explainers.attribution import Attribution
+from shapkern.explainers.game import ValueFunction, value_function
+
+__all__ = ["AUTO_EXACT_PLAYERS", "DEFAULT_BUDGET", "METHODS", "estimate", "explain", "resolve_method"]
+
+METHODS = ("auto", "exact", "permutation", "kernel", "self")
+GAME_METHODS = ("exact", "permutation", "kernel")
+AUTO_EXACT_PLAYERS = 16  # "auto" enumerates up to 2^16 coalitions per image
+DEFAULT_BUDGET = 2048
+DEFAULT_BATCH = 1024
+_ACC = estimators.ACC_DTYPE
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def _resolve_target(target, full: torch.Tensor) -> torch.Tensor:
+    """(B, K_t) int64 class indices from ``"pred"``, ``"all"``/None, an int, or a (B,) / (B, K_t) tensor."""
+    batch, classes = full.shape
+    if target is None or (isinstance(target, str) and target == "all"):
+        return torch.arange(classes, device=full.device).expand(batch, -1).clone()
+    if isinstance(target, str):
+        if target != "pred":
+            raise ValueError(
+                f"target must be 'pred', 'all', an int or a tensor of class indices, got {target!r}"
+            )
+        return full.argmax(-1, keepdim=True)
+    index = torch.as_tensor(target, device=full.device)
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise ValueError(f"target must hold integer class indices, got dtype {index.dtype}")
+    index = index.long()
+    if index.dim() == 0:
+        index = index.expand(batch)
+    if index.dim() == 1:
+        if index.shape[0] != batch:
+            raise ValueError(f"target has {index.shape[0]} entries but there are {batch} images")
+        index = index.unsqueeze(1)
+    if index.dim() != 2 or index.shape[0] != batch:
+        raise ValueError(f"target must be an int, (B,) or (B, K_t); got shape {tuple(index.shape)}")
+    bad = (index < 0) | (index >= classes)
+    if bad.any():
+        raise ValueError(
+            f"target class {int(index[bad][0])} is out of range: the model has {classes} classes"
+        )
+    return index.expand(batch, -1).clone()
+
+
+def resolve_method(method: str, model: nn.Module, players: int) -> str:
+    """The estimator ``method="auto"`` stands for: ``self`` for a self-explaining model, ``exact`` up
+    to AUTO_EXACT_PLAYERS patches, else ``kernel``; any other method is returned as is."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method != "auto":
+        return method
+    if hasattr(model, "coalition_values"):
+        return "self"
+    return "exact" if players <= AUTO_EXACT_PLAYERS else "kernel"
+
+
+def estimate(
+    game: ValueFunction,
+    *,
+    method: str = "kernel",
+    budget: int | None = None,
+    target="all",
+    paired: bool = True,
+    tol: float | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    progress: bool = True,
+) -> Attribution:
+    """Shapley values of a game's N players.
+
+    Args:
+        game: coalitions bool (B, M, N) -> values (B, M, K).
+        method: ``"exact"`` (N <= MAX_EXACT_PLAYERS), ``"permutation"`` or ``"kernel"``.
+        budget: coalition evaluations per image for the sampling methods (default 2048),
+            counting v(∅) and v(N).
+        target: ``"all"`` classes (default), ``"pred"`` (argmax of v(N)), a class index, or
+            (B,) / (B, K_t) class indices.
+        paired: antithetic permutations / complementary kernel coalitions.
+        tol: stop sampling once the largest standard error falls under tol.
+        batch_size: coalitions per image per call of the game (default 1024).
+        seed: seeds the sampler; None draws a fresh seed.
+        progress: show progress bars.
+
+    Returns:
+        An :class:`Attribution`; values (B, N, K_t). B = 0 gives empty tensors.
+    """
+    if method not in GAME_METHODS:
+        raise ValueError(f"method must be one of {GAME_METHODS} for a game, got {method!r}")
+    budget = DEFAULT_BUDGET if budget is None else int(budget)
+    batch_size = DEFAULT_BATCH if batch_size is None else int(batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if tol is not None and not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol}")
+    if method == "exact":
+        estimators.check_exact(game.players)
+    start = time.perf_counter()
+    base, full, dtype = estimators.endpoints(game)
+    index = _resolve_target(target, full)
+    game = game.select(index)
+    base, full = base.gather(-1, index), full.gather(-1, index)
+    se = None
+    if game.batch == 0:
+        phi, evals = base.new_zeros(0, game.players, index.shape[1]), 0
+    elif method == "exact":
+        phi, evals = estimators.exact(game, base, full, batch_size=batch_size, progress=progress)
+    else:
+        run = estimators.permutation if method == "permutation" else estimators.kernel
+        phi, se, evals = run(
+            game,
+            base,
+            full,
+            budget=budget,
+            paired=paired,
+            tol=tol,
+            batch_size=batch_size,
+            generator=_generator(seed, game.device),
+            progress=progress,
+        )
+    return Attribution(
+        values=phi.to(dtype),
+        base=base.to(dtype),
+        full=full.to(dtype),
+        evaluations=evals,
+        target=index,
+        method=method,
+        std_error=None if se is None else se.to(dtype),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _self_explain(model: nn.Module, images: torch.Tensor, target) -> Attribution:
+    if not hasattr(model, "coalition_values"):
+        raise ValueError(
+            f"method='self' needs a self-explaining model (a ShapleyViT); {type(model).__name__} is not "
+            "one. Use method='auto', 'exact', 'kernel' or 'permutation'."
+        )
+    start = time.perf_counter()
+    with torch.no_grad():
+        phi, logits = model(images)[:2]  # a ShapleyOutput, or any (phi (B, N, K), logits (B, K), ...)
+    index = _resolve_target(target, logits.to(_ACC))
+    values = phi.gather(-1, index.unsqueeze(1).expand(-1, phi.shape[1], -1))
+    return Attribution(
+        values=values.float(),
+        base=torch.zeros_like(values[:, 0]).float(),
+        full=logits.gather(-1, index).float(),
+        evaluations=1,
+        target=index,
+        method="self",
+        seconds=time.perf_counter() - start,
+    )
+
+
+def explain(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    method: str = "auto",
+    budget: int | None = None,
+    target="pred",
+    paired: bool = True,
+    tol: float | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+    seed: int | None = None,
+    mode: str | None = None,
+    baseline: str = "zeros",
+    players: int | None = None,
+) -> Attribution:
+    """Shapley values of the patches of ``images`` for ``model``'s logits.
+
+    Args:
+        model: a ShapleyViT (value: its ``coalition_values``), a timm ViT (packed engine) or any
+            classifier (pixel masking, ``mode="input"``; pass ``players`` without a timm patch grid).
+        images: (B, C, H, W) on the model's device, preprocessed as in training.
+        method: ``"auto"`` (default: ``self`` for a ShapleyViT, ``exact`` up to 16 patches, else
+            ``kernel``), ``"exact"`` (N <= MAX_EXACT_PLAYERS), ``"permutation"``, ``"kernel"`` or
+            ``"self"`` (ShapleyViT only).
+        budget: evaluations per image for ``permutation`` and ``kernel`` (default 2048).
+        target: ``"pred"`` (default), ``"all"``, a class index or (B,) / (B, K_t) indices.
+        paired, tol, batch_size, seed, progress: see :func:`estimate`.
+        mode, baseline, players: see :func:`~shapkern.explainers.game.value_function`.
+
+    Returns:
+        An :class:`Attribution` with values (B, N, K_t).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_images(images, model, sync=True)
+    game = value_function(model, images, mode=mode, baseline=baseline, players=players)
+    method = resolve_method(method, model, game.players)
+    if method == "self":
+        return _self_explain(model, images, target)
+    return estimate(
+        game,
+        method=method,
+        budget=budget,
+        target=target,
+        paired=paired,
+        tol=tol,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )

@@ -1,0 +1,22 @@
+"""Training self-explaining ViTs: the loss, the trainer, its configuration and evaluation.
+
+- :mod:`~shapkern.training.losses`: ``ShapleyLoss``, L = ℓ_cls + λ ℓ_sv + μ ℓ_mask.
+- :mod:`~shapkern.training.config`: ``TrainConfig``, stored in every checkpoint.
+- :mod:`~shapkern.training.trainer`: ``Trainer`` and ``train`` (resumable, DDP-ready).
+- :mod:`~shapkern.training.evaluation`: held-out metrics and heatmaps, as callbacks.
+"""
+
+from shapkern.training.config import TrainConfig, resumed_config
+from shapkern.training.losses import LossOutput, ShapleyLoss, shapley_regression_loss
+from shapkern.training.trainer import Trainer, build_model, train
+
+__all__ = [
+    "LossOutput",
+    "ShapleyLoss",
+    "TrainConfig",
+    "Trainer",
+    "build_model",
+    "resumed_config",
+    "shapley_regression_loss",
+    "train",
+]

@@ -1,0 +1,114 @@
+"""What a run measures on held-out data, as callbacks the trainer is given.
+
+Each evaluator maps (model, test set, device) to a dict of metrics that goes into the epoch's
+record; :func:`default_evaluators` builds the ones ``shapkern train`` uses. :func:`save_heatmaps`
+draws the final picture of a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from shapkern.checkpoint import atomic_write
+from shapkern.coalitions import seeded_coalitions
+from shapkern.explainers import explain
+from shapkern.explainers.metrics import relative_l2
+from shapkern.explainers.viz import plot_grid
+from shapkern.models import ShapleyViT
+from shapkern.training.config import TrainConfig
+from shapkern.training.distributed import autocast
+from shapkern.training.losses import shapley_regression_loss
+
+__all__ = ["EVAL_EPOCH", "Evaluator", "Faithfulness", "HeldOutLoss", "default_evaluators", "save_heatmaps"]
+
+Evaluator = Callable[[ShapleyViT, Dataset, torch.device], dict]
+EVAL_EPOCH = -1  # coalition seed "epoch" of the held-out ℓ_sv, the same at every evaluation
+
+
+@dataclass
+class HeldOutLoss:
+    """Test accuracy and ℓ_sv on fixed coalitions (the same at every evaluation)."""
+
+    num_coalitions: int
+    seed: int
+    batch_size: int = 64
+
+    @torch.no_grad()
+    def __call__(self, model: ShapleyViT, test_set: Dataset, device: torch.device) -> dict:
+        correct = count = 0
+        sv = 0.0
+        for images, labels, indices in DataLoader(test_set, batch_size=self.batch_size):
+            images, labels = images.to(device), labels.to(device)
+            coalitions = seeded_coalitions(
+                indices,
+                seed=self.seed,
+                epoch=EVAL_EPOCH,
+                num=self.num_coalitions,
+                players=model.num_players,
+                device=device,
+            )
+            with autocast(device):
+                out = model.forward_coalitions(images, coalitions, paired=True)
+            correct += int((out.logits.argmax(-1) == labels).sum())
+            sv += float(shapley_regression_loss(out.phi, out.values, coalitions)) * labels.shape[0]
+            count += labels.shape[0]
+        return {"test_acc": correct / max(count, 1), "test_sv": sv / max(count, 1)}
+
+
+@dataclass
+class Faithfulness:
+    """‖Φ - φ‖/‖φ‖ of the model's one-pass Φ against a permutation-sampling estimate of its own
+    Shapley values, on the first ``images`` test images."""
+
+    images: int
+    permutations: int
+    seed: int
+
+    @torch.no_grad()
+    def __call__(self, model: ShapleyViT, test_set: Dataset, device: torch.device) -> dict:
+        count = min(self.images, len(test_set))
+        images = torch.stack([test_set[i][0] for i in range(count)]).to(device)
+        pairs = max(2, self.permutations // 2)  # antithetic pairs of orderings
+        budget = 2 + 2 * pairs * (model.num_players - 1)  # ∅ and N once, N - 1 per ordering
+        with autocast(device):
+            phi = model(images).phi
+            ref = explain(
+                model,
+                images,
+                method="permutation",
+                budget=budget,
+                target="all",
+                seed=self.seed,
+                progress=False,
+            ).values
+        return {"faithfulness_rel_err": float(relative_l2(phi, ref).mean())}
+
+
+def default_evaluators(cfg: TrainConfig) -> list[Evaluator]:
+    """Held-out accuracy and ℓ_sv, plus faithfulness when ``cfg.faith_images`` > 0."""
+    evaluators: list[Evaluator] = [HeldOutLoss(cfg.num_coalitions, cfg.seed, max(64, cfg.batch_size))]
+    if cfg.faith_images > 0:
+        evaluators.append(Faithfulness(cfg.faith_images, cfg.faith_permutations, cfg.seed))
+    return evaluators
+
+
+@torch.no_grad()
+def save_heatmaps(model: ShapleyViT, test_set: Dataset, path: str, *, count: int, classes=None) -> None:
+    """A PNG grid of the first ``count`` test images, each overlaid with Φ of its predicted class."""
+    count = min(count, len(test_set))
+    device = next(model.parameters()).device
+    images = torch.stack([test_set[i][0] for i in range(count)]).to(device)
+    labels = [int(test_set[i][1]) for i in range(count)]
+    model.eval()
+    out = model(images)
+    pred = out.logits.argmax(-1)
+    name = (lambda c: classes[c]) if classes else str
+    titles = [f"pred {name(int(p))}, true {name(y)}" for p, y in zip(pred, labels)]
+    maps = out.phi[torch.arange(count), :, pred].float().cpu()
+    grid = tuple(model.backbone.patch_embed.grid_size)
+    fig = plot_grid(images.float().cpu(), maps, titles=titles, grid=grid, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

@@ -1,0 +1,84 @@
+"""What a run reports: the JSON-lines metrics file and progress on the terminal or in a log."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from shapkern.checkpoint import atomic_write
+
+__all__ = ["MetricsLog", "Progress"]
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON record per epoch, appended."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        """The complete records; a half-written last line (a kill during a write) is dropped."""
+        if not os.path.exists(self.path):
+            return []
+        out = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return out
+
+    def truncate(self, epoch: int) -> None:
+        """Keep the records up to ``epoch`` (those a checkpoint of that epoch covers)."""
+        if not os.path.exists(self.path):
+            return
+        kept = [r for r in self.records() if r.get("epoch", 0) <= epoch]
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+
+        atomic_write(self.path, write)
+
+
+class Progress:
+    """Progress over the batches of an epoch: a tqdm bar on a terminal; elsewhere (a redirected log)
+    a plain line every ``every_s`` seconds and at the end, never carriage returns."""
+
+    def __init__(self, total: int, desc: str, *, enabled: bool = True, every_s: float = 30.0):
+        self.total, self.desc, self.every_s = total, desc, every_s
+        self.enabled = enabled
+        self.done = 0
+        self.bar = None
+        self.last = time.perf_counter()
+        if enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def update(self, postfix: Callable[[], dict[str, str]]) -> None:
+        """One batch done. ``postfix`` is called only when something is shown (at most once a
+        second on a terminal), so reading device values costs no sync on other steps."""
+        self.done += 1
+        now = time.perf_counter()
+        if self.bar is not None:
+            self.bar.update(1)
+            if now - self.last >= 1.0 or self.done == self.total:
+                self.last = now
+                self.bar.set_postfix(postfix())
+        elif self.enabled and now - self.last >= self.every_s:
+            self.last = now
+            fields = " ".join(f"{k} {v}" for k, v in postfix().items())
+            print(f"{self.desc}: {self.done}/{self.total} batches, {fields}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
