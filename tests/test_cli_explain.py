@@ -110,3 +110,21 @@ def test_the_shapkern_command_line_runs_explain(checkpoint, tmp_path, capsys):
     assert (tmp_path / "c" / "grid.png").stat().st_size > 1000
     assert shapkern_main([*argv, "--target", "11", "--out", str(tmp_path / "d")]) == 2
     assert "target class 11 is out of range" in capsys.readouterr().err
+
+
+def test_16_bit_pngs_are_scaled_by_their_bit_depth(checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (32, 32)).astype(np.uint16)
+    Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "eight.png")
+    Image.fromarray(pixels * 257).save(tmp_path / "sixteen.png")  # the same picture in 16 bits
+    for name in ("eight", "sixteen"):
+        run(["--checkpoint", checkpoint, "--images", tmp_path / f"{name}.png", "--method", "exact",
+             "--out", tmp_path / name, "--no-progress"], capsys)  # fmt: skip
+    eight, sixteen = (
+        json.loads((tmp_path / n / "explanations.json").read_text()) for n in ("eight", "sixteen")
+    )
+    np.testing.assert_allclose(
+        sixteen["images"][0]["values"], eight["images"][0]["values"], rtol=1e-4, atol=1e-5
+    )

@@ -61,3 +61,68 @@ def test_bad_inputs_fail_clearly(tmp_path):
         load_dataset("digits", img_size=32, patch_size=6)
     with pytest.raises(ValueError, match="not a directory"):
         load_dataset(f"imagefolder:{tmp_path / 'nope'}")
+
+
+def make_folder(root, classes=("cat", "dog"), count=5):
+    from PIL import Image
+
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (40, 40), color=(i * 40, 10, 200 if cls == "cat" else 0)).save(
+                root / cls / f"{i}.png"
+            )
+
+
+def test_imagefolder_names_unreadable_files_or_skips_them(tmp_path, capsys):
+    make_folder(tmp_path)
+    (tmp_path / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    good = (tmp_path / "cat" / "0.png").read_bytes()
+    (tmp_path / "cat" / "truncated.png").write_bytes(good[: len(good) // 2])
+    with pytest.raises(
+        ValueError, match=r"2 of 12 files .* cannot be read as images: .*(broken|truncated)\.png"
+    ):
+        load_dataset(f"imagefolder:{tmp_path}", img_size=32, patch_size=8)
+    bundle = load_dataset(f"imagefolder:{tmp_path}", img_size=32, patch_size=8, skip_bad_images=True)
+    assert len(bundle.train) + len(bundle.test) == 10
+    assert "skipped 2 unreadable file(s)" in capsys.readouterr().out
+    for i in range(len(bundle.train)):
+        assert bundle.train[i][0].shape == (3, 32, 32)  # every kept file decodes
+
+
+def test_imagefolder_needs_two_classes(tmp_path):
+    make_folder(tmp_path, classes=("only",))
+    with pytest.raises(ValueError, match="1 class folder"):
+        load_dataset(f"imagefolder:{tmp_path}", img_size=32, patch_size=8)
+
+
+def test_preprocessing_scales_16_bit_images_by_their_depth():
+    import numpy as np
+    from PIL import Image
+
+    from shapkern.data import Preprocessing, preprocess_image
+
+    prep = Preprocessing(color="L", mean=(0.0,), std=(1.0,), channels=3)
+    ramp = np.linspace(0, 65535, 32 * 32).astype(np.uint16).reshape(32, 32)
+    wide = Image.fromarray(ramp)  # a 16-bit greyscale image, as a 16-bit PNG opens
+    x = preprocess_image(wide, prep, (32, 32))
+    assert x.shape == (3, 32, 32) and float(x.max()) == pytest.approx(1.0) and float(x.min()) == 0.0
+    assert float((x[0] >= 0.999).float().mean()) < 0.01  # not clipped at 255
+    narrow = preprocess_image(Image.fromarray((ramp // 257).astype(np.uint8)), prep, (32, 32))
+    torch.testing.assert_close(x, narrow, atol=1 / 255, rtol=0)
+
+
+def test_preprocessing_matches_the_digits_training_images():
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from shapkern.data import Preprocessing, preprocess_image
+
+    bundle = load_dataset("digits", img_size=8, patch_size=4)
+    raw = load_digits().images[0] / 16.0
+    image = Image.fromarray((raw * 255).round().astype(np.uint8))
+    x = preprocess_image(image, bundle.preprocessing, (8, 8))
+    mean, std = bundle.preprocessing.mean[0], bundle.preprocessing.std[0]
+    torch.testing.assert_close(x[0], ((torch.tensor(raw) - mean) / std).float(), atol=1 / 255 / std, rtol=0)
+    assert Preprocessing.from_dict(bundle.preprocessing.to_dict()) == bundle.preprocessing

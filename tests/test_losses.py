@@ -89,7 +89,7 @@ def test_loss_step_equals_slow_timm_reference(mask_loss):
     ref = reference_loss(model, images, labels, coalitions, 0.7, 0.3, mask_loss)
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
     torch.testing.assert_close(out.total, ref, atol=1e-5, rtol=1e-5)
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=False):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
     assert set(out.components()) == {"loss", "cls", "sv", "mask"}
 

@@ -107,7 +107,8 @@ WORKER = textwrap.dedent(
     grads = {{n: p.grad.clone() for n, p in trainer.model.named_parameters()}}
     trainer.optimizer.zero_grad()
     trainer.fit()
-    torch.save({{"grads": grads, "weights": trainer.model.state_dict()}}, os.path.join({out!r}, f"rank{{trainer.dist.rank}}.pt"))
+    path = os.path.join({out!r}, f"rank{{trainer.dist.rank}}.pt")
+    torch.save({{"grads": grads, "weights": trainer.model.state_dict()}}, path)
     trainer.close()
     """
 )
@@ -138,3 +139,45 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     single.backward(images, labels, indices, epoch=0)
     for name, p in single.model.named_parameters():
         torch.testing.assert_close(rank0["grads"][name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
+    # The logged training metrics cover both ranks' batches: they equal a single process's.
+    ddp_log = read_jsonl(tmp_path / "metrics.jsonl")[-1]
+    alone = Trainer(TrainConfig(**(cfg | {"out": str(tmp_path / "alone")})))
+    alone.fit()
+    single_log = read_jsonl(tmp_path / "alone" / "metrics.jsonl")[-1]
+    for key in ("train_loss", "train_cls", "train_sv", "train_mask", "train_acc"):
+        assert ddp_log[key] == pytest.approx(single_log[key], rel=1e-4, abs=1e-6), key
+
+
+def test_resume_skips_a_damaged_checkpoint_and_a_half_written_log_line(tmp_path, capsys):
+    train(tiny_config(tmp_path, epochs=2, faith_images=0, heatmap_images=0))
+    assert load_checkpoint(tmp_path / "checkpoint.prev.pt")["epoch"] == 1
+    data = (tmp_path / "checkpoint.pt").read_bytes()
+    (tmp_path / "checkpoint.pt").write_bytes(data[: len(data) // 3])  # killed while copying the newest
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "train_lo')  # killed while logging
+    (tmp_path / ".checkpoint.pt.tmp-999").write_bytes(b"partial save")
+    resumed = Trainer(tiny_config(tmp_path, epochs=2, faith_images=0, heatmap_images=0, resume=True))
+    out = capsys.readouterr().out
+    assert resumed.epoch == 1 and "skipped" in out and "checkpoint.pt" in out and "corrupt" in out
+    assert "removed" in out and not (tmp_path / ".checkpoint.pt.tmp-999").exists()
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1]
+    resumed.fit()
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_too_little_data_for_one_batch_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="fewer than one batch of 64"):
+        Trainer(tiny_config(tmp_path, limit_train=10, batch_size=64))
+
+
+def test_cpu_runs_with_the_same_seed_are_bitwise_identical(tmp_path):
+    first = Trainer(tiny_config(tmp_path / "a", epochs=3))
+    first.fit()
+    second = Trainer(tiny_config(tmp_path / "b", epochs=3))
+    second.fit()
+    for name, value in first.model.state_dict().items():
+        assert torch.equal(value, second.model.state_dict()[name]), name
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("images_per_s", "epoch_time_s", "time")}  # noqa: E731
+    assert [strip(r) for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")] == [
+        strip(r) for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    ]

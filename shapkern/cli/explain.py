@@ -55,7 +55,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--method",
         choices=METHODS,
         default="auto",
-        help="estimator; auto = 'self' for a self-explaining model, else 'exact' up to 16 patches, else 'kernel'",
+        help="estimator; auto = 'self' for a self-explaining model, else 'exact' up to 16 patches, "
+        "else 'kernel'",
     )
     p.add_argument(
         "--budget", type=int, default=None, help="evaluations per image for kernel/permutation (2048)"
@@ -188,7 +189,10 @@ def explain_to_dir(args: argparse.Namespace) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = lambda k: classes[k] if classes and k < len(classes) else str(k)
+
+    def name(k: int) -> str:
+        return classes[k] if classes and k < len(classes) else str(k)
+
     records = []
     for b in range(images.shape[0]):
         target = att.target[b].tolist()
@@ -212,7 +216,8 @@ def explain_to_dir(args: argparse.Namespace) -> dict:
             }
         )
     titles = [
-        f"pred {name(p)}" + ("" if y is None else f", true {name(y)}") for p, y in zip(predictions, labels)
+        f"pred {name(p)}" + ("" if y is None else f", true {name(y)}")
+        for p, y in zip(predictions, labels, strict=False)
     ]
     plot_grid(images.cpu(), phi.cpu(), out / "grid.png", titles=titles, grid=grid)
     plot_curves({method: curves["insertion"]}, {method: curves["deletion"]}, out / "curves.png")
@@ -236,7 +241,8 @@ def explain_to_dir(args: argparse.Namespace) -> dict:
         result["localization"] = localization(phi.cpu(), masks)
     (out / "explanations.json").write_text(json.dumps(result, indent=2) + "\n")
     print(
-        f"shapkern explain: {images.shape[0]} image(s), method {method}, {att.evaluations} evaluations/image, "
+        f"shapkern explain: {images.shape[0]} image(s), method {method}, "
+        f"{att.evaluations} evaluations/image, "
         f"{att.seconds:.2f} s, insertion AUC {result['insertion_auc']:.3f}, deletion AUC "
         f"{result['deletion_auc']:.3f} -> {out}"
     )

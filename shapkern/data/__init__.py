@@ -55,7 +55,8 @@ def load_dataset(
         cell = img_size // EVIDENCE_GRID
         if cell % patch_size and patch_size % cell:
             raise ValueError(
-                f"evidence: patch size {patch_size} neither divides nor is a multiple of the evidence cell size {cell}"
+                f"evidence: patch size {patch_size} neither divides nor is a multiple of the evidence "
+                f"cell size {cell}"
             )
         return evidence(img_size, seed=seed)
     if spec.startswith("imagefolder:") and len(spec) > len("imagefolder:"):

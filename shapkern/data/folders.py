@@ -46,8 +46,9 @@ def _checked_folder(root: str, transform, skip_bad_images: bool):
     if bad and not skip_bad_images:
         shown = "; ".join(f"{path} ({why})" for path, why in bad[:SHOWN_BAD_FILES])
         raise ValueError(
-            f"imagefolder: {len(bad)} of {len(folder.samples)} files in {root} cannot be read as images: {shown}"
-            f"{' ...' if len(bad) > SHOWN_BAD_FILES else ''}. Remove them, or skip them with --skip-bad-images"
+            f"imagefolder: {len(bad)} of {len(folder.samples)} files in {root} cannot be read as images: "
+            f"{shown}{' ...' if len(bad) > SHOWN_BAD_FILES else ''}. "
+            "Remove them, or skip them with --skip-bad-images"
         )
     if bad:
         dropped = {path for path, _ in bad}

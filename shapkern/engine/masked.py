@@ -81,9 +81,10 @@ def masked_input_forward(
     chunk_rows = chunk_size or (CUDA_CHUNK_IMAGES if images.device.type == "cuda" else CPU_MAX_CHUNK_ROWS)
 
     def run(chunk: torch.Tensor) -> torch.Tensor:
-        pixels = chunk.view(batch, -1, *grid).repeat_interleave(patch[0], 2).repeat_interleave(patch[1], 3)
+        num = chunk.shape[1]
+        pixels = chunk.view(batch, num, *grid).repeat_interleave(patch[0], 2).repeat_interleave(patch[1], 3)
         masked = torch.where(pixels.unsqueeze(2), images.unsqueeze(1), reference.unsqueeze(1))
-        return model(masked.flatten(0, 1))
+        out = model(masked.flatten(0, 1))
+        return out.view(batch, num, out.shape[-1])
 
-    outs = run_chunks(run, coalitions, chunk_rows, paired=False)
-    return torch.cat([out.view(batch, -1, out.shape[-1]) for out in outs], dim=1)
+    return torch.cat(run_chunks(run, coalitions, chunk_rows, paired=False), dim=1)

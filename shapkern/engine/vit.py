@@ -75,7 +75,8 @@ def _timm_vit_classes():
 
 def _unsupported(model: nn.Module, why: str) -> NotImplementedError:
     return NotImplementedError(
-        f"{type(model).__name__} is not supported by the packed coalition engine ({why}). Supported: {SUPPORTED}."
+        f"{type(model).__name__} is not supported by the packed coalition engine ({why}). "
+        f"Supported: {SUPPORTED}."
     )
 
 
@@ -288,7 +289,7 @@ def fused_coalition_forward(
 
     def run(chunk: torch.Tensor) -> torch.Tensor:
         x, plan = _blocks(model, tokens, chunk, paired, attention, compiled)
-        return _pooled_head(model, x, plan, output)
+        out = _pooled_head(model, x, plan, output)
+        return out.view(batch, chunk.shape[1], out.shape[-1])
 
-    outs = run_chunks(run, coalitions, chunk_rows, paired)
-    return torch.cat([out.view(batch, -1, out.shape[-1]) for out in outs], dim=1)
+    return torch.cat(run_chunks(run, coalitions, chunk_rows, paired), dim=1)

@@ -39,7 +39,9 @@ class Attribution:
         return self.values.double().sum(1) - (self.full.double() - self.base.double())
 
     def to(self, device) -> Attribution:
-        move = lambda t: None if t is None else t.to(device)
+        def move(t):
+            return None if t is None else t.to(device)
+
         return Attribution(
             values=move(self.values),
             base=move(self.base),

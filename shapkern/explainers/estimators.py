@@ -201,7 +201,8 @@ def _kernel_se(masks, values, base, phi, projection, per_unit):
 
 
 def kernel(game: ValueFunction, base, full, *, budget, paired, tol, batch_size, generator, progress):
-    """KernelSHAP (design.md §1): A = E[z zᵀ], b = E[z (v(z) - v(∅))] over Shapley-kernel samples,
+    """KernelSHAP (docs/design.md, "The game"): A = E[z zᵀ], b = E[z (v(z) - v(∅))] over Shapley-kernel
+    samples,
     φ = A⁻¹(b - 1 (1ᵀA⁻¹b - v(N) + v(∅)) / 1ᵀA⁻¹1). b comes from the bit-packed reduction.
     """
     n, batch = game.players, game.batch

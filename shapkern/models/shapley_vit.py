@@ -109,7 +109,8 @@ class ShapleyViT(nn.Module):
         arch = state.get("arch")
         if not isinstance(arch, dict) or "backbone" not in arch or not isinstance(state.get("model"), dict):
             raise CheckpointError(
-                f"{source} is not a checkpoint written by `shapkern train` (it has no 'arch' and 'model' entries)"
+                f"{source} is not a checkpoint written by `shapkern train` "
+                "(it has no 'arch' and 'model' entries)"
             )
         try:
             model = cls(**arch)
@@ -171,7 +172,7 @@ class ShapleyViT(nn.Module):
         """
         packed = coalition_tokens(self.backbone, images, coalitions, paired=paired)
         values = segment_patch_sum(self._head_packed(packed.tokens, packed.plan), packed.plan)
-        return values.view(*packed.shape, -1)
+        return values.view(*packed.shape, self.num_classes)
 
     def forward_coalitions(
         self, images: torch.Tensor, coalitions: torch.Tensor | None = None, *, paired: bool = False
@@ -209,7 +210,7 @@ class ShapleyViT(nn.Module):
         rows = torch.arange(batch, device=images.device) * ends.shape[1]
         first = plan.cu_seqlens[rows].long() + self.num_prefix_tokens
         phi = phi_tokens[first.unsqueeze(1) + torch.arange(players, device=images.device)]
-        values = segment_patch_sum(phi_tokens, plan).view(batch, ends.shape[1], -1)[:, 2:]
+        values = segment_patch_sum(phi_tokens, plan).view(batch, ends.shape[1], self.num_classes)[:, 2:]
         return ShapleyOutput(
             phi=phi, logits=phi.sum(dim=1), values=values if coalitions is not None else None
         )

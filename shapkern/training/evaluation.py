@@ -107,7 +107,7 @@ def save_heatmaps(model: ShapleyViT, test_set: Dataset, path: str, *, count: int
     out = model(images)
     pred = out.logits.argmax(-1)
     name = (lambda c: classes[c]) if classes else str
-    titles = [f"pred {name(int(p))}, true {name(y)}" for p, y in zip(pred, labels)]
+    titles = [f"pred {name(int(p))}, true {name(y)}" for p, y in zip(pred, labels, strict=False)]
     maps = out.phi[torch.arange(count), :, pred].float().cpu()
     grid = tuple(model.backbone.patch_embed.grid_size)
     fig = plot_grid(images.float().cpu(), maps, titles=titles, grid=grid, dpi=110)

@@ -92,11 +92,13 @@ class Trainer:
         self.test_set = _limited(self.bundle.test, cfg.limit_test)
         if cfg.batch_size < 1 or cfg.batch_size % self.dist.world:
             raise ValueError(
-                f"batch size {cfg.batch_size} must be positive and divisible by the {self.dist.world} processes"
+                f"batch size {cfg.batch_size} must be positive and divisible by the "
+                f"{self.dist.world} processes"
             )
         if len(self.train_set) < cfg.batch_size:
             raise ValueError(
-                f"{cfg.data} has {len(self.train_set)} training images, fewer than one batch of {cfg.batch_size}; "
+                f"{cfg.data} has {len(self.train_set)} training images, fewer than one batch of "
+                f"{cfg.batch_size}; "
                 "add images or lower --batch-size"
             )
         self.sampler = DistributedSampler(
@@ -238,13 +240,15 @@ class Trainer:
             sums += torch.cat([parts, correct.double().view(1)])  # on the device: no host sync per step
             seen += n
             progress.update(
-                lambda s=sums, n_seen=seen: {k: f"{v / n_seen:.3f}" for k, v in zip(LOSS_PARTS, s.tolist())}
+                lambda s=sums, n_seen=seen: {
+                    k: f"{v / n_seen:.3f}" for k, v in zip(LOSS_PARTS, s.tolist(), strict=False)
+                }
             )
         progress.close()
         elapsed = time.perf_counter() - start
         totals = self.dist.sum([*sums.tolist(), seen])  # every rank's batches, one all-reduce
         seen_all = max(totals[-1], 1)
-        record = {f"train_{k}": v / seen_all for k, v in zip(LOSS_PARTS, totals)}
+        record = {f"train_{k}": v / seen_all for k, v in zip(LOSS_PARTS, totals, strict=False)}
         record["train_acc"] = totals[len(LOSS_PARTS)] / seen_all
         record["images_per_s"] = totals[-1] / elapsed
         record["epoch_time_s"] = elapsed
