@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 from torch import nn
 
+from shapkern.engine.blocks import (
+    compiled_block_forward,
+    fused_blocks_forward,
+    packed_block_forward,
+    supports_fused_blocks,
+)
 from shapkern.engine.chunking import default_chunk_rows, run_chunks
 from shapkern.engine.inputs import check_coalitions, check_images
 from shapkern.engine.masked import masked_input_forward
 from shapkern.packed import (
     AttentionFn,
     PackPlan,
-    drop_path_packed,
     first_tokens,
     pack_tokens,
     segment_mean,
@@ -127,51 +131,13 @@ def embed_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return torch.cat(prefix + [x], dim=1) + model.pos_embed
 
 
-def _drop_path(module: nn.Module, x: torch.Tensor, plan: PackPlan) -> torch.Tensor:
-    if not module.training or isinstance(module, nn.Identity):
-        return x
-    return drop_path_packed(x, module.drop_prob, plan, scale_by_keep=module.scale_by_keep)
-
-
-def _attention(attn: nn.Module, x: torch.Tensor, plan: PackPlan, attention) -> torch.Tensor:
-    """timm Attention on packed tokens: (T, D) -> (T, D)."""
-    tokens = x.shape[0]
-    q, k, v = attn.qkv(x).view(tokens, 3, attn.num_heads, attn.head_dim).unbind(1)
-    # Under autocast, q/k norms return fp32 while v keeps the autocast dtype; attention takes one dtype.
-    q, k = attn.q_norm(q).to(v.dtype), attn.k_norm(k).to(v.dtype)
-    out = attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, scale=attn.scale)
-    out = attn.norm(out.reshape(tokens, attn.num_heads * attn.head_dim))
-    gate = getattr(attn, "gate", None)
-    if gate is not None:
-        out = out * gate(x).sigmoid()
-    return attn.proj_drop(attn.proj(out))
-
-
-def packed_block_forward(
-    block: nn.Module, x: torch.Tensor, plan: PackPlan, attention: AttentionFn = varlen_attention
-) -> torch.Tensor:
-    """One timm Block on packed tokens: (T, D) -> (T, D).
-
-    ``attention(q, k, v, cu_seqlens, max_seqlen, scale=...)`` maps (T, H, Dh) to (T, H, Dh).
-    """
-    attended = _attention(block.attn, block.norm1(x), plan, attention)
-    x = x + _drop_path(block.drop_path1, block.ls1(attended), plan)
-    return x + _drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), plan)
-
-
-@cache
-def _compiled_block_forward():
-    # Inductor fuses the memory-bound work between the GEMMs (residual + LayerNorm, bias + GELU);
-    # the attention op stays one custom op. Blocks of one model share the compiled code (their
-    # parameters are graph inputs); shapes turn dynamic after a first change of T.
-    return torch.compile(packed_block_forward)
-
-
-def _blocks(model: nn.Module, tokens: torch.Tensor, coalitions: torch.Tensor, paired, attention, compiled):
+def _blocks(model: nn.Module, tokens: torch.Tensor, coalitions: torch.Tensor, paired, attention, path: str):
     """Pack one chunk and run the blocks: tokens (B, P + N, D), coalitions (B, m, N) -> (T, D), plan."""
     x, plan = pack_tokens(tokens, coalitions, model.num_prefix_tokens, paired=paired)
     x = model.norm_pre(model.pos_drop(x))
-    block_forward = _compiled_block_forward() if compiled else packed_block_forward
+    if path == "fused":
+        return fused_blocks_forward(model, x, plan, attention), plan
+    block_forward = compiled_block_forward() if path == "compiled" else packed_block_forward
     for block in model.blocks:
         x = block_forward(block, x, plan, attention)
     return x, plan
@@ -199,16 +165,30 @@ def _row_activation_bytes(model: nn.Module, tokens: torch.Tensor, paired: bool) 
     return length * tokens.shape[2] * element * 16 * (len(model.blocks) if torch.is_grad_enabled() else 1)
 
 
-def _prepare(model: nn.Module, images: torch.Tensor, coalitions: torch.Tensor, paired: bool, compiled):
-    """Checks shared by the public entry points: coalitions (B, M, N), embedded tokens, compile flag."""
+def _block_path(model: nn.Module, images: torch.Tensor, paired: bool, compiled, fused) -> str:
+    """``"fused"`` kernels, ``"compiled"`` blocks or the ``"plain"`` modules (see fused_coalition_forward)."""
+    if fused and compiled:
+        raise ValueError("compiled=True and fused=True exclude each other: pick one way to fuse the blocks")
+    if fused:
+        if not supports_fused_blocks(model):
+            raise NotImplementedError(
+                f"fused=True needs timm Blocks with affine LayerNorms, an Mlp of Linear + exact GELU and "
+                f"LayerScale or none; {type(model).__name__} has others. Use fused=False."
+            )
+        return "fused"
+    if compiled is None:
+        compiled = COMPILE_BY_DEFAULT and paired and images.is_cuda
+    return "compiled" if compiled else "plain"
+
+
+def _prepare(model: nn.Module, images: torch.Tensor, coalitions: torch.Tensor, paired: bool, compiled, fused):
+    """Checks shared by the public entry points: coalitions (B, M, N), embedded tokens, block path."""
     check_packed_model(model)
     check_images(images, model)
     coalitions = check_coalitions(
         coalitions, images.shape[0], num_players(model), images.device, paired=paired
     )
-    if compiled is None:
-        compiled = COMPILE_BY_DEFAULT and paired and images.is_cuda
-    return coalitions, embed_tokens(model, images), compiled
+    return coalitions, embed_tokens(model, images), _block_path(model, images, paired, compiled, fused)
 
 
 def coalition_tokens(
@@ -219,14 +199,15 @@ def coalition_tokens(
     paired: bool = False,
     attention: AttentionFn = varlen_attention,
     compiled: bool | None = None,
+    fused: bool = False,
 ) -> PackedTokens:
     """The final-norm token features of every (image, coalition) row, in one packed pass.
 
     Args and behaviour as :func:`fused_coalition_forward` (one pass, no chunking, so that one plan
     describes all rows). Returns a :class:`PackedTokens` with tokens (T, D).
     """
-    coalitions, tokens, compiled = _prepare(model, images, coalitions, paired, compiled)
-    x, plan = _blocks(model, tokens, coalitions, paired, attention, compiled)
+    coalitions, tokens, path = _prepare(model, images, coalitions, paired, compiled, fused)
+    x, plan = _blocks(model, tokens, coalitions, paired, attention, path)
     return PackedTokens(tokens=model.norm(x), plan=plan, shape=tuple(coalitions.shape[:2]))
 
 
@@ -242,6 +223,7 @@ def fused_coalition_forward(
     baseline: str = "zeros",
     attention: AttentionFn = varlen_attention,
     compiled: bool | None = None,
+    fused: bool = False,
 ) -> torch.Tensor:
     """The model's output on every image with only each coalition's patches present.
 
@@ -267,6 +249,9 @@ def fused_coalition_forward(
             residual adds into fewer passes over memory; the first call compiles. Default: on for
             CUDA inputs with ``paired=True`` (static shapes), off elsewhere; ``False``, or the
             environment variable ``SHAPKERN_COMPILE=0``, gives the plain path.
+        fused: run the blocks with shapkern's fused kernels instead: residual add + LayerNorm in
+            one pass and fc1 + bias + exact GELU in one GEMM (Triton on CUDA, the ops' PyTorch
+            references elsewhere). Excludes ``compiled=True``.
 
     Returns:
         (B, M, K) logits, or (B, M, D) with ``output="pre_logits"``. B = 0 gives an empty result.
@@ -283,12 +268,12 @@ def fused_coalition_forward(
         return masked_input_forward(model, images, coalitions, baseline=baseline, chunk_size=chunk_size)
     if mode != "packed":
         raise ValueError(f"mode must be 'packed' or 'input', got {mode!r}")
-    coalitions, tokens, compiled = _prepare(model, images, coalitions, paired, compiled)
+    coalitions, tokens, path = _prepare(model, images, coalitions, paired, compiled, fused)
     batch = coalitions.shape[0]
     chunk_rows = chunk_size or default_chunk_rows(images.device, _row_activation_bytes(model, tokens, paired))
 
     def run(chunk: torch.Tensor) -> torch.Tensor:
-        x, plan = _blocks(model, tokens, chunk, paired, attention, compiled)
+        x, plan = _blocks(model, tokens, chunk, paired, attention, path)
         out = _pooled_head(model, x, plan, output)
         return out.view(batch, chunk.shape[1], out.shape[-1])
 

@@ -1,5 +1,14 @@
 """Triton kernels and their launchers, one module per kernel family."""
 
+from shapkern.kernels.layer_norm import layer_norm_backward, layer_norm_forward
+from shapkern.kernels.linear_gelu import gelu_backward, linear_gelu_forward
 from shapkern.kernels.varlen_attention import varlen_attention_backward, varlen_attention_forward
 
-__all__ = ["varlen_attention_backward", "varlen_attention_forward"]
+__all__ = [
+    "gelu_backward",
+    "layer_norm_backward",
+    "layer_norm_forward",
+    "linear_gelu_forward",
+    "varlen_attention_backward",
+    "varlen_attention_forward",
+]
