@@ -103,3 +103,55 @@ def test_no_mask_loss_and_bad_arguments():
         ShapleyLoss(mask_loss="mse")
     with pytest.raises(ValueError, match="even"):
         ShapleyLoss(num_coalitions=3)
+
+
+def _grads(model, loss, images, labels, coalitions):
+    model.zero_grad()
+    out = loss(model, images, labels, coalitions)
+    out.total.backward()
+    return out, [p.grad.clone() for p in model.parameters()]
+
+
+def test_forward_only_coalitions_give_the_same_sv_loss_and_gradients():
+    model = tiny().eval()  # no dropout: the two passes see the same model
+    images, labels = torch.randn(3, 3, 16, 16), torch.tensor([0, 2, 1])
+    coalitions = sample_coalitions(3, 8, 16, generator=torch.Generator().manual_seed(4))
+    full, full_grads = _grads(
+        model, ShapleyLoss(num_coalitions=8, mask_loss=None), images, labels, coalitions
+    )
+    for grad_coalitions in (4, 2):
+        loss = ShapleyLoss(num_coalitions=8, mask_loss=None, grad_coalitions=grad_coalitions)
+        part, part_grads = _grads(model, loss, images, labels, coalitions)
+        assert part.values.shape == (3, grad_coalitions, 3)  # only these carried gradients
+        torch.testing.assert_close(part.sv, full.sv, rtol=1e-5, atol=1e-7)  # ℓ_sv still over all 8
+        for got, want in zip(part_grads, full_grads, strict=True):  # ℓ_sv's targets carry none anyway
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_forward_only_coalitions_take_the_mask_loss_over_the_graded_ones():
+    model = tiny().eval()
+    images, labels = torch.randn(2, 3, 16, 16), torch.tensor([1, 0])
+    coalitions = sample_coalitions(2, 8, 16, generator=torch.Generator().manual_seed(5))
+    part = ShapleyLoss(num_coalitions=8, grad_coalitions=2, mask_loss="ce")(model, images, labels, coalitions)
+    only = ShapleyLoss(num_coalitions=2, mask_loss="ce")(model, images, labels, coalitions[:, :2])
+    torch.testing.assert_close(part.mask, only.mask, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="grad_coalitions must be"):
+        ShapleyLoss(num_coalitions=8, grad_coalitions=3)
+    with pytest.raises(ValueError, match="needs stop_grad=True"):
+        ShapleyLoss(num_coalitions=8, grad_coalitions=2, stop_grad=False)
+
+
+def test_relative_sv_loss_ignores_the_logit_scale():
+    phi = torch.randn(4, 16, 3, dtype=torch.float64)
+    coalitions = sample_coalitions(4, 8, 16, generator=torch.Generator().manual_seed(6))
+    values = torch.bmm(coalitions.double(), phi) + torch.randn(4, 8, 3, dtype=torch.float64)
+    logits = phi.sum(1)
+    raw = shapley_regression_loss(phi, values, coalitions)
+    assert shapley_regression_loss(1e3 * phi, 1e3 * values, coalitions) == pytest.approx(1e6 * float(raw))
+    scaled = [shapley_regression_loss(c * phi, c * values, coalitions, logits=c * logits) for c in (1e3, 1e4)]
+    error = (torch.bmm(coalitions.double(), phi) - values).square().sum(-1).mean(1)
+    want = (error / logits.square().sum(-1)).mean()  # the +1 vanishes against large logits
+    assert float(scaled[0]) == pytest.approx(float(want), rel=1e-3)
+    assert float(scaled[1]) == pytest.approx(float(want), rel=1e-4)
+    with pytest.raises(ValueError, match="sv_scale must be one of"):
+        ShapleyLoss(sv_scale="log")

@@ -11,7 +11,7 @@ from shapkern.checkpoint import CHECKPOINT, PREVIOUS_CHECKPOINT
 from shapkern.models import HEADS
 from shapkern.training import TrainConfig, resumed_config, train
 from shapkern.training.distributed import DEVICES
-from shapkern.training.losses import MASK_LOSSES
+from shapkern.training.losses import MASK_LOSSES, SV_SCALES
 from shapkern.training.trainer import HEATMAPS, METRICS
 
 __all__ = ["add_parser", "run"]
@@ -36,6 +36,8 @@ ARGS = (
     ("lam", "λ, weight of the Shapley loss ℓ_sv", None),
     ("mu", "μ, weight of the masked-input loss ℓ_mask", None),
     ("num_coalitions", "coalitions per image and step (paired, so even)", None),
+    ("grad_coalitions", "of those, how many carry gradients; the others are forward-only ℓ_sv targets", None),
+    ("sv_scale", "ℓ_sv as the raw squared error, or relative to sg(‖f(x)‖²) + 1", SV_SCALES),
     ("mask_loss", "ℓ_mask", tuple("none" if m is None else m for m in MASK_LOSSES)),
     ("seed", "random seed; CPU runs with the same seed are bitwise identical", None),
     ("out", "run folder: checkpoint.pt, checkpoint.prev.pt, metrics.jsonl, explanations.png", None),
@@ -47,7 +49,15 @@ ARGS = (
     ("heatmap_images", "test images in the explanation grid (0: none)", None),
     ("max_steps", "stop after this many optimiser steps (smoke tests)", None),
 )
-OPTIONAL_INT = ("depth", "embed_dim", "num_heads", "limit_train", "limit_test", "max_steps")
+OPTIONAL_INT = (
+    "depth",
+    "embed_dim",
+    "num_heads",
+    "grad_coalitions",
+    "limit_train",
+    "limit_test",
+    "max_steps",
+)
 FLAGS = (  # booleans as --x / --no-x
     (
         "resume",

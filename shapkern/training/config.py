@@ -20,8 +20,9 @@ class TrainConfig:
     Data and model: ``data`` (``digits``, ``evidence`` or ``imagefolder:PATH``), the timm ``model``
     with ``img_size``/``patch_size`` and the optional size overrides ``depth``, ``embed_dim``,
     ``num_heads`` (None keeps timm's), the Shapley ``head`` and local backbone ``weights``.
-    Loss: λ = ``lam`` (ℓ_sv), μ = ``mu`` (ℓ_mask), ``num_coalitions`` paired per image,
-    ``mask_loss`` (``kl``, ``ce`` or None), ``stop_grad``. Optimisation: AdamW ``lr``,
+    Loss: λ = ``lam`` (ℓ_sv), μ = ``mu`` (ℓ_mask), ``num_coalitions`` paired per image of which
+    ``grad_coalitions`` carry gradients, ``sv_scale`` (``raw`` or ``relative``), ``mask_loss`` (``kl``,
+    ``ce`` or None), ``stop_grad``. Optimisation: AdamW ``lr``,
     ``weight_decay``, ``warmup_epochs`` of linear warm-up then cosine decay, ``clip_grad``.
     Run: ``seed``, ``out`` folder, ``resume``, ``device`` (``auto``, ``cuda``, ``cpu``), ``max_steps``
     (stop after that many optimiser steps, as a kill would: no checkpoint of the partial epoch).
@@ -45,6 +46,8 @@ class TrainConfig:
     lam: float = 0.1  # on digits, λ = 0.1 keeps the accuracy of λ = 0 (benchmarks/train_figures.py)
     mu: float = 1.0
     num_coalitions: int = 8
+    grad_coalitions: int | None = None  # of the num_coalitions, those that carry gradients (None: all)
+    sv_scale: str = "raw"
     mask_loss: str | None = "kl"
     stop_grad: bool = True
     seed: int = 0

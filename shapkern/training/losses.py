@@ -6,6 +6,14 @@
   down makes Φ the Shapley values of the model's own value function.
 - ℓ_mask = E_S CE(v_x(S), y), or KL(sg softmax f(x) || softmax v_x(S)): trains the model on
   masked inputs so that v_x(S) is meaningful.
+
+Only ℓ_mask needs gradients through v_x(S) (ℓ_sv's targets are stop-gradient), so the first
+``grad_coalitions`` of the M coalitions run forward and backward, and the others forward only,
+without keeping activations: they serve as ℓ_sv targets alone.
+
+ℓ_sv scales with the square of the logits, which cross-entropy grows; ``sv_scale="relative"``
+divides each image's squared error by a stop-gradient of its ‖f(x)‖² (plus one, so that small
+logits keep the plain form), which makes the trade-off λ independent of the logit scale.
 """
 
 from __future__ import annotations
@@ -19,14 +27,20 @@ from torch import nn
 
 from shapkern.coalitions import sample_coalitions
 
-__all__ = ["MASK_LOSSES", "SAMPLERS", "LossOutput", "ShapleyLoss", "shapley_regression_loss"]
+__all__ = ["MASK_LOSSES", "SAMPLERS", "SV_SCALES", "LossOutput", "ShapleyLoss", "shapley_regression_loss"]
 
 MASK_LOSSES = ("ce", "kl", None)
 SAMPLERS = ("shapley", "uniform", "bernoulli")
+SV_SCALES = ("raw", "relative")
 
 
 def shapley_regression_loss(
-    phi: torch.Tensor, values: torch.Tensor, coalitions: torch.Tensor, *, stop_grad: bool = True
+    phi: torch.Tensor,
+    values: torch.Tensor,
+    coalitions: torch.Tensor,
+    *,
+    stop_grad: bool = True,
+    logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ℓ_sv = mean over images and coalitions of || sg[v(S)] - Σ_{n∈S} Φ_n ||² (squared norm over K).
 
@@ -35,10 +49,15 @@ def shapley_regression_loss(
         values: (B, M, K) v(S) - v(∅) of each coalition (v(∅) = 0 for a ShapleyViT).
         coalitions: bool (B, M, N).
         stop_grad: detach ``values`` (the target).
+        logits: (B, K) f(x); given, each image's error is divided by sg(‖f(x)‖²) + 1 (the
+            relative form, free of the logit scale).
     """
     target = values.detach() if stop_grad else values
     predicted = torch.bmm(coalitions.to(phi.dtype), phi)
-    return (target.float() - predicted.float()).square().sum(-1).mean()
+    error = (target.float() - predicted.float()).square().sum(-1).mean(1)  # (B,)
+    if logits is not None:
+        error = error / (logits.detach().float().square().sum(-1) + 1.0)
+    return error.mean()
 
 
 def _check_targets(targets: torch.Tensor, batch: int, classes: int) -> None:
@@ -98,6 +117,10 @@ class ShapleyLoss(nn.Module):
         stop_grad: no gradient through the target v_x(S) of ℓ_sv (off only for ablation).
         mask_loss: ``"ce"``, ``"kl"`` or None.
         method: coalition sampler, ``"shapley"`` (the Shapley kernel), ``"uniform"``, ``"bernoulli"``.
+        grad_coalitions: how many of the M coalitions carry gradients (the first ones; even when
+            paired); the others run forward-only as ℓ_sv targets. None: all M.
+        sv_scale: ``"raw"`` squared error of ℓ_sv, or ``"relative"`` (divided per image by
+            sg(‖f(x)‖²) + 1).
     """
 
     def __init__(
@@ -109,6 +132,8 @@ class ShapleyLoss(nn.Module):
         stop_grad: bool = True,
         mask_loss: str | None = "kl",
         method: str = "shapley",
+        grad_coalitions: int | None = None,
+        sv_scale: str = "raw",
     ):
         super().__init__()
         if mask_loss not in MASK_LOSSES:
@@ -122,9 +147,26 @@ class ShapleyLoss(nn.Module):
         for name, value in (("lam", lam), ("mu", mu)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        grad_coalitions = num_coalitions if grad_coalitions is None else grad_coalitions
+        if not (
+            isinstance(grad_coalitions, int)
+            and 0 < grad_coalitions <= num_coalitions
+            and not (paired and grad_coalitions % 2)
+        ):
+            raise ValueError(
+                f"grad_coalitions must be an int in 1..num_coalitions={num_coalitions} (even when paired), "
+                f"got {grad_coalitions!r}"
+            )
+        if grad_coalitions < num_coalitions and not stop_grad:
+            raise ValueError(
+                "grad_coalitions < num_coalitions needs stop_grad=True (the others carry no gradient)"
+            )
+        if sv_scale not in SV_SCALES:
+            raise ValueError(f"sv_scale must be one of {SV_SCALES}, got {sv_scale!r}")
         self.lam, self.mu = float(lam), float(mu)
         self.num_coalitions, self.paired, self.stop_grad = num_coalitions, paired, stop_grad
         self.mask_loss, self.method = mask_loss, method
+        self.grad_coalitions, self.sv_scale = grad_coalitions, sv_scale
 
     def sample(self, batch: int, players: int, generator: torch.Generator | None = None, device=None):
         """bool (B, M, N) coalitions from this loss's sampler."""
@@ -147,7 +189,8 @@ class ShapleyLoss(nn.Module):
         *,
         generator: torch.Generator | None = None,
     ) -> LossOutput:
-        """One loss evaluation: Φ, f and v_x(S) from a single packed pass of the engine.
+        """One loss evaluation: Φ, f and v_x(S) of the gradient-carrying coalitions from one packed
+        pass of the engine, and the forward-only ℓ_sv targets from a second pass without autograd.
 
         Args:
             model: a ShapleyViT, or one wrapped in DistributedDataParallel: it is called as
@@ -173,12 +216,21 @@ class ShapleyLoss(nn.Module):
                 f"coalitions must be (B, M, N) = ({images.shape[0]}, M, {players}) for this model and batch, "
                 f"got {tuple(coalitions.shape)}"
             )
-        out = model(images, coalitions, paired=self.paired)  # through DDP's forward
+        graded = coalitions[:, : self.grad_coalitions]
+        out = model(images, graded, paired=self.paired)  # through DDP's forward
+        sv_targets = out.values
+        if self.grad_coalitions < coalitions.shape[1]:  # forward-only ℓ_sv targets: no activations kept
+            with torch.no_grad():
+                rest = shapley_vit.coalition_values(
+                    images, coalitions[:, self.grad_coalitions :], paired=self.paired
+                )
+            sv_targets = torch.cat([out.values.detach(), rest.to(out.values.dtype)], dim=1)
         cls = F.cross_entropy(out.logits, targets)
-        sv = shapley_regression_loss(out.phi, out.values, coalitions, stop_grad=self.stop_grad)
+        scale = out.logits if self.sv_scale == "relative" else None
+        sv = shapley_regression_loss(out.phi, sv_targets, coalitions, stop_grad=self.stop_grad, logits=scale)
         total = cls + self.lam * sv
         if self.mask_loss == "ce":
-            mask = F.cross_entropy(out.values.flatten(0, 1), targets.repeat_interleave(coalitions.shape[1]))
+            mask = F.cross_entropy(out.values.flatten(0, 1), targets.repeat_interleave(graded.shape[1]))
         elif self.mask_loss == "kl":
             teacher = out.logits.detach().log_softmax(-1).unsqueeze(1).expand_as(out.values)
             mask = (

@@ -115,7 +115,13 @@ class Trainer:
         np.random.seed(cfg.seed)
         self.model = build_model(cfg, self.bundle).to(self.device)
         self.loss = ShapleyLoss(
-            cfg.lam, cfg.mu, cfg.num_coalitions, stop_grad=cfg.stop_grad, mask_loss=cfg.mask_loss
+            cfg.lam,
+            cfg.mu,
+            cfg.num_coalitions,
+            stop_grad=cfg.stop_grad,
+            mask_loss=cfg.mask_loss,
+            grad_coalitions=cfg.grad_coalitions,
+            sv_scale=cfg.sv_scale,
         )
         self.ddp = self.model
         if self.dist.world > 1:
