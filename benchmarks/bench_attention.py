@@ -1,29 +1,39 @@
-"""Attention micro-benchmark at ViT shapes: shapkern's Triton varlen kernel against the alternatives.
+"""Attention micro-benchmark at ViT shapes: shapkern's Triton varlen kernels against the alternatives.
 
-    python benchmarks/bench_attention.py [--device cuda|cpu] [--dtype bf16] [--sequences 1024]
+    python benchmarks/bench_attention.py [--device cuda|cpu] [--dtype bf16] [--sequences 1024] [--out DIR]
 
 Sequence lengths are Shapley-kernel coalitions (paired) of N = 196 (224 px) and N = 576 (384 px)
-patches plus a class token; 12 heads of dim 64. Methods: shapkern varlen (packed), SDPA on
-complementary pairs with a dense block mask, FlexAttention with a document mask on the same rows,
-and torch varlen_attn (packed). Reports forward and forward+backward TFLOP/s (useful FLOPs:
+patches plus a class token; 12 heads of dim 64. Methods: shapkern varlen (packed) under both
+schedules of its kernels (short: whole sequences per program, one backward kernel; long: one query
+or key block per program, three backward kernels; the default takes short for max_seqlen <=
+SHORT_MAX_SEQLEN), SDPA on complementary pairs with a dense block mask, FlexAttention with a
+document mask on the same rows, and torch varlen_attn (packed). All methods are timed round-robin
+in one run (benchmarks/harness.py). Reports forward and forward+backward TFLOP/s (useful FLOPs:
 4·s²·H·D per sequence forward, 2.5× that backward) and checks each against an fp32 reference.
+Writes attention.{json,md}.
 """
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Callable
+from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 
-import common
+import baselines
+import harness
 import torch
 import torch.nn.functional as F
 
 import shapkern
+from shapkern.kernels import varlen_attention as kernels
 from shapkern.ops.varlen_attention import varlen_attention_reference
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HEADS, HEAD_DIM = 12, 64
+# shapkern's rows: the kernels.SHORT_MAX_SEQLEN each runs under (inf: always short; 0: always long).
+SCHEDULES = {
+    "shapkern varlen, short schedule": {"fwd": float("inf"), "bwd": float("inf")},
+    "shapkern varlen, long schedule": {"fwd": 0, "bwd": 0},
+}
 
 
 def make_inputs(players: int, sequences: int, dtype, device):
@@ -37,6 +47,17 @@ def make_inputs(players: int, sequences: int, dtype, device):
     return q, k, v, cu_seqlens, players + 1, lengths
 
 
+@contextmanager
+def schedule(short_max_seqlen: dict):
+    """Run shapkern's kernels under one schedule (kernels.SHORT_MAX_SEQLEN) inside the block."""
+    saved = kernels.SHORT_MAX_SEQLEN
+    kernels.SHORT_MAX_SEQLEN = short_max_seqlen
+    try:
+        yield
+    finally:
+        kernels.SHORT_MAX_SEQLEN = saved
+
+
 def _pair_rows(x, lengths):
     """(T, H, D) packed pairs -> (R/2, H, L, D) rows, L = sum of a pair's lengths, and the group ids."""
     pairs = lengths.view(-1, 2)
@@ -48,6 +69,11 @@ def _pair_rows(x, lengths):
 
 def _from_rows(rows):
     return rows.transpose(1, 2).reshape(-1, *rows.shape[1:2], rows.shape[-1])
+
+
+def shapkern_varlen(q, k, v, cu_seqlens, max_seqlen, lengths):
+    # The plan is valid by construction, as in the engine: no host sync for validation.
+    return shapkern.ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen, validate=False)
 
 
 def sdpa_pairs(q, k, v, cu_seqlens, max_seqlen, lengths):
@@ -73,101 +99,140 @@ def flex_pairs(q, k, v, cu_seqlens, max_seqlen, lengths):
     return _from_rows(_compiled_flex(qr, kr, vr, block_mask=block_mask))
 
 
+METHODS = {
+    **dict.fromkeys(SCHEDULES, shapkern_varlen),
+    "pairs + dense mask, SDPA": sdpa_pairs,
+    "pairs, FlexAttention": flex_pairs,
+    "packed, torch varlen_attn": lambda q, k, v, cu, m, lengths: baselines.torch_varlen(q, k, v, cu, m),
+}
+CPU_METHODS = ("pairs + dense mask, SDPA", *SCHEDULES)  # the CPU runs the PyTorch reference for shapkern
+
+
+def _in_schedule(name: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn, run under shapkern's schedule of method ``name`` (forward and backward alike)."""
+    if name not in SCHEDULES:
+        return fn
+
+    def run():
+        with schedule(SCHEDULES[name]):
+            return fn()
+
+    return run
+
+
 def _forward_backward(fn, grad, *inputs):
     fn(*inputs).backward(grad)
 
 
-METHODS = {
-    "shapkern varlen (Triton)": lambda q, k, v, cu, m, lengths: shapkern.ops.varlen_attention(q, k, v, cu, m),
-    "pairs + dense mask, SDPA": sdpa_pairs,
-    "pairs, FlexAttention": flex_pairs,
-    "packed, torch varlen_attn": lambda q, k, v, cu, m, lengths: common._torch_varlen(q, k, v, cu, m),
-}
-
-
 def measure(args) -> dict:
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
+    dtype = harness.DTYPES[args.dtype]
     rows = []
     for players in args.players:
         q, k, v, cu_seqlens, max_seqlen, lengths = make_inputs(players, args.sequences, dtype, device)
         # Pairs are laid out contiguously, so the dense-row methods see the same packed tokens.
         flops = float((4 * lengths.double() ** 2 * HEADS * HEAD_DIM).sum())
         want = varlen_attention_reference(q.float(), k.float(), v.float(), cu_seqlens, max_seqlen)
-        for name, fn in METHODS.items():
-            row = {"method": name, "players": players, "sequences": args.sequences}
-            if device.type != "cuda" and name != "pairs + dense mask, SDPA":
-                row["unavailable"] = "needs CUDA"
-                rows.append(row)
-                continue
-            forward = partial(fn, q, k, v, cu_seqlens, max_seqlen, lengths)
+        names = [n for n in METHODS if device.type == "cuda" or n in CPU_METHODS]
+        forward, step, errors = {}, {}, {}
+        for name in names:
+            fn = METHODS[name]
+            forward[name] = _in_schedule(name, partial(fn, q, k, v, cu_seqlens, max_seqlen, lengths))
             with torch.no_grad():
-                row["relative_error"] = common.relative_error(forward(), want)
-                fwd = common.time_fn(forward, device, repeats=args.repeats)
+                errors[name] = harness.relative_error(forward[name](), want)
             qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-            step = partial(
-                _forward_backward, fn, torch.randn_like(q), qg, kg, vg, cu_seqlens, max_seqlen, lengths
+            grad = torch.randn_like(q)
+            step[name] = _in_schedule(
+                name, partial(_forward_backward, fn, grad, qg, kg, vg, cu_seqlens, max_seqlen, lengths)
             )
-            both = common.time_fn(step, device, repeats=args.repeats)
-            row["forward_tflops"] = flops / (fwd["median_ms"] * 1e-3) / 1e12
-            row["forward+backward_tflops"] = 3.5 * flops / (both["median_ms"] * 1e-3) / 1e12
-            row["forward"], row["forward+backward"] = fwd, both
+        with torch.no_grad():
+            fwd = harness.time_interleaved(forward, device, repeats=args.repeats, catch=True)
+        both = harness.time_interleaved(step, device, repeats=args.repeats, catch=True)
+        default = {d: "short" if kernels.short_schedule(d, max_seqlen) else "long" for d in ("fwd", "bwd")}
+        for name in METHODS:
+            row = {"method": name, "players": players, "sequences": args.sequences}
+            if name in SCHEDULES:
+                row["default_schedule"] = [
+                    d for d, which in default.items() if name.endswith(f"{which} schedule")
+                ]
+            if name not in names:
+                row["unavailable"] = "needs CUDA"
+            elif "failed" in fwd[name] or "failed" in both[name]:
+                row["failed"] = fwd[name].get("failed") or both[name]["failed"]
+            else:
+                row["relative_error"] = errors[name]
+                row["forward"], row["forward+backward"] = fwd[name], both[name]
+                row["forward_tflops"] = flops / (fwd[name]["median_ms"] * 1e-3) / 1e12
+                row["forward+backward_tflops"] = 3.5 * flops / (both[name]["median_ms"] * 1e-3) / 1e12
+                print(
+                    f"N={players:<4} {name:<34} fwd {row['forward_tflops']:7.2f} TFLOP/s  "
+                    f"fwd+bwd {row['forward+backward_tflops']:7.2f} TFLOP/s  err {row['relative_error']:.1e}",
+                    flush=True,
+                )
             rows.append(row)
-            print(
-                f"N={players:<4} {name:<28} fwd {row['forward_tflops']:7.2f} TFLOP/s  "
-                f"fwd+bwd {row['forward+backward_tflops']:7.2f} TFLOP/s  err {row['relative_error']:.1e}",
-                flush=True,
-            )
     return {
-        "environment": common.environment(device),
+        "environment": harness.environment(device),
+        "command": harness.command_line(),
         "dtype": args.dtype,
         "heads": HEADS,
         "head_dim": HEAD_DIM,
+        "short_max_seqlen": kernels.SHORT_MAX_SEQLEN,
+        "seqs_per_program": kernels.SEQS_PER_PROGRAM,
         "rows": rows,
     }
 
 
 def markdown(result: dict) -> str:
-    env = result["environment"]
-    lines = [
-        f"# Varlen attention on {common.hardware_name(env)}",
-        "",
-        (
-            f"{result['dtype']}, {result['heads']} heads × {result['head_dim']}; torch {env['torch']}, "
-            f"triton {env['triton']}, {env['date']}. Paired Shapley-kernel coalition lengths + 1 class token."
-        ),
-        "",
-        "| N | method | forward TFLOP/s | forward+backward TFLOP/s | rel. error |",
-        "|---|---|---|---|---|",
-    ]
+    env, limits = result["environment"], result["short_max_seqlen"]
+    table = []
     for row in result["rows"]:
-        if "unavailable" in row:
-            lines.append(f"| {row['players']} | {row['method']} | unavailable: {row['unavailable']} | | |")
+        default = row.get("default_schedule")
+        method = row["method"] + (f" (default: {' and '.join(default)})" if default else "")
+        if "unavailable" in row or "failed" in row:
+            table.append([row["players"], method, row.get("unavailable") or f"failed: {row['failed']}"])
         else:
-            lines.append(
-                f"| {row['players']} | {row['method']} | {row['forward_tflops']:.2f} | "
-                f"{row['forward+backward_tflops']:.2f} | {row['relative_error']:.1e} |"
+            table.append(
+                [
+                    row["players"],
+                    method,
+                    f"{row['forward_tflops']:.2f}",
+                    f"{row['forward+backward_tflops']:.2f}",
+                    f"{row['relative_error']:.1e}",
+                ]
             )
-    return "\n".join(lines) + "\n"
+    intro = (
+        f"{result['dtype']}, {result['heads']} heads × {result['head_dim']}; torch {env['torch']}, "
+        f"triton {env['triton']}, {env['date']}. Paired Shapley-kernel coalition lengths + 1 class token. "
+        f"shapkern's default: short schedule (whole sequences, {result['seqs_per_program']} per program) "
+        f"for max_seqlen ≤ {limits['fwd']} (forward) and ≤ {limits['bwd']} (backward), else long. "
+        f"`{result['command']}`"
+    )
+    headers = ["N", "method", "forward TFLOP/s", "forward+backward TFLOP/s", "rel. error"]
+    return f"# Varlen attention on {harness.hardware_name(env)}\n\n{intro}\n\n" + harness.markdown_table(
+        headers, table, align="rlrrr"
+    )
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = harness.argument_parser(__doc__)
+    parser.add_argument(
+        "--dtype", default=None, choices=list(harness.DTYPES), help="default: bf16 on CUDA, else fp32"
     )
-    parser.add_argument("--device", default=common.default_device(), choices=["cuda", "cpu"])
-    parser.add_argument("--dtype", default=None, choices=list(DTYPES))
     parser.add_argument("--players", type=int, nargs="+", default=[196, 576])
-    parser.add_argument("--sequences", type=int, default=None, help="sequences per call (even)")
+    parser.add_argument(
+        "--sequences",
+        type=int,
+        default=None,
+        help="sequences per call (even); default: 1024 on CUDA, else 32",
+    )
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.sequences = args.sequences or (1024 if args.device == "cuda" else 32)
-    common.configure_cpu_threads()
+    harness.configure_cpu_threads()
     result = measure(args)
-    out = common.results_dir(args.out, args.device)
-    common.write_results(out, "attention", result, markdown(result))
+    out = harness.results_dir(args.out, args.device)
+    harness.write_results(out, "attention", result, markdown(result))
     print(markdown(result))
     return result
 

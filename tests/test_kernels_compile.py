@@ -2,7 +2,8 @@
 
 Kernels decorated under TRITON_INTERPRET=1 (set by conftest when there is no GPU) are interpreted
 functions that cannot be compiled, so the check runs this file as a script in a subprocess without
-that variable. Run ``python tests/test_kernels_compile.py`` to print the register report.
+that variable. Run ``python tests/test_kernels_compile.py`` to print the register report, or
+``python tests/test_kernels_compile.py bwd_short bf16 64 64,32,8,2`` to try one tile.
 """
 
 import importlib.util
@@ -21,6 +22,14 @@ KERNELS_FILE = Path(__file__).resolve().parents[1] / "shapkern" / "kernels" / "v
 # (dtype, head dim): bf16 at ViT's D=64 and at the largest padded tile; fp16 with a padded head dim;
 # fp32 (FMA dots).
 CASES = [("bf16", 64), ("bf16", 128), ("fp16", 80), ("fp32", 64)]
+# Every kernel, by its block_config name: the long schedule's three and the short schedule's two.
+KERNELS = {
+    "fwd": "_fwd_kernel",
+    "dkdv": "_bwd_dkdv_kernel",
+    "dq": "_bwd_dq_kernel",
+    "fwd_short": "_fwd_short_kernel",
+    "bwd_short": "_bwd_short_kernel",
+}
 
 
 def _ptxas() -> str | None:
@@ -39,11 +48,11 @@ def _signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, dict]:
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in ("LSE", "DELTA"):
+        elif name in ("LSE", "DELTA", "DQ_ACC"):
             signature[name] = "*fp32"
         elif name == "CU_SEQLENS":
             signature[name] = "*i32"
-        elif name.startswith("stride") or name == "H":
+        elif name.startswith("stride") or name in ("H", "num_seqs"):
             signature[name] = "i32"
         elif name.endswith("scale"):
             signature[name] = "fp32"
@@ -55,8 +64,26 @@ def _signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, dict]:
     return signature, attrs
 
 
-def compile_report() -> list[dict]:
-    """Compile fwd, dK/dV and dQ kernels for every case; ptxas -v registers and spills per kernel."""
+def _constexprs(kernels, name: str, dtype, D: int, config) -> dict:
+    """The launchers' compile-time arguments for one kernel."""
+    block_m, block_n = config[:2]
+    constexprs = {
+        "D": D,
+        "BLOCK_D": kernels.triton.next_power_of_2(D),
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "PRECISION": kernels._precision(dtype),
+    }
+    if name.endswith("short"):
+        constexprs["SEQS"] = kernels.SEQS_PER_PROGRAM
+    return constexprs
+
+
+def compile_report(cases=None, kernel_names=tuple(KERNELS), config=None) -> list[dict]:
+    """Compile every kernel for every (dtype, D) case; ptxas -v registers and spills per kernel.
+
+    config: a (BLOCK_M, BLOCK_N, num_warps, num_stages) tile to try instead of block_config's.
+    """
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -67,21 +94,12 @@ def compile_report() -> list[dict]:
     torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     ptxas = _ptxas()
     report = []
-    for dtype, D in CASES:
-        block_d = triton.next_power_of_2(D)
-        for name, kernel in (
-            ("fwd", kernels._fwd_kernel),
-            ("dkdv", kernels._bwd_dkdv_kernel),
-            ("dq", kernels._bwd_dq_kernel),
-        ):
-            block_m, block_n, num_warps, num_stages = kernels.block_config(name, torch_dtypes[dtype], block_d)
-            constexprs = {
-                "D": D,
-                "BLOCK_D": block_d,
-                "BLOCK_M": block_m,
-                "BLOCK_N": block_n,
-                "PRECISION": kernels._precision(torch_dtypes[dtype]),
-            }
+    for dtype, D in cases or CASES:
+        for name in kernel_names:
+            kernel = getattr(kernels, KERNELS[name])
+            tile = config or kernels.block_config(name, torch_dtypes[dtype], triton.next_power_of_2(D))
+            block_m, block_n, num_warps, num_stages = tile
+            constexprs = _constexprs(kernels, name, torch_dtypes[dtype], D, tile)
             signature, attrs = _signature(kernel, dtype, constexprs)
             src = triton.compiler.ASTSource(
                 fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs
@@ -127,7 +145,7 @@ def test_kernels_compile_for_hopper_without_spills():
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.splitlines()[-1])
-    assert len(report) == 3 * len(CASES)
+    assert len(report) == len(KERNELS) * len(CASES)
     for entry in report:
         assert entry["ptx_chars"] > 0 and entry["cubin_bytes"] > 0, entry
         if entry["dtype"] != "fp32":
@@ -136,4 +154,9 @@ def test_kernels_compile_for_hopper_without_spills():
 
 
 if __name__ == "__main__":
-    print(json.dumps(compile_report()))
+    if len(sys.argv) > 1:  # kernel dtype D BLOCK_M,BLOCK_N,warps,stages
+        name, dtype, D, tile = sys.argv[1:5]
+        config = tuple(int(x) for x in tile.split(","))
+        print(json.dumps(compile_report([(dtype, int(D))], (name,), config)))
+    else:
+        print(json.dumps(compile_report()))

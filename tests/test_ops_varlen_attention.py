@@ -1,12 +1,18 @@
+import importlib
 import os
+import warnings
 from functools import partial
 
 import pytest
 import torch
 
+from shapkern.kernels import varlen_attention as kernels
 from shapkern.kernels.varlen_attention import varlen_attention_backward, varlen_attention_forward
 from shapkern.ops import varlen_attention
-from shapkern.ops.varlen_attention import VarlenAttentionFunction, varlen_attention_reference
+from shapkern.ops.varlen_attention import varlen_attention_reference
+
+# The module (the attribute shapkern.ops.varlen_attention is the op function).
+op_module = importlib.import_module("shapkern.ops.varlen_attention")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 RUN_KERNELS = INTERPRET or torch.cuda.is_available()
@@ -15,6 +21,9 @@ KERNEL_DEVICE = "cpu" if INTERPRET else "cuda"
 needs_kernels = pytest.mark.skipif(
     not RUN_KERNELS, reason="Triton kernels need TRITON_INTERPRET=1 or a CUDA GPU"
 )
+# The shapkern::varlen_attention_fwd op with its registered autograd: the Triton path of
+# varlen_attention on any device the kernels run on (CUDA, or the CPU under the interpreter).
+triton_attention = torch.ops.shapkern.varlen_attention_fwd
 
 
 def make_inputs(lengths, H, D, dtype, device="cpu", seed=0):
@@ -25,17 +34,56 @@ def make_inputs(lengths, H, D, dtype, device="cpu", seed=0):
     T = int(cu[-1])
     qkv = torch.randn(T, 3, H, D, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
     q, k, v = qkv.unbind(1)
-    return q, k, v, cu.to(KERNEL_DEVICE)
+    return q, k, v, cu.to(device)
+
+
+def paired_lengths(players: int, prefix: int, first_sizes):
+    """Sequence lengths of complementary coalition pairs: (P + s, P + N - s) for each s."""
+    return [n for s in first_sizes for n in (prefix + s, prefix + players - s)]
 
 
 def naive_attention(q, k, v, cu, scale):
     """Per-sequence loop with an explicit softmax, float64."""
     out = torch.zeros(q.shape, dtype=torch.float64)
-    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        qs, ks, vs = (x[s:e].double().transpose(0, 1) for x in (q, k, v))  # (H, L, D)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        qs, ks, vs = (x[s:e].double().cpu().transpose(0, 1) for x in (q, k, v))  # (H, L, D)
         p = torch.softmax(qs @ ks.transpose(1, 2) * scale, dim=-1)
         out[s:e] = (p @ vs).transpose(0, 1)
     return out
+
+
+class _LaunchSpy:
+    """Stands in for a Triton kernel in the launchers' module and records each launch by name."""
+
+    def __init__(self, kernel, name: str, launched: list):
+        self.kernel, self.name, self.launched = kernel, name, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(self.name)
+        return self.kernel[grid]
+
+
+SCHEDULE_KERNELS = {
+    "short": ["_fwd_short_kernel", "_bwd_short_kernel"],
+    "long": ["_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"],
+}
+
+
+@pytest.fixture(params=["short", "long"])
+def schedule(request, monkeypatch):
+    """Run the kernels under the short schedule (whole sequences per program) or the long one.
+
+    Returns (schedule, names of the kernels launched so far), to compare with SCHEDULE_KERNELS.
+    """
+    if request.param == "long":
+        monkeypatch.setattr(kernels, "SHORT_MAX_SEQLEN", {"fwd": 0, "bwd": 0})
+    launched = []
+    for name in SCHEDULE_KERNELS["short"] + SCHEDULE_KERNELS["long"]:
+        monkeypatch.setattr(kernels, name, _LaunchSpy(getattr(kernels, name), name, launched))
+    return request.param, launched
+
+
+# ------------------------------------------------------------------------------------------ reference
 
 
 @pytest.mark.parametrize("buckets", [0, 1, 2, 4])
@@ -68,6 +116,9 @@ def test_reference_gradcheck_and_empty_sequence(buckets, lengths):
     assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
 
 
+# -------------------------------------------------------------------------------------------- kernels
+
+
 def run_kernels(lengths, H, D, dtype, max_seqlen, device="cpu", seed=0):
     """Triton forward and backward and the float64 reference: (got, want) pairs, lse and reference inputs."""
     q, k, v, cu = make_inputs(lengths, H, D, dtype, device, seed)
@@ -86,7 +137,7 @@ def run_kernels(lengths, H, D, dtype, max_seqlen, device="cpu", seed=0):
 
 def assert_matches(pairs, dtype):
     tol = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 5e-3), torch.bfloat16: (2e-2, 2e-2)}[dtype]
-    for name, (got, want) in zip(("out", "dq", "dk", "dv"), pairs):
+    for name, (got, want) in zip(("out", "dq", "dk", "dv"), pairs, strict=True):
         assert got.dtype == dtype, name
         assert torch.isfinite(got).all(), name
         torch.testing.assert_close(
@@ -110,14 +161,16 @@ def assert_matches(pairs, dtype):
         ([17, 3], 128, torch.float16),
     ],
 )
-def test_kernels_match_reference(lengths, D, dtype):
+def test_kernels_match_reference(lengths, D, dtype, schedule):
     *pairs, lse, (q64, k64, cu, scale) = run_kernels(lengths, 2, D, dtype, max(lengths) + 5, KERNEL_DEVICE)
+    name, launched = schedule
+    assert launched == SCHEDULE_KERNELS[name]
     assert_matches(pairs, dtype)
     # The saved log-sum-exp is natural-log, (T, H) fp32.
     want_lse = torch.cat(
         [
             torch.logsumexp(torch.einsum("qhd,khd->hqk", q64[s:e], k64[s:e]) * scale, dim=-1).T
-            for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())
+            for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)
         ]
     )
     assert lse.dtype == torch.float32 and lse.shape == q64.shape[:2]
@@ -125,7 +178,28 @@ def test_kernels_match_reference(lengths, D, dtype):
 
 
 @needs_kernels
-def test_kernels_very_negative_scores():
+@pytest.mark.parametrize("seqs_per_program", [1, 2, 3])
+@pytest.mark.parametrize(
+    "lengths, dtype",
+    [
+        # Complementary pairs (P = 1, N = 30), including the empty and the full coalition's partner.
+        (paired_lengths(30, 1, [0, 1, 29, 12, 30]), torch.float32),
+        (paired_lengths(30, 1, [3, 15, 30]), torch.float16),
+        # Empty sequences and single tokens around sequences of 1-3 key blocks (the dQ partial sums);
+        # an odd count leaves a program with fewer sequences than seqs_per_program.
+        ([0, 1, 0, 33, 1, 16, 17, 0, 48], torch.float32),
+    ],
+)
+def test_short_schedule_groups_of_sequences(lengths, dtype, seqs_per_program, monkeypatch):
+    monkeypatch.setattr(kernels, "SEQS_PER_PROGRAM", seqs_per_program)
+    max_seqlen = max(lengths)
+    assert kernels.short_schedule("fwd", max_seqlen) and kernels.short_schedule("bwd", max_seqlen)
+    *pairs, _, _ = run_kernels(lengths, 2, 32, dtype, max_seqlen, KERNEL_DEVICE, seed=seqs_per_program)
+    assert_matches(pairs, dtype)
+
+
+@needs_kernels
+def test_kernels_very_negative_scores(schedule):
     """All scores around -500: padded keys must not overflow exp in the backward (lse is very negative)."""
     q, k, v, cu = make_inputs([7, 3], 1, 32, torch.float32, KERNEL_DEVICE)
     q, k = q + 10, -(k.abs() + 10)
@@ -136,68 +210,99 @@ def test_kernels_very_negative_scores():
     ref = varlen_attention_reference(*leaves, cu, 16, 0.2)
     ref.backward(dout.double())
     assert lse.max() < -100
-    assert_matches([(out, ref)] + [(g, x.grad) for g, x in zip(grads, leaves)], torch.float32)
+    assert_matches([(out, ref)] + [(g, x.grad) for g, x in zip(grads, leaves, strict=True)], torch.float32)
+
+
+# ------------------------------------------------------------------------------ custom op and autograd
 
 
 @needs_kernels
-def test_autograd_function_matches_reference():
-    """The Triton autograd.Function (via its custom ops) called directly, also on CPU under the interpreter."""
+def test_custom_op_autograd_matches_reference(schedule):
+    """shapkern::varlen_attention_fwd's registered autograd (backward: shapkern::varlen_attention_bwd)."""
     q, k, v, cu = make_inputs([9, 0, 20], 2, 32, torch.float32, KERNEL_DEVICE)
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     refs = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    out = VarlenAttentionFunction.apply(*leaves, cu, 24, 0.2)
+    out, lse = triton_attention(*leaves, cu, 24, 0.2)
+    assert not lse.requires_grad
     ref = varlen_attention_reference(*refs, cu, 24, 0.2)
     dout = torch.randn(out.shape, dtype=torch.float64, device=KERNEL_DEVICE)
     out.backward(dout.float())
     ref.backward(dout)
-    assert_matches([(out, ref)] + [(a.grad, b.grad) for a, b in zip(leaves, refs)], torch.float32)
+    pairs = [(out, ref)] + [(a.grad, b.grad) for a, b in zip(leaves, refs, strict=True)]
+    assert_matches(pairs, torch.float32)
 
 
 @needs_kernels
-def test_autograd_function_traces_under_torch_compile():
-    """Fake kernels let torch.compile trace forward and backward in one graph (aot_eager: no codegen)."""
-    q, k, v, cu = make_inputs([9, 20], 2, 32, torch.float32, KERNEL_DEVICE)
+def test_custom_ops_pass_opcheck():
+    """Schemas, fake kernels and autograd registration agree with the real kernels (torch.library.opcheck)."""
+    q, k, v, cu = make_inputs([5, 0, 9], 1, 32, torch.float32, KERNEL_DEVICE)
+    q, k, v = (x.contiguous().requires_grad_() for x in (q, k, v))
+    torch.library.opcheck(torch.ops.shapkern.varlen_attention_fwd, (q, k, v, cu, 12, 0.3))
+    out, lse = triton_attention(q, k, v, cu, 12, 0.3)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(
+        torch.ops.shapkern.varlen_attention_bwd,
+        (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, cu, 12, 0.3),
+    )
+
+
+@needs_kernels
+def test_op_traces_under_torch_compile_fullgraph(schedule, monkeypatch):
+    """The public op (validation included, skipped while tracing) in one graph, forward and backward
+    (aot_eager: the fake kernels trace, the real kernels run)."""
+    monkeypatch.setattr(op_module, "_use_triton", lambda q: True)  # the interpreter's kernels on the CPU
+    q, k, v, cu = make_inputs([9, 20, 0, 3], 2, 32, torch.float32, KERNEL_DEVICE)
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    refs = [x.detach().double().requires_grad_() for x in (q, k, v)]
     fn = torch.compile(
-        lambda q, k, v: VarlenAttentionFunction.apply(q, k, v, cu, 24, 0.2),
-        backend="aot_eager",
-        fullgraph=True,
+        lambda q, k, v: varlen_attention(q, k, v, cu, 24, 0.2), backend="aot_eager", fullgraph=True
     )
     out = fn(*leaves)
-    out.sum().backward()
-    ref = varlen_attention_reference(q, k, v, cu, 24, 0.2)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert all(torch.isfinite(x.grad).all() for x in leaves)
+    ref = varlen_attention_reference(*refs, cu, 24, 0.2)
+    dout = torch.randn(out.shape, dtype=torch.float64, device=KERNEL_DEVICE)
+    out.backward(dout.float())
+    ref.backward(dout)
+    pairs = [(out, ref)] + [(a.grad, b.grad) for a, b in zip(leaves, refs, strict=True)]
+    assert_matches(pairs, torch.float32)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("D", [32, 64, 80, 96, 128])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_cuda_vit_shapes(D, dtype):
-    lengths = torch.randint(1, 200, (24,), generator=torch.Generator().manual_seed(D)).tolist()
-    lengths[3], lengths[7] = 0, 197
-    *pairs, _, _ = run_kernels(lengths, 12, D, dtype, 256, "cuda")
-    assert_matches(pairs, dtype)
+# --------------------------------------------------------------------------------------------- checks
 
 
-@pytest.mark.cuda
-def test_cuda_more_sequences_than_a_grid_y_dimension():
-    """Sequences sit on the grid's x axis: more than 65535 of them must work."""
-    lengths = [1, 2, 0] * 23000
-    *pairs, _, _ = run_kernels(lengths, 1, 32, torch.float16, 2, "cuda")
-    assert_matches(pairs, torch.float16)
+@pytest.mark.parametrize(
+    "cu_seqlens, max_seqlen, match",
+    [
+        ([0, 2, 5, 8], 10, r"cu_seqlens\[-1\] must equal the number of tokens T = q.shape\[0\] = 10, got 8"),
+        ([2, 4, 6, 10], 10, r"cu_seqlens\[0\] must be 0, got 2"),
+        (
+            [0, 7, 3, 10],
+            10,
+            r"cu_seqlens must be non-decreasing, got cu_seqlens\[2\] = 3 < cu_seqlens\[1\] = 7",
+        ),
+        ([0, 3, 6, 14], 10, r"cu_seqlens\[-1\] must equal the number of tokens .* got 14"),
+        ([0, 4, 8], 10, r"cu_seqlens\[-1\] must equal the number of tokens .* got 8"),
+        ([0, 3, 10], 5, r"max_seqlen = 5 is less than the longest sequence: sequence 1 holds 7 tokens"),
+    ],
+)
+def test_bad_plan_is_a_value_error(cu_seqlens, max_seqlen, match):
+    q, k, v, _ = make_inputs([10], 2, 8, torch.float32)
+    with pytest.raises(ValueError, match=f"varlen_attention: {match}"):
+        varlen_attention(q, k, v, torch.tensor(cu_seqlens, dtype=torch.int32), max_seqlen)
 
 
-@pytest.mark.cuda
-def test_cuda_op_autograd_and_compile():
-    q, k, v, cu = make_inputs([50, 197, 0, 120], 12, 64, torch.bfloat16, "cuda")
-    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    out = varlen_attention(q, k, v, cu, 256)
-    ref = varlen_attention_reference(q.double(), k.double(), v.double(), cu, 256)
-    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
-    out.sum().backward()
-    compiled = torch.compile(lambda q, k, v: varlen_attention(q, k, v, cu, 256), fullgraph=True)
-    torch.testing.assert_close(compiled(q, k, v), out)
+def test_validate_false_skips_the_value_checks(monkeypatch):
+    """validate=False is the engine's no-sync path: the plan's values are not read."""
+
+    def read_plan(*args):
+        raise AssertionError("the plan's values were read")
+
+    monkeypatch.setattr(op_module, "_check_plan", read_plan)
+    q, k, v, cu = make_inputs([3, 7], 2, 8, torch.float32)
+    torch.testing.assert_close(
+        varlen_attention(q, k, v, cu, 7, validate=False), naive_attention(q, k, v, cu, 8**-0.5).float()
+    )
+    with pytest.raises(AssertionError, match="values were read"):
+        varlen_attention(q, k, v, cu, 7)
 
 
 def test_bad_inputs_name_the_argument():
@@ -218,6 +323,76 @@ def test_bad_inputs_name_the_argument():
         varlen_attention(q, k, v, cu, torch.tensor(4))
 
 
+# ----------------------------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("D", [32, 64, 80, 96, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_vit_shapes(D, dtype, schedule):
+    lengths = torch.randint(1, 200, (24,), generator=torch.Generator().manual_seed(D)).tolist()
+    lengths[3], lengths[7] = 0, 197
+    *pairs, _, _ = run_kernels(lengths, 12, D, dtype, 256, "cuda")
+    assert_matches(pairs, dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_vit_base_coalition_pairs(schedule):
+    """ViT-B/16 at 224: complementary pairs of N = 196 patches + 1 class token, 12 heads x 64, bf16."""
+    sizes = torch.randint(0, 197, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    sizes[:4] = [0, 1, 195, 196]
+    *pairs, _, _ = run_kernels(paired_lengths(196, 1, sizes), 12, 64, torch.bfloat16, 197, "cuda")
+    assert_matches(pairs, torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_cuda_more_sequences_than_a_grid_y_dimension(schedule):
+    """Sequences sit on the grid's x axis: more than 65535 of them must work."""
+    lengths = [1, 2, 0] * 23000
+    *pairs, _, _ = run_kernels(lengths, 1, 32, torch.float16, 2, "cuda")
+    assert_matches(pairs, torch.float16)
+
+
+@pytest.mark.cuda
+def test_cuda_op_autograd_and_compile():
+    q, k, v, cu = make_inputs([50, 197, 0, 120], 12, 64, torch.bfloat16, "cuda")
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = varlen_attention(q, k, v, cu, 256)
+    ref = varlen_attention_reference(q.double(), k.double(), v.double(), cu, 256)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+    out.sum().backward()
+    eager_grads = [x.grad for x in (q, k, v)]
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    compiled = torch.compile(lambda q, k, v: varlen_attention(q, k, v, cu, 256), fullgraph=True)
+    out_compiled = compiled(*leaves)
+    out_compiled.sum().backward()
+    torch.testing.assert_close(out_compiled, out)
+    for got, want in zip([x.grad for x in leaves], eager_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def _count_syncs(fn) -> int:
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+@pytest.mark.cuda
+def test_cuda_host_syncs():
+    """validate=True costs one host sync; validate=False none, forward and backward."""
+    q, k, v, cu = make_inputs([50, 197, 0, 120], 2, 64, torch.bfloat16, "cuda")
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    varlen_attention(q, k, v, cu, 197).sum().backward()  # compile the kernels first
+    assert _count_syncs(lambda: varlen_attention(q, k, v, cu, 197)) == 1
+    assert _count_syncs(lambda: varlen_attention(q, k, v, cu, 197, validate=False).sum().backward()) == 0
+
+
 @pytest.mark.cuda
 def test_bad_inputs_cuda():
     q, k, v, cu = make_inputs([3, 4], 2, 48, torch.float32, "cuda")
@@ -228,3 +403,5 @@ def test_bad_inputs_cuda():
         varlen_attention(q, k, v, cu.cpu(), 4)
     with pytest.raises(ValueError, match="q dtype"):
         varlen_attention(q.double(), k.double(), v.double(), cu, 4)
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] must equal"):
+        varlen_attention(q, k, v, cu[:-1], 4)

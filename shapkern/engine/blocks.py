@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from shapkern.ops import add_layer_norm, layer_norm, linear_gelu
-from shapkern.packed import AttentionFn, PackPlan, drop_path_packed, varlen_attention
+from shapkern.packed import AttentionFn, PackPlan, drop_path_packed, planned_attention
 
 __all__ = ["compiled_block_forward", "fused_blocks_forward", "packed_block_forward", "supports_fused_blocks"]
 
@@ -39,7 +39,7 @@ def _attention(attn: nn.Module, x: torch.Tensor, plan: PackPlan, attention) -> t
 
 
 def packed_block_forward(
-    block: nn.Module, x: torch.Tensor, plan: PackPlan, attention: AttentionFn = varlen_attention
+    block: nn.Module, x: torch.Tensor, plan: PackPlan, attention: AttentionFn = planned_attention
 ) -> torch.Tensor:
     """One timm Block on packed tokens: (T, D) -> (T, D).
 

@@ -28,8 +28,8 @@ from shapkern.packed import (
     PackPlan,
     first_tokens,
     pack_tokens,
+    planned_attention,
     segment_mean,
-    varlen_attention,
 )
 
 __all__ = [
@@ -197,7 +197,7 @@ def coalition_tokens(
     coalitions: torch.Tensor,
     *,
     paired: bool = False,
-    attention: AttentionFn = varlen_attention,
+    attention: AttentionFn = planned_attention,
     compiled: bool | None = None,
     fused: bool = False,
 ) -> PackedTokens:
@@ -221,7 +221,7 @@ def fused_coalition_forward(
     paired: bool = False,
     mode: str = "packed",
     baseline: str = "zeros",
-    attention: AttentionFn = varlen_attention,
+    attention: AttentionFn = planned_attention,
     compiled: bool | None = None,
     fused: bool = False,
 ) -> torch.Tensor:

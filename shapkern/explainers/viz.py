@@ -43,14 +43,19 @@ def patch_map(phi: torch.Tensor, size: tuple[int, int], grid: tuple[int, int] | 
 
 
 def draw_heatmap(ax, image: torch.Tensor, phi: torch.Tensor, *, grid=None, alpha=0.6, vlim=None, title=None):
-    """Draw φ (N,) over image (C, H, W) on a matplotlib Axes; returns the heatmap's AxesImage."""
+    """Draw φ (N,) over image (C, H, W) on a matplotlib Axes; returns the heatmap's AxesImage.
+
+    The image is drawn in full; each patch's colour is as opaque as its |φ| is large relative to
+    ``vlim`` (at most ``alpha``), so patches that barely matter leave the image visible.
+    """
     shown = display_image(image)
     values = patch_map(phi, shown.shape[:2], grid)
     vlim = float(np.abs(values).max()) if vlim is None else float(vlim)
     vlim = vlim if vlim > 0 else 1e-12
     ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, interpolation="nearest")
+    opacity = alpha * np.clip(np.abs(values) / vlim, 0.0, 1.0) ** 0.5
     heat = ax.imshow(
-        values, cmap=CMAP, norm=TwoSlopeNorm(0.0, -vlim, vlim), alpha=alpha, interpolation="nearest"
+        values, cmap=CMAP, norm=TwoSlopeNorm(0.0, -vlim, vlim), alpha=opacity, interpolation="nearest"
     )
     ax.set_xticks([])
     ax.set_yticks([])
@@ -78,11 +83,18 @@ def plot_heatmap(
     alpha: float = 0.6,
 ) -> Figure:
     """φ of one class (N,) over one image (C, H, W), with a colorbar centred at 0."""
-    fig = Figure(figsize=size, dpi=dpi)
+    fig = Figure(figsize=size, dpi=dpi, layout="constrained")  # keeps the colorbar's label inside
     ax = fig.add_subplot()
     heat = draw_heatmap(ax, image, phi, grid=grid, alpha=alpha, title=title)
-    fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.04, label="φ")
+    _colorbar(fig, heat, ax, "φ (red raises the class's logit)")
     return _save(fig, path, dpi)
+
+
+def _colorbar(fig: Figure, heat, ax, label: str) -> None:
+    bar = fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label(label, fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    bar.solids.set_alpha(1.0)  # the bar shows the colours at full strength, not the patches' opacity
 
 
 def plot_grid(
@@ -97,26 +109,31 @@ def plot_grid(
     dpi: int = 100,
     shared_scale: bool = False,
 ) -> Figure:
-    """Heatmaps of a batch: images (B, C, H, W), φ (B, N) for one class each. The figure is
-    ``min(B, ncols) * cell`` × ``rows * cell`` inches. Each panel has its own symmetric colour
-    scale unless ``shared_scale``."""
+    """Heatmaps of a batch: images (B, C, H, W), φ (B, N) for one class each, and one colorbar.
+
+    The figure is ``min(B, ncols) * cell`` × ``rows * cell`` inches. With ``shared_scale`` every
+    panel uses the batch's largest |φ| and the colorbar is in φ's units; otherwise each panel is
+    scaled by its own largest |φ| and the colorbar reads as that fraction.
+    """
     batch = images.shape[0]
     if phi.shape[0] != batch:
         raise ValueError(f"{batch} images but {phi.shape[0]} attribution maps")
     cols = min(batch, ncols)
     rows = -(-batch // cols)
-    fig = Figure(figsize=(cols * cell, rows * cell), dpi=dpi)
-    vlim = float(phi.detach().abs().max()) if shared_scale else None
+    fig = Figure(figsize=(cols * cell, rows * cell), dpi=dpi, layout="constrained")
+    scale = phi.detach().abs().amax() if shared_scale else phi.detach().abs().flatten(1).amax(1)
+    axes, heat = [], None
     for b in range(rows * cols):
         ax = fig.add_subplot(rows, cols, b + 1)
-        if b < batch:
-            title = titles[b] if titles else None
-            draw_heatmap(ax, images[b], phi[b].reshape(-1), grid=grid, vlim=vlim, title=title)
-        else:
+        axes.append(ax)
+        if b >= batch:
             ax.axis("off")
-    fig.subplots_adjust(
-        left=0.02, right=0.98, bottom=0.02, top=0.9 if titles else 0.98, wspace=0.08, hspace=0.3
-    )
+            continue
+        values = phi[b].reshape(-1) if shared_scale else phi[b].reshape(-1) / scale[b].clamp(min=1e-12)
+        vlim = float(scale) if shared_scale else 1.0
+        heat = draw_heatmap(ax, images[b], values, grid=grid, vlim=vlim, title=titles[b] if titles else None)
+    if heat is not None:
+        _colorbar(fig, heat, axes, "φ" if shared_scale else "φ / the image's largest |φ|")
     return _save(fig, path, dpi)
 
 
@@ -145,7 +162,7 @@ def plot_curves(
         insertion, deletion: (N+1,) or (B, N+1) curves (from ``metrics.insertion_deletion``), or
             dicts {label: curve} to compare methods.
     """
-    fig = Figure(figsize=size, dpi=dpi)
+    fig = Figure(figsize=size, dpi=dpi, layout="constrained")
     for index, (name, curves) in enumerate((("insertion", insertion), ("deletion", deletion))):
         ax = fig.add_subplot(1, 2, index + 1)
         for label, curve in _curves(curves).items():
@@ -157,5 +174,4 @@ def plot_curves(
         ax.set_title(name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
     return _save(fig, path, dpi)

@@ -1,9 +1,22 @@
 """Triton kernels for packed variable-length self-attention (FlashAttention-2 style).
 
 Layout (FlashAttention varlen convention): q, k, v are (T, H, D) with the tokens of all sequences
-packed along T; ``cu_seqlens`` (R + 1,) int32 holds the sequence boundaries. Every kernel runs on a
-grid (R, cdiv(max_seqlen, BLOCK), H) (sequences on the first axis, whose limit is 2**31 - 1, not
-65535); ``max_seqlen`` is only an upper bound, so programs past their sequence's end exit at once. No causal mask, no dropout, no N x N matrix in memory, no atomics.
+packed along T; ``cu_seqlens`` (R + 1,) int32 holds the sequence boundaries. Sequences sit on the
+grid's first axis (limit 2**31 - 1, not 65535); ``max_seqlen`` is only an upper bound, so programs
+past their sequence's end do nothing. No causal mask, no dropout, no N x N matrix in memory, no
+atomics: every program writes only its own rows, so results are deterministic.
+
+Two schedules, picked from the static ``max_seqlen`` alone (no host sync):
+
+- long: the forward runs one query block per program, grid (R, cdiv(max_seqlen, BLOCK_M), H); the
+  backward runs three kernels: delta = rowsum(dO * O), dK/dV per key block (looping over query
+  blocks) and dQ per query block (looping over key blocks), so every score tile is computed twice.
+- short (``max_seqlen <= SHORT_MAX_SEQLEN["fwd" or "bwd"]``): a program owns ``SEQS_PER_PROGRAM``
+  whole consecutive sequences at one head, grid (cdiv(R, SEQS_PER_PROGRAM), H). The forward loops
+  over their query blocks; the backward is one kernel that computes each score tile once for dK, dV
+  and dQ (5 GEMMs instead of 7), with delta and the dQ partial sums in rows the program owns.
+  Complementary coalitions are consecutive and hold 2P + N tokens together, so pairs give every
+  program the same work.
 
 The softmax is computed in base 2 (``exp2``) with the scale folded into ``qk_scale = scale * log2(e)``;
 the saved log-sum-exp is in natural log units, (T, H) fp32 (1.4426950408889634 = log2(e) and
@@ -20,37 +33,35 @@ import triton.language as tl
 
 LOG2E = math.log2(math.e)
 SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)
+# Largest max_seqlen that takes the short schedule, per direction (ViT-B/16 at 224 px: 197).
+# Benchmarks set an entry to 0 to time the long schedule on the same inputs.
+SHORT_MAX_SEQLEN = {"fwd": 256, "bwd": 256}
+# Whole sequences per program in the short schedule: 2 = a complementary pair.
+SEQS_PER_PROGRAM = 2
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _fwd_kernel(
-    Q, K, V, O, LSE, CU_SEQLENS,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    H, qk_scale,
+def _sequence(CU_SEQLENS, seq, num_seqs):
+    """(start, length) of sequence ``seq``; past the last sequence, an empty one."""
+    seq = tl.minimum(seq, num_seqs)
+    start = tl.load(CU_SEQLENS + seq)
+    return start, tl.load(CU_SEQLENS + tl.minimum(seq + 1, num_seqs)) - start
+
+
+@triton.jit
+def _fwd_block(
+    Q, K, V, O, LSE, start_m, seqlen,
+    stride_qt, stride_kt, stride_vt, stride_ot, H, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    seq = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    head = tl.program_id(2)
-    start = tl.load(CU_SEQLENS + seq)
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - start
-    if pid_m * BLOCK_M >= seqlen:
-        return
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Queries start_m ... start_m + BLOCK_M - 1 of one sequence and head (pointers at its first token)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     mask_m = offs_m < seqlen
-    # 64-bit scalar base per (sequence, head): T * stride can pass 2**31; in-sequence offsets stay 32-bit.
-    row0 = start.to(tl.int64)
-    Q += row0 * stride_qt + head * stride_qh
-    K += row0 * stride_kt + head * stride_kh
-    V += row0 * stride_vt + head * stride_vh
-    O += row0 * stride_ot + head * stride_oh
-    LSE += row0 * H + head
     q_mask = mask_m[:, None] & mask_d[None, :]
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
 
@@ -79,21 +90,75 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, CU_SEQLENS,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    num_seqs, H, qk_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Long schedule: program (r, m, h) runs query block m of sequence r at head h."""
+    seq = tl.program_id(0)
+    start_m = tl.program_id(1) * BLOCK_M
+    head = tl.program_id(2)
+    start, seqlen = _sequence(CU_SEQLENS, seq, num_seqs)
+    if start_m < seqlen:
+        # 64-bit scalar base per (sequence, head): T * stride can pass 2**31; in-sequence offsets stay 32-bit.
+        row0 = start.to(tl.int64)
+        _fwd_block(
+            Q + row0 * stride_qt + head * stride_qh, K + row0 * stride_kt + head * stride_kh,
+            V + row0 * stride_vt + head * stride_vh, O + row0 * stride_ot + head * stride_oh,
+            LSE + row0 * H + head, start_m, seqlen, stride_qt, stride_kt, stride_vt, stride_ot, H, qk_scale,
+            D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION,
+        )  # fmt: skip
+
+
+@triton.jit
+def _fwd_short_kernel(
+    Q, K, V, O, LSE, CU_SEQLENS,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    num_seqs, H, qk_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SEQS: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Short schedule: program (g, h) runs every query block of sequences g * SEQS ... g * SEQS + SEQS - 1
+    at head h."""
+    head = tl.program_id(1)
+    for s in range(SEQS):
+        start, seqlen = _sequence(CU_SEQLENS, tl.program_id(0) * SEQS + s, num_seqs)
+        row0 = start.to(tl.int64)
+        for start_m in range(0, seqlen, BLOCK_M):
+            _fwd_block(
+                Q + row0 * stride_qt + head * stride_qh, K + row0 * stride_kt + head * stride_kh,
+                V + row0 * stride_vt + head * stride_vh, O + row0 * stride_ot + head * stride_oh,
+                LSE + row0 * H + head, start_m, seqlen,
+                stride_qt, stride_kt, stride_vt, stride_ot, H, qk_scale,
+                D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION,
+            )  # fmt: skip
+
+
+@triton.jit
+def _rows_delta(O, DO, rows, mask_rows, stride_ot, stride_dot, offs_d, mask_d):
+    """delta = sum_d dO * O over the given rows (of one head): (BLOCK,) fp32."""
+    mask = mask_rows[:, None] & mask_d[None, :]
+    o = tl.load(O + rows[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_dot + offs_d[None, :], mask=mask, other=0.0)
+    return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+
+
+@triton.jit
 def _bwd_preprocess_kernel(
     O, DO, DELTA, T, H,
     stride_ot, stride_oh, stride_dot, stride_doh,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """delta[t, h] = sum_d dO[t, h, d] * O[t, h, d], over all T tokens (no sequence structure needed)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     head = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < T)[:, None] & (offs_d < D)[None, :]
-    rows = offs_m.to(tl.int64)
-    o = tl.load(O + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + rows * H + head, delta, mask=offs_m < T)
+    O, DO = O + head * stride_oh, DO + head * stride_doh
+    delta = _rows_delta(O, DO, rows, rows < T, stride_ot, stride_dot, offs_d, offs_d < D)
+    tl.store(DELTA + rows * H + head, delta, mask=rows < T)
 
 
 @triton.jit
@@ -204,7 +269,8 @@ def _bwd_dq_kernel(
         k = tl.load(K + rows_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + rows_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        # Keys past the end (k = 0) would give exp2(-lse), which overflows when all real scores are very negative.
+        # Keys past the end (k = 0) would give exp2(-lse), which overflows when all real scores are very
+        # negative.
         p = tl.exp2(tl.where(mask_n[None, :], qk * qk_scale - lse[:, None], float("-inf")))
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -215,25 +281,118 @@ def _bwd_dq_kernel(
     )
 
 
+@triton.jit
+def _bwd_short_kernel(
+    Q, K, V, O, DO, LSE, DELTA, DQ_ACC, DQ, DK, DV, CU_SEQLENS,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_dot, stride_doh, stride_gt, stride_gh,
+    num_seqs, H, scale, qk_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SEQS: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Program (g, h): the whole backward of sequences g * SEQS ... g * SEQS + SEQS - 1 at head h.
+
+    Key blocks outside, query blocks inside (the transposed formulation of the long dK/dV kernel), so
+    each score tile is computed once and feeds dK, dV and dQ. dQ sums over key blocks in DQ_ACC, fp32
+    rows that only this program touches (plain loads and stores, no atomics, fixed order); the last
+    key block writes dQ itself. DQ, DK, DV and DQ_ACC share the strides (stride_gt, stride_gh).
+    """
+    head = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    for s in range(SEQS):
+        start, seqlen = _sequence(CU_SEQLENS, tl.program_id(0) * SEQS + s, num_seqs)
+        row0 = start.to(tl.int64)
+        Qs = Q + row0 * stride_qt + head * stride_qh
+        Ks = K + row0 * stride_kt + head * stride_kh
+        Vs = V + row0 * stride_vt + head * stride_vh
+        Os = O + row0 * stride_ot + head * stride_oh
+        DOs = DO + row0 * stride_dot + head * stride_doh
+        DQ_ACCs = DQ_ACC + row0 * stride_gt + head * stride_gh
+        DQs = DQ + row0 * stride_gt + head * stride_gh
+        DKs = DK + row0 * stride_gt + head * stride_gh
+        DVs = DV + row0 * stride_gt + head * stride_gh
+        LSEs = LSE + row0 * H + head
+        DELTAs = DELTA + row0 * H + head
+        for start_m in range(0, seqlen, BLOCK_M):
+            rows_m = start_m + offs_m
+            delta = _rows_delta(Os, DOs, rows_m, rows_m < seqlen, stride_ot, stride_dot, offs_d, mask_d)
+            tl.store(DELTAs + rows_m * H, delta, mask=rows_m < seqlen)
+        # delta and the dQ partial sums pass between this program's threads through global memory: a
+        # CTA barrier orders each write before the reads that follow it.
+        tl.debug_barrier()
+        for start_n in range(0, seqlen, BLOCK_N):
+            rows_n = start_n + offs_n
+            mask_n = rows_n < seqlen
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(Ks + rows_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(Vs + rows_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+            dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            for start_m in range(0, seqlen, BLOCK_M):
+                rows_m = start_m + offs_m
+                mask_m = rows_m < seqlen
+                q_mask = mask_m[:, None] & mask_d[None, :]
+                q = tl.load(Qs + rows_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+                do = tl.load(DOs + rows_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+                lse = tl.load(LSEs + rows_m * H, mask=mask_m, other=0.0) * 1.4426950408889634
+                delta = tl.load(DELTAs + rows_m * H, mask=mask_m, other=0.0)
+                qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+                # Padded keys masked as in the long kernels; padded queries load q = dO = 0 and add nothing.
+                pT = tl.exp2(tl.where(mask_n[:, None], qkT * qk_scale - lse[None, :], float("-inf")))
+                dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+                dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+                dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+                dk += tl.dot(dsT, q, input_precision=PRECISION)
+                dq = tl.dot(tl.trans(dsT), k, input_precision=PRECISION)
+                tile_m = rows_m[:, None] * stride_gt + offs_d[None, :]
+                if start_n > 0:
+                    dq += tl.load(DQ_ACCs + tile_m, mask=q_mask, other=0.0)
+                if start_n + BLOCK_N < seqlen:
+                    tl.store(DQ_ACCs + tile_m, dq, mask=q_mask)
+                else:
+                    tl.store(DQs + tile_m, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+            tile = rows_n[:, None] * stride_gt + offs_d[None, :]
+            tl.store(DKs + tile, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+            tl.store(DVs + tile, dv.to(DV.dtype.element_ty), mask=kv_mask)
+            tl.debug_barrier()
+
+
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for Hopper, by kernel and padded head dim, all free of
 # register spills under ptxas for sm_90 (tests/test_kernels_compile.py). ViT sequences are short
-# (~50-200 tokens), so 64-query blocks waste less work on padding than 128.
+# (~50-200 tokens), so 64-query blocks waste less work on padding than 128. "fwd_short" and
+# "bwd_short" are the short schedule's kernels.
 _CONFIGS_16BIT = {
     "fwd": {32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 2)},
     "dkdv": {32: (32, 64, 4, 3), 64: (32, 64, 4, 3), 128: (32, 64, 8, 2)},
     "dq": {32: (64, 32, 4, 3), 64: (64, 32, 4, 3), 128: (64, 32, 8, 2)},
+    "fwd_short": {32: (64, 32, 4, 3), 64: (64, 32, 4, 3), 128: (64, 32, 4, 2)},
+    "bwd_short": {32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128: (16, 64, 8, 2)},
 }
-# fp32 uses exact IEEE dots, which run on FMA units, not tensor cores: small tiles, same for every kernel.
-_CONFIG_FP32 = (32, 32, 8, 2)
+# fp32 uses exact IEEE dots, which run on FMA units, not tensor cores: small tiles, one per kernel.
+_CONFIGS_FP32 = {
+    "fwd": (32, 32, 8, 2),
+    "dkdv": (32, 32, 8, 2),
+    "dq": (32, 32, 8, 2),
+    "fwd_short": (32, 32, 8, 3),
+    "bwd_short": (32, 16, 8, 2),
+}
 # The interpreter runs programs one at a time on numpy: tiny blocks keep tests fast.
 _INTERPRET_CONFIG = (16, 16, 1, 1)
 
 
 def block_config(kernel: str, dtype: torch.dtype, block_d: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel "fwd", "dkdv" or "dq"."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel "fwd", "dkdv", "dq", "fwd_short", "bwd_short"."""
     if _INTERPRET:
         return _INTERPRET_CONFIG
-    return _CONFIG_FP32 if dtype == torch.float32 else _CONFIGS_16BIT[kernel][block_d]
+    return _CONFIGS_FP32[kernel] if dtype == torch.float32 else _CONFIGS_16BIT[kernel][block_d]
+
+
+def short_schedule(direction: str, max_seqlen: int) -> bool:
+    """Whether the "fwd" or "bwd" launcher takes the short schedule (whole sequences per program)."""
+    return max_seqlen <= SHORT_MAX_SEQLEN[direction]
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -267,16 +426,24 @@ def varlen_attention_forward(
     if T == 0 or num_seqs == 0 or max_seqlen <= 0:
         return out, lse
     block_d = triton.next_power_of_2(D)
-    block_m, block_n, num_warps, num_stages = block_config("fwd", q.dtype, block_d)
-    grid = (num_seqs, triton.cdiv(max_seqlen, block_m), H)
-    _fwd_kernel[grid](
+    args = (
         q, k, v, out, lse, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
-        H, scale * LOG2E,
-        D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        num_seqs, H, scale * LOG2E,
     )  # fmt: skip
+    if short_schedule("fwd", max_seqlen):
+        block_m, block_n, num_warps, num_stages = block_config("fwd_short", q.dtype, block_d)
+        _fwd_short_kernel[(triton.cdiv(num_seqs, SEQS_PER_PROGRAM), H)](
+            *args, D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SEQS=SEQS_PER_PROGRAM,
+            PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+    else:
+        block_m, block_n, num_warps, num_stages = block_config("fwd", q.dtype, block_d)
+        _fwd_kernel[(num_seqs, triton.cdiv(max_seqlen, block_m), H)](
+            *args, D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
+            num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
     return out, lse
 
 
@@ -306,6 +473,20 @@ def varlen_attention_backward(
     precision = _precision(q.dtype)
 
     delta = torch.empty((T, H), dtype=torch.float32, device=q.device)
+    if short_schedule("bwd", max_seqlen):
+        # fp32 partial sums of dQ, for sequences longer than one key block.
+        dq_acc = torch.empty((T, H, D), dtype=torch.float32, device=q.device)
+        block_m, block_n, num_warps, num_stages = block_config("bwd_short", q.dtype, block_d)
+        _bwd_short_kernel[(triton.cdiv(num_seqs, SEQS_PER_PROGRAM), H)](
+            q, k, v, out, dout, lse, delta, dq_acc, dq, dk, dv, cu_seqlens,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
+            num_seqs, H, scale, scale * LOG2E,
+            D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SEQS=SEQS_PER_PROGRAM,
+            PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+        return dq, dk, dv
+
     block_t = 16 if _INTERPRET else 64
     _bwd_preprocess_kernel[(triton.cdiv(T, block_t), H)](
         out, dout, delta, T, H,

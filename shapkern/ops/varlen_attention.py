@@ -1,9 +1,16 @@
 """Packed variable-length self-attention: autograd op, PyTorch reference and dispatch.
 
 Tokens of R sequences are packed as (T, H, D) tensors; ``cu_seqlens`` (R + 1,) int32 holds the
-boundaries (cu_seqlens[0] = 0, cu_seqlens[-1] = T), FlashAttention's varlen convention. Each token
-attends to every token of its own sequence (no causal mask, no dropout).
+boundaries (cu_seqlens[0] = 0, non-decreasing, cu_seqlens[-1] = T), FlashAttention's varlen
+convention. Each token attends to every token of its own sequence (no causal mask, no dropout).
+
+The Triton path is the custom op ``shapkern::varlen_attention_fwd`` (returns out and the log-sum-exp)
+with its autograd registered through ``torch.library.register_autograd``, whose backward is the
+custom op ``shapkern::varlen_attention_bwd``; both have fake kernels, so ``torch.compile`` traces
+forward and backward with ``fullgraph=True``.
 """
+
+from typing import NoReturn, Protocol
 
 import torch
 
@@ -19,16 +26,37 @@ except ImportError:  # no triton: every device takes the reference path
     SUPPORTED_HEAD_DIMS = ()
     _HAS_TRITON = False
 
-__all__ = ["varlen_attention", "varlen_attention_reference"]
+__all__ = ["AttentionFn", "varlen_attention", "varlen_attention_reference"]
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+
+class AttentionFn(Protocol):
+    """Attention within each packed sequence, as the engine calls it (see :func:`varlen_attention`).
+
+    q, k, v: (T, H, D); cu_seqlens: (R + 1,) int32 on q's device; max_seqlen: a static upper bound on
+    the sequence lengths; scale: None for D ** -0.5. Returns out (T, H, D) in q's dtype.
+    """
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        scale: float | None = None,
+    ) -> torch.Tensor: ...
+
+
+# ------------------------------------------------------------------------------------------ reference
 
 CPU_LENGTH_BUCKETS = 4
 
 
 def _padded_attention(q, k, v, starts, lengths, width: int, scale):
-    """Attention over sequences padded to ``width``: starts, lengths (G,) -> (token index, out) of the real tokens."""
+    """Attention over sequences padded to ``width``: starts, lengths (G,) -> (token index, out) of the
+    real tokens."""
     pos = torch.arange(width, device=q.device)
     real = pos < lengths[:, None]  # (G, width)
     index = torch.where(real, starts[:, None] + pos, 0)
@@ -69,7 +97,8 @@ def varlen_attention_reference(
     longest (reads the lengths on the host); 0 pads all to ``max_seqlen`` with no host sync.
     Default: CPU_LENGTH_BUCKETS on the CPU, where host reads are free, else 0. With buckets, pairs of
     sequences that fill equal rows (complementary coalitions) run as dense rows with no gather.
-    Returns (T, H, D); differentiable; accepts float64.
+    Returns (T, H, D); differentiable; accepts float64. Expects a valid plan (see
+    :func:`varlen_attention`, which checks it).
     """
     if q.shape[0] == 0:  # no tokens: nothing to attend; clone keeps the autograd graph
         return q.clone()
@@ -90,10 +119,14 @@ def varlen_attention_reference(
     return q.new_zeros(q.shape).index_put((index,), torch.cat([out for _, out in pieces]))
 
 
+# ------------------------------------------------------------------------------- custom ops, autograd
+
+
 @torch.library.custom_op("shapkern::varlen_attention_fwd", mutates_args=())
 def _fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward: out (T, H, D) and the natural log-sum-exp (T, H) fp32 the backward needs."""
     return varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale)
 
 
@@ -115,6 +148,7 @@ def _bwd_op(
     max_seqlen: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backward: dq, dk, dv (T, H, D) contiguous."""
     return varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
 
 
@@ -123,56 +157,96 @@ def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
-class VarlenAttentionFunction(torch.autograd.Function):
-    """Triton varlen attention; forward and backward are custom ops so torch.compile can trace them."""
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, cu_seqlens, max_seqlen, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
 
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
-        out, lse = _fwd_op(q, k, v, cu_seqlens, max_seqlen, scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.max_seqlen = max_seqlen
-        ctx.scale = scale
-        return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
-        return dq, dk, dv, None, None, None
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+torch.library.register_autograd("shapkern::varlen_attention_fwd", _backward, setup_context=_setup_context)
+
+
+def _use_triton(q: torch.Tensor) -> bool:
+    """Whether q's device runs the Triton kernels (CUDA) rather than the reference."""
+    return _HAS_TRITON and q.is_cuda
+
+
+# -------------------------------------------------------------------------------------------- checks
+
+
+def _fail(message: str) -> NoReturn:
+    raise ValueError(f"varlen_attention: {message}")
 
 
 def _check_inputs(q, k, v, cu_seqlens, max_seqlen, triton_path: bool) -> None:
+    """Types, shapes, dtypes and devices: metadata only, no host sync."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            raise ValueError(
-                f"varlen_attention: {name} must be a (T, H, D) tensor, got {getattr(x, 'shape', x)}"
-            )
+            _fail(f"{name} must be a (T, H, D) tensor, got {getattr(x, 'shape', x)}")
     for name, x in (("k", k), ("v", v)):
         if x.shape != q.shape:
-            raise ValueError(f"varlen_attention: {name} shape {tuple(x.shape)} != q shape {tuple(q.shape)}")
+            _fail(f"{name} shape {tuple(x.shape)} != q shape {tuple(q.shape)}")
         if x.dtype != q.dtype:
-            raise ValueError(f"varlen_attention: {name} dtype {x.dtype} != q dtype {q.dtype}")
+            _fail(f"{name} dtype {x.dtype} != q dtype {q.dtype}")
         if x.device != q.device:
-            raise ValueError(f"varlen_attention: {name} device {x.device} != q device {q.device}")
+            _fail(f"{name} device {x.device} != q device {q.device}")
     dtypes = _TRITON_DTYPES if triton_path else (*_TRITON_DTYPES, torch.float64)
     if q.dtype not in dtypes:
-        raise ValueError(
-            f"varlen_attention: q dtype {q.dtype} not supported on {q.device}; use one of {dtypes}"
-        )
+        _fail(f"q dtype {q.dtype} not supported on {q.device}; use one of {dtypes}")
     if triton_path and q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(
-            f"varlen_attention: head dim of q must be one of {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}"
-        )
+        _fail(f"head dim of q must be one of {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}")
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError("varlen_attention: cu_seqlens must be a 1-D tensor of R + 1 sequence boundaries")
+        got = getattr(cu_seqlens, "shape", cu_seqlens)
+        _fail(f"cu_seqlens must be a 1-D tensor of R + 1 sequence boundaries, got {got}")
     if cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"varlen_attention: cu_seqlens must be int32, got {cu_seqlens.dtype}")
+        _fail(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
     if cu_seqlens.device != q.device:
-        raise ValueError(f"varlen_attention: cu_seqlens device {cu_seqlens.device} != q device {q.device}")
+        _fail(f"cu_seqlens device {cu_seqlens.device} != q device {q.device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)) or max_seqlen < 0:
-        raise ValueError(
-            f"varlen_attention: max_seqlen must be a non-negative Python int, got {max_seqlen!r}"
+        _fail(f"max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
+
+
+def _check_plan(cu_seqlens: torch.Tensor, num_tokens: int, max_seqlen: int) -> None:
+    """The values of cu_seqlens: one boolean reduced on the device and read once (one host sync); the
+    values themselves are read only to word the error."""
+    lengths = cu_seqlens.diff()
+    valid = (
+        (cu_seqlens[0] == 0)
+        & (cu_seqlens[-1] == num_tokens)
+        & ((lengths >= 0) & (lengths <= max_seqlen)).all()
+    )
+    if bool(valid):
+        return
+    values = cu_seqlens.tolist()
+    lengths = [end - start for start, end in zip(values[:-1], values[1:], strict=True)]
+    if values[0] != 0:
+        _fail(f"cu_seqlens[0] must be 0, got {values[0]}")
+    if values[-1] != num_tokens:
+        _fail(
+            f"cu_seqlens[-1] must equal the number of tokens T = q.shape[0] = {num_tokens}, got {values[-1]}"
         )
+    for i, length in enumerate(lengths):
+        if length < 0:
+            _fail(
+                f"cu_seqlens must be non-decreasing, got cu_seqlens[{i + 1}] = {values[i + 1]} < "
+                f"cu_seqlens[{i}] = {values[i]}"
+            )
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    _fail(
+        f"max_seqlen = {max_seqlen} is less than the longest sequence: sequence {longest} holds "
+        f"{lengths[longest]} tokens"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- op
 
 
 def varlen_attention(
@@ -182,18 +256,28 @@ def varlen_attention(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     scale: float | None = None,
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Self-attention within each packed sequence.
 
     q, k, v: (T, H, D), any strides (e.g. views of a fused qkv); cu_seqlens: (R + 1,) int32 on
-    q's device; max_seqlen: a static upper bound on the sequence lengths (lengths may be smaller,
-    even 0; it is never checked, to avoid a host sync); scale: defaults to D ** -0.5.
+    q's device, cu_seqlens[0] = 0, non-decreasing, cu_seqlens[-1] = T; max_seqlen: a static upper
+    bound on the sequence lengths (lengths may be smaller, even 0); it also picks the kernels'
+    schedule, so pass the tightest static bound (P + N for coalition plans); scale: defaults to
+    D ** -0.5.
+    validate: check the values of cu_seqlens and max_seqlen (a ValueError naming what is wrong), at
+    the cost of one host sync; skipped under torch.compile tracing. Pass False for plans valid by
+    construction (the engine's); a wrong plan then gives wrong results or, on CUDA, out-of-bounds reads.
+    Types, shapes, dtypes and devices are always checked (no sync).
     Returns out (T, H, D). CUDA tensors run the Triton kernels (fp16/bf16/fp32, D in
     SUPPORTED_HEAD_DIMS); other devices run ``varlen_attention_reference`` (also float64).
     """
-    triton_path = _HAS_TRITON and isinstance(q, torch.Tensor) and q.is_cuda
+    triton_path = isinstance(q, torch.Tensor) and _use_triton(q)
     _check_inputs(q, k, v, cu_seqlens, max_seqlen, triton_path)
+    if validate and not torch.compiler.is_compiling():
+        _check_plan(cu_seqlens, q.shape[0], max_seqlen)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if triton_path:
-        return VarlenAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, scale)
+        return _fwd_op(q, k, v, cu_seqlens, max_seqlen, scale)[0]
     return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, scale)
