@@ -44,16 +44,21 @@ def _use_cuda() -> bool:
     return available if flag == "" else flag == "1"
 
 
+# torch >= 2.13 headers require C++20 (older ones compile as C++20 too): named here, and in CMakeLists.txt, so
+# that every supported torch builds the same language for the host compiler and nvcc.
+CXX_STANDARD = "-std=c++20"
+
+
 def _extension():
-    sources = ["csrc/bindings.cpp", "csrc/reduce_cpu.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/schemas.cpp", "csrc/reduce_cpu.cpp"]
     # at::parallel_for is OpenMP in torch's headers: without -fopenmp the CPU kernels run on one thread.
-    args = {"cxx": ["-O3", "-fopenmp"]}
+    args = {"cxx": ["-O3", "-fopenmp", CXX_STANDARD]}
     link = ["-fopenmp"]
     if not _use_cuda():
         return CppExtension("shapkern._C", sources, extra_compile_args=args, extra_link_args=link)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     args["cxx"].append("-DWITH_CUDA")
-    args["nvcc"] = ["-O3", "-DWITH_CUDA"]
+    args["nvcc"] = ["-O3", "-DWITH_CUDA", CXX_STANDARD]
     sources += ["csrc/reduce_cuda_host.cpp", "csrc/reduce_cuda.cu"]
     return CUDAExtension("shapkern._C", sources, extra_compile_args=args, extra_link_args=link)
 

@@ -1,4 +1,4 @@
-// CPU kernels for shapkern's reductions over coalitions, the op schemas, and their CPU registration.
+// CPU kernels for shapkern's reductions over coalitions and their CPU registration (schemas: schemas.cpp).
 // All loops are over outputs with a fixed summation order, so results are deterministic.
 #include "reduce.h"
 
@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -31,9 +32,13 @@ struct ByteBits {
 constexpr ByteBits kByteBitsTable{};
 constexpr const float (&kByteBits)[256][8] = kByteBitsTable.table;
 
-// Hot loops, built for AVX2 too and picked at load time (function multiversioning): the extension
-// stays portable while matching ATen's own vectorised kernels on current CPUs.
+// Hot loops, built for AVX2 (which brings POPCNT) too and picked at load time (function multiversioning): the
+// extension stays portable while matching ATen's own vectorised kernels on current CPUs.
+#if defined(__x86_64__) && defined(__GNUC__)
 #define SHAPKERN_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SHAPKERN_VECTOR_CLONES
+#endif
 
 // acc[0:n] += rows[t * stride + 0:n] for t in [0, count).
 template <typename acc_t, typename scalar_t>
@@ -83,6 +88,45 @@ SHAPKERN_VECTOR_CLONES void unpack_weighted_row(float* z, float* wsum, const uin
   unpack_weighted_row_impl(z, wsum, bytes, nbytes, w);
 }
 
+// Rows [8 g, 8 g + 8) of one image's Gram matrix (row stride cols), upper triangle from column 8 g: for every
+// coalition m holding player i, a[i, 8 g:] += w[m] * z_m[8 g:], 8 columns per mask byte, in vector registers.
+// Eight lanes of T as a GCC vector: one AVX2 register for float, two for double.
+template <typename T> struct Vec8;
+template <> struct Vec8<float> { using type = float __attribute__((vector_size(32))); };
+template <> struct Vec8<double> { using type = double __attribute__((vector_size(64))); };
+
+template <typename acc_t>
+inline void add_gram_rows_impl(acc_t* __restrict__ a, int64_t cols, const uint32_t* __restrict__ masks, int64_t M,
+                               int64_t W, const acc_t* __restrict__ w, int64_t g, int64_t N) {
+  using bits_t = typename Vec8<float>::type;
+  using vec_t = typename Vec8<acc_t>::type;
+  const int64_t Q = (N + 7) / 8;
+  for (int64_t m = 0; m < M; ++m) {
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(masks + m * W);  // little-endian words
+    for (unsigned players = bytes[g]; players != 0; players &= players - 1) {
+      const int64_t i = g * 8 + __builtin_ctz(players);
+      if (i >= N) break;
+      acc_t* row = a + i * cols;
+      for (int64_t q = g; q < Q; ++q) {
+        bits_t bits;
+        vec_t x;
+        std::memcpy(&bits, kByteBits[bytes[q]], sizeof bits);
+        std::memcpy(&x, row + q * 8, sizeof x);
+        x += __builtin_convertvector(bits, vec_t) * w[m];
+        std::memcpy(row + q * 8, &x, sizeof x);
+      }
+    }
+  }
+}
+SHAPKERN_VECTOR_CLONES void add_gram_rows(float* a, int64_t cols, const uint32_t* masks, int64_t M, int64_t W,
+                                          const float* w, int64_t g, int64_t N) {
+  add_gram_rows_impl(a, cols, masks, M, W, w, g, N);
+}
+SHAPKERN_VECTOR_CLONES void add_gram_rows(double* a, int64_t cols, const uint32_t* masks, int64_t M, int64_t W,
+                                          const double* w, int64_t g, int64_t N) {
+  add_gram_rows_impl(a, cols, masks, M, W, w, g, N);
+}
+
 // out[0:n] = bits 0..n-1 of words, little-endian within each word.
 SHAPKERN_VECTOR_CLONES void unpack_bits_row(bool* __restrict__ out, const uint32_t* __restrict__ words, int64_t n) {
   const int64_t full = n / 32;
@@ -91,6 +135,45 @@ SHAPKERN_VECTOR_CLONES void unpack_bits_row(bool* __restrict__ out, const uint32
     for (int i = 0; i < 32; ++i) out[w * 32 + i] = (word >> i) & 1u;
   }
   for (int64_t i = full * 32; i < n; ++i) out[i] = (words[full] >> (i - full * 32)) & 1u;
+}
+
+// In place: bit j of x[i] <-> bit i of x[j], a 32 x 32 bit matrix transposed by five rounds of block swaps.
+inline void transpose32(uint32_t* x) {
+  uint32_t m = 0x0000FFFFu;
+  for (int s = 16; s != 0; s >>= 1, m ^= m << s) {
+    for (int k = 0; k < 32; k = (k + s + 1) & ~s) {
+      const uint32_t t = ((x[k] >> s) ^ x[k + s]) & m;
+      x[k] ^= t << s;
+      x[k + s] ^= t;
+    }
+  }
+}
+
+// One mask word of up to 64 coalitions (rows of `words`, row_stride apart) transposed into the coalition sets
+// of its 32 players: bit j of sets[i * stride] = bit i of words[j * row_stride] for j < rows, else 0.
+void transpose_word(const uint32_t* words, int64_t row_stride, int64_t rows, uint64_t* sets, int64_t stride) {
+  uint32_t lo[32] = {}, hi[32] = {};
+  for (int64_t j = 0; j < std::min<int64_t>(rows, 32); ++j) lo[j] = words[j * row_stride];
+  for (int64_t j = 32; j < rows; ++j) hi[j - 32] = words[j * row_stride];
+  transpose32(lo);
+  transpose32(hi);
+  for (int i = 0; i < 32; ++i) sets[i * stride] = lo[i] | static_cast<uint64_t>(hi[i]) << 32;
+}
+
+// counts[j] = |S_i ∩ S_j| for j in [i, n), each set `words` 64-bit words long.
+SHAPKERN_VECTOR_CLONES void intersection_counts(const uint64_t* __restrict__ sets, int64_t words, int64_t i,
+                                                int64_t n, int64_t* __restrict__ counts) {
+  const uint64_t* a = sets + i * words;
+  for (int64_t j = i; j < n; ++j) {
+    const uint64_t* b = sets + j * words;
+    int64_t c0 = 0, c1 = 0, k = 0;  // two chains keep both popcount units busy
+    for (; k + 2 <= words; k += 2) {
+      c0 += __builtin_popcountll(a[k] & b[k]);
+      c1 += __builtin_popcountll(a[k + 1] & b[k + 1]);
+    }
+    if (k < words) c0 += __builtin_popcountll(a[k] & b[k]);
+    counts[j] = c0 + c1;
+  }
 }
 
 bool is_supported_float(at::ScalarType t) {
@@ -136,6 +219,21 @@ void check_coalition_args(const at::Tensor& masks, const at::Tensor& values, con
   TORCH_CHECK(masks.device() == values.device() && weights.device() == values.device(),
               "masks, values and weights must be on one device, got ", masks.device(), ", ", values.device(),
               ", ", weights.device());
+}
+
+void check_gram_args(const at::Tensor& masks, const at::Tensor& weights, int64_t num_players) {
+  TORCH_CHECK(masks.dim() == 3, "masks must be 3-D (B, M, W), got shape ", masks.sizes());
+  TORCH_CHECK(masks.scalar_type() == at::kInt, "masks must be int32 (bit-packed), got ", masks.scalar_type());
+  TORCH_CHECK(weights.dim() == 2, "weights must be 2-D (B, M), got shape ", weights.sizes());
+  TORCH_CHECK(is_supported_float(weights.scalar_type()),
+              "weights must be float32, float64, float16 or bfloat16, got ", weights.scalar_type());
+  TORCH_CHECK(masks.size(0) == weights.size(0) && masks.size(1) == weights.size(1), "masks shape ",
+              masks.sizes(), " does not match weights shape ", weights.sizes(), " in (B, M)");
+  TORCH_CHECK(num_players >= 0, "num_players must be >= 0, got ", num_players);
+  TORCH_CHECK(masks.size(2) * 32 >= num_players, "masks has W=", masks.size(2),
+              " words per coalition, too few for num_players=", num_players);
+  TORCH_CHECK(masks.device() == weights.device(), "masks is on ", masks.device(), " but weights is on ",
+              weights.device());
 }
 
 void check_pack_args(const at::Tensor& mask) {
@@ -253,8 +351,100 @@ std::tuple<at::Tensor, at::Tensor> coalition_reduce_cpu(const at::Tensor& masks_
       }
     }
   });
-  const at::Tensor weight_sums = padded_sums.narrow(1, 0, N);
+  const at::Tensor weight_sums = padded_sums.narrow(1, 0, N).contiguous();  // contiguous, as its fake
   return {sums.to(values.scalar_type()), weight_sums.to(values.scalar_type())};
+}
+
+namespace {
+
+// out[image] = w * (|S_i ∩ S_j|)_ij for each listed image (equal weights w = scale[u]): the masks are transposed
+// into one 64-bit coalition set per player, and each pair of players is an AND + popcount over M / 64 words.
+template <typename scalar_t, typename acc_t>
+void gram_by_counts(scalar_t* out, const uint32_t* masks, int64_t M, int64_t W, int64_t N,
+                    const std::vector<int64_t>& images, const std::vector<acc_t>& scale) {
+  const int64_t U = static_cast<int64_t>(images.size()), L = (M + 63) / 64, P = (N + 31) / 32 * 32;
+  std::vector<uint64_t> sets(U * P * L);
+  at::parallel_for(0, U * L, U * L * P < (1 << 14) ? U * L : 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t u = i / L, c = i % L, m0 = c * 64;
+      const uint32_t* rows = masks + (images[u] * M + m0) * W;
+      for (int64_t word = 0; word < P / 32; ++word)
+        transpose_word(rows + word, W, std::min<int64_t>(64, M - m0), sets.data() + (u * P + word * 32) * L + c, L);
+    }
+  });
+  at::parallel_for(0, U * N, U * N * N * L < (1 << 16) ? U * N : 1, [&](int64_t r0, int64_t r1) {
+    std::vector<int64_t> counts(N);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t u = r / N, i = r % N;
+      intersection_counts(sets.data() + u * P * L, L, i, N, counts.data());
+      scalar_t* a = out + images[u] * N * N;
+      for (int64_t j = i; j < N; ++j)
+        a[i * N + j] = a[j * N + i] = static_cast<scalar_t>(scale[u] * static_cast<acc_t>(counts[j]));
+    }
+  });
+}
+
+// out[image] = sum_m w[m] z_m z_m^T for each listed image: every coalition adds its weighted mask row to the
+// rows of its players, upper triangle only, accumulated in acc_t in coalition order.
+template <typename scalar_t, typename acc_t>
+void gram_by_rows(scalar_t* out, const uint32_t* masks, const acc_t* weights, int64_t M, int64_t W, int64_t N,
+                  const std::vector<int64_t>& images) {
+  const int64_t V = static_cast<int64_t>(images.size()), Q = (N + 7) / 8, cols = Q * 8;
+  std::vector<acc_t> gram(V * N * cols, acc_t(0));
+  // The work of an 8-row group shrinks down the triangle: groups go round-robin to the threads.
+  const int64_t threads = V * M * N * N < (1 << 18) ? 1 : at::get_num_threads();
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t item = t; item < V * Q; item += threads) {
+        const int64_t v = item / Q, b = images[v];
+        add_gram_rows(gram.data() + v * N * cols, cols, masks + b * M * W, M, W, weights + b * M, item % Q, N);
+      }
+    }
+  });
+  at::parallel_for(0, V * N, 1 << 12, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t v = r / N, i = r % N;
+      const acc_t* row = gram.data() + (v * N + i) * cols;
+      scalar_t* a = out + images[v] * N * N;
+      for (int64_t j = i; j < N; ++j) a[i * N + j] = a[j * N + i] = static_cast<scalar_t>(row[j]);
+    }
+  });
+}
+
+}  // namespace
+
+// Images whose weights are all equal (KernelSHAP's A = E[z z^T]) take exact popcounts, a fraction of a GEMM's
+// work; the others a row update that skips the players outside each coalition and the lower triangle. Both
+// mirror the upper triangle, so A is exactly symmetric.
+at::Tensor coalition_gram_cpu(const at::Tensor& masks_in, const at::Tensor& weights_in, int64_t num_players) {
+  check_gram_args(masks_in, weights_in, num_players);
+  const at::Tensor masks = masks_in.contiguous();
+  const at::Tensor weights = weights_in.contiguous();
+  const int64_t B = masks.size(0), M = masks.size(1), W = masks.size(2), N = num_players;
+  at::Tensor out = at::empty({B, N, N}, weights.options());
+  if (N == 0) return out;
+  const at::Tensor acc_weights = weights.to(at::toOpMathType(weights.scalar_type()));
+  const uint32_t* mk = reinterpret_cast<const uint32_t*>(masks.const_data_ptr<int32_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights.scalar_type(), "coalition_gram_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* w = acc_weights.const_data_ptr<acc_t>();
+    std::vector<int64_t> equal, varying;
+    std::vector<acc_t> scale;
+    for (int64_t b = 0; b < B; ++b) {
+      const acc_t* wb = w + b * M;
+      const acc_t w0 = M == 0 ? acc_t(0) : wb[0];
+      if (std::isfinite(w0) && std::all_of(wb, wb + M, [&](acc_t x) { return x == w0; })) {
+        equal.push_back(b);
+        scale.push_back(w0);
+      } else {
+        varying.push_back(b);
+      }
+    }
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    if (!equal.empty()) gram_by_counts(o, mk, M, W, N, equal, scale);
+    if (!varying.empty()) gram_by_rows(o, mk, w, M, W, N, varying);
+  });
+  return out;
 }
 
 at::Tensor pack_masks_cpu(const at::Tensor& mask_in) {
@@ -300,18 +490,11 @@ at::Tensor unpack_masks_cpu(const at::Tensor& packed_in, int64_t num_players) {
 
 }  // namespace shapkern
 
-TORCH_LIBRARY(shapkern, m) {
-  m.def("segment_sum(Tensor values, Tensor cu_seqlens) -> Tensor");
-  m.def("segment_expand(Tensor grad, Tensor cu_seqlens, SymInt num_tokens) -> Tensor");
-  m.def("coalition_reduce(Tensor masks, Tensor values, Tensor weights, int num_players) -> (Tensor, Tensor)");
-  m.def("pack_masks(Tensor mask) -> Tensor");
-  m.def("unpack_masks(Tensor packed, int num_players) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(shapkern, CPU, m) {
   m.impl("segment_sum", &shapkern::segment_sum_cpu);
   m.impl("segment_expand", &shapkern::segment_expand_cpu);
   m.impl("coalition_reduce", &shapkern::coalition_reduce_cpu);
+  m.impl("coalition_gram", &shapkern::coalition_gram_cpu);
   m.impl("pack_masks", &shapkern::pack_masks_cpu);
   m.impl("unpack_masks", &shapkern::unpack_masks_cpu);
 }

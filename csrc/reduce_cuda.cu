@@ -28,6 +28,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
 
 constexpr int kThreads = 256;
 constexpr int kPlayers = 16;  // players per coalition_reduce block: a tile never straddles a mask word
+constexpr int kTokensPerThread = 8;  // segment_expand: stores per thread for a sequence of average length
 
 // Threads across columns: enough warps to cover K, at most kThreads.
 int column_threads(int64_t K) { return static_cast<int>(std::min<int64_t>(kThreads, (K + 31) / 32 * 32)); }
@@ -50,17 +51,22 @@ __global__ void segment_sum_kernel(const T* values, const int32_t* cu, T* out, i
   out[r * K + k] = from_acc<T>(acc);
 }
 
-// grid (T, ceil(K / threads)): token t finds its sequence by binary search, then copies its row.
-template <typename T>
-__global__ void segment_expand_kernel(const T* grad, const int32_t* cu, T* out, int64_t R, int64_t K) {
-  const int64_t t = blockIdx.x, k = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (k >= K) return;
-  int64_t lo = 0, hi = R;  // last r with cu[r] <= t
-  while (hi - lo > 1) {
-    const int64_t mid = (lo + hi) / 2;
-    if (cu[mid] <= t) lo = mid; else hi = mid;
-  }
-  out[t * K + k] = grad[lo * K + k];
+// grid (R, splits, ceil(units / blockDim.x)), block (x: units of the row, y: tokens): sequence r's row, in
+// units U of 2 to 16 bytes, is loaded once per thread and stored to tokens begin + split * blockDim.y + y,
+// then every gridDim.y * blockDim.y tokens; consecutive threads store consecutive units (coalesced), and
+// long sequences are spread over the splits.
+template <typename U>
+__global__ void segment_expand_kernel(const U* __restrict__ grad, const int32_t* __restrict__ cu,
+                                      U* __restrict__ out, int64_t num_tokens, int64_t units) {
+  const int64_t r = blockIdx.x, col = static_cast<int64_t>(blockIdx.z) * blockDim.x + threadIdx.x;
+  if (col >= units) return;
+  int64_t begin, end;
+  segment_bounds(cu, r, num_tokens, begin, end);
+  int64_t t = begin + static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
+  if (t >= end) return;
+  const U row = grad[r * units + col];
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.y;
+  for (; t < end; t += stride) out[t * units + col] = row;
 }
 
 // grid (B, ceil(N / kPlayers), ceil(K / threads)): each thread owns kPlayers outputs (b, n0.., k) and
@@ -147,16 +153,34 @@ void segment_sum(DType dtype, const void* values, const int32_t* cu_seqlens, voi
   });
 }
 
-void segment_expand(DType dtype, const void* grad, const int32_t* cu_seqlens, void* out, int64_t T, int64_t R,
-                    int64_t K, cudaStream_t stream) {
-  if (T == 0 || R == 0 || K == 0) return;
-  const int threads = column_threads(K);
-  const dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>((K + threads - 1) / threads));
-  dispatch(dtype, [&](auto tag) {
-    using T_ = decltype(tag);
-    segment_expand_kernel<T_><<<grid, threads, 0, stream>>>(static_cast<const T_*>(grad), cu_seqlens,
-                                                            static_cast<T_*>(out), R, K);
-  });
+void segment_expand(const void* grad, const int32_t* cu_seqlens, void* out, int64_t T, int64_t R,
+                    int64_t row_bytes, cudaStream_t stream) {
+  if (T == 0 || R == 0 || row_bytes == 0) return;
+  // The widest unit dividing the row and the addresses of both tensors.
+  const auto address_bits = reinterpret_cast<uintptr_t>(grad) | reinterpret_cast<uintptr_t>(out);
+  int unit = 16;
+  while (unit > 1 && ((row_bytes | static_cast<int64_t>(address_bits)) & (unit - 1)) != 0) unit /= 2;
+  const int64_t units = row_bytes / unit;
+  int tx = 1;
+  while (tx < units && tx < kThreads) tx *= 2;
+  const dim3 block(tx, kThreads / tx);
+  // About kTokensPerThread tokens per thread for a sequence of average length.
+  const int64_t per_split = static_cast<int64_t>(block.y) * kTokensPerThread;
+  const int64_t splits = std::min<int64_t>(std::max<int64_t>((T / R + per_split - 1) / per_split, 1), 65535);
+  const dim3 grid(static_cast<unsigned>(R), static_cast<unsigned>(splits),
+                  static_cast<unsigned>((units + tx - 1) / tx));
+  auto launch = [&](auto tag) {
+    using U = decltype(tag);
+    segment_expand_kernel<U><<<grid, block, 0, stream>>>(static_cast<const U*>(grad), cu_seqlens,
+                                                         static_cast<U*>(out), T, units);
+  };
+  switch (unit) {
+    case 16: return launch(uint4{});
+    case 8: return launch(uint2{});
+    case 4: return launch(uint32_t{});
+    case 2: return launch(uint16_t{});
+    default: return launch(uint8_t{});
+  }
 }
 
 void coalition_reduce(DType dtype, const int32_t* masks, const void* values, const void* weights, void* sums,

@@ -45,8 +45,8 @@ at::Tensor segment_expand_cuda(const at::Tensor& grad_in, const at::Tensor& cu_s
   const c10::cuda::CUDAGuard guard(grad_in.device());
   const at::Tensor grad = grad_in.contiguous(), cu_seqlens = cu_seqlens_in.contiguous();
   at::Tensor out = at::empty({num_tokens, grad.size(1)}, grad.options());
-  cuda::segment_expand(dtype_of(grad), grad.const_data_ptr(), cu_seqlens.const_data_ptr<int32_t>(),
-                       out.mutable_data_ptr(), num_tokens, grad.size(0), grad.size(1), stream());
+  cuda::segment_expand(grad.const_data_ptr(), cu_seqlens.const_data_ptr<int32_t>(), out.mutable_data_ptr(),
+                       num_tokens, grad.size(0), grad.size(1) * grad.element_size(), stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

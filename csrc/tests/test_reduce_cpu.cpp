@@ -80,6 +80,30 @@ void test_coalitions(at::ScalarType dtype, double tol) {
   expect_close(actual_w, weight_sums.to(dtype), tol * std::sqrt(M), "coalition_reduce weight_sums " + name);
 }
 
+// Image 0 has equal weights (the popcount path), the others random ones (the row-update path).
+void test_gram(at::ScalarType dtype, double tol, int64_t B, int64_t M, int64_t N) {
+  const at::Tensor mask = at::rand({B, M, N}) < 0.5;
+  at::Tensor weights = (at::rand({B, M}) + 0.5).to(dtype).to(at::kDouble);
+  weights[0].fill_(0.75);
+  at::Tensor gram = at::zeros({B, N, N}, at::kDouble);
+  auto z = mask.accessor<bool, 3>();
+  auto w = weights.accessor<double, 2>();
+  auto a = gram.accessor<double, 3>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t j = 0; j < N; ++j)
+          if (z[b][m][i] && z[b][m][j]) a[b][i][j] += w[b][m];
+  const at::Tensor actual = shapkern::coalition_gram_cpu(shapkern::pack_masks_cpu(mask), weights.to(dtype), N);
+  const std::string name = std::string(c10::toString(dtype)) + " B=" + std::to_string(B) +
+                           " M=" + std::to_string(M) + " N=" + std::to_string(N);
+  expect_close(actual, gram.to(dtype), tol * std::sqrt(static_cast<double>(std::max<int64_t>(M, 1))),
+               "coalition_gram " + name);
+  const bool symmetric = at::equal(actual, actual.transpose(1, 2));
+  std::printf("%s coalition_gram symmetric %s\n", symmetric ? "ok  " : "FAIL", name.c_str());
+  failures += !symmetric;
+}
+
 void test_masks() {
   for (int64_t n : {1, 31, 32, 33, 196}) {
     const at::Tensor mask = at::rand({4, 5, n}) < 0.5;
@@ -108,6 +132,10 @@ int main() {
   test_coalitions(at::kFloat, 1e-5);
   test_coalitions(at::kDouble, 1e-12);
   test_coalitions(at::kHalf, 2e-3);
+  test_gram(at::kFloat, 1e-5, 3, 300, 45);
+  test_gram(at::kDouble, 1e-12, 3, 130, 196);
+  test_gram(at::kBFloat16, 1e-2, 2, 64, 33);
+  test_gram(at::kFloat, 1e-5, 2, 1, 1);
   test_masks();
   std::printf("%d failure(s)\n", failures);
   return failures == 0 ? 0 : 1;

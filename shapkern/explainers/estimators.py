@@ -26,7 +26,7 @@ from shapkern.coalitions import (
     sample_permutations,
 )
 from shapkern.explainers.game import ValueFunction
-from shapkern.ops import coalition_reduce, pack_masks
+from shapkern.ops import coalition_gram, coalition_reduce, pack_masks
 
 __all__ = ["ACC_DTYPE", "check_exact", "endpoints", "exact", "kernel", "permutation"]
 
@@ -223,8 +223,10 @@ def kernel(game: ValueFunction, base, full, *, budget, paired, tol, batch_size, 
         z = sample_coalitions(batch, num, n, method="shapley", paired=paired, generator=generator)
         z = z.to(game.device)
         v = _evaluate(game, z)
-        a += z.to(_ACC).mT @ z.to(_ACC)
-        part = _reduce(z, v - base.unsqueeze(1), torch.ones(batch, num, dtype=_ACC, device=game.device))
+        packed = pack_masks(z)
+        ones = torch.ones(batch, num, device=game.device)  # float32 counts are exact below 2^24 coalitions
+        a += coalition_gram(packed, ones, n).to(_ACC)  # Σ z zᵀ by AND + popcount on the packed words
+        part = coalition_reduce(packed, v - base.unsqueeze(1), ones.to(_ACC), num_players=n)[0]
         b = part if b is None else b + part
         masks.append(z)
         values.append(v)

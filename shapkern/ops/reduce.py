@@ -1,11 +1,13 @@
-"""Reductions over coalitions: segment sums of packed tokens and weighted sums onto players.
+"""Reductions over coalitions: segment sums of packed tokens, weighted sums onto players, Gram matrices.
 
 Each op has a plain PyTorch reference (``*_reference``). The public op validates its inputs, then runs
-``torch.ops.shapkern.*`` (C++ on CPU, CUDA on GPU) when the extension has kernels for the tensors'
-device, and the reference otherwise. The compiled kernels are deterministic on CPU and CUDA: every
-output is reduced by one thread in a fixed order, without float atomics. Half types (float16,
-bfloat16) accumulate in float32, float64 in float64. The ops support autograd for floating inputs
-and trace under ``torch.compile(fullgraph=True)``.
+``torch.ops.shapkern.*`` when there are kernels for the tensors' device, and the reference otherwise:
+C++ on the CPU; on CUDA, the extension's CUDA kernels, except for ``coalition_reduce`` in float32,
+float16 and bfloat16 and for ``coalition_gram``, which run Triton tensor-core GEMMs on the packed
+masks (``shapkern.kernels.coalition_reduce``; fp32 products carried as two tf32 parts, see there).
+The kernels are deterministic on CPU and CUDA: every output is reduced in a fixed order, without
+float atomics. Half types (float16, bfloat16) accumulate in float32, float64 in float64. The ops
+support autograd for floating inputs and trace under ``torch.compile(fullgraph=True)``.
 
 Masks are bit-packed int32: player n of a coalition is bit ``n % 32`` of word ``n // 32``.
 """
@@ -16,11 +18,22 @@ import torch
 
 from shapkern.ops import _extension as _ext
 
+try:
+    from shapkern.kernels import coalition_reduce as _gemm
+
+    _HAS_TRITON = True
+except ImportError:  # no triton: CUDA tensors take the extension's CUDA kernels or the references
+    _HAS_TRITON = False
+
 __all__ = [
+    "coalition_gram",
+    "coalition_gram_reference",
     "coalition_reduce",
     "coalition_reduce_reference",
     "pack_masks",
     "pack_masks_reference",
+    "segment_expand",
+    "segment_expand_reference",
     "segment_sum",
     "segment_sum_reference",
     "unpack_masks",
@@ -56,6 +69,17 @@ def _check_same_device(op: str, **tensors: torch.Tensor) -> None:
     (first, ref), *rest = tensors.items()
     for name, t in rest:
         _check(t.device == ref.device, op, f"{name} is on {t.device} but {first} is on {ref.device}")
+
+
+def _check_masks(masks: torch.Tensor, num_players: int, op: str) -> None:
+    _check(masks.dim() == 3, op, f"masks must be 3-D (B, M, W), got shape {tuple(masks.shape)}")
+    _check(masks.dtype == torch.int32, op, f"masks must be int32 (bit-packed), got {masks.dtype}")
+    _check(num_players >= 0, op, f"num_players must be >= 0, got {num_players}")
+    _check(
+        masks.shape[2] >= _num_words(num_players),
+        op,
+        f"masks has W={masks.shape[2]} words per coalition, too few for num_players={num_players}",
+    )
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int, op: str) -> None:
@@ -115,6 +139,40 @@ def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     if _ext.has_kernels(values.device):
         return torch.ops.shapkern.segment_sum(values, cu_seqlens)
     return segment_sum_reference(values, cu_seqlens)
+
+
+def segment_expand_reference(values: torch.Tensor, cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """PyTorch reference of :func:`segment_expand`: repeat_interleave by the sequence lengths."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return values.repeat_interleave(lengths, dim=0, output_size=num_tokens)
+
+
+def segment_expand(values: torch.Tensor, cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Copy each sequence's row to all of its packed tokens (the adjoint of :func:`segment_sum`).
+
+    Args:
+        values: (R, K) floating, one row per sequence.
+        cu_seqlens: (R+1,) int32, sequence r holds tokens ``cu_seqlens[r]:cu_seqlens[r+1]``;
+            ``cu_seqlens[0] == 0``, non-decreasing, ``cu_seqlens[-1] == num_tokens``.
+        num_tokens: T.
+
+    Returns:
+        (T, K) in the dtype of ``values``; the gradient is the segment sum of the tokens' gradients.
+    """
+    op = "segment_expand"
+    _check(values.dim() == 2, op, f"values must be 2-D (R, K), got shape {tuple(values.shape)}")
+    _check_float(values, "values", op)
+    _check_same_device(op, values=values, cu_seqlens=cu_seqlens)
+    _check(
+        cu_seqlens.dim() == 1 and values.shape[0] == cu_seqlens.shape[0] - 1,
+        op,
+        f"values has {values.shape[0]} rows but cu_seqlens (shape {tuple(cu_seqlens.shape)}) "
+        f"holds {cu_seqlens.shape[0] - 1} sequences",
+    )
+    _check_cu_seqlens(cu_seqlens, num_tokens, op)
+    if _ext.has_kernels(values.device):
+        return torch.ops.shapkern.segment_expand(values, cu_seqlens, num_tokens)
+    return segment_expand_reference(values, cu_seqlens, num_tokens)
 
 
 # ----------------------------------------------------------------------------------- pack / unpack masks
@@ -195,11 +253,11 @@ def coalition_reduce(
 
     Returns:
         sums (B, N, K) and weight_sums (B, N), in the dtype of ``values``; differentiable in
-        ``values`` and ``weights``.
+        ``values`` and ``weights``. On CUDA, float32/float16/bfloat16 run as tensor-core GEMMs (forward
+        and backward) with fp32 accuracy; float64 runs the exact CUDA kernel.
     """
     op = "coalition_reduce"
-    _check(masks.dim() == 3, op, f"masks must be 3-D (B, M, W), got shape {tuple(masks.shape)}")
-    _check(masks.dtype == torch.int32, op, f"masks must be int32 (bit-packed), got {masks.dtype}")
+    _check_masks(masks, num_players, op)
     _check(values.dim() == 3, op, f"values must be 3-D (B, M, K), got shape {tuple(values.shape)}")
     _check_float(values, "values", op)
     _check(weights.dim() == 2, op, f"weights must be 2-D (B, M), got shape {tuple(weights.shape)}")
@@ -218,16 +276,115 @@ def coalition_reduce(
         op,
         f"weights shape {tuple(weights.shape)} does not match values shape {tuple(values.shape)} in (B, M)",
     )
-    _check(num_players >= 0, op, f"num_players must be >= 0, got {num_players}")
-    _check(
-        masks.shape[2] >= _num_words(num_players),
-        op,
-        f"masks has W={masks.shape[2]} words per coalition, too few for num_players={num_players}",
-    )
     _check_same_device(op, values=values, masks=masks, weights=weights)
+    if _HAS_TRITON and values.is_cuda and values.dtype != torch.float64:
+        return torch.ops.shapkern.coalition_reduce_gemm(masks, values, weights, num_players)
     if _ext.has_kernels(values.device):
         return torch.ops.shapkern.coalition_reduce(masks, values, weights, num_players)
     return coalition_reduce_reference(masks, values, weights, num_players)
+
+
+@torch.library.custom_op("shapkern::coalition_reduce_gemm", mutates_args=())
+def _reduce_gemm(
+    masks: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, num_players: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gemm.coalition_reduce_forward(masks, values, weights, num_players)
+
+
+@_reduce_gemm.register_fake
+def _(masks, values, weights, num_players):
+    batch, _, k = values.shape
+    return values.new_empty((batch, num_players, k)), values.new_empty((batch, num_players))
+
+
+@torch.library.custom_op("shapkern::coalition_reduce_gemm_backward", mutates_args=())
+def _reduce_gemm_backward(
+    grad_sums: torch.Tensor,
+    grad_weight_sums: torch.Tensor,
+    masks: torch.Tensor,
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    num_players: int,
+    need_values: bool,
+    need_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_values, grad_weights); one not asked for is an empty (0,) tensor (no None outputs)."""
+    grad_values, grad_weights = _gemm.coalition_reduce_backward(
+        grad_sums, grad_weight_sums, masks, values, weights, num_players, need_values, need_weights
+    )
+    return (
+        values.new_empty((0,)) if grad_values is None else grad_values,
+        weights.new_empty((0,)) if grad_weights is None else grad_weights,
+    )
+
+
+@_reduce_gemm_backward.register_fake
+def _(grad_sums, grad_weight_sums, masks, values, weights, num_players, need_values, need_weights):
+    return values.new_empty(values.shape if need_values else (0,)), weights.new_empty(
+        weights.shape if need_weights else (0,)
+    )
+
+
+def _reduce_gemm_setup(ctx, inputs, output):
+    masks, values, weights, num_players = inputs
+    ctx.save_for_backward(masks, values, weights)
+    ctx.num_players = num_players
+
+
+def _reduce_gemm_grad(ctx, grad_sums, grad_weight_sums):
+    masks, values, weights = ctx.saved_tensors
+    need_values, need_weights = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    grad_values, grad_weights = _reduce_gemm_backward(
+        grad_sums, grad_weight_sums, masks, values, weights, ctx.num_players, need_values, need_weights
+    )
+    return None, grad_values if need_values else None, grad_weights if need_weights else None, None
+
+
+_reduce_gemm.register_autograd(_reduce_gemm_grad, setup_context=_reduce_gemm_setup)
+
+
+# ------------------------------------------------------------------------------------- coalition_gram
+
+
+def coalition_gram_reference(masks: torch.Tensor, weights: torch.Tensor, num_players: int) -> torch.Tensor:
+    """PyTorch reference of :func:`coalition_gram`: the dense product over the unpacked masks."""
+    acc = _acc_dtype(weights.dtype)
+    z = unpack_masks_reference(masks, num_players).to(acc)
+    return torch.einsum("bmi,bm,bmj->bij", z, weights.to(acc), z).to(weights.dtype)
+
+
+def coalition_gram(masks: torch.Tensor, weights: torch.Tensor, num_players: int) -> torch.Tensor:
+    """Weighted Gram matrix of the coalitions: ``A[b] = sum_m weights[b, m] z_m z_mᵀ``.
+
+    KernelSHAP's ``A = E[z zᵀ]`` is ``coalition_gram(masks, weights, N)`` with equal weights (e.g.
+    ``1 / M``). On the CPU, images whose weights are all equal take an AND + popcount over the masks
+    transposed per player (exact counts), the others a sparse row update; on CUDA, a Triton GEMM.
+
+    Args:
+        masks: (B, M, W) int32, bit-packed coalitions (see :func:`pack_masks`), W >= ceil(N / 32).
+        weights: (B, M) floating, a weight per coalition.
+        num_players: N.
+
+    Returns:
+        (B, N, N) in the dtype of ``weights``, exactly symmetric (the reference is symmetric only up to
+        rounding); differentiable in ``weights`` (``grad_w[b, m] = z_mᵀ G[b] z_m``).
+    """
+    op = "coalition_gram"
+    _check_masks(masks, num_players, op)
+    _check(weights.dim() == 2, op, f"weights must be 2-D (B, M), got shape {tuple(weights.shape)}")
+    _check_float(weights, "weights", op)
+    _check(
+        masks.shape[:2] == weights.shape,
+        op,
+        f"masks shape {tuple(masks.shape)} does not match weights shape {tuple(weights.shape)} in (B, M)",
+    )
+    _check_same_device(op, weights=weights, masks=masks)
+    has_kernel = _ext.extension_loaded() and (
+        weights.device.type == "cpu" or (weights.is_cuda and _HAS_TRITON)
+    )
+    if has_kernel:
+        return torch.ops.shapkern.coalition_gram(masks, weights, num_players)
+    return coalition_gram_reference(masks, weights, num_players)
 
 
 # ------------------------------------------------------------------ fake kernels and autograd (extension)
@@ -248,6 +405,10 @@ def _register() -> None:
     def _(masks, values, weights, num_players):
         batch, _, k = values.shape
         return values.new_empty((batch, num_players, k)), values.new_empty((batch, num_players))
+
+    @torch.library.register_fake(lib + "coalition_gram")
+    def _(masks, weights, num_players):
+        return weights.new_empty((masks.shape[0], num_players, num_players))
 
     @torch.library.register_fake(lib + "pack_masks")
     def _(mask):
@@ -279,16 +440,32 @@ def _register() -> None:
         masks, values, weights = ctx.saved_tensors
         acc = _acc_dtype(values.dtype)
         z = torch.ops.shapkern.unpack_masks(masks, ctx.num_players).to(acc)
+        w = weights.to(acc).unsqueeze(-1)
+        if not ctx.needs_input_grad[2]:
+            return None, torch.bmm(z * w, grad_sums.to(acc)).to(values.dtype), None, None
         zg = torch.bmm(z, grad_sums.to(acc))
-        grad_values = grad_weights = None
+        # The row dots as a batched GEMM and w applied in place: no (B, M, K) temporaries.
+        gw = (
+            torch.einsum("bmk,bmk->bm", zg, values.to(acc))
+            + (z @ grad_weight_sums.to(acc).unsqueeze(-1))[..., 0]
+        )
+        grad_values = None
         if ctx.needs_input_grad[1]:
-            grad_values = (weights.to(acc).unsqueeze(-1) * zg).to(values.dtype)
-        if ctx.needs_input_grad[2]:
-            gw = (zg * values.to(acc)).sum(-1) + torch.bmm(z, grad_weight_sums.to(acc).unsqueeze(-1)).squeeze(
-                -1
-            )
-            grad_weights = gw.to(weights.dtype)
-        return None, grad_values, grad_weights, None
+            # In place, unless this backward is recorded (create_graph): the einsum saved zg.
+            grad_values = (zg * w if torch.is_grad_enabled() else zg.mul_(w)).to(values.dtype)
+        return None, grad_values, gw.to(weights.dtype), None
+
+    def gram_setup(ctx, inputs, output):
+        masks, weights, num_players = inputs
+        ctx.save_for_backward(masks, weights)
+        ctx.num_players = num_players
+
+    def coalition_gram_backward(ctx, grad):
+        # d A[b] / d w[b, m] = z_m z_mᵀ, so grad_w[b, m] = z_mᵀ G[b] z_m
+        masks, weights = ctx.saved_tensors
+        acc = _acc_dtype(weights.dtype)
+        z = unpack_masks(masks, ctx.num_players).to(acc)
+        return None, (torch.bmm(z, grad.to(acc)) * z).sum(-1).to(weights.dtype), None
 
     torch.library.register_autograd(lib + "segment_sum", segment_sum_backward, setup_context=segment_setup)
     torch.library.register_autograd(
@@ -297,6 +474,9 @@ def _register() -> None:
     torch.library.register_autograd(
         lib + "coalition_reduce", coalition_reduce_backward, setup_context=coalition_setup
     )
+    torch.library.register_autograd(lib + "coalition_gram", coalition_gram_backward, setup_context=gram_setup)
+    if _HAS_TRITON:
+        torch.library.register_kernel(lib + "coalition_gram", "cuda", _gemm.coalition_gram)
 
 
 if _ext.extension_loaded():
