@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
+
+
+def _advice() -> str:
+    """What to run, by where shapkern was imported from."""
+    package = Path(__file__).resolve().parents[1]
+    if (package.parent / "setup.py").is_file() and not any(package.glob("_C*")):
+        return (
+            f"shapkern was imported from its source folder {package}, which holds no compiled extension "
+            "(Python puts the current directory first on sys.path, so running from the repository root "
+            "imports the sources rather than the installed package). Run from another directory, or build "
+            "the extension into the sources with `pip install --no-build-isolation -e .`."
+        )
+    return "Rebuild it against the installed torch with `pip install --no-build-isolation --no-deps .`."
+
 
 try:
     from shapkern import _C
@@ -13,8 +28,7 @@ except (ImportError, OSError) as exc:  # not built, or built against another tor
     _ERROR: str | None = f"{type(exc).__name__}: {exc}"
     warnings.warn(
         f"shapkern: the compiled extension shapkern._C failed to load ({_ERROR}); shapkern falls back to "
-        "its PyTorch reference ops, which give the same results more slowly. Rebuild it against the "
-        "installed torch with `pip install --no-build-isolation --no-deps .`.",
+        f"its PyTorch reference ops, which give the same results more slowly. {_advice()}",
         RuntimeWarning,
         stacklevel=2,
     )
