@@ -156,7 +156,9 @@ def pack_tokens(
         )
     row_image = torch.arange(batch, device=coalitions.device).repeat_interleave(num)
     plan = pack_plan(coalitions.reshape(batch * num, players), row_image, num_prefix_tokens, paired=paired)
-    return tokens.reshape(-1, tokens.shape[-1])[plan.gather_index], plan
+    # index_select, not x[index]: its backward (index_add) sums each image's token gradients in a fixed
+    # order on the CPU, where indexing's backward adds with atomics in parallel (run-to-run differences).
+    return torch.index_select(tokens.reshape(-1, tokens.shape[-1]), 0, plan.gather_index), plan
 
 
 def segment_patch_sum(x: torch.Tensor, plan: PackPlan) -> torch.Tensor:

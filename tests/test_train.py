@@ -181,3 +181,17 @@ def test_cpu_runs_with_the_same_seed_are_bitwise_identical(tmp_path):
     assert [strip(r) for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")] == [
         strip(r) for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")
     ]
+
+
+def test_the_same_batch_gives_bitwise_identical_gradients(tmp_path):
+    # A last, smaller batch of the default digits run: the packed gather's backward once summed each
+    # image token's gradients with atomics, and repeated calls differed in the last bits.
+    trainer = Trainer(TrainConfig(out=str(tmp_path), faith_images=0, heatmap_images=0, progress=False))
+    items = [trainer.train_set[i] for i in range(29)]
+    images, labels, indices = (torch.stack([torch.as_tensor(item[k]) for item in items]) for k in range(3))
+    grads = []
+    for _ in range(8):
+        trainer.backward(images, labels, indices, epoch=0)
+        grads.append([p.grad.clone() for p in trainer.model.parameters()])
+    for trial in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(trial, grads[0], strict=True))

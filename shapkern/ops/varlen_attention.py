@@ -110,7 +110,7 @@ def varlen_attention_reference(
         pairs = lengths.view(-1, 2).sum(-1) if lengths.shape[0] % 2 == 0 else lengths[:0]
         if pairs.numel() and int(pairs[0]) > 0 and bool((pairs == pairs[0]).all()):
             return _paired_rows_attention(q, k, v, lengths[0::2], int(pairs[0]), scale)
-        groups = lengths.argsort().tensor_split(length_buckets)
+        groups = lengths.argsort(stable=True).tensor_split(length_buckets)  # stable: fixed groups, same sums
         parts = [(g, int(lengths[g].max())) for g in groups if g.numel()]
     else:
         parts = [(slice(None), max_seqlen)]
