@@ -1,8 +1,27 @@
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
 from shapkern.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_module(path: Path):
+    """A module of a script folder (benchmarks/) or another test file, by path."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def recipe(monkeypatch):
+    """benchmarks/recipe_epoch.py, where the README's GPU recipe is defined."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports benchmarks/harness.py
+    return load_module(ROOT / "benchmarks" / "recipe_epoch.py")
 
 
 def read_jsonl(path) -> list[dict]:
@@ -62,6 +81,8 @@ def test_defaults_are_the_digits_quick_start():
         (["train", "--model", "vit_nonexistent_xyz"], "unknown model"),
         (["train", "--patch-size", "6"], "does not divide"),
         (["train", "--model", "resnet10t"], "cannot be built as a ViT"),
+        (["train", "--data", "cifar10", "--data-root", "/nonexistent/shapkern-data"], "Pass --download"),
+        (["train", "--model", "vit_small_patch16_224.bogus"], "unknown pretrained tag 'bogus'"),
     ],
 )
 def test_bad_inputs_fail_with_clear_messages(argv, message, capsys, tmp_path):
@@ -72,3 +93,105 @@ def test_bad_inputs_fail_with_clear_messages(argv, message, capsys, tmp_path):
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "train" in capsys.readouterr().out
+
+
+def test_pretrained_and_weights_take_the_models_own_sizes():
+    from shapkern.cli.train import config_from_args
+
+    def parse(*flags):
+        return config_from_args(build_parser().parse_args(["train", "--model", name, *flags]))
+
+    name = "vit_small_patch16_224.augreg_in21k_ft_in1k"
+    for flags in (["--pretrained"], ["--weights", "w.safetensors"]):
+        cfg, explicit = parse(*flags)
+        assert (cfg.depth, cfg.embed_dim, cfg.num_heads) == (None, None, None)
+        assert (cfg.img_size, cfg.patch_size) == (224, 16)
+        assert explicit == {"model", flags[0].lstrip("-")}  # a resumed run keeps its saved sizes
+    cfg, _ = parse("--pretrained", "--img-size", "384", "--depth", "6")
+    assert (cfg.img_size, cfg.patch_size, cfg.depth, cfg.embed_dim) == (384, 16, 6, None)
+    cfg, _ = parse()
+    assert (cfg.depth, cfg.img_size, cfg.pretrained, cfg.download) == (3, 32, False, False)  # no weights
+
+
+def test_readme_shows_the_tested_gpu_recipe(recipe):
+    """The command in README.md is benchmarks/recipe_epoch.RECIPE, which the next test runs."""
+    readme = " ".join((ROOT / "README.md").read_text().replace("\\\n", " ").split())
+    assert " ".join(recipe.RECIPE.split()) in readme, (
+        f"README.md must show the GPU recipe exactly as tested:\n{recipe.RECIPE}"
+    )
+
+
+def test_gpu_recipe_runs_on_tiny_fake_data(recipe, tmp_path, monkeypatch):
+    """The recipe's flags, then a tiny model, image and data set on top: fake CIFAR-10 in its
+    on-disk format, and a fake Hugging Face cache (offline) holding a tiny stand-in for the
+    pretrained ViT-S; two steps (one epoch), then the checkpoint rebuilds with no cache at all."""
+    import torch
+    import torchvision.datasets.cifar
+
+    from shapkern import ShapleyViT
+
+    catalog = load_module(ROOT / "tests" / "test_data_catalog.py")
+    backbones = load_module(ROOT / "tests" / "test_models_backbones.py")
+    catalog.fake_cifar10(str(tmp_path / "data"))
+    catalog.skip_md5_checks(monkeypatch)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("--download must not fetch a dataset that is present")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", no_network)
+    name = "vit_small_patch16_224.augreg_in21k_ft_in1k"
+    assert f"--model {name} --pretrained" in recipe.RECIPE
+    source = backbones.timm.create_model(name, pretrained=False, **backbones.TINY)
+    backbones.write_hub_cache(tmp_path / "hub", name, source)
+    backbones.use_hub_cache(monkeypatch, tmp_path / "hub")
+    tiny = ["--img-size", "64", "--depth", "1", "--embed-dim", "32", "--num-heads", "2"]
+    small = [
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--limit-train",
+        "8",
+        "--limit-test",
+        "4",
+    ]
+    local = ["--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--num-workers", "0"]
+    quick = ["--limit-test", "4", "--faith-images", "2", "--heatmap-images", "2", "--no-progress"]
+    assert main(["train", *recipe.recipe_args(), *tiny, *small, *local, *quick]) == 0
+    (record,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert record["epoch"] == 1 and record["step"] == 2
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    cfg = ckpt["config"]
+    assert cfg["pretrained"] and cfg["download"] and (cfg["num_coalitions"], cfg["patch_size"]) == (32, 16)
+    assert ckpt["data"]["name"] == "cifar10" and ckpt["data"]["preprocessing"]["mean"] == [0.5] * 3
+    assert ckpt["arch"] == {
+        "backbone": name, "num_classes": 10, "head": "linear", "img_size": 64, "patch_size": 16,
+        "depth": 1, "embed_dim": 32, "num_heads": 2, "in_chans": 3,
+    }  # fmt: skip
+    backbones.use_hub_cache(monkeypatch, tmp_path / "no-cache")  # a rebuild must not look for weights
+    model = ShapleyViT.from_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert model.num_players == 16 and model.num_classes == 10
+
+
+def test_recipe_epoch_benchmark_runs_on_the_cpu(recipe, tmp_path):
+    """benchmarks/recipe_epoch.py (the GPU session's timing of the recipe) on a tiny model."""
+    # One pair of 2 players, no prefix, D = depth = 1: ends 24·2 + 4·(2² + 0²), the pair 24·2 + 4·(1 + 1).
+    assert recipe.step_flops(1, 1, 2, 0, 2, 2) == 3 * (64 + 56)
+    assert recipe.step_flops(1, 1, 2, 0, 2, 0) == 3 * 64 + 56
+    tiny = ["--img-size", "32", "--depth", "1", "--embed-dim", "32", "--num-heads", "2", "--num-workers", "0"]
+    small = ["--limit-train", "8", "--limit-test", "4", "--faith-images", "0"]
+    result = recipe.main(
+        ["--device", "cpu", "--epochs", "1", "--batch-size", "4", "--out", str(tmp_path), "--"] + tiny + small
+    )
+    cfg = result["config"]
+    assert (cfg["data"], cfg["pretrained"], cfg["download"], cfg["num_coalitions"]) == (
+        "evidence",
+        False,
+        False,
+        32,
+    )
+    assert [r["epoch"] for r in result["epochs"]] == [1]
+    assert result["cifar10_epoch_one_gpu_s"]["train"] > 0 and result["step_gflop_per_image"] > 0
+    assert "Implied CIFAR-10 epoch" in (tmp_path / "recipe_epoch.md").read_text()

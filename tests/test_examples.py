@@ -14,3 +14,10 @@ def test_drop_in_conversion_is_under_30_lines():
     conversion = text.split("# --- the conversion")[1].split("# -----")[0]
     code = [line for line in conversion.splitlines()[1:] if line.strip()]
     assert len(code) < 30
+
+
+def test_training_example_runs_with_its_flags(capsys):
+    namespace = runpy.run_path(str(EXAMPLES / "train_self_explaining_vit.py"))
+    result = namespace["main"](["--epochs", "1", "--train-images", "128", "--exact-images", "1"])
+    assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["relative_error"] < 10.0
+    assert "epoch 1/1" in capsys.readouterr().out

@@ -8,7 +8,9 @@ import os
 import time
 
 from shapkern.checkpoint import CHECKPOINT, PREVIOUS_CHECKPOINT
+from shapkern.data import DATASETS
 from shapkern.models import HEADS
+from shapkern.models.backbones import native_input
 from shapkern.training import TrainConfig, resumed_config, train
 from shapkern.training.distributed import DEVICES
 from shapkern.training.losses import MASK_LOSSES, SV_SCALES
@@ -18,15 +20,16 @@ __all__ = ["add_parser", "run"]
 
 # (field of TrainConfig, help, choices). Types and defaults come from TrainConfig.
 ARGS = (
-    ("data", "digits, evidence or imagefolder:PATH", None),
-    ("model", "timm ViT architecture (created with pretrained=False)", None),
+    ("data", f"{', '.join(DATASETS)} (the named ones through torchvision, under --data-root)", None),
+    ("data_root", "folder holding the named datasets (--download fetches a missing one there)", None),
+    ("model", "timm ViT, arch or arch.tag (e.g. vit_small_patch16_224.augreg_in21k_ft_in1k)", None),
     ("img_size", "input size in pixels", None),
     ("patch_size", "patch size in pixels; must divide the image size", None),
     ("depth", "backbone depth override (0: the timm model's own; the default makes a 3-block ViT)", None),
     ("embed_dim", "backbone width override (0: the model's own)", None),
     ("num_heads", "backbone heads override (0: the model's own)", None),
     ("head", "Shapley head: linear, or block (one extra attention block, as in ViT-Shapley)", HEADS),
-    ("weights", "local file with pretrained backbone weights (.pth, .pt or .safetensors)", None),
+    ("weights", "local backbone weights (.pth, .pt or .safetensors), instead of --pretrained", None),
     ("epochs", "training epochs", None),
     ("batch_size", "global batch size (split over torchrun processes)", None),
     ("lr", "peak learning rate (AdamW)", None),
@@ -67,7 +70,16 @@ FLAGS = (  # booleans as --x / --no-x
     ("stop_grad", "stop gradients through the ℓ_sv target v_x(S) (--no-stop-grad: ablation)"),
     ("progress", "show progress (a bar on a terminal, periodic lines in a log)"),
     ("skip_bad_images", "imagefolder: skip unreadable image files (counted in the log) instead of failing"),
+    (
+        "pretrained",
+        "timm's pretrained weights for --model, from the Hugging Face hub or its local cache "
+        "(HF_HUB_OFFLINE=1: cache only); with it or --weights, the size flags default to the model's own",
+    ),
+    ("download", "download a named dataset into --data-root when it is not there"),
 )
+# Pretrained weights fix the architecture: without these flags, a run with --pretrained or --weights
+# takes the model's own depth, width, heads, image size and patch size (not the digits defaults).
+NATIVE = ("depth", "embed_dim", "num_heads", "img_size", "patch_size")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -100,7 +112,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
-    """The TrainConfig of parsed arguments, and the fields given explicitly."""
+    """The TrainConfig of parsed arguments, and the fields given explicitly (see NATIVE for what
+    --pretrained and --weights change)."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields}
     for name in ("depth", "embed_dim", "num_heads"):
@@ -108,7 +121,11 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
             given[name] = None
     if given.get("mask_loss") == "none":
         given["mask_loss"] = None
-    return TrainConfig(**given), set(given)
+    explicit = set(given)
+    if given.get("pretrained") or given.get("weights"):
+        img_size, patch_size = native_input(given.get("model", TrainConfig.model))
+        given = {**dict(zip(NATIVE, (None, None, None, img_size, patch_size), strict=True)), **given}
+    return TrainConfig(**given), explicit
 
 
 def _summary(cfg: TrainConfig, record: dict, seconds: float) -> str:

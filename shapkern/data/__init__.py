@@ -1,24 +1,32 @@
 """Data for training and explaining: built-in sets, the user's image folders, and preprocessing.
 
-``load_dataset(spec)`` takes ``"digits"``, ``"evidence"`` or ``"imagefolder:PATH"`` and returns a
+``load_dataset(spec)`` takes ``"digits"``, ``"evidence"``, a standard dataset by name (``"cifar10"``,
+``"cifar100"``, ``"pets"``, ``"flowers102"``, ``"stl10"``, ``"imagenette"``: torchvision reads them
+under a data root, see :mod:`shapkern.data.catalog`) or ``"imagefolder:PATH"`` and returns a
 :class:`DataBundle`: train and test splits of ``(image, label, index)`` items, the class names,
 and the :class:`Preprocessing` that turns image files into inputs like these.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from shapkern.data.catalog import CATALOG, DEFAULT_DATA_ROOT, catalog_dataset
 from shapkern.data.datasets import DataBundle, EvidenceDataset, IndexedDataset, TensorImageDataset
 from shapkern.data.folders import imagefolder
 from shapkern.data.preprocess import Preprocessing, pixels_to_unit, preprocess_image
-from shapkern.data.synthetic import EVIDENCE_GRID, digits, evidence, make_evidence
+from shapkern.data.synthetic import digits, evidence, make_evidence
 
 __all__ = [
+    "CATALOG",
     "DATASETS",
+    "DEFAULT_DATA_ROOT",
     "DataBundle",
     "EvidenceDataset",
     "IndexedDataset",
     "Preprocessing",
     "TensorImageDataset",
+    "catalog_dataset",
     "digits",
     "evidence",
     "imagefolder",
@@ -28,7 +36,7 @@ __all__ = [
     "preprocess_image",
 ]
 
-DATASETS = ("digits", "evidence", "imagefolder:PATH")
+DATASETS = ("digits", "evidence", *CATALOG, "imagefolder:PATH")
 
 
 def _check_sizes(img_size: int, patch_size: int) -> None:
@@ -42,23 +50,38 @@ def _check_sizes(img_size: int, patch_size: int) -> None:
 
 
 def load_dataset(
-    spec: str, *, img_size: int = 32, patch_size: int = 8, seed: int = 0, skip_bad_images: bool = False
+    spec: str,
+    *,
+    img_size: int = 32,
+    patch_size: int = 8,
+    seed: int = 0,
+    skip_bad_images: bool = False,
+    root: str = DEFAULT_DATA_ROOT,
+    download: bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> DataBundle:
-    """``"digits"``, ``"evidence"`` or ``"imagefolder:PATH"`` -> DataBundle.
+    """A dataset of :data:`DATASETS` -> DataBundle.
 
-    Raises ValueError for an unknown dataset or a patch size that does not divide the image.
+    Args:
+        spec: ``"digits"``, ``"evidence"``, a :data:`CATALOG` name or ``"imagefolder:PATH"``.
+        img_size, patch_size: the model's input and patch size (the patches must tile the image).
+        seed: the built-in sets' split and images; imagefolder's split without train/val folders.
+        skip_bad_images: imagefolder: leave unreadable files out instead of failing.
+        root, download: where the catalog datasets live, and whether to fetch a missing one.
+        mean, std: the catalog datasets' normalisation (default ImageNet's); the built-in sets have
+            their own, imagefolder uses ImageNet's.
+
+    Raises ValueError for an unknown dataset, a catalog dataset not found, or a patch size that
+    does not divide the image.
     """
     _check_sizes(img_size, patch_size)
     if spec == "digits":
         return digits(img_size, seed=seed)
-    if spec == "evidence":
-        cell = img_size // EVIDENCE_GRID
-        if cell % patch_size and patch_size % cell:
-            raise ValueError(
-                f"evidence: patch size {patch_size} neither divides nor is a multiple of the evidence "
-                f"cell size {cell}"
-            )
+    if spec == "evidence":  # patches need not align with its cells: patch_masks gives coverage fractions
         return evidence(img_size, seed=seed)
+    if spec in CATALOG:
+        return catalog_dataset(spec, img_size, root=root, download=download, mean=mean, std=std)
     if spec.startswith("imagefolder:") and len(spec) > len("imagefolder:"):
         return imagefolder(spec[len("imagefolder:") :], img_size, seed=seed, skip_bad_images=skip_bad_images)
     raise ValueError(f"unknown dataset {spec!r}; choose one of {', '.join(DATASETS)}")

@@ -50,11 +50,13 @@ class ShapleyViT(nn.Module):
 
     Args:
         backbone: an engine-supported timm VisionTransformer (its classifier is removed), or a
-            timm model name, created with ``pretrained=False`` and ``backbone_kwargs``.
+            timm model name, created with ``backbone_kwargs``.
         num_classes: K.
         head: ``"linear"`` (LayerNorm + Linear per patch token) or ``"block"`` (one extra timm
             Block over the kept tokens first, as in ViT-Shapley).
         checkpoint: a local weights file for a backbone given by name.
+        pretrained: load timm's pretrained weights for a backbone given by name (``arch.tag`` picks
+            which; see :func:`~shapkern.models.create_backbone`).
         backbone_kwargs: passed to ``timm.create_model`` (img_size, patch_size, depth, ...).
     """
 
@@ -65,6 +67,7 @@ class ShapleyViT(nn.Module):
         head: str = "linear",
         *,
         checkpoint: str | os.PathLike | None = None,
+        pretrained: bool = False,
         **backbone_kwargs,
     ):
         super().__init__()
@@ -72,13 +75,19 @@ class ShapleyViT(nn.Module):
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        # What rebuilds this model from a checkpoint (a backbone given by name only).
+        # What rebuilds this model from a checkpoint (a backbone given by name only). The weights'
+        # source (checkpoint, pretrained) is left out: a rebuilt model loads the checkpoint's own
+        # weights, so from_checkpoint never reads the original file nor downloads.
         self.arch = None
         if isinstance(backbone, str):
             self.arch = {"backbone": backbone, "num_classes": num_classes, "head": head, **backbone_kwargs}
-            backbone = create_backbone(backbone, checkpoint=checkpoint, **backbone_kwargs)
-        elif checkpoint is not None or backbone_kwargs:
-            raise ValueError("checkpoint and backbone kwargs apply only to a backbone given by name")
+            backbone = create_backbone(
+                backbone, checkpoint=checkpoint, pretrained=pretrained, **backbone_kwargs
+            )
+        elif checkpoint is not None or pretrained or backbone_kwargs:
+            raise ValueError(
+                "checkpoint, pretrained and backbone kwargs apply only to a backbone given by name"
+            )
         check_packed_model(backbone)
         backbone.reset_classifier(0)
         self.backbone = backbone
@@ -113,7 +122,7 @@ class ShapleyViT(nn.Module):
                 "(it has no 'arch' and 'model' entries)"
             )
         try:
-            model = cls(**arch)
+            model = cls(**{**arch, "pretrained": False})  # the checkpoint holds the weights: no download
             model.load_state_dict(state["model"])
         except (TypeError, ValueError, RuntimeError, KeyError) as exc:
             raise CheckpointError(f"{source} does not describe a model this version builds: {exc}") from None

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from shapkern.checkpoint import newest_checkpoint
+from shapkern.data.catalog import DEFAULT_DATA_ROOT
 
 __all__ = ["SCHEDULE_FIELDS", "TrainConfig", "resumed_config"]
 
@@ -17,9 +18,11 @@ SCHEDULE_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs"
 class TrainConfig:
     """Settings of one run. Defaults: the digits quick start (2 CPU cores, minutes).
 
-    Data and model: ``data`` (``digits``, ``evidence`` or ``imagefolder:PATH``), the timm ``model``
-    with ``img_size``/``patch_size`` and the optional size overrides ``depth``, ``embed_dim``,
-    ``num_heads`` (None keeps timm's), the Shapley ``head`` and local backbone ``weights``.
+    Data and model: ``data`` (``digits``, ``evidence``, a catalog name such as ``cifar10``, or
+    ``imagefolder:PATH``), found under ``data_root`` and fetched there with ``download``; the timm
+    ``model`` (``arch`` or ``arch.tag``) with ``img_size``/``patch_size`` and the optional size
+    overrides ``depth``, ``embed_dim``, ``num_heads`` (None keeps timm's), the Shapley ``head``, and
+    the backbone's weights: timm's ``pretrained`` ones (hub or local cache) or a local ``weights`` file.
     Loss: λ = ``lam`` (ℓ_sv), μ = ``mu`` (ℓ_mask), ``num_coalitions`` paired per image of which
     ``grad_coalitions`` carry gradients, ``sv_scale`` (``raw`` or ``relative``), ``mask_loss`` (``kl``,
     ``ce`` or None), ``stop_grad``. Optimisation: AdamW ``lr``,
@@ -37,6 +40,9 @@ class TrainConfig:
     num_heads: int | None = 2
     head: str = "linear"
     weights: str | None = None
+    pretrained: bool = False  # timm's pretrained weights of `model` (its tag picks which)
+    data_root: str = DEFAULT_DATA_ROOT
+    download: bool = False
     epochs: int = 30
     batch_size: int = 64  # global, over all processes
     lr: float = 1e-3

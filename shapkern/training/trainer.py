@@ -35,6 +35,7 @@ from shapkern.checkpoint import (
 from shapkern.coalitions import seeded_coalitions
 from shapkern.data import DataBundle, load_dataset
 from shapkern.models import ShapleyViT
+from shapkern.models.backbones import pretrained_normalization
 from shapkern.training.config import TrainConfig
 from shapkern.training.distributed import Distributed, autocast
 from shapkern.training.evaluation import Evaluator, default_evaluators, save_heatmaps
@@ -52,7 +53,8 @@ def build_model(cfg: TrainConfig, bundle: DataBundle) -> ShapleyViT:
     """The ShapleyViT of a config: timm ``cfg.model`` at the data's image size and channels."""
     kwargs = {**cfg.arch(), "in_chans": bundle.in_chans}
     try:
-        return ShapleyViT(cfg.model, bundle.num_classes, cfg.head, checkpoint=cfg.weights, **kwargs)
+        weights = {"checkpoint": cfg.weights, "pretrained": cfg.pretrained}
+        return ShapleyViT(cfg.model, bundle.num_classes, cfg.head, **weights, **kwargs)
     except TypeError as exc:  # a timm model that takes none of these keywords: not a ViT
         raise ValueError(f"model {cfg.model!r} cannot be built as a ViT with {kwargs}: {exc}") from exc
 
@@ -81,12 +83,17 @@ class Trainer:
         self.cfg = cfg
         self.dist = Distributed.from_environment(cfg.device)
         self.device = self.dist.device
+        mean, std = pretrained_normalization(cfg.model)  # inputs as the backbone's weights expect
         self.bundle = load_dataset(
             cfg.data,
             img_size=cfg.img_size,
             patch_size=cfg.patch_size,
             seed=cfg.seed,
             skip_bad_images=cfg.skip_bad_images,
+            root=cfg.data_root,
+            download=cfg.download,
+            mean=mean,
+            std=std,
         )
         self.train_set = _limited(self.bundle.train, cfg.limit_train)
         self.test_set = _limited(self.bundle.test, cfg.limit_test)
