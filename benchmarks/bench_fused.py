@@ -1,7 +1,7 @@
 """Benchmark the fused ops between a ViT block's GEMMs against their unfused PyTorch formulations.
 
     python benchmarks/bench_fused.py [--device cuda|cpu] [--tokens T] [--dim D] [--hidden H] [--tune]
-                                     [--no-compile] [--out results.json]
+                                     [--no-compile] [--out DIR]
 
 Each op runs three ways on the same inputs: shapkern's fused op, the plain PyTorch formulation (eager),
 and torch.compile of that formulation (default mode), forward (under no_grad, as inference runs) and
@@ -21,13 +21,10 @@ run their PyTorch references.
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-import common
+import harness
 import torch
 import torch.nn.functional as F
 
@@ -133,7 +130,7 @@ def cases(args, device: torch.device):
 
 
 def _relative_error(outputs, want) -> float:
-    return max(common.relative_error(got, ref) for got, ref in zip(outputs, want, strict=True))
+    return max(harness.relative_error(got, ref) for got, ref in zip(outputs, want, strict=True))
 
 
 def run_case(case: Case, device: torch.device, args) -> list[dict]:
@@ -159,7 +156,7 @@ def run_case(case: Case, device: torch.device, args) -> list[dict]:
         for phase, run in (("forward", forward), ("forward+backward", forward_backward)):
             row = {"op": case.name, "method": method, "phase": phase, "relative_error": error}
             try:
-                row |= common.time_fn(run, device, warmup=args.warmup, repeats=args.repeats)
+                row |= harness.time_fn(run, device, warmup=args.warmup, repeats=args.repeats)
             except RuntimeError as failure:  # e.g. an op without a backward
                 rows.append(row | {"failed": str(failure).splitlines()[0]})
                 continue
@@ -196,7 +193,7 @@ def tune_gemm(args, device: torch.device) -> list[dict]:
     rows = []
     for config in GEMM_CANDIDATES:
         for store in (False, True):
-            stats = common.time_fn(
+            stats = harness.time_fn(
                 lambda config=config, store=store: linear_gelu_forward(x, w, b, store, config),
                 device,
                 warmup=args.warmup,
@@ -242,10 +239,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--device", default=common.default_device())
+    parser = harness.argument_parser(__doc__)
     parser.add_argument("--tokens", type=int, help="T (default: vit_base 32 x 32 paired on CUDA, 256 on CPU)")
     parser.add_argument("--dim", type=int, help="D (default 768 on CUDA, 64 on CPU)")
     parser.add_argument("--hidden", type=int, help="MLP hidden width (default 4 D)")
@@ -254,7 +248,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile rows")
     parser.add_argument("--tune", action="store_true", help="also time the GEMM tile candidates (CUDA)")
-    parser.add_argument("--out", type=Path, help="JSON path; a .md table is written beside it")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -263,10 +256,10 @@ def main() -> None:
     args.hidden = args.hidden or 4 * args.dim
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     if not cuda:
-        common.configure_cpu_threads()
+        harness.configure_cpu_threads()
 
     result = {
-        "environment": common.environment(device),
+        "environment": harness.environment(device),
         "config": {k: getattr(args, k) for k in ("tokens", "dim", "hidden", "dtype", "repeats", "compile")},
         "rows": [],
     }
@@ -278,10 +271,9 @@ def main() -> None:
         result["gemm_tune"] = tune_gemm(args, device)
     table = markdown(result)
     print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(table)
+    out = harness.results_dir(args.out, device)
+    harness.write_results(out, "fused", result, table)
+    print(f"results in {out}")
 
 
 if __name__ == "__main__":

@@ -1,70 +1,71 @@
 """Scaling: evaluations per second of the engine and the zero-input baseline as M and N grow.
 
-    python benchmarks/bench_scaling.py [--device cuda|cpu]
+    python benchmarks/bench_scaling.py [--device cuda|cpu] [--out DIR]
 
-M (paired coalitions per image) runs over 8 … 256 at patch 16; N over 49 / 196 / 784 players
-(patch 32 / 16 / 8 at 224 px) at M = 32. Forward only. Writes scaling.{json,md} under
-benchmarks/results/<date>-<device>/.
+M (paired coalitions per image) runs over 8 … 256 (CUDA) or 8 … 32 (CPU) at patch 16; N over
+49 / 196 / 784 players (patch 32 / 16 / 8 at 224 px) at M = 32. Forward only, the methods timed
+round-robin at each point (benchmarks/harness.py). Writes scaling.{json,md}.
 """
 
-import argparse
-from pathlib import Path
-
-import common
-import run
+import harness
+import throughput
 
 METHODS = ["shapkern engine", "zero-input full forward"]
 
 
 def main(argv=None) -> list:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = harness.argument_parser(__doc__)
+    parser.add_argument(
+        "--coalitions", type=int, nargs="+", help="values of M (default: per device, see above)"
     )
-    parser.add_argument("--device", default=common.default_device(), choices=["cuda", "cpu"])
-    parser.add_argument("--coalitions", type=int, nargs="+", default=None)
-    parser.add_argument("--patch-sizes", type=int, nargs="+", default=[32, 16, 8])
-    parser.add_argument("--images", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--patch-sizes", type=int, nargs="+", default=[32, 16, 8], help="values of the patch size"
+    )
+    parser.add_argument("--images", type=int, help="images per batch (default: 8 on CUDA, 1 on the CPU)")
+    parser.add_argument("--repeats", type=int, help="timed rounds (default: throughput.py's per device)")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     coalitions = args.coalitions or ([8, 16, 32, 64, 128, 256] if cuda else [8, 16, 32])
     images = args.images or (8 if cuda else 1)
-    common.configure_cpu_threads()
+    harness.configure_cpu_threads()
     configs = [(m, 16) for m in coalitions] + [(32, p) for p in args.patch_sizes if p != 16]
     points = []
     for num, patch in configs:
         flags = ["--device", args.device, "--images", str(images), "--coalitions", str(num)]
         flags += ["--patch-size", str(patch), "--no-backward", "--methods", *METHODS]
-        result = run.measure(run.parse_args(flags))
+        flags += ["--repeats", str(args.repeats)] if args.repeats else []
+        result = throughput.measure(throughput.parse_args(flags))
         for row in result["methods"]:
             points.append(
                 {
                     "method": row["method"],
                     "coalitions": num,
                     "players": result["config"]["players"],
-                    "evals_per_s": row["forward"]["evals_per_s"],
-                    "correct": row["correct"],
+                    "evals_per_s": row.get("forward", {}).get("evals_per_s"),
+                    "correct": row.get("correct"),
+                    **({"failed": row["failed"]} if "failed" in row else {}),
                 }
             )
-    env = result["environment"]
-    lines = [
-        f"# Scaling on {common.hardware_name(env)}",
-        "",
-        (
-            f"{result['config']['model']}, {result['config']['dtype']}, {images} images, forward; "
-            f"torch {env['torch']}, triton {env['triton']}, {env['date']}."
-        ),
-        "",
-        "| method | M | N | evals/s | correct |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {p['method']} | {p['coalitions']} | {p['players']} | {p['evals_per_s']:,.0f} | {p['correct']} |"
+    env, config = result["environment"], result["config"]
+    table = [
+        [p["method"], p["coalitions"], p["players"], p["evals_per_s"], "yes" if p["correct"] else "NO"]
         for p in points
     ]
-    out = common.results_dir(args.out, args.device)
-    common.write_results(out, "scaling", {"environment": env, "points": points}, "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines = [
+        f"# Scaling on {harness.hardware_name(env)}",
+        "",
+        (
+            f"{config['model']}, {config['dtype']}, {images} images, forward, median of {config['repeats']} "
+            f"interleaved rounds; torch {env['torch']}, triton {env['triton']}, {env['date']}. "
+            f"Command: `{harness.command_line()}`"
+        ),
+        "",
+        harness.markdown_table(["method", "M", "N", "evals/s", "correct"], table, align="lrrrl"),
+    ]
+    out = harness.results_dir(args.out, args.device)
+    markdown = "\n".join(lines)
+    harness.write_results(out, "scaling", {"environment": env, "config": config, "points": points}, markdown)
+    print(markdown)
     return points
 
 

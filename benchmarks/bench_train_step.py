@@ -1,25 +1,86 @@
-"""One ShapleyViT training step with shapkern against the same losses by zero-input masking.
+"""One ShapleyViT training step: shapkern against the strongest alternatives, the same loss, one run.
 
-    python benchmarks/bench_train_step.py [--device cuda|cpu] [--images B] [--coalitions M]
+    python benchmarks/bench_train_step.py [--device cuda|cpu] [--images B] [--coalitions M] [--out DIR]
 
-shapkern: one packed engine pass gives Φ(x), f(x) and v_x(S) for B images × M coalitions
-(design.md §2). Baseline: the same ShapleyLoss, with Φ(x) from timm's plain forward and v_x(S)
-from a plain forward of each of the B·M zero-masked images. Both run forward, backward and an
-AdamW step. Reports steps/s and images/s; writes train_step.{json,md} under
-benchmarks/results/<date>-<device>/.
+Every method runs the same step: ShapleyLoss (λ = 0.1, μ = 1, KL mask loss) on B images × M
+paired coalitions, backward, AdamW. They differ in how Φ(x), f(x) and v_x(S) = Σ_{n∈S} Φ(x_S)_n
+are computed:
+
+- shapkern: ``ShapleyViT`` itself, one packed engine pass (compiled blocks by default on CUDA).
+- pairs + dense mask: complementary coalitions share one row [prefix, prefix, N patches] with a
+  block-diagonal mask (as benchmarks/baselines.py ``pairs_dense_mask`` does for logits); the
+  per-token head outputs are summed over each coalition's patches. Eager SDPA, and on CUDA the
+  whole model under torch.compile (the strongest alternative).
+- zero-input masking: Φ(x) from timm's forward, v_x(S) from a forward of each pixel-masked image
+  (a different game: absent patches are zeros, not dropped).
+
+The steps are timed round-robin (benchmarks/harness.py). Before timing, the loss and the
+parameter gradients of every token-dropping method are compared, on the same weights, with an fp32
+reference (eager dense pairs) and with shapkern's. Reports steps/s, images/s, the ratio to the
+best alternative and peak GPU memory; writes train_step.{json,md}. CUDA: vit_base_patch16_224 at
+224 px, bf16 autocast, 32 × 32. CPU: the digits model of ``shapkern train`` (TrainConfig), 64 × 8.
 """
 
 from __future__ import annotations
 
-import argparse
 from functools import partial
-from pathlib import Path
 
-import common
+import baselines
+import harness
 import torch
 from torch import nn
 
 import shapkern
+from shapkern.models import ShapleyOutput
+
+LOSS = {"lam": 0.1, "mu": 1.0, "mask_loss": "kl"}
+TOLERANCE = {"bf16": 2e-2, "fp32": 1e-4}  # least relative difference allowed between two methods
+
+
+def _with_ends(coalitions: torch.Tensor) -> torch.Tensor:
+    """Prepend the (full, empty) pair, as ShapleyViT.forward_coalitions does: (B, M, N) -> (B, M + 2, N)."""
+    batch, _, players = coalitions.shape
+    ends = torch.ones(batch, 2, players, dtype=torch.bool, device=coalitions.device)
+    ends[:, 1] = False
+    return torch.cat([ends, coalitions], dim=1)
+
+
+class PairsShapleyViT(nn.Module):
+    """A ShapleyViT whose Φ(x), f(x) and v_x(S) come from complementary-pair rows, dense block mask.
+
+    The same computation as ``ShapleyViT.forward_coalitions`` in the dense layout: the full and
+    the empty coalition form the first pair of every image; the head runs on every patch token;
+    v_x(S) sums the head outputs of S's patches in its row. ``compile`` puts that whole pass under
+    torch.compile (default mode).
+    """
+
+    def __init__(self, model: shapkern.ShapleyViT, compile: bool = False):
+        super().__init__()
+        self.model = model
+        self.num_players, self.num_classes = model.num_players, model.num_classes
+        self._evaluate = torch.compile(self._pair_pass) if compile else self._pair_pass
+
+    def _pair_pass(self, images, coalitions):
+        """Per-patch head outputs (B·M/2, N, K) and v_x(S) (B, M, K) of paired coalitions (B, M, N)."""
+        model = self.model
+        batch, num, players = coalitions.shape
+        x = baselines.pair_features(model.backbone, images, coalitions, extra_block=model.head_block)
+        phi_tokens = model.head(model.head_norm(x[:, 2 * model.num_prefix_tokens :])).float()
+        first = coalitions[:, 0::2].reshape(-1, players)
+        members = torch.stack([first, ~first], dim=1).to(phi_tokens.dtype)  # (B·M/2, 2, N)
+        return phi_tokens, torch.bmm(members, phi_tokens).view(batch, num, -1)
+
+    def forward(self, images, coalitions, paired=True):
+        batch, num, players = coalitions.shape
+        phi_tokens, values = self._evaluate(images, _with_ends(coalitions))
+        phi = phi_tokens.view(batch, num // 2 + 1, players, -1)[:, 0]
+        return ShapleyOutput(phi=phi, logits=phi.sum(dim=1), values=values[:, 2:])
+
+    forward_coalitions = forward
+
+    def coalition_values(self, images, coalitions, paired=True):
+        """v_x(S) (B, M, K): ShapleyLoss's forward-only ℓ_sv targets when grad_coalitions < M."""
+        return self._evaluate(images, coalitions)[1]
 
 
 class FlatPhi(nn.Module):
@@ -30,7 +91,7 @@ class FlatPhi(nn.Module):
         self.model = model
 
     def forward(self, x):
-        return self.model(x)[0].flatten(1)
+        return self.model(x).phi.flatten(1)
 
 
 class ZeroInputShapleyViT(nn.Module):
@@ -42,102 +103,257 @@ class ZeroInputShapleyViT(nn.Module):
         self.flat_phi = FlatPhi(model)
         self.num_players, self.num_classes = model.num_players, model.num_classes
 
-    def forward(self, images, coalitions, paired=False):
+    def forward(self, images, coalitions, paired=True):
         phi, logits, _ = self.model(images)
-        batch, num, players = coalitions.shape
-        masked_phi = shapkern.masked_input_forward(self.flat_phi, images, coalitions, chunk_size=1 << 30)
-        masked_phi = masked_phi.view(batch, num, players, -1)
-        values = (masked_phi * coalitions.unsqueeze(-1)).sum(2)  # v(S) = Σ_{n∈S} Φ(x_S)_n
-        return shapkern.ShapleyOutput(phi, logits, values)
+        return ShapleyOutput(phi, logits, self.coalition_values(images, coalitions))
 
     forward_coalitions = forward
 
+    def coalition_values(self, images, coalitions, paired=True):
+        """v(S) = Σ_{n∈S} Φ(x_S)_n with x_S the image whose absent patches are zeros: (B, M, K)."""
+        batch, num, players = coalitions.shape
+        masked_phi = shapkern.masked_input_forward(self.flat_phi, images, coalitions, chunk_size=1 << 30)
+        return (masked_phi.view(batch, num, players, -1) * coalitions.unsqueeze(-1)).sum(2)
 
-def step(model, loss_fn, optimizer, images, labels, coalitions):
+
+def build(args):
+    """device, the ShapleyViT, images (B, C, H, W), labels (B,), coalitions (B, M, N), config."""
+    device = torch.device(args.device)
+    if device.type == "cuda":  # ViT-B/16 at 224 px, ViT-Shapley's M = 32
+        name, img, kwargs = "vit_base_patch16_224", 224, {}
+        batch, num = args.images or 32, args.coalitions or 32
+    else:  # the digits model of `shapkern train`
+        cfg = shapkern.TrainConfig()
+        name, kwargs = cfg.model, cfg.arch()
+        img = kwargs.pop("img_size")
+        batch, num = args.images or cfg.batch_size, args.coalitions or cfg.num_coalitions
+    torch.manual_seed(0)
+    model = shapkern.ShapleyViT(name, 10, img_size=img, **kwargs).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    images = torch.randn(batch, 3, img, img, device=device, generator=gen)
+    labels = torch.randint(0, 10, (batch,), device=device, generator=gen)
+    coalitions = shapkern.sample_coalitions(batch, num, model.num_players, generator=gen)
+    config = {"model": name, "img_size": img, "backbone_kwargs": kwargs, "images": batch, "coalitions": num}
+    return device, model, images, labels, coalitions, config
+
+
+def methods(model: shapkern.ShapleyViT, device: torch.device) -> dict[str, tuple[nn.Module, bool]]:
+    """name -> (module called by ShapleyLoss, whether it computes the token-dropping game)."""
+    table = {
+        "shapkern ShapleyViT": (model, True),
+        "pairs + dense mask, SDPA": (PairsShapleyViT(model), True),
+    }
+    if device.type == "cuda":
+        table["pairs + dense mask, torch.compile"] = (PairsShapleyViT(model, compile=True), True)
+    table["zero-input masking, timm forward"] = (ZeroInputShapleyViT(model), False)
+    return table
+
+
+def loss_and_grads(model, module, loss_fn, images, labels, coalitions, autocast: bool):
+    """The loss (float) through ``module`` and the gradient of every parameter of ``model`` (the
+    ShapleyViT that ``module`` runs), flat in float64, without an optimiser step."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = loss_fn(module, images, labels, coalitions).total
+    loss.backward()
+    grads = torch.cat([p.grad.double().flatten() for p in model.parameters() if p.grad is not None])
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach()), grads
+
+
+def _errors(got: tuple[float, torch.Tensor], want: tuple[float, torch.Tensor], label: str) -> dict:
+    """Relative errors of a (loss, flat gradients) pair against another, keyed by ``label``."""
+    return {
+        f"loss_error_{label}": abs(got[0] - want[0]) / max(abs(want[0]), 1e-30),
+        f"gradient_error_{label}": harness.relative_error(got[1], want[1]),
+    }
+
+
+def step(module, loss_fn, optimizer, images, labels, coalitions, autocast: bool) -> None:
     optimizer.zero_grad(set_to_none=True)
-    loss_fn(model, images, labels, coalitions).total.backward()
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = loss_fn(module, images, labels, coalitions).total
+    loss.backward()
     optimizer.step()
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--device", default=common.default_device(), choices=["cuda", "cpu"])
-    parser.add_argument("--images", type=int, default=None)
-    parser.add_argument("--coalitions", type=int, default=None, help="paired coalitions per image")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    cuda = args.device == "cuda"
-    device = torch.device(args.device)
-    common.configure_cpu_threads()
-    if cuda:  # ViT-B/16 at 224 px, ViT-Shapley's M = 32
-        backbone = {"name": "vit_base_patch16_224", "img": 224, "kwargs": {}}
-        batch, num = args.images or 32, args.coalitions or 32
-    else:  # the digits default of `shapkern train`
-        cfg = shapkern.TrainConfig()
-        kwargs = {
-            "patch_size": cfg.patch_size,
-            "depth": cfg.depth,
-            "embed_dim": cfg.embed_dim,
-            "num_heads": cfg.num_heads,
-        }
-        backbone = {"name": cfg.model, "img": cfg.img_size, "kwargs": kwargs}
-        batch, num = args.images or 64, args.coalitions or cfg.num_coalitions
-    torch.manual_seed(0)
-    model = shapkern.ShapleyViT(backbone["name"], 10, img_size=backbone["img"], **backbone["kwargs"]).to(
-        device
-    )
-    images = torch.randn(batch, 3, backbone["img"], backbone["img"], device=device)
-    labels = torch.randint(0, 10, (batch,), device=device)
-    coalitions = shapkern.sample_coalitions(batch, num, model.num_players, device=device)
-    loss_fn = shapkern.ShapleyLoss(lam=0.1, mu=1.0, num_coalitions=num, mask_loss="kl")
-    rows = []
-    for name, wrapped in (
-        ("shapkern engine", model),
-        ("zero-input masking, timm forward", ZeroInputShapleyViT(model)),
-    ):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=cuda):
-            stats = common.time_fn(
-                partial(step, wrapped, loss_fn, optimizer, images, labels, coalitions),
-                device,
-                repeats=args.repeats,
-            )
-        stats["steps_per_s"] = 1e3 / stats["median_ms"]
-        stats["images_per_s"] = batch * stats["steps_per_s"]
-        rows.append({"method": name, **stats})
+def measure(args) -> dict:
+    device, model, images, labels, coalitions, config = build(args)
+    cuda = device.type == "cuda"
+    dtype = "bf16" if cuda else "fp32"
+    options = {} if args.grad_coalitions is None else {"grad_coalitions": args.grad_coalitions}
+    loss_fn = shapkern.ShapleyLoss(num_coalitions=config["coalitions"], **LOSS, **options)
+    loss_config = {
+        key: getattr(loss_fn, key)
+        for key in ("lam", "mu", "mask_loss", "num_coalitions", "grad_coalitions", "sv_scale")
+        if hasattr(loss_fn, key)
+    }
+    table = methods(model, device)
+    rows = {name: {"method": name, "shapkern": module is model} for name, (module, _) in table.items()}
+    # Correctness first, on the same weights for every method (the timed steps change them):
+    # against an fp32 reference (eager dense pairs: timm's own modules), and against shapkern.
+    reference = loss_and_grads(model, PairsShapleyViT(model), loss_fn, images, labels, coalitions, False)
+    shapkern_result, tolerance = None, TOLERANCE[dtype]
+    for name, (module, same_game) in table.items():
+        row = rows[name]
+        if not same_game:
+            row["game"] = "zero input (a different value function: not compared)"
+            continue
+        try:
+            loss, grads = loss_and_grads(model, module, loss_fn, images, labels, coalitions, cuda)
+        except Exception as error:  # noqa: BLE001 - one failing method must not hide the others
+            row["failed"] = harness.failure(error)
+            print(f"{name:<36} failed: {error!r}", flush=True)
+            continue
+        row.update(loss=loss, **_errors((loss, grads), reference, "fp32"))
+        if row["shapkern"]:  # the first row
+            shapkern_result = loss, grads
+            # Two computations in one dtype may differ by the sum of their own rounding errors.
+            tolerance = max(tolerance, 2 * row["loss_error_fp32"], 2 * row["gradient_error_fp32"])
+        if shapkern_result is not None:
+            row.update(_errors((loss, grads), shapkern_result, "shapkern"))
+            worst = max(row["loss_error_shapkern"], row["gradient_error_shapkern"])
+            row["matches_shapkern"] = worst <= tolerance
         print(
-            f"{name:<34} {stats['steps_per_s']:8.2f} steps/s  {stats['images_per_s']:10.1f} images/s",
+            f"{name:<36} loss {loss:.6f}; error vs fp32 {row['loss_error_fp32']:.1e} (loss) "
+            f"{row['gradient_error_fp32']:.1e} (gradients)",
             flush=True,
         )
-    for row in rows:
-        row["speedup_vs_zero_input"] = row["steps_per_s"] / rows[1]["steps_per_s"]
-    env = common.environment(device)
-    result = {
-        "environment": env,
-        "config": {"model": backbone, "images": batch, "coalitions": num, "autocast_bf16": cuda},
-        "rows": rows,
+    del reference, shapkern_result
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    fns = {
+        name: partial(step, module, loss_fn, optimizer, images, labels, coalitions, cuda)
+        for name, (module, _) in table.items()
+        if "failed" not in rows[name]
     }
+    timings = harness.time_interleaved(fns, device, warmup=args.warmup, repeats=args.repeats, catch=True)
+    for name, stats in timings.items():
+        if "failed" in stats:
+            rows[name]["failed"] = stats["failed"]
+            continue
+        stats["steps_per_s"] = 1e3 / stats["median_ms"]
+        stats["images_per_s"] = config["images"] * stats["steps_per_s"]
+        rows[name].update(stats)
+        print(f"{name:<36} {stats['images_per_s']:10.1f} images/s", flush=True)
+    timed = [row for row in rows.values() if "images_per_s" in row]
+    best = max(
+        (row for row in timed if not row["shapkern"]), key=lambda row: row["images_per_s"], default=None
+    )
+    for row in timed:
+        if best is not None:
+            row["vs_best_alternative"] = row["images_per_s"] / best["images_per_s"]
+    return {
+        "environment": harness.environment(device),
+        "command": harness.command_line(),
+        "config": {
+            **config,
+            "loss": loss_config,
+            "autocast_bf16": cuda,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "timing": "interleaved",
+            "tolerance": tolerance,
+        },
+        "best_alternative": best["method"] if best else None,
+        "rows": list(rows.values()),
+    }
+
+
+def _graded(config: dict) -> str:
+    graded = config["loss"].get("grad_coalitions", config["coalitions"])
+    return (
+        ""
+        if graded == config["coalitions"]
+        else f", gradients through {graded} of the {config['coalitions']}"
+    )
+
+
+def markdown(result: dict) -> str:
+    env, config = result["environment"], result["config"]
+    table = []
+    for row in result["rows"]:
+        if "images_per_s" not in row:
+            table.append([row["method"], f"failed: {row.get('failed')}"])
+            continue
+        ratio = row.get("vs_best_alternative")
+        fp32 = (
+            f"{row['loss_error_fp32']:.1e} / {row['gradient_error_fp32']:.1e}"
+            if "loss_error_fp32" in row
+            else "—"
+        )
+        versus = "—"
+        if "matches_shapkern" in row:
+            versus = f"{row['loss_error_shapkern']:.1e} / {row['gradient_error_shapkern']:.1e}"
+            versus += "" if row["matches_shapkern"] else " (MISMATCH)"
+        table.append(
+            [
+                row["method"],
+                f"{row['steps_per_s']:.2f}",
+                f"{row['images_per_s']:,.1f} ({row['min_ms']:,.0f}–{row['max_ms']:,.0f} ms)",
+                "—" if ratio is None else f"×{ratio:.2f}",
+                "—" if row["peak_mib"] is None else f"{row['peak_mib']:,.0f}",
+                fp32,
+                versus,
+            ]
+        )
+    kwargs = ", ".join(f"{k}={v}" for k, v in config["backbone_kwargs"].items())
     lines = [
-        f"# ShapleyViT training step on {common.hardware_name(env)}",
+        f"# ShapleyViT training step on {harness.hardware_name(env)}",
         "",
         (
-            f"{backbone['name']} {backbone['kwargs'] or ''} at {backbone['img']} px, {batch} images × {num} paired "
-            f"coalitions, λ = 0.1, μ = 1 (KL); torch {env['torch']}, triton {env['triton']}, {env['date']}."
+            f"{config['model']}{f' ({kwargs})' if kwargs else ''} at {config['img_size']} px, "
+            f"{config['images']} images × {config['coalitions']} paired coalitions, ShapleyLoss λ = "
+            f"{config['loss']['lam']:g}, μ = {config['loss']['mu']:g} ({config['loss']['mask_loss']})"
+            f"{_graded(config)}, AdamW"
+            f"{', bf16 autocast' if config['autocast_bf16'] else ', fp32'}; torch {env['torch']}, triton "
+            f"{env['triton']}, timm {env['timm']}, {env['date']}. Command: `{result['command']}`"
         ),
         "",
-        "| method | steps/s | images/s | speedup |",
-        "|---|---|---|---|",
+        (
+            f"Median of {config['repeats']} steps per method, the methods timed round-robin (min–max time "
+            f"per step in brackets). × best alt.: over the fastest method outside shapkern "
+            f"({result['best_alternative']}). Errors (loss / parameter gradients, relative, before any "
+            "optimiser step): against an fp32 run of eager dense pairs (timm's own modules), and against "
+            f"shapkern's step (match: ≤ {config['tolerance']:.1e}, twice shapkern's own error against fp32 "
+            "or more); zero-input masking computes a different game."
+        ),
+        "",
+        harness.markdown_table(
+            [
+                "method",
+                "steps/s",
+                "images/s (min–max time)",
+                "× best alt.",
+                "peak MiB",
+                "error vs fp32",
+                "vs shapkern",
+            ],
+            table,
+        ),
     ]
-    lines += [
-        f"| {r['method']} | {r['steps_per_s']:.2f} | {r['images_per_s']:.1f} | ×{r['speedup_vs_zero_input']:.2f} |"
-        for r in rows
-    ]
-    out = common.results_dir(args.out, args.device)
-    common.write_results(out, "train_step", result, "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = harness.argument_parser(__doc__)
+    parser.add_argument("--images", type=int, help="B (default: 32 on CUDA, 64 on the CPU)")
+    parser.add_argument(
+        "--coalitions", type=int, help="M, paired, per image (default: 32 on CUDA, 8 on the CPU)"
+    )
+    parser.add_argument(
+        "--grad-coalitions", type=int, help="coalitions carrying gradients (default: ShapleyLoss's)"
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method")
+    args = parser.parse_args(argv)
+    if args.coalitions is not None and (args.coalitions < 2 or args.coalitions % 2):
+        parser.error(f"--coalitions must be even and >= 2 (paired coalitions), got {args.coalitions}")
+    harness.configure_cpu_threads()
+    out = harness.results_dir(args.out, args.device)
+    result = measure(args)
+    harness.write_results(out, "train_step", result, markdown(result))
+    print(markdown(result))
+    print(f"wrote {out}/train_step.{{json,md}}")
     return result
 
 

@@ -1,11 +1,12 @@
 """Explanation quality: self-explanation vs exact vs sampling estimators, for two training regimes.
 
 For each built-in dataset (digits; evidence, which has ground-truth masks) it trains two ShapleyViTs
-of the same architecture with ``shapkern.train``: one with the paper's objective (the training defaults) and one
-with classification only (λ = μ = 0; its Φ is the soft-voting head's per-patch logits, never fitted
-to Shapley values, and it never saw masked inputs). On the first test images it then compares, for
-the predicted class: the model's own Φ (one forward pass), exact Shapley values of the model's value
-function v_x(S) (2^N evaluations), and KernelSHAP and permutation sampling at several budgets.
+of the same architecture with ``shapkern.train``: one with the paper's objective (the training
+defaults) and one with classification only (λ = μ = 0; its Φ is the soft-voting head's per-patch
+logits, never fitted to Shapley values, and it never saw masked inputs). On the first test images
+it then compares, for the predicted class: the model's own Φ (one forward pass), exact Shapley
+values of the model's value function v_x(S) (2^N evaluations), and KernelSHAP and permutation
+sampling at several budgets.
 
 Columns: error against exact (relative L2, Spearman, precision of the top-k patches), insertion and
 deletion AUC (softmax probability of the class), localisation against the evidence masks (pointing
@@ -13,20 +14,17 @@ game, AUROC, mIoU at the best threshold) and wall time per image.
 
     python benchmarks/explanation_quality.py                # CPU defaults: ~8-15 min on 2 cores
     python benchmarks/explanation_quality.py --images 16 --epochs 20 --device cuda
+
+Writes explanation_quality-<device>.{json,md}.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
 from pathlib import Path
 
+import harness
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
 
 from shapkern.data import load_dataset
 from shapkern.explainers import explain, value_function
@@ -152,7 +150,7 @@ def markdown(results: dict, env: dict, args) -> str:
     lines = [
         "# Explanation quality",
         "",
-        f"Hardware: {common.hardware_name(env)}; torch {env['torch']}, timm {env['timm']}, {env['date']}.",
+        f"Hardware: {harness.hardware_name(env)}; torch {env['torch']}, timm {env['timm']}, {env['date']}.",
         (
             f"ShapleyViT: timm ViT, 32x32 images, 8x8 patches (N = 16), depth {args.depth}, width "
             f"{args.embed_dim}, {args.epochs} epochs; first {args.images} test images per dataset, predicted "
@@ -173,14 +171,19 @@ def markdown(results: dict, env: dict, args) -> str:
     for key, block in results.items():
         loc = block["localization"]
         lines += [f"## {key} (test accuracy {block['accuracy']:.3f})", ""]
-        head = (
-            "| method | evals/image | rel. L2 vs exact | Spearman | top-k prec. | insertion ↑ | deletion ↓ |"
-        )
-        sep = "|---|---:|---:|---:|---:|---:|---:|"
+        headers = [
+            "method",
+            "evals/image",
+            "rel. L2 vs exact",
+            "Spearman",
+            "top-k prec.",
+            "insertion ↑",
+            "deletion ↓",
+        ]
         if loc:
-            head += " pointing | AUROC | mIoU |"
-            sep += "---:|---:|---:|"
-        lines += [head + " ms/image |", sep + "---:|"]
+            headers += ["pointing", "AUROC", "mIoU"]
+        headers.append("ms/image")
+        table = []
         for r in block["rows"]:
             name = r["method"] if r["budget"] is None else f"{r['method']} @ {r['budget']}"
             cells = [
@@ -195,32 +198,31 @@ def markdown(results: dict, env: dict, args) -> str:
             if loc:
                 cells += [fmt(r["pointing"], 2), fmt(r["auroc"]), fmt(r["miou"])]
             cells.append(f"{r['ms_per_image']:.1f}")
-            lines.append("| " + " | ".join(cells) + " |")
+            table.append(cells)
+        lines.append(harness.markdown_table(headers, table, align="l" + "r" * (len(headers) - 1)))
         lines.append("")
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def main(argv=None) -> None:
+    parser = harness.argument_parser(__doc__)
+    parser.add_argument("--data", nargs="+", default=["digits", "evidence"], help="datasets")
+    parser.add_argument("--images", type=int, default=4, help="test images per dataset")
+    parser.add_argument(
+        "--budgets", type=int, nargs="+", default=[64, 256, 1024, 4096], help="sampling budgets"
     )
-    parser.add_argument("--data", nargs="+", default=["digits", "evidence"])
-    parser.add_argument("--images", type=int, default=4, help="test images per dataset (default 4: CPU)")
-    parser.add_argument("--budgets", type=int, nargs="+", default=[64, 256, 1024, 4096])
-    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    parser.add_argument("--depth", type=int, default=TrainConfig.depth)
-    parser.add_argument("--embed-dim", type=int, default=TrainConfig.embed_dim)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=common.default_device())
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="training epochs")
+    parser.add_argument("--depth", type=int, default=TrainConfig.depth, help="ViT depth")
+    parser.add_argument("--embed-dim", type=int, default=TrainConfig.embed_dim, help="ViT width")
+    parser.add_argument("--seed", type=int, default=0, help="training and sampling seed")
     parser.add_argument(
         "--runs", default="runs/explanation_quality", help="checkpoints (reused when present)"
     )
-    parser.add_argument("--retrain", action="store_true")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    args = parser.parse_args()
-    common.configure_cpu_threads()
+    parser.add_argument("--retrain", action="store_true", help="train even when a checkpoint exists")
+    args = parser.parse_args(argv)
+    harness.configure_cpu_threads()
     device = torch.device(args.device)
-    env = common.environment(device)
+    env = harness.environment(device)
     results = {}
     for data in args.data:
         bundle = load_dataset(data, img_size=32, patch_size=8, seed=args.seed)
@@ -246,10 +248,11 @@ def main() -> None:
                 markdown({f"{data}: {name}": results[f"{data}: {name}"]}, env, args).split("\n", 6)[-1],
                 flush=True,
             )
-    stem = f"explanation_quality-{'cuda' if device.type == 'cuda' else 'cpu'}"
-    payload = {"environment": env, "args": vars(args), "results": results}
-    common.write_results(Path(args.out), stem, payload, markdown(results, env, args))
-    print(f"wrote {os.path.join(args.out, stem)}.{{json,md}}")
+    stem = f"explanation_quality-{device.type}"
+    out = harness.results_dir(args.out, device)
+    payload = {"environment": env, "command": harness.command_line(), "args": vars(args), "results": results}
+    harness.write_results(out, stem, payload, markdown(results, env, args))
+    print(f"wrote {out / stem}.{{json,md}}")
 
 
 if __name__ == "__main__":

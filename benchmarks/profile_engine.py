@@ -2,12 +2,14 @@
 
     python benchmarks/profile_engine.py [--device cuda|cpu] [--model vit_base_patch16_224]
                                         [--images 32] [--coalitions 32] [--dtype bf16] [--out DIR]
+                                        [--methods "shapkern engine" "pairs + dense mask, SDPA" ...]
 
-Runs ``shapkern.fused_coalition_forward`` (plain and, on CUDA, compiled blocks) under
-torch.profiler and sums kernel time by class: GEMM, attention, LayerNorm, GELU, elementwise,
-gather/index, copies, reductions. The gap between wall time (CUDA events) and summed kernel time
-is launch gaps and host work. On the CPU it classifies operator self time instead. Writes
-profile.json and profile.md under benchmarks/results/<date>-<device>/.
+Runs the engine (plain and, on CUDA, compiled blocks), or any methods of benchmarks/baselines.py
+named with --methods, under torch.profiler and sums kernel time by class: GEMM, attention,
+LayerNorm, GELU, elementwise, gather/index, copies, reductions. The gap between wall time (CUDA
+events) and summed kernel time is launch gaps and host work. On the CPU it classifies operator
+self time instead. Options and per-device sizes as benchmarks/throughput.py. Writes
+profile.{json,md}.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from __future__ import annotations
 import re
 from functools import partial
 
-import common
-import run
+import baselines
+import harness
+import throughput
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -44,7 +47,7 @@ def kernel_class(name: str) -> str:
 
 
 def breakdown(prof, device: torch.device, iterations: int) -> dict:
-    """Per-iteration milliseconds by kernel class, and the five most expensive kernels."""
+    """Per-iteration milliseconds by kernel class, and the eight most expensive kernels."""
     per_kernel: dict[str, float] = {}
     for event in prof.key_averages():
         if device.type == "cuda":
@@ -59,7 +62,7 @@ def breakdown(prof, device: torch.device, iterations: int) -> dict:
     for name, ms in per_kernel.items():
         label = kernel_class(name)
         classes[label] = classes.get(label, 0.0) + ms
-    top = sorted(per_kernel.items(), key=lambda item: -item[1])[:5]
+    top = sorted(per_kernel.items(), key=lambda item: -item[1])[:8]
     return {
         "classes_ms": dict(sorted(classes.items(), key=lambda item: -item[1])),
         "kernels_ms": sum(per_kernel.values()),
@@ -67,22 +70,19 @@ def breakdown(prof, device: torch.device, iterations: int) -> dict:
     }
 
 
-def _forward(fn, model, images, coalitions):
-    with torch.no_grad():
-        fn(model, images, coalitions)
-
-
-def profile_method(fn, model, images, coalitions, device, iterations: int) -> dict:
+def profile_method(fn, model, images, coalitions, device, iterations: int, backward: bool = True) -> dict:
+    """Wall time and profiled time by kernel class per call, forward (and forward+backward)."""
     steps = {
-        "forward": partial(_forward, fn, model, images, coalitions),
+        "forward": partial(throughput.forward, fn, model, images, coalitions),
         "forward+backward": partial(
-            run._forward_backward, fn, model, images.clone().requires_grad_(), coalitions
+            throughput.forward_backward, fn, model, images.clone().requires_grad_(), coalitions
         ),
     }
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     result = {}
-    for phase, step in steps.items():
-        wall = common.time_fn(step, device, repeats=iterations)
+    for phase in PHASES if backward else PHASES[:1]:
+        step = steps[phase]
+        wall = harness.time_fn(step, device, repeats=iterations)
         with profile(activities=activities) as prof:
             for _ in range(iterations):
                 step()
@@ -96,27 +96,27 @@ def profile_method(fn, model, images, coalitions, device, iterations: int) -> di
 
 def markdown(payload: dict) -> str:
     env, config = payload["environment"], payload["config"]
+    unit = "device time" if env["device"].startswith("cuda") else "operator self CPU time"
     lines = [
-        f"# Engine time by kernel class on {common.hardware_name(env)}",
+        f"# Time by kernel class on {harness.hardware_name(env)}",
         "",
         (
-            f"{config['model']}, {config['dtype']}, {config['images']} images × {config['coalitions']} paired "
-            f"coalitions; torch {env['torch']}, triton {env['triton']}, {env['date']}. Milliseconds per call "
-            "(device time summed per class; gaps = wall time − summed kernel time)."
+            f"{config['model']}, {config['dtype']}, {config['images']} images × {config['coalitions']} "
+            f"paired coalitions; torch {env['torch']}, triton {env['triton']}, {env['date']}. Milliseconds "
+            f"per call ({unit} summed per class; gaps = wall time − summed kernel time). "
+            f"Command: `{payload['command']}`"
         ),
         "",
     ]
     for method, phases in payload["methods"].items():
         for phase, stats in phases.items():
-            lines += [f"## {method}, {phase}: {stats['wall_ms']:.2f} ms wall", "", "| class | ms | share |"]
-            lines.append("|---|---|---|")
-            for label, ms in stats["classes_ms"].items():
-                lines.append(f"| {label} | {ms:.2f} | {ms / stats['wall_ms']:.0%} |")
-            lines.append(
-                f"| launch gaps / host | {stats['gaps_ms']:.2f} | {stats['gaps_ms'] / stats['wall_ms']:.0%} |"
-            )
+            wall = stats["wall_ms"]
+            table = [[label, f"{ms:.2f}", f"{ms / wall:.0%}"] for label, ms in stats["classes_ms"].items()]
+            table.append(["launch gaps / host", f"{stats['gaps_ms']:.2f}", f"{stats['gaps_ms'] / wall:.0%}"])
             lines += [
+                f"## {method}, {phase}: {wall:.2f} ms wall",
                 "",
+                harness.markdown_table(["class", "ms", "share"], table, align="lrr"),
                 "Top kernels: "
                 + "; ".join(f"`{k[:60]}` {v:.2f} ms" for k, v in stats["top_kernels_ms"].items()),
                 "",
@@ -125,29 +125,41 @@ def markdown(payload: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    args = run.parse_args(argv)
-    common.configure_cpu_threads()
-    device, _, model, images, coalitions = run.build(args)
-    images = images.to(run.DTYPES[args.dtype])
-    methods = {"shapkern engine": common.engine}
-    if device.type == "cuda":
-        methods["shapkern engine, compiled"] = common.engine_compiled
+    engines = ["shapkern engine", "shapkern engine, compiled"]
+    args = throughput.parse_args(
+        argv,
+        description=__doc__,
+        stem="profile",
+        device_defaults={"cpu": {"methods": engines[:1]}, "cuda": {"methods": engines}},
+    )
+    harness.configure_cpu_threads()
+    device, _, model, images, coalitions = throughput.build(args)
+    images = images.to(harness.DTYPES[args.dtype])
     payload = {
-        "environment": common.environment(device),
+        "environment": harness.environment(device),
+        "command": harness.command_line(),
         "config": {
             "model": args.model,
             "images": coalitions.shape[0],
             "coalitions": coalitions.shape[1],
             "dtype": args.dtype,
         },
-        "methods": {
-            name: profile_method(fn, model, images, coalitions, device, iterations=min(args.repeats, 5))
-            for name, fn in methods.items()
-        },
+        "methods": {},
     }
-    out = common.results_dir(args.out, args.device)
-    common.write_results(out, args.stem or "profile", payload, markdown(payload))
+    out = harness.results_dir(args.out, args.device)
+    for name in args.methods:
+        reason = baselines.unavailable_reason(name, device)
+        if reason:
+            print(f"{name}: unavailable ({reason})", flush=True)
+            continue
+        fn = baselines.METHODS[name].fn
+        iterations = min(args.repeats, 5)
+        payload["methods"][name] = profile_method(
+            fn, model, images, coalitions, device, iterations, backward=not args.no_backward
+        )
+        harness.write_results(out, args.stem, payload, markdown(payload))  # a run cut short keeps it
     print(markdown(payload))
+    print(f"wrote {out}/{args.stem}.{{json,md}}")
     return payload
 
 

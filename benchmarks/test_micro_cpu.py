@@ -1,7 +1,12 @@
 """pytest-benchmark micro-benchmarks of the CPU paths: ``pytest benchmarks --benchmark-only``.
 
 Kept out of the CI test command; small sizes so that the whole file runs in about a minute.
+pytest-benchmark calibrates and times each case; the machine each result was measured on is
+recorded from benchmarks/harness.py in every case's ``extra_info`` (in ``--benchmark-json``).
 """
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +14,21 @@ from timm.models.vision_transformer import VisionTransformer
 
 import shapkern
 from shapkern.ops.varlen_attention import varlen_attention_reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402 - benchmarks/ is not a package; pytest's importlib mode does not add it
+
+
+@pytest.fixture(scope="module")
+def environment():
+    harness.configure_cpu_threads()
+    return harness.environment("cpu")
+
+
+@pytest.fixture(autouse=True)
+def record_environment(request, environment):
+    if "benchmark" in request.fixturenames:
+        request.getfixturevalue("benchmark").extra_info.update(environment)
 
 
 @pytest.fixture(scope="module")

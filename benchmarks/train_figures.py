@@ -2,37 +2,25 @@
 
 (1) test accuracy at λ = 0 against λ ∈ {0.1, 1, 10}; (2) faithfulness ‖Φ(x) - φ_exact‖ / ‖φ_exact‖
 against the exact Shapley values of the model's own value function (all 2^16 coalitions through
-the engine) on test images; (3) training throughput in images/s. Writes
-benchmarks/results/train_figures-<device>.{json,md}.
+the engine) on test images; (3) training throughput in images/s (median over the run's logged
+intervals). Writes train_figures-<device>.{json,md}.
 
     python benchmarks/train_figures.py [--lams 0 0.1 1 10] [--faith-images 100] [--epochs N]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 
+import harness
 import torch
 
 from shapkern import explain
 from shapkern.explainers.metrics import relative_l2
 from shapkern.training import TrainConfig, Trainer
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], check=False, capture_output=True, text=True).stdout
-        return next(
-            line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")
-        )
-    except Exception:  # noqa: BLE001
-        return platform.processor() or "unknown CPU"
 
 
 def exact_faithfulness(trainer: Trainer, count: int, batch: int = 2) -> dict:
@@ -55,27 +43,64 @@ def exact_faithfulness(trainer: Trainer, count: int, batch: int = 2) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lams", type=float, nargs="+", default=[0.0, 0.1, 1.0, 10.0])
-    parser.add_argument("--faith-lams", type=float, nargs="+", default=[TrainConfig.lam])
-    parser.add_argument("--faith-images", type=int, default=100)
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--out", default="runs/figures")
-    parser.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = parser.parse_args()
+def markdown(result: dict) -> str:
+    env, config = result["environment"], result["config"]
+    table = []
+    for r in result["runs"]:
+        exact = r.get("faith_exact")
+        table.append(
+            [
+                f"{r['lam']:g}",
+                f"{r['mu']:g}",
+                f"{100 * r['test_acc']:.1f}%",
+                f"{r['test_sv']:.4f}",
+                f"{exact['rel_err_mean']:.3f} ({exact['images']} images)" if exact else "—",
+                f"{r['images_per_s']:.0f}",
+            ]
+        )
+    headers = [
+        "λ",
+        "μ",
+        "test accuracy",
+        "held-out ℓ_sv",
+        "rel. error vs exact Shapley (2^16 coalitions)",
+        "train images/s",
+    ]
+    lines = [
+        (
+            f"Digits, {config['epochs']} epochs, mask loss {config['mask_loss']}, "
+            f"{harness.hardware_name(env)}, torch {env['torch']}, {env['date']}. λ = μ = 0 is "
+            f"classification only. Command: `{result['command']}`"
+        ),
+        "",
+        harness.markdown_table(headers, table, align="rrrrrr"),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = harness.argument_parser(__doc__.split("\n\n")[0], device=False)
+    parser.add_argument("--lams", type=float, nargs="+", default=[0.0, 0.1, 1.0, 10.0], help="values of λ")
+    parser.add_argument(
+        "--faith-lams",
+        type=float,
+        nargs="+",
+        default=[TrainConfig.lam],
+        help="λ values checked against exact",
+    )
+    parser.add_argument("--faith-images", type=int, default=100, help="test images checked against exact")
+    parser.add_argument(
+        "--epochs", type=int, help=f"training epochs (default: TrainConfig's, {TrainConfig.epochs})"
+    )
+    parser.add_argument("--runs", default="runs/figures", help="folder of the training runs")
+    args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    hardware = (
-        torch.cuda.get_device_name()
-        if device == "cuda"
-        else f"{cpu_name()}, {torch.get_num_threads()} threads"
-    )
     rows = []
     # Classification only (λ = μ = 0) first, then λ at the default μ and mask loss.
     runs = [(0.0, 0.0)] + [(lam, TrainConfig.mu) for lam in args.lams]
     for lam, mu in runs:
-        cfg = TrainConfig(lam=lam, mu=mu, out=os.path.join(args.out, f"lam{lam:g}-mu{mu:g}"), progress=False)
+        cfg = TrainConfig(lam=lam, mu=mu, out=os.path.join(args.runs, f"lam{lam:g}-mu{mu:g}"), progress=False)
         if args.epochs:
             cfg.epochs = args.epochs
         trainer = Trainer(cfg)
@@ -100,34 +125,15 @@ def main() -> None:
     if args.epochs:
         config["epochs"] = args.epochs
     result = {
-        "hardware": hardware,
-        "torch": torch.__version__,
-        "device": device,
+        "environment": harness.environment(device),
+        "command": harness.command_line(),
         "config": config,
         "runs": rows,
     }
-    os.makedirs(args.results, exist_ok=True)
-    stem = os.path.join(args.results, f"train_figures-{device}")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    lines = [
-        (
-            f"Digits, {config['epochs']} epochs, mask loss {config['mask_loss']}, {hardware}, "
-            f"torch {torch.__version__}. λ = μ = 0 is classification only."
-        ),
-        "",
-        "| λ | μ | test accuracy | held-out ℓ_sv | rel. error vs exact Shapley (2^16 coalitions) | train images/s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        exact = r.get("faith_exact")
-        faith = f"{exact['rel_err_mean']:.3f} ({exact['images']} images)" if exact else "—"
-        lines.append(
-            f"| {r['lam']:g} | {r['mu']:g} | {100 * r['test_acc']:.1f}% | {r['test_sv']:.4f} | {faith} | {r['images_per_s']:.0f} |"
-        )
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    out = harness.results_dir(args.out, device)
+    harness.write_results(out, f"train_figures-{device}", result, markdown(result))
+    print(markdown(result))
+    print(f"wrote {out}/train_figures-{device}.{{json,md}}")
 
 
 if __name__ == "__main__":

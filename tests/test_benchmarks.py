@@ -1,47 +1,212 @@
+import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_run_py_smoke_on_cpu(tmp_path):
-    cmd = [sys.executable, str(BENCHMARKS / "run.py"), "--device", "cpu", "--img-size", "64", "--images", "1"]
-    cmd += ["--coalitions", "4", "--repeats", "1", "--out", str(tmp_path)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def harness():
+    """benchmarks/harness.py, which is a script folder rather than a package."""
+    spec = importlib.util.spec_from_file_location("harness", BENCHMARKS / "harness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_interleaved_round_robin(harness):
+    calls = []
+
+    def make(name, seconds):
+        def fn():
+            calls.append(name)
+            time.sleep(seconds)
+
+        return fn
+
+    fns = {"slow": make("slow", 0.02), "fast": make("fast", 0.002), "mid": make("mid", 0.01)}
+    result = harness.time_interleaved(fns, "cpu", warmup=1, repeats=3)
+    # Warm-up: every callable once, in order; then three rounds, each starting one callable later.
+    assert calls[:3] == ["slow", "fast", "mid"]
+    assert calls[3:] == ["slow", "fast", "mid", "fast", "mid", "slow", "mid", "slow", "fast"]
+    assert list(result) == ["slow", "fast", "mid"]
+    for name, seconds in (("slow", 0.02), ("fast", 0.002), ("mid", 0.01)):
+        stats = result[name]
+        assert len(stats["times_ms"]) == 3 and stats["peak_mib"] is None
+        assert stats["min_ms"] <= stats["median_ms"] <= stats["max_ms"]
+        assert stats["min_ms"] >= 1e3 * seconds
+    assert result["fast"]["median_ms"] < result["mid"]["median_ms"] < result["slow"]["median_ms"]
+
+
+def test_time_interleaved_failures(harness):
+    calls = []
+
+    def broken():
+        calls.append("broken")
+        raise RuntimeError("boom")
+
+    fns = {"ok": lambda: calls.append("ok"), "broken": broken}
+    with pytest.raises(RuntimeError, match="boom"):
+        harness.time_interleaved(fns, "cpu", warmup=1, repeats=2)
+    calls.clear()
+    result = harness.time_interleaved(fns, "cpu", warmup=2, repeats=2, catch=True)
+    assert result["broken"] == {"failed": "RuntimeError('boom')"}
+    assert calls.count("broken") == 1 and calls.count("ok") == 4  # dropped after its first failure
+    assert len(result["ok"]["times_ms"]) == 2
+    with pytest.raises(ValueError, match="repeats"):
+        harness.time_interleaved(fns, "cpu", repeats=0)
+
+
+def test_time_interleaved_process_clock(harness):
+    def spin():  # 5 ms of CPU work, however long the machine makes it take
+        start = time.process_time()
+        while time.process_time() - start < 0.005:
+            pass
+
+    result = harness.time_interleaved(
+        {"sleep": lambda: time.sleep(0.03), "spin": spin}, "cpu", warmup=0, repeats=3, clock="process"
+    )
+    assert result["sleep"]["max_ms"] < 5 <= result["spin"]["min_ms"]  # sleeping uses no CPU time
+    with pytest.raises(ValueError, match="clock"):
+        harness.time_interleaved({"spin": spin}, "cuda", clock="process")
+    with pytest.raises(ValueError, match="clock"):
+        harness.time_interleaved({"spin": spin}, "cpu", clock="cpu")
+
+
+def test_markdown_table(harness):
+    table = harness.markdown_table(
+        ["method", "a|b", "evals/s"], [["x", 0.012345, 24590.4], ["y", None], ["z|w", "text", 7]], align="lcr"
+    )
+    assert table == (
+        "| method | a\\|b | evals/s |\n"
+        "|---|:-:|--:|\n"
+        "| x | 0.0123 | 24,590 |\n"
+        "| y | — |  |\n"
+        "| z\\|w | text | 7 |\n"
+    )
+    with pytest.raises(ValueError, match="align"):
+        harness.markdown_table(["a", "b"], [], align="l")
+    with pytest.raises(ValueError, match="3 cells for 2 columns"):
+        harness.markdown_table(["a", "b"], [[1, 2, 3]])
+
+
+def test_results_dir_is_fresh_and_ignored(harness, tmp_path, monkeypatch):
+    # The default root is runs/benchmarks/ of the checkout, which .gitignore lists.
+    assert harness.RUNS == BENCHMARKS.parent / "runs" / "benchmarks"
+    assert "runs/" in (BENCHMARKS.parent / ".gitignore").read_text().split()
+    monkeypatch.setattr(harness, "RUNS", tmp_path / "runs")
+    first, second = harness.results_dir(None, "cpu"), harness.results_dir(None, "cpu")
+    assert first != second and first.is_dir() and second.is_dir()  # a fresh folder per run
+    assert first.parent == tmp_path / "runs" and first.name.split("-")[3] == "cpu"
+    assert harness.results_dir(tmp_path / "chosen", "cpu") == tmp_path / "chosen"
+
+
+def _run(script: str, *args: str, out: Path) -> None:
+    cmd = [sys.executable, str(BENCHMARKS / script), "--device", "cpu", *args, "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_help_shows_defaults():
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "throughput.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "(default: 32)" in done.stdout and "runs/benchmarks/" in done.stdout
+
+
+def test_throughput_smoke_on_cpu(tmp_path):
+    _run(
+        "throughput.py",
+        "--img-size",
+        "64",
+        "--images",
+        "1",
+        "--coalitions",
+        "4",
+        "--repeats",
+        "2",
+        out=tmp_path,
+    )
     result = json.loads((tmp_path / "throughput.json").read_text())
-    assert {"environment", "config", "gemm_tflops", "floor_evals_per_s", "methods"} <= result.keys()
+    assert {
+        "environment",
+        "command",
+        "config",
+        "gemm_tflops",
+        "floor_evals_per_s",
+        "methods",
+    } <= result.keys()
     assert result["environment"]["torch"] and result["config"]["players"] == 16
+    assert result["config"]["timing"] == "interleaved" and result["config"]["repeats"] == 2
     names = [row["method"] for row in result["methods"]]
-    assert names[:5] == [
+    assert names[:2] == ["shapkern engine", "shapkern engine, compiled"]
+    measured = [row["method"] for row in result["methods"] if "unavailable" not in row]
+    # The others need CUDA here.
+    assert measured == [
         "shapkern engine",
-        "shapkern engine, compiled",
         "zero-input full forward",
         "key mask, SDPA",
         "pairs + dense mask, SDPA",
     ]
-    for row in result["methods"]:
-        if "unavailable" in row:
-            assert row["unavailable"]
-            continue
+    measured = [row for row in result["methods"] if "unavailable" not in row]
+    for row in measured:
         assert "failed" not in row and row["correct"], row
-        assert row["gradient_relative_error"] < 1e-4
+        assert row["relative_error"] < 1e-4 and row["gradient_relative_error"] < 1e-4
         for phase in ("forward", "forward+backward"):
-            assert row[phase]["evals_per_s"] > 0 and row[phase]["min_ms"] <= row[phase]["max_ms"]
-    assert (tmp_path / "throughput.md").read_text().startswith("# Coalition throughput")
+            stats = row[phase]
+            assert len(stats["times_ms"]) == 2 and stats["min_ms"] <= stats["max_ms"]
+            assert stats["evals_per_s"] > 0 and stats["best_alternative"] != "shapkern engine"
+            assert stats["vs_best_alternative"] > 0
+    markdown = (tmp_path / "throughput.md").read_text()
+    assert markdown.startswith("# Coalition throughput") and "| shapkern engine |" in markdown
     assert (tmp_path / "throughput.png").stat().st_size > 1000
 
 
 def test_train_step_benchmark_smoke_on_cpu(tmp_path):
-    cmd = [sys.executable, str(BENCHMARKS / "bench_train_step.py"), "--device", "cpu", "--images", "2"]
-    cmd += ["--coalitions", "2", "--repeats", "1", "--out", str(tmp_path)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    _run(
+        "bench_train_step.py",
+        "--images",
+        "2",
+        "--coalitions",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        out=tmp_path,
+    )
     result = json.loads((tmp_path / "train_step.json").read_text())
-    assert [row["method"] for row in result["rows"]] == [
-        "shapkern engine",
+    rows = {row["method"]: row for row in result["rows"]}
+    assert list(rows) == [
+        "shapkern ShapleyViT",
+        "pairs + dense mask, SDPA",
         "zero-input masking, timm forward",
     ]
-    assert all(
-        row["steps_per_s"] > 0 and row["images_per_s"] == 2 * row["steps_per_s"] for row in result["rows"]
-    )
+    loss = result["config"]["loss"]
+    assert {key: loss[key] for key in ("lam", "mu", "mask_loss", "num_coalitions")} == {
+        "lam": 0.1,
+        "mu": 1.0,
+        "mask_loss": "kl",
+        "num_coalitions": 2,
+    }
+    for row in rows.values():
+        assert "failed" not in row, row
+        assert row["steps_per_s"] > 0 and row["images_per_s"] == pytest.approx(2 * row["steps_per_s"])
+        assert row["vs_best_alternative"] > 0
+    # The engine computes the loss and gradients of dense pairs (the fp32 reference on the CPU).
+    engine, pairs = rows["shapkern ShapleyViT"], rows["pairs + dense mask, SDPA"]
+    assert pairs["loss_error_fp32"] == 0 and pairs["gradient_error_fp32"] == 0
+    assert 0 < engine["gradient_error_fp32"] < 1e-5 and engine["loss_error_fp32"] < 1e-6
+    assert pairs["matches_shapkern"]
+    assert pairs["gradient_error_shapkern"] == pytest.approx(engine["gradient_error_fp32"], rel=1e-3)
+    assert result["config"]["tolerance"] == 1e-4
+    assert "loss_error_fp32" not in rows["zero-input masking, timm forward"]
+    assert (tmp_path / "train_step.md").read_text().startswith("# ShapleyViT training step")

@@ -56,13 +56,48 @@ TINY = [
 ]
 
 
-def test_train_command_runs_and_resumes(tmp_path):
+def test_train_command_runs_resumes_and_reports(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert main(["train", "--epochs", "1", "--out", out, *TINY]) == 0
+    first = capsys.readouterr().out
+    assert "done in" in first and "test accuracy" in first and "checkpoint.pt, metrics.jsonl" in first
+    assert "\r" not in first  # plain lines, not progress bars, when the output is not a terminal
     assert main(["train", "--epochs", "2", "--out", out, "--resume", *TINY]) == 0  # extends the run
+    assert "epochs changed from 1 to 2" in capsys.readouterr().out
     lines = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["epoch"] for r in lines] == [1, 2]
     assert (tmp_path / "run" / "explanations.png").exists()
+
+
+def test_resume_keeps_the_runs_own_settings(tmp_path, capsys):
+    from shapkern.checkpoint import load_checkpoint
+
+    out = str(tmp_path / "run")
+    argv = [a for a in TINY if a != "--no-progress"]
+    assert main(["train", "--epochs", "2", "--lr", "0.002", "--max-steps", "3", "--out", out, *argv]) == 0
+    # A bare --resume continues the 2-epoch run at its learning rate, not the defaults (30, 1e-3).
+    assert main(["train", "--out", out, "--resume", "--no-progress"]) == 0
+    assert "changed" not in capsys.readouterr().out
+    config = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]
+    assert (config["epochs"], config["lr"], config["img_size"]) == (2, 0.002, 16)
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+
+def test_help_reads_as_what_the_flags_do(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--stop-grad, --no-stop-grad" in text and "--progress, --no-progress" in text
+    assert "{linear,block}" in text and "{ce,kl,none}" in text and "{auto,cuda,cpu}" in text
+    assert "(default: 30)" in text
+
+
+def test_an_unknown_mask_loss_lists_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--mask-loss", "foo"])
+    assert "invalid choice: 'foo' (choose from ce, kl, none)" in capsys.readouterr().err.replace(
+        "'ce'", "ce"
+    ).replace("'kl'", "kl").replace("'none'", "none")
 
 
 def test_defaults_are_the_digits_quick_start():

@@ -10,6 +10,7 @@ custom op ``shapkern::varlen_attention_bwd``; both have fake kernels, so ``torch
 forward and backward with ``fullgraph=True``.
 """
 
+import weakref
 from typing import NoReturn, Protocol
 
 import torch
@@ -69,15 +70,63 @@ def _padded_attention(q, k, v, starts, lengths, width: int, scale):
     return index[real], out.transpose(1, 2)[real]
 
 
-def _paired_rows_attention(q, k, v, first_lengths, width: int, scale):
+def _paired_rows_attention(q, k, v, first_lengths, width: int, mask: torch.Tensor, scale):
     """Sequences 2i and 2i+1 filling rows of ``width`` tokens (complementary coalitions): each row is
-    dense attention with a block-diagonal mask, read in place, no gather: (T, H, D) -> (T, H, D)."""
+    dense attention with the block-diagonal additive ``mask`` (rows, 1, width, width), read in place,
+    no gather: (T, H, D) -> (T, H, D)."""
     rows = first_lengths.shape[0]
-    second = torch.arange(width, device=q.device) >= first_lengths[:, None]  # (rows, width)
-    mask = (second[:, :, None] == second[:, None, :]).unsqueeze(1)
     q, k, v = (x.view(rows, width, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.transpose(1, 2).reshape(rows * width, *out.shape[1:2], out.shape[-1])
+
+
+class _HostLayout:
+    """How the CPU reference lays out the sequences of one ``cu_seqlens``, read on the host once.
+
+    Every block of a forward (and its backward) passes the same plan, so the layout is kept for the
+    last ``cu_seqlens`` tensor seen: no host reads and no mask building after the first block.
+    """
+
+    def __init__(self, cu_seqlens: torch.Tensor, length_buckets: int):
+        cu = cu_seqlens.long()
+        self.starts, self.lengths = cu[:-1], cu[1:] - cu[:-1]
+        lengths = self.lengths
+        pairs = lengths.view(-1, 2).sum(-1) if lengths.shape[0] % 2 == 0 else lengths[:0]
+        self.width = 0
+        self.masks: dict[torch.dtype, torch.Tensor] = {}
+        if pairs.numel() and int(pairs[0]) > 0 and bool((pairs == pairs[0]).all()):
+            self.width = int(pairs[0])
+            self.first_lengths = lengths[0::2]
+            second = (
+                torch.arange(self.width, device=cu.device) >= self.first_lengths[:, None]
+            )  # (rows, width)
+            self.same_sequence = (second[:, :, None] == second[:, None, :]).unsqueeze(1)
+        else:
+            groups = lengths.argsort(stable=True).tensor_split(
+                length_buckets
+            )  # stable: fixed groups, same sums
+            self.parts = [(g, int(lengths[g].max())) for g in groups if g.numel()]
+
+    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """The pair rows' mask as 0 / -inf in ``dtype`` (SDPA converts a bool mask on every call)."""
+        if dtype not in self.masks:
+            mask = torch.zeros(self.same_sequence.shape, dtype=dtype, device=self.same_sequence.device)
+            self.masks[dtype] = mask.masked_fill_(~self.same_sequence, float("-inf"))
+        return self.masks[dtype]
+
+
+_last_layout: tuple[weakref.ref, int, int, _HostLayout] | None = None
+
+
+def _host_layout(cu_seqlens: torch.Tensor, length_buckets: int) -> _HostLayout:
+    global _last_layout
+    if _last_layout is not None:
+        ref, version, buckets, layout = _last_layout
+        if ref() is cu_seqlens and version == cu_seqlens._version and buckets == length_buckets:
+            return layout
+    layout = _HostLayout(cu_seqlens, length_buckets)
+    _last_layout = (weakref.ref(cu_seqlens), cu_seqlens._version, length_buckets, layout)
+    return layout
 
 
 def varlen_attention_reference(
@@ -94,26 +143,25 @@ def varlen_attention_reference(
 
     q, k, v: (T, H, D); cu_seqlens: (R + 1,) int; max_seqlen: upper bound on every length.
     length_buckets: sort the sequences by length into this many groups, each padded to its own
-    longest (reads the lengths on the host); 0 pads all to ``max_seqlen`` with no host sync.
-    Default: CPU_LENGTH_BUCKETS on the CPU, where host reads are free, else 0. With buckets, pairs of
-    sequences that fill equal rows (complementary coalitions) run as dense rows with no gather.
-    Returns (T, H, D); differentiable; accepts float64. Expects a valid plan (see
-    :func:`varlen_attention`, which checks it).
+    longest (reads the lengths on the host, once per ``cu_seqlens`` tensor); 0 pads all to
+    ``max_seqlen`` with no host sync. Default: CPU_LENGTH_BUCKETS on the CPU, where host reads are
+    free, else 0. With buckets, pairs of sequences that fill equal rows (complementary coalitions)
+    run as dense rows with no gather. Returns (T, H, D); differentiable; accepts float64. Expects a
+    valid plan (see :func:`varlen_attention`, which checks it).
     """
     if q.shape[0] == 0:  # no tokens: nothing to attend; clone keeps the autograd graph
         return q.clone()
-    cu = cu_seqlens.long()
-    starts, lengths = cu[:-1], cu[1:] - cu[:-1]
     if length_buckets is None:
         length_buckets = CPU_LENGTH_BUCKETS if q.device.type == "cpu" else 0
     if length_buckets > 0:
-        pairs = lengths.view(-1, 2).sum(-1) if lengths.shape[0] % 2 == 0 else lengths[:0]
-        if pairs.numel() and int(pairs[0]) > 0 and bool((pairs == pairs[0]).all()):
-            return _paired_rows_attention(q, k, v, lengths[0::2], int(pairs[0]), scale)
-        groups = lengths.argsort(stable=True).tensor_split(length_buckets)  # stable: fixed groups, same sums
-        parts = [(g, int(lengths[g].max())) for g in groups if g.numel()]
+        layout = _host_layout(cu_seqlens, length_buckets)
+        if layout.width:
+            mask = layout.additive_mask(q.dtype)
+            return _paired_rows_attention(q, k, v, layout.first_lengths, layout.width, mask, scale)
+        starts, lengths, parts = layout.starts, layout.lengths, layout.parts
     else:
-        parts = [(slice(None), max_seqlen)]
+        cu = cu_seqlens.long()
+        starts, lengths, parts = cu[:-1], cu[1:] - cu[:-1], [(slice(None), max_seqlen)]
     pieces = [_padded_attention(q, k, v, starts[g], lengths[g], max(width, 1), scale) for g, width in parts]
     index = torch.cat([index for index, _ in pieces])
     return q.new_zeros(q.shape).index_put((index,), torch.cat([out for _, out in pieces]))

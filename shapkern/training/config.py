@@ -12,6 +12,8 @@ __all__ = ["SCHEDULE_FIELDS", "TrainConfig", "resumed_config"]
 
 # Fields that define the optimisation schedule: changing them on resume changes the run.
 SCHEDULE_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs")
+# Fields of one invocation, not of the run: a resumed run takes them from the command line.
+INVOCATION_FIELDS = ("out", "resume", "device", "num_workers", "progress", "max_steps")
 
 
 @dataclass
@@ -91,7 +93,8 @@ class TrainConfig:
 def resumed_config(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, list[str]]:
     """The configuration a resumed run continues with: the one saved in the newest checkpoint of
     ``cfg.out``, with the fields named in ``explicit`` (given on the command line) taken from
-    ``cfg``. Returns it and notes on what the explicit fields change in the schedule.
+    ``cfg``, as are the INVOCATION_FIELDS. Returns it and notes on what the explicit fields change
+    in the schedule.
 
     Without a usable checkpoint, ``cfg`` is returned unchanged (the run starts fresh).
     """
@@ -99,7 +102,9 @@ def resumed_config(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, l
     if saved is None or not isinstance(saved.get("config"), dict):
         return cfg, []
     base = TrainConfig.from_dict(saved["config"])
-    merged = dataclasses.replace(base, **{name: getattr(cfg, name) for name in explicit | {"out", "resume"}})
+    merged = dataclasses.replace(
+        base, **{name: getattr(cfg, name) for name in explicit | set(INVOCATION_FIELDS)}
+    )
     notes = [
         f"{name} changed from {getattr(base, name)!r} to {getattr(merged, name)!r}: the learning-rate "
         "schedule of the resumed run differs from the original run's"

@@ -1,0 +1,293 @@
+"""Every way to evaluate coalitions that the benchmarks compare, and the packed-FLOP model.
+
+Each method maps (model, images (B, C, H, W), paired coalitions bool (B, M, N)) to logits
+(B, M, K) of a timm ViT with class-token pooling. All but ``zero_input`` compute the same value
+function: the model on the kept tokens only (docs/design.md, "The game").
+
+- shapkern: the packed engine, plain, with compiled blocks, with its fused kernels, with fp8
+  GEMMs (forward only), and with torch's varlen attention.
+- ``zero_input``: zero the pixels of absent patches, full forward (Captum / shap style).
+- ``key_mask``: the full sequence per coalition with a boolean key mask (ViT-Shapley style).
+- complementary pairs: coalitions 2i and 2i+1 split the patches, so one row
+  [prefix, prefix, N patches] holds both with a block-diagonal mask; dense SDPA mask (eager and
+  under torch.compile) or a FlexAttention document mask. :func:`pair_features` gives the rows'
+  token features for users of the same layout (the ShapleyViT training-step benchmark).
+
+:data:`METHODS` lists them in run order; :func:`unavailable_reason` says why one cannot run here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import shapkern
+from shapkern.engine import embed_tokens
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "engine",
+    "engine_compiled",
+    "engine_fp8",
+    "engine_fused",
+    "engine_torch_varlen",
+    "key_mask",
+    "packed_flops",
+    "pair_features",
+    "pairs_dense_mask",
+    "pairs_dense_mask_compiled",
+    "pairs_flex",
+    "torch_varlen",
+    "unavailable_reason",
+    "zero_input",
+]
+
+
+# -- shapkern ----------------------------------------------------------------------------------
+
+
+def engine(model, images, coalitions):
+    """shapkern, plain path: all kept tokens packed flat, the model's own modules, Triton varlen attention."""
+    return shapkern.fused_coalition_forward(model, images, coalitions, paired=True, compiled=False)
+
+
+def engine_compiled(model, images, coalitions):
+    """shapkern engine with its blocks under torch.compile (fused LayerNorm, GELU, residual adds)."""
+    return shapkern.fused_coalition_forward(model, images, coalitions, paired=True, compiled=True)
+
+
+def engine_fused(model, images, coalitions):
+    """shapkern engine with its fused kernels: residual add + LayerNorm, fc1 + bias + GELU (Triton)."""
+    return shapkern.fused_coalition_forward(
+        model, images, coalitions, paired=True, compiled=False, fused=True
+    )
+
+
+def engine_fp8(model, images, coalitions):
+    """shapkern engine with fp8 (e4m3) GEMMs: qkv, proj, fc1, fc2 through torch._scaled_mm; forward only."""
+    return shapkern.fused_coalition_forward(
+        model, images, coalitions, paired=True, compiled=False, precision="fp8"
+    )
+
+
+def torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale=None):
+    """torch.nn.attention.varlen.varlen_attn with shapkern's attention signature: (T, H, Dh) -> (T, H, Dh)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    if scale is not None:  # pre-scale q: the scale keyword is missing in older torch releases
+        q = q * (scale * q.shape[-1] ** 0.5)
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+
+
+def engine_torch_varlen(model, images, coalitions):
+    """All kept tokens packed flat as in the engine, torch.nn.attention.varlen.varlen_attn."""
+    return shapkern.fused_coalition_forward(
+        model, images, coalitions, paired=True, attention=torch_varlen, compiled=False
+    )
+
+
+# -- full sequences ----------------------------------------------------------------------------
+
+
+def zero_input(model, images, coalitions):
+    """Zero the pixels of absent patches, full forward (Captum/shap style)."""
+    return shapkern.masked_input_forward(model, images, coalitions, baseline="zeros", chunk_size=1 << 30)
+
+
+def key_mask(model, images, coalitions):
+    """Full sequence per coalition with a boolean key mask, SDPA (ViT-Shapley style)."""
+    batch, num, players = coalitions.shape
+    rows = coalitions.reshape(batch * num, players)
+    keep = torch.cat([rows.new_ones(batch * num, model.num_prefix_tokens), rows], dim=1)
+    feats = model.forward_features(images.repeat_interleave(num, 0), attn_mask=keep[:, None, None, :])
+    return model.forward_head(feats).view(batch, num, -1)
+
+
+# -- complementary pairs -----------------------------------------------------------------------
+
+
+def _pair_rows(model, images, coalitions):
+    """One row per complementary pair: tokens (B·M/2, 2P + N, D) and the group of each token.
+
+    Row layout [prefix of coalition 2i, prefix of coalition 2i+1, N patches]; group 0 holds the
+    first prefix and the patches of coalition 2i, group 1 the rest. Returns (tokens, group bool
+    (B·M/2, 2P + N)).
+    """
+    tokens = embed_tokens(model, images)
+    prefix = model.num_prefix_tokens
+    _, num, players = coalitions.shape
+    rows = torch.cat([tokens[:, :prefix], tokens], dim=1).unsqueeze(1).expand(-1, num // 2, -1, -1)
+    first = coalitions[:, 0::2].reshape(-1, players)
+    group = torch.cat(
+        [first.new_zeros(first.shape[0], prefix), first.new_ones(first.shape[0], prefix), ~first], 1
+    )
+    return model.norm_pre(rows.reshape(-1, *rows.shape[2:])), group
+
+
+def _dense_mask(group: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal attention mask (R, 1, L, L): tokens attend within their own coalition."""
+    return (group.unsqueeze(2) == group.unsqueeze(1)).unsqueeze(1)
+
+
+def pair_features(
+    model: nn.Module, images: torch.Tensor, coalitions: torch.Tensor, extra_block: nn.Module | None = None
+) -> torch.Tensor:
+    """Final-norm token features of complementary-pair rows, dense block mask, SDPA.
+
+    Args:
+        model: a timm VisionTransformer.
+        images: (B, C, H, W).
+        coalitions: bool (B, M, N), coalitions 2i and 2i+1 complements.
+        extra_block: a timm Block run after the final norm with the same mask (a ShapleyViT's
+            ``head_block``), or None.
+
+    Returns:
+        (B·M/2, 2P + N, D): per row the prefix tokens of coalition 2i, those of coalition 2i+1,
+        then the N patch tokens, each seen only by the tokens of its own coalition.
+    """
+    x, group = _pair_rows(model, images, coalitions)
+    mask = _dense_mask(group)
+    for block in model.blocks:
+        x = block(x, attn_mask=mask)
+    x = model.norm(x)
+    return x if extra_block is None else extra_block(x, attn_mask=mask)
+
+
+def _pair_heads(model, x, batch, num):
+    """Class-token heads of both coalitions of each pair row: (B·M/2, L, D) -> (B, M, K)."""
+    prefix = model.num_prefix_tokens
+    out = torch.stack([model.forward_head(x[:, :prefix]), model.forward_head(x[:, prefix : 2 * prefix])], 1)
+    return out.view(batch, num, -1)
+
+
+def pairs_dense_mask(model, images, coalitions):
+    """Complementary pairs packed in one row, dense block-diagonal mask, SDPA."""
+    return _pair_heads(model, pair_features(model, images, coalitions), *coalitions.shape[:2])
+
+
+def _block_with_attention(block, x, attend):
+    """timm Block on dense rows (R, L, D) with attend(q, k, v) on (R, H, L, Dh)."""
+    attn = block.attn
+    rows, length, _ = x.shape
+    q, k, v = attn.qkv(block.norm1(x)).view(rows, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    out = attend(attn.q_norm(q), attn.k_norm(k), v).transpose(1, 2).reshape(rows, length, -1)
+    x = x + block.ls1(attn.proj(attn.norm(out)))
+    return x + block.ls2(block.mlp(block.norm2(x)))
+
+
+_compiled_flex = None
+
+
+def pairs_flex(model, images, coalitions):
+    """Same rows as pairs_dense_mask, FlexAttention document mask (compiled once, mask per call)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    x, group = _pair_rows(model, images, coalitions)
+    rows, length = group.shape
+    block_mask = create_block_mask(
+        lambda b, h, q, kv: group[b, q] == group[b, kv], rows, None, length, length, device=x.device
+    )
+    for block in model.blocks:
+        x = _block_with_attention(block, x, lambda q, k, v: _compiled_flex(q, k, v, block_mask=block_mask))
+    return _pair_heads(model, model.norm(x), *coalitions.shape[:2])
+
+
+_compiled_pairs = None
+
+
+def pairs_dense_mask_compiled(model, images, coalitions):
+    """pairs_dense_mask under torch.compile (default mode)."""
+    global _compiled_pairs
+    if _compiled_pairs is None:
+        _compiled_pairs = torch.compile(pairs_dense_mask)
+    return _compiled_pairs(model, images, coalitions)
+
+
+# -- the method table --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way to evaluate coalitions.
+
+    Attributes:
+        fn: (model, images, coalitions) -> (B, M, K).
+        shapkern: runs shapkern's engine (the others are the alternatives it is compared with).
+        cuda_only: needs a GPU (compiled or GPU-only kernels).
+        game: ``"token dropping"`` or ``"zero input"``: the value function it computes.
+        forward_only: has no backward (fp8 evaluation).
+        tolerance: relative error it is held to against the fp32 reference, when not the
+            model dtype's own (fp8 quantises every GEMM operand).
+    """
+
+    fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+    shapkern: bool = False
+    cuda_only: bool = False
+    game: str = "token dropping"
+    forward_only: bool = False
+    tolerance: float | None = None
+
+    @property
+    def doc(self) -> str:
+        return (self.fn.__doc__ or "").strip()
+
+
+# Methods that compile come last, so that a run cut short keeps the others.
+METHODS = {
+    "shapkern engine": Method(engine, shapkern=True),
+    "shapkern engine, compiled": Method(engine_compiled, shapkern=True, cuda_only=True),
+    "shapkern engine, fused kernels": Method(engine_fused, shapkern=True, cuda_only=True),
+    # e4m3 rounds each operand by up to 2^-4 relative: a few percent over a 12-block model.
+    "shapkern engine, fp8": Method(
+        engine_fp8, shapkern=True, cuda_only=True, forward_only=True, tolerance=0.15
+    ),
+    "zero-input full forward": Method(zero_input, game="zero input"),
+    "key mask, SDPA": Method(key_mask),
+    "pairs + dense mask, SDPA": Method(pairs_dense_mask),
+    "packed, torch varlen_attn": Method(engine_torch_varlen, cuda_only=True),
+    "pairs, FlexAttention": Method(pairs_flex, cuda_only=True),
+    "pairs + dense mask, torch.compile": Method(pairs_dense_mask_compiled, cuda_only=True),
+}
+
+
+def unavailable_reason(name: str, device: torch.device | str) -> str | None:
+    """Why method ``name`` cannot run on ``device``, or None."""
+    if METHODS[name].cuda_only and torch.device(device).type != "cuda":
+        return "needs CUDA"
+    parameters = inspect.signature(shapkern.fused_coalition_forward).parameters
+    if METHODS[name].fn is engine_fused and "fused" not in parameters:
+        return "this shapkern has no fused=True"
+    if METHODS[name].fn is engine_fp8:
+        if "precision" not in parameters:
+            return "this shapkern has no precision='fp8'"
+        device = torch.device(device)
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            return "fp8 needs compute capability 8.9 or newer"
+    if METHODS[name].fn is engine_torch_varlen:
+        try:
+            from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        except ImportError:
+            return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    return None
+
+
+# -- FLOPs -------------------------------------------------------------------------------------
+
+
+def packed_flops(model: nn.Module, coalitions: torch.Tensor) -> float:
+    """Forward FLOPs of the blocks on the kept tokens only (docs/design.md, "Performance model").
+
+    depth · (24 D² s + 4 D s²) per coalition with s = P + |S| kept tokens: the four GEMMs (qkv,
+    proj, fc1, fc2 with MLP ratio 4) and attention's two. coalitions: bool (B, M, N).
+    """
+    dim, depth = model.embed_dim, len(model.blocks)
+    kept = coalitions.sum(-1).double() + model.num_prefix_tokens
+    return float((depth * (24 * dim**2 * kept + 4 * dim * kept**2)).sum())
