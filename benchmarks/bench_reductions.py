@@ -26,6 +26,7 @@ import harness
 import torch
 
 from shapkern.ops import _extension as ext
+from shapkern.ops import gram as G
 from shapkern.ops import reduce as R
 
 try:
@@ -106,7 +107,7 @@ def cases(args, device: torch.device):
     ):
         yield (
             f"coalition_gram, {kind}",
-            lambda w=gram_weights: R.coalition_gram(packed, w, n),
+            lambda w=gram_weights: G.coalition_gram(packed, w, n),
             lambda w=gram_weights: dense_gram(w),
             lambda w=gram_weights: dense_gram(w.double()),
         )

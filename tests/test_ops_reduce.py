@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from shapkern.ops import _extension as ext
+from shapkern.ops import gram as G
 from shapkern.ops import reduce as R
 
 needs_ext = pytest.mark.skipif(
@@ -195,8 +196,8 @@ def test_fallback_matches_extension(monkeypatch):
             R.segment_sum(tokens, cu),
             R.segment_expand(tokens[:4], cu, 14),
             *R.coalition_reduce(packed, values, weights, 70),
-            R.coalition_gram(packed, weights, 70),
-            R.coalition_gram(packed, torch.ones_like(weights), 70),
+            G.coalition_gram(packed, weights, 70),
+            G.coalition_gram(packed, torch.ones_like(weights), 70),
         )
 
     with_ext = run()
@@ -358,18 +359,18 @@ def test_coalition_gram_matches_reference(b, m, n, kind, dtype):
     weights = gram_weights(b, m, dtype, kind)
     expected = dense_gram(mask, weights).to(dtype)
     packed = R.pack_masks(mask)
-    actual = R.coalition_gram(packed, weights, n)
+    actual = G.coalition_gram(packed, weights, n)
     close(actual, expected, dtype, m)
     assert torch.equal(actual, actual.mT)
-    close(R.coalition_gram_reference(packed, weights, n), expected, dtype, m)
+    close(G.coalition_gram_reference(packed, weights, n), expected, dtype, m)
 
 
 @needs_ext
 def test_coalition_gram_equal_weights_are_exact_counts():
     mask = torch.rand(3, 1000, 70) < 0.5
     counts = dense_gram(mask, torch.ones(3, 1000)).float()
-    assert torch.equal(R.coalition_gram(R.pack_masks(mask), torch.ones(3, 1000), 70), counts)
-    assert torch.equal(R.coalition_gram(R.pack_masks(mask), torch.full((3, 1000), 0.5), 70), counts / 2)
+    assert torch.equal(G.coalition_gram(R.pack_masks(mask), torch.ones(3, 1000), 70), counts)
+    assert torch.equal(G.coalition_gram(R.pack_masks(mask), torch.full((3, 1000), 0.5), 70), counts / 2)
 
 
 def test_coalition_gram_extra_words_no_coalitions_no_players():
@@ -378,10 +379,10 @@ def test_coalition_gram_extra_words_no_coalitions_no_players():
     garbage = torch.randint(-(2**31), 2**31 - 1, (2, 9, 1), dtype=torch.int32)
     # Bits past N in the last used word and whole extra words are ignored.
     packed = torch.cat([R.pack_masks(mask) | (-1 << 20), garbage], -1)
-    close(R.coalition_gram(packed, weights, 20), dense_gram(mask, weights), torch.float64)
-    empty = R.coalition_gram(packed[:, :0], weights[:, :0], 20)
+    close(G.coalition_gram(packed, weights, 20), dense_gram(mask, weights), torch.float64)
+    empty = G.coalition_gram(packed[:, :0], weights[:, :0], 20)
     assert empty.shape == (2, 20, 20) and not empty.any()
-    assert R.coalition_gram(packed, weights, 0).shape == (2, 0, 0)
+    assert G.coalition_gram(packed, weights, 0).shape == (2, 0, 0)
 
 
 @pytest.mark.parametrize("kind", ["equal", "random"])
@@ -390,8 +391,8 @@ def test_gradcheck_coalition_gram(kind):
     weights = gram_weights(2, 6, torch.float64, kind).requires_grad_(True)
     packed = R.pack_masks(mask)
     # fast mode (random projections): the slow mode runs one backward per entry of the (B, N, N) output
-    assert torch.autograd.gradcheck(lambda w: R.coalition_gram(packed, w, 35), (weights,), fast_mode=True)
-    assert torch.autograd.gradgradcheck(lambda w: R.coalition_gram(packed, w, 35), (weights,), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda w: G.coalition_gram(packed, w, 35), (weights,), fast_mode=True)
+    assert torch.autograd.gradgradcheck(lambda w: G.coalition_gram(packed, w, 35), (weights,), fast_mode=True)
 
 
 @pytest.mark.parametrize(
@@ -409,15 +410,15 @@ def test_gradcheck_coalition_gram(kind):
 def test_coalition_gram_bad_inputs(change, match):
     packed = R.pack_masks(torch.rand(2, 4, 40) < 0.5)
     with pytest.raises(ValueError, match=match):
-        R.coalition_gram(*change(packed, torch.rand(2, 4)), num_players=40)
+        G.coalition_gram(*change(packed, torch.rand(2, 4)), num_players=40)
 
 
 def test_coalition_gram_torch_compile_fullgraph():
     torch._dynamo.reset()
     packed = R.pack_masks(torch.rand(2, 16, 40) < 0.5)
     weights = torch.rand(2, 16, requires_grad=True)
-    compiled = torch.compile(lambda p, w: R.coalition_gram(p, w, 40), fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(packed, weights), R.coalition_gram(packed, weights, 40))
+    compiled = torch.compile(lambda p, w: G.coalition_gram(p, w, 40), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(packed, weights), G.coalition_gram(packed, weights, 40))
     compiled(packed, weights).sum().backward()
     assert weights.grad is not None and weights.grad.abs().sum() > 0
 
@@ -495,10 +496,10 @@ def test_cuda_gemm_precision_and_determinism(dtype):
         for a, b in zip(torch.autograd.grad(again[0], (values, weights), grad), first, strict=True)
     )
     gram_w = gram_weights(4, 1024, dtype, "random").cuda()
-    gram = R.coalition_gram(packed, gram_w, 196)
+    gram = G.coalition_gram(packed, gram_w, 196)
     expected_gram = dense_gram(mask, gram_w)
     assert (gram.double() - expected_gram).abs().max() <= tol * expected_gram.abs().max()
-    assert torch.equal(gram, gram.mT) and torch.equal(R.coalition_gram(packed, gram_w, 196), gram)
+    assert torch.equal(gram, gram.mT) and torch.equal(G.coalition_gram(packed, gram_w, 196), gram)
 
 
 @pytest.mark.cuda
@@ -506,14 +507,14 @@ def test_cuda_gram_float64_and_backward():
     mask = torch.rand(3, 300, 70, device="cuda") < 0.5
     packed = R.pack_masks(mask)
     weights = gram_weights(3, 300, torch.float64, "mixed").cuda()
-    gram = R.coalition_gram(packed, weights, 70)
+    gram = G.coalition_gram(packed, weights, 70)
     close(gram, dense_gram(mask, weights), torch.float64, 300)
     assert torch.equal(gram, gram.mT)
     ones = torch.ones(3, 300, device="cuda")
-    assert torch.equal(R.coalition_gram(packed, ones, 70), dense_gram(mask, ones).float())
+    assert torch.equal(G.coalition_gram(packed, ones, 70), dense_gram(mask, ones).float())
     small = R.pack_masks(mask[:, :6, :35])
     w = weights[:, :6].clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda w: R.coalition_gram(small, w, 35), (w,), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda w: G.coalition_gram(small, w, 35), (w,), fast_mode=True)
 
 
 @pytest.mark.cuda

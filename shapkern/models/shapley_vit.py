@@ -17,6 +17,7 @@ from torch import nn
 
 from shapkern.checkpoint import CheckpointError, load_checkpoint
 from shapkern.engine import (
+    check_coalitions,
     check_images,
     check_packed_model,
     coalition_tokens,
@@ -201,17 +202,7 @@ class ShapleyViT(nn.Module):
         ends = torch.ones(batch, 2, players, dtype=torch.bool, device=images.device)
         ends[:, 1] = False
         if coalitions is not None:
-            if not isinstance(coalitions, torch.Tensor) or coalitions.dtype != torch.bool:
-                raise TypeError(
-                    f"coalitions must be a bool tensor (B, M, N) or (M, N), got {coalitions!r:.80}"
-                )
-            if coalitions.dim() == 2:
-                coalitions = coalitions.unsqueeze(0).expand(batch, -1, -1)
-            if coalitions.dim() != 3 or coalitions.shape[0] != batch or coalitions.shape[2] != players:
-                raise ValueError(
-                    f"coalitions must be (B, M, N) = ({batch}, M, {players}) or (M, {players}), "
-                    f"got {tuple(coalitions.shape)}"
-                )
+            coalitions = check_coalitions(coalitions, batch, players, images.device, paired=paired)
             ends = torch.cat([ends, coalitions], dim=1)
         packed = coalition_tokens(self.backbone, images, ends, paired=paired)
         plan = packed.plan

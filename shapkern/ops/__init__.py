@@ -1,10 +1,10 @@
 """Autograd ops with a plain PyTorch reference each, dispatched by device (CUDA: Triton or the native
 extension; elsewhere: the C++ CPU kernels or the reference)."""
 
+from shapkern.ops.gram import coalition_gram
 from shapkern.ops.layer_norm import add_layer_norm, layer_norm
 from shapkern.ops.linear_gelu import linear_gelu
 from shapkern.ops.reduce import (
-    coalition_gram,
     coalition_reduce,
     pack_masks,
     segment_expand,

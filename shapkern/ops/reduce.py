@@ -1,10 +1,10 @@
-"""Reductions over coalitions: segment sums of packed tokens, weighted sums onto players, Gram matrices.
+"""Reductions over coalitions: segment sums of packed tokens, bit-packed masks, weighted sums onto
+players (the Gram matrix is in :mod:`shapkern.ops.gram`).
 
 Each op has a plain PyTorch reference (``*_reference``). The public op validates its inputs, then runs
 ``torch.ops.shapkern.*`` when there are kernels for the tensors' device, and the reference otherwise:
 C++ on the CPU; on CUDA, the extension's CUDA kernels, except for ``coalition_reduce`` in float32,
-float16 and bfloat16 and for ``coalition_gram``, which run Triton tensor-core GEMMs on the packed
-masks (``shapkern.kernels.coalition_reduce``; fp32 products carried as two tf32 parts, see there).
+float16 and bfloat16, which runs a Triton tensor-core GEMM on the packed masks (``shapkern.kernels.coalition_reduce``; fp32 products carried as two tf32 parts, see there).
 The kernels are deterministic on CPU and CUDA: every output is reduced in a fixed order, without
 float atomics. Half types (float16, bfloat16) accumulate in float32, float64 in float64. The ops
 support autograd for floating inputs and trace under ``torch.compile(fullgraph=True)``.
@@ -17,6 +17,15 @@ from __future__ import annotations
 import torch
 
 from shapkern.ops import _extension as _ext
+from shapkern.ops._checks import (
+    acc_dtype,
+    check,
+    check_cu_seqlens,
+    check_float,
+    check_masks,
+    check_same_device,
+    num_words,
+)
 
 try:
     from shapkern.kernels import coalition_reduce as _gemm
@@ -26,8 +35,6 @@ except ImportError:  # no triton: CUDA tensors take the extension's CUDA kernels
     _HAS_TRITON = False
 
 __all__ = [
-    "coalition_gram",
-    "coalition_gram_reference",
     "coalition_reduce",
     "coalition_reduce_reference",
     "pack_masks",
@@ -40,70 +47,6 @@ __all__ = [
     "unpack_masks_reference",
 ]
 
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _num_words(num_players: int) -> int:
-    return (num_players + 31) // 32
-
-
-# ---------------------------------------------------------------------------------------------- checks
-
-
-def _check(ok: bool, op: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"{op}: {message}")
-
-
-def _check_float(t: torch.Tensor, name: str, op: str) -> None:
-    _check(
-        t.dtype in _FLOAT_DTYPES, op, f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}"
-    )
-
-
-def _check_same_device(op: str, **tensors: torch.Tensor) -> None:
-    (first, ref), *rest = tensors.items()
-    for name, t in rest:
-        _check(t.device == ref.device, op, f"{name} is on {t.device} but {first} is on {ref.device}")
-
-
-def _check_masks(masks: torch.Tensor, num_players: int, op: str) -> None:
-    _check(masks.dim() == 3, op, f"masks must be 3-D (B, M, W), got shape {tuple(masks.shape)}")
-    _check(masks.dtype == torch.int32, op, f"masks must be int32 (bit-packed), got {masks.dtype}")
-    _check(num_players >= 0, op, f"num_players must be >= 0, got {num_players}")
-    _check(
-        masks.shape[2] >= _num_words(num_players),
-        op,
-        f"masks has W={masks.shape[2]} words per coalition, too few for num_players={num_players}",
-    )
-
-
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int, op: str) -> None:
-    _check(cu_seqlens.dtype == torch.int32, op, f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
-    _check(
-        cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 1,
-        op,
-        f"cu_seqlens must be 1-D (R+1,), got shape {tuple(cu_seqlens.shape)}",
-    )
-    if torch.compiler.is_compiling():
-        return  # value checks need a host sync
-    first, last = cu_seqlens[0], cu_seqlens[-1]
-    monotone = (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
-    if bool((first == 0) & (last == num_tokens) & monotone):  # one sync
-        return
-    _check(int(first) == 0, op, f"cu_seqlens[0] must be 0, got {int(first)}")
-    _check(
-        int(last) == num_tokens,
-        op,
-        f"cu_seqlens[-1] must equal the number of tokens {num_tokens}, got {int(last)}",
-    )
-    _check(False, op, "cu_seqlens must be non-decreasing")
-
-
 # ---------------------------------------------------------------------------------------- segment_sum
 
 
@@ -114,7 +57,7 @@ def segment_sum_reference(values: torch.Tensor, cu_seqlens: torch.Tensor) -> tor
     seq = torch.repeat_interleave(
         torch.arange(num_seqs, device=values.device), lengths, output_size=values.shape[0]
     )
-    acc = _acc_dtype(values.dtype)
+    acc = acc_dtype(values.dtype)
     out = values.new_zeros((num_seqs, values.shape[1]), dtype=acc).index_add(0, seq, values.to(acc))
     return out.to(values.dtype)
 
@@ -132,10 +75,10 @@ def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         the tokens.
     """
     op = "segment_sum"
-    _check(values.dim() == 2, op, f"values must be 2-D (T, K), got shape {tuple(values.shape)}")
-    _check_float(values, "values", op)
-    _check_same_device(op, values=values, cu_seqlens=cu_seqlens)
-    _check_cu_seqlens(cu_seqlens, values.shape[0], op)
+    check(values.dim() == 2, op, f"values must be 2-D (T, K), got shape {tuple(values.shape)}")
+    check_float(values, "values", op)
+    check_same_device(op, values=values, cu_seqlens=cu_seqlens)
+    check_cu_seqlens(cu_seqlens, values.shape[0], op)
     if _ext.has_kernels(values.device):
         return torch.ops.shapkern.segment_sum(values, cu_seqlens)
     return segment_sum_reference(values, cu_seqlens)
@@ -160,16 +103,16 @@ def segment_expand(values: torch.Tensor, cu_seqlens: torch.Tensor, num_tokens: i
         (T, K) in the dtype of ``values``; the gradient is the segment sum of the tokens' gradients.
     """
     op = "segment_expand"
-    _check(values.dim() == 2, op, f"values must be 2-D (R, K), got shape {tuple(values.shape)}")
-    _check_float(values, "values", op)
-    _check_same_device(op, values=values, cu_seqlens=cu_seqlens)
-    _check(
+    check(values.dim() == 2, op, f"values must be 2-D (R, K), got shape {tuple(values.shape)}")
+    check_float(values, "values", op)
+    check_same_device(op, values=values, cu_seqlens=cu_seqlens)
+    check(
         cu_seqlens.dim() == 1 and values.shape[0] == cu_seqlens.shape[0] - 1,
         op,
         f"values has {values.shape[0]} rows but cu_seqlens (shape {tuple(cu_seqlens.shape)}) "
         f"holds {cu_seqlens.shape[0] - 1} sequences",
     )
-    _check_cu_seqlens(cu_seqlens, num_tokens, op)
+    check_cu_seqlens(cu_seqlens, num_tokens, op)
     if _ext.has_kernels(values.device):
         return torch.ops.shapkern.segment_expand(values, cu_seqlens, num_tokens)
     return segment_expand_reference(values, cu_seqlens, num_tokens)
@@ -180,10 +123,10 @@ def segment_expand(values: torch.Tensor, cu_seqlens: torch.Tensor, num_tokens: i
 
 def pack_masks_reference(mask: torch.Tensor) -> torch.Tensor:
     """PyTorch reference of :func:`pack_masks`."""
-    num_words = _num_words(mask.shape[-1])
-    bits = torch.nn.functional.pad(mask.to(torch.int64), (0, 32 * num_words - mask.shape[-1]))
+    count = num_words(mask.shape[-1])
+    bits = torch.nn.functional.pad(mask.to(torch.int64), (0, 32 * count - mask.shape[-1]))
     shifts = torch.arange(32, device=mask.device, dtype=torch.int64)
-    words = (bits.unflatten(-1, (num_words, 32)) << shifts).sum(-1)
+    words = (bits.unflatten(-1, (count, 32)) << shifts).sum(-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
 
 
@@ -199,8 +142,8 @@ def pack_masks(mask: torch.Tensor) -> torch.Tensor:
 
     Player n is bit ``n % 32`` (little-endian) of word ``n // 32``; padding bits are 0.
     """
-    _check(mask.dtype == torch.bool, "pack_masks", f"mask must be bool, got {mask.dtype}")
-    _check(mask.dim() >= 1, "pack_masks", "mask must have a last dimension of players (..., N)")
+    check(mask.dtype == torch.bool, "pack_masks", f"mask must be bool, got {mask.dtype}")
+    check(mask.dim() >= 1, "pack_masks", "mask must have a last dimension of players (..., N)")
     if _ext.has_kernels(mask.device):
         return torch.ops.shapkern.pack_masks(mask)
     return pack_masks_reference(mask)
@@ -209,11 +152,11 @@ def pack_masks(mask: torch.Tensor) -> torch.Tensor:
 def unpack_masks(packed: torch.Tensor, num_players: int) -> torch.Tensor:
     """Unpack coalition masks: int32 (..., W) -> bool (..., N) with N = ``num_players`` <= 32 W."""
     op = "unpack_masks"
-    _check(packed.dtype == torch.int32, op, f"packed must be int32, got {packed.dtype}")
-    _check(packed.dim() >= 1, op, "packed must have a last dimension of words (..., W)")
-    _check(num_players >= 0, op, f"num_players must be >= 0, got {num_players}")
-    _check(
-        packed.shape[-1] >= _num_words(num_players),
+    check(packed.dtype == torch.int32, op, f"packed must be int32, got {packed.dtype}")
+    check(packed.dim() >= 1, op, "packed must have a last dimension of words (..., W)")
+    check(num_players >= 0, op, f"num_players must be >= 0, got {num_players}")
+    check(
+        packed.shape[-1] >= num_words(num_players),
         op,
         f"packed has W={packed.shape[-1]} words, too few for num_players={num_players}",
     )
@@ -229,7 +172,7 @@ def coalition_reduce_reference(
     masks: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, num_players: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch reference of :func:`coalition_reduce`: einsum over the unpacked masks."""
-    acc = _acc_dtype(values.dtype)
+    acc = acc_dtype(values.dtype)
     z = unpack_masks_reference(masks, num_players).to(acc)
     w = weights.to(acc)
     sums = torch.einsum("bmn,bm,bmk->bnk", z, w, values.to(acc))
@@ -257,26 +200,26 @@ def coalition_reduce(
         and backward) with fp32 accuracy; float64 runs the exact CUDA kernel.
     """
     op = "coalition_reduce"
-    _check_masks(masks, num_players, op)
-    _check(values.dim() == 3, op, f"values must be 3-D (B, M, K), got shape {tuple(values.shape)}")
-    _check_float(values, "values", op)
-    _check(weights.dim() == 2, op, f"weights must be 2-D (B, M), got shape {tuple(weights.shape)}")
-    _check(
+    check_masks(masks, num_players, op)
+    check(values.dim() == 3, op, f"values must be 3-D (B, M, K), got shape {tuple(values.shape)}")
+    check_float(values, "values", op)
+    check(weights.dim() == 2, op, f"weights must be 2-D (B, M), got shape {tuple(weights.shape)}")
+    check(
         weights.dtype == values.dtype,
         op,
         f"weights must have the dtype of values ({values.dtype}), got {weights.dtype}",
     )
-    _check(
+    check(
         masks.shape[:2] == values.shape[:2],
         op,
         f"masks shape {tuple(masks.shape)} does not match values shape {tuple(values.shape)} in (B, M)",
     )
-    _check(
+    check(
         weights.shape == values.shape[:2],
         op,
         f"weights shape {tuple(weights.shape)} does not match values shape {tuple(values.shape)} in (B, M)",
     )
-    _check_same_device(op, values=values, masks=masks, weights=weights)
+    check_same_device(op, values=values, masks=masks, weights=weights)
     if _HAS_TRITON and values.is_cuda and values.dtype != torch.float64:
         return torch.ops.shapkern.coalition_reduce_gemm(masks, values, weights, num_players)
     if _ext.has_kernels(values.device):
@@ -343,50 +286,6 @@ def _reduce_gemm_grad(ctx, grad_sums, grad_weight_sums):
 _reduce_gemm.register_autograd(_reduce_gemm_grad, setup_context=_reduce_gemm_setup)
 
 
-# ------------------------------------------------------------------------------------- coalition_gram
-
-
-def coalition_gram_reference(masks: torch.Tensor, weights: torch.Tensor, num_players: int) -> torch.Tensor:
-    """PyTorch reference of :func:`coalition_gram`: the dense product over the unpacked masks."""
-    acc = _acc_dtype(weights.dtype)
-    z = unpack_masks_reference(masks, num_players).to(acc)
-    return torch.einsum("bmi,bm,bmj->bij", z, weights.to(acc), z).to(weights.dtype)
-
-
-def coalition_gram(masks: torch.Tensor, weights: torch.Tensor, num_players: int) -> torch.Tensor:
-    """Weighted Gram matrix of the coalitions: ``A[b] = sum_m weights[b, m] z_m z_mᵀ``.
-
-    KernelSHAP's ``A = E[z zᵀ]`` is ``coalition_gram(masks, weights, N)`` with equal weights (e.g.
-    ``1 / M``). On the CPU, images whose weights are all equal take an AND + popcount over the masks
-    transposed per player (exact counts), the others a sparse row update; on CUDA, a Triton GEMM.
-
-    Args:
-        masks: (B, M, W) int32, bit-packed coalitions (see :func:`pack_masks`), W >= ceil(N / 32).
-        weights: (B, M) floating, a weight per coalition.
-        num_players: N.
-
-    Returns:
-        (B, N, N) in the dtype of ``weights``, exactly symmetric (the reference is symmetric only up to
-        rounding); differentiable in ``weights`` (``grad_w[b, m] = z_mᵀ G[b] z_m``).
-    """
-    op = "coalition_gram"
-    _check_masks(masks, num_players, op)
-    _check(weights.dim() == 2, op, f"weights must be 2-D (B, M), got shape {tuple(weights.shape)}")
-    _check_float(weights, "weights", op)
-    _check(
-        masks.shape[:2] == weights.shape,
-        op,
-        f"masks shape {tuple(masks.shape)} does not match weights shape {tuple(weights.shape)} in (B, M)",
-    )
-    _check_same_device(op, weights=weights, masks=masks)
-    has_kernel = _ext.extension_loaded() and (
-        weights.device.type == "cpu" or (weights.is_cuda and _HAS_TRITON)
-    )
-    if has_kernel:
-        return torch.ops.shapkern.coalition_gram(masks, weights, num_players)
-    return coalition_gram_reference(masks, weights, num_players)
-
-
 # ------------------------------------------------------------------ fake kernels and autograd (extension)
 
 
@@ -406,13 +305,9 @@ def _register() -> None:
         batch, _, k = values.shape
         return values.new_empty((batch, num_players, k)), values.new_empty((batch, num_players))
 
-    @torch.library.register_fake(lib + "coalition_gram")
-    def _(masks, weights, num_players):
-        return weights.new_empty((masks.shape[0], num_players, num_players))
-
     @torch.library.register_fake(lib + "pack_masks")
     def _(mask):
-        return mask.new_empty((*mask.shape[:-1], _num_words(mask.shape[-1])), dtype=torch.int32)
+        return mask.new_empty((*mask.shape[:-1], num_words(mask.shape[-1])), dtype=torch.int32)
 
     @torch.library.register_fake(lib + "unpack_masks")
     def _(packed, num_players):
@@ -438,7 +333,7 @@ def _register() -> None:
     def coalition_reduce_backward(ctx, grad_sums, grad_weight_sums):
         # d sums / d v[b,m,k] = w[b,m] (Z G)[b,m,k]; d / d w[b,m] = sum_k (Z G)[b,m,k] v[b,m,k] + (Z g)[b,m]
         masks, values, weights = ctx.saved_tensors
-        acc = _acc_dtype(values.dtype)
+        acc = acc_dtype(values.dtype)
         z = torch.ops.shapkern.unpack_masks(masks, ctx.num_players).to(acc)
         w = weights.to(acc).unsqueeze(-1)
         if not ctx.needs_input_grad[2]:
@@ -455,18 +350,6 @@ def _register() -> None:
             grad_values = (zg * w if torch.is_grad_enabled() else zg.mul_(w)).to(values.dtype)
         return None, grad_values, gw.to(weights.dtype), None
 
-    def gram_setup(ctx, inputs, output):
-        masks, weights, num_players = inputs
-        ctx.save_for_backward(masks, weights)
-        ctx.num_players = num_players
-
-    def coalition_gram_backward(ctx, grad):
-        # d A[b] / d w[b, m] = z_m z_mᵀ, so grad_w[b, m] = z_mᵀ G[b] z_m
-        masks, weights = ctx.saved_tensors
-        acc = _acc_dtype(weights.dtype)
-        z = unpack_masks(masks, ctx.num_players).to(acc)
-        return None, (torch.bmm(z, grad.to(acc)) * z).sum(-1).to(weights.dtype), None
-
     torch.library.register_autograd(lib + "segment_sum", segment_sum_backward, setup_context=segment_setup)
     torch.library.register_autograd(
         lib + "segment_expand", segment_expand_backward, setup_context=segment_setup
@@ -474,9 +357,6 @@ def _register() -> None:
     torch.library.register_autograd(
         lib + "coalition_reduce", coalition_reduce_backward, setup_context=coalition_setup
     )
-    torch.library.register_autograd(lib + "coalition_gram", coalition_gram_backward, setup_context=gram_setup)
-    if _HAS_TRITON:
-        torch.library.register_kernel(lib + "coalition_gram", "cuda", _gemm.coalition_gram)
 
 
 if _ext.extension_loaded():

@@ -8,7 +8,8 @@
 
 from shapkern.training.config import TrainConfig, resumed_config
 from shapkern.training.losses import LossOutput, ShapleyLoss, shapley_regression_loss
-from shapkern.training.trainer import Trainer, build_model, train
+from shapkern.training.setup import build_model
+from shapkern.training.trainer import Trainer, train
 
 __all__ = [
     "LossOutput",

@@ -1,4 +1,5 @@
-"""What a run reports: the JSON-lines metrics file and progress on the terminal or in a log."""
+"""What a run reports: the JSON-lines metrics file, progress on the terminal or in a log, and the
+training metrics of an epoch."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import sys
 import time
 from collections.abc import Callable
 
+import torch
+
 from shapkern.checkpoint import atomic_write
 
-__all__ = ["MetricsLog", "Progress"]
+__all__ = ["LOSS_PARTS", "EpochMeter", "MetricsLog", "Progress"]
 
 
 class MetricsLog:
@@ -82,3 +85,42 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+LOSS_PARTS = ("loss", "cls", "sv", "mask")
+
+
+class EpochMeter:
+    """Sums of the loss components and correct predictions of an epoch, kept on the device (no host
+    sync per step), reduced over all processes once at the end."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(len(LOSS_PARTS) + 1, dtype=torch.float64, device=device)
+        self.seen = 0
+        self.start = time.perf_counter()
+
+    def add(self, out, labels: torch.Tensor) -> None:
+        """One batch: ``out`` a LossOutput, labels (b,) on its device."""
+        n = labels.shape[0]
+        parts = torch.stack([out.total.detach(), out.cls, out.sv, out.mask]).double() * n
+        correct = (out.logits.argmax(-1) == labels).sum().double().view(1)
+        self.sums += torch.cat([parts, correct])
+        self.seen += n
+
+    def postfix(self) -> dict[str, str]:
+        """The running means, for a progress display (reads the device)."""
+        return {
+            k: f"{v / max(self.seen, 1):.3f}" for k, v in zip(LOSS_PARTS, self.sums.tolist(), strict=False)
+        }
+
+    def record(self, dist) -> dict:
+        """train_loss, train_cls, train_sv, train_mask, train_acc, images_per_s, epoch_time_s over
+        every process's batches (one all-reduce)."""
+        elapsed = time.perf_counter() - self.start
+        totals = dist.sum([*self.sums.tolist(), self.seen])
+        seen = max(totals[-1], 1)
+        record = {f"train_{k}": v / seen for k, v in zip(LOSS_PARTS, totals, strict=False)}
+        record["train_acc"] = totals[len(LOSS_PARTS)] / seen
+        record["images_per_s"] = totals[-1] / elapsed
+        record["epoch_time_s"] = elapsed
+        return record

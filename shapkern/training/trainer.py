@@ -14,7 +14,6 @@ the number of processes.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import random
 import time
@@ -22,8 +21,6 @@ import time
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
-from torch.utils.data.distributed import DistributedSampler
 
 from shapkern.checkpoint import (
     clean_temporary_files,
@@ -33,46 +30,16 @@ from shapkern.checkpoint import (
     set_rng_state,
 )
 from shapkern.coalitions import seeded_coalitions
-from shapkern.data import DataBundle, load_dataset
-from shapkern.models import ShapleyViT
-from shapkern.models.backbones import pretrained_normalization
 from shapkern.training.config import TrainConfig
 from shapkern.training.distributed import Distributed, autocast
 from shapkern.training.evaluation import Evaluator, default_evaluators, save_heatmaps
-from shapkern.training.log import MetricsLog, Progress
-from shapkern.training.losses import ShapleyLoss
+from shapkern.training.log import EpochMeter, MetricsLog, Progress
+from shapkern.training.setup import RunData, build_loss, build_model, build_optimizer
 
-__all__ = ["HEATMAPS", "METRICS", "Trainer", "build_model", "cosine_warmup", "train"]
+__all__ = ["HEATMAPS", "METRICS", "Trainer", "train"]
 
 METRICS = "metrics.jsonl"
 HEATMAPS = "explanations.png"
-LOSS_PARTS = ("loss", "cls", "sv", "mask")
-
-
-def build_model(cfg: TrainConfig, bundle: DataBundle) -> ShapleyViT:
-    """The ShapleyViT of a config: timm ``cfg.model`` at the data's image size and channels."""
-    kwargs = {**cfg.arch(), "in_chans": bundle.in_chans}
-    try:
-        weights = {"checkpoint": cfg.weights, "pretrained": cfg.pretrained}
-        return ShapleyViT(cfg.model, bundle.num_classes, cfg.head, **weights, **kwargs)
-    except TypeError as exc:  # a timm model that takes none of these keywords: not a ViT
-        raise ValueError(f"model {cfg.model!r} cannot be built as a ViT with {kwargs}: {exc}") from exc
-
-
-def cosine_warmup(total_steps: int, warmup_steps: int):
-    """LambdaLR factor: linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def _limited(dataset, limit: int | None):
-    return Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
 
 
 class Trainer:
@@ -83,63 +50,19 @@ class Trainer:
         self.cfg = cfg
         self.dist = Distributed.from_environment(cfg.device)
         self.device = self.dist.device
-        mean, std = pretrained_normalization(cfg.model)  # inputs as the backbone's weights expect
-        self.bundle = load_dataset(
-            cfg.data,
-            img_size=cfg.img_size,
-            patch_size=cfg.patch_size,
-            seed=cfg.seed,
-            skip_bad_images=cfg.skip_bad_images,
-            root=cfg.data_root,
-            download=cfg.download,
-            mean=mean,
-            std=std,
-        )
-        self.train_set = _limited(self.bundle.train, cfg.limit_train)
-        self.test_set = _limited(self.bundle.test, cfg.limit_test)
-        if cfg.batch_size < 1 or cfg.batch_size % self.dist.world:
-            raise ValueError(
-                f"batch size {cfg.batch_size} must be positive and divisible by the "
-                f"{self.dist.world} processes"
-            )
-        if len(self.train_set) < cfg.batch_size:
-            raise ValueError(
-                f"{cfg.data} has {len(self.train_set)} training images, fewer than one batch of "
-                f"{cfg.batch_size}; "
-                "add images or lower --batch-size"
-            )
-        self.sampler = DistributedSampler(
-            self.train_set, self.dist.world, self.dist.rank, shuffle=True, seed=cfg.seed
-        )
-        self.loader = DataLoader(
-            self.train_set,
-            batch_size=cfg.batch_size // self.dist.world,
-            sampler=self.sampler,
-            num_workers=cfg.num_workers,
-        )
+        self.data = RunData(cfg, self.dist)
+        self.bundle, self.train_set, self.test_set = self.data.bundle, self.data.train_set, self.data.test_set
+        self.loader = self.data.loader
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.model = build_model(cfg, self.bundle).to(self.device)
-        self.loss = ShapleyLoss(
-            cfg.lam,
-            cfg.mu,
-            cfg.num_coalitions,
-            stop_grad=cfg.stop_grad,
-            mask_loss=cfg.mask_loss,
-            grad_coalitions=cfg.grad_coalitions,
-            sv_scale=cfg.sv_scale,
-        )
+        self.loss = build_loss(cfg)
         self.ddp = self.model
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.lr)
-        steps = len(self.loader)
-        warmup = max(1, round(cfg.warmup_epochs * steps))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, cosine_warmup(cfg.epochs * steps, warmup)
-        )
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg, len(self.loader))
         self.evaluators = default_evaluators(cfg) if evaluators is None else evaluators
         self.epoch = 0  # completed epochs
         self.step_count = 0
@@ -150,15 +73,6 @@ class Trainer:
                 print(f"removed {path}, left by an interrupted save", flush=True)
         if cfg.resume:
             self.resume()
-
-    def _param_groups(self) -> list[dict]:
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            (decay if p.ndim > 1 and "pos_embed" not in name else no_decay).append(p)
-        return [
-            {"params": decay, "weight_decay": self.cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
@@ -232,40 +146,20 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict | None:
         """One epoch; None when ``cfg.max_steps`` stopped it part-way (as a kill would)."""
         self.model.train()
-        self.sampler.set_epoch(epoch)
-        sums = torch.zeros(len(LOSS_PARTS) + 1, dtype=torch.float64, device=self.device)  # parts, correct
-        seen = 0
-        start = time.perf_counter()
-        progress = Progress(
-            len(self.loader),
-            f"epoch {epoch + 1}/{self.cfg.epochs}",
-            enabled=self.cfg.progress and self.dist.is_main,
-        )
+        self.data.sampler.set_epoch(epoch)
+        meter = EpochMeter(self.device)
+        show = self.cfg.progress and self.dist.is_main
+        progress = Progress(len(self.loader), f"epoch {epoch + 1}/{self.cfg.epochs}", enabled=show)
         for images, labels, indices in self.loader:
             if self.cfg.max_steps is not None and self.step_count >= self.cfg.max_steps:
                 progress.close()
                 return None
             out = self.backward(images, labels, indices, epoch)
             self.step()
-            n = labels.shape[0]
-            correct = (out.logits.argmax(-1) == labels.to(self.device)).sum()
-            parts = torch.stack([out.total.detach(), out.cls, out.sv, out.mask]).double() * n
-            sums += torch.cat([parts, correct.double().view(1)])  # on the device: no host sync per step
-            seen += n
-            progress.update(
-                lambda s=sums, n_seen=seen: {
-                    k: f"{v / n_seen:.3f}" for k, v in zip(LOSS_PARTS, s.tolist(), strict=False)
-                }
-            )
+            meter.add(out, labels.to(self.device))
+            progress.update(meter.postfix)
         progress.close()
-        elapsed = time.perf_counter() - start
-        totals = self.dist.sum([*sums.tolist(), seen])  # every rank's batches, one all-reduce
-        seen_all = max(totals[-1], 1)
-        record = {f"train_{k}": v / seen_all for k, v in zip(LOSS_PARTS, totals, strict=False)}
-        record["train_acc"] = totals[len(LOSS_PARTS)] / seen_all
-        record["images_per_s"] = totals[-1] / elapsed
-        record["epoch_time_s"] = elapsed
-        return record
+        return meter.record(self.dist)
 
     def evaluate(self) -> dict:
         """The evaluators' metrics on the test set, in eval mode."""
@@ -281,13 +175,7 @@ class Trainer:
         epoch's metrics record."""
         record: dict = {}
         if self.dist.is_main:
-            params = sum(p.numel() for p in self.model.parameters()) / 1e6
-            print(
-                f"shapkern train: {self.cfg.data} ({len(self.train_set)} train / {len(self.test_set)} test), "
-                f"{self.cfg.model} {self.model.num_players} patches, {params:.2f}M params, {self.dist.world} "
-                f"process(es) on {self.device}, from epoch {self.epoch} -> {self.cfg.out}",
-                flush=True,
-            )
+            print(_run_line(self), flush=True)
         while self.epoch < self.cfg.epochs:
             train_record = self.train_epoch(self.epoch)
             if train_record is None:
@@ -297,9 +185,7 @@ class Trainer:
             if self.dist.is_main:
                 record.update(self.evaluate())
                 record.update(step=self.step_count, lr=self.scheduler.get_last_lr()[0], time=time.time())
-                self.log.append(
-                    record
-                )  # before the checkpoint: resume cuts lines past the checkpoint's epoch
+                self.log.append(record)  # before the checkpoint: resume cuts lines past its epoch
                 self.save()
                 print(_epoch_line(record), flush=True)
             self.dist.barrier()
@@ -307,6 +193,16 @@ class Trainer:
 
     def close(self) -> None:
         self.dist.close()
+
+
+def _run_line(trainer: Trainer) -> str:
+    cfg, model = trainer.cfg, trainer.model
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    return (
+        f"shapkern train: {cfg.data} ({len(trainer.train_set)} train / {len(trainer.test_set)} test), "
+        f"{cfg.model} {model.num_players} patches, {params:.2f}M params, {trainer.dist.world} "
+        f"process(es) on {trainer.device}, from epoch {trainer.epoch} -> {cfg.out}"
+    )
 
 
 def _epoch_line(record: dict) -> str:

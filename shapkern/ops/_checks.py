@@ -1,0 +1,63 @@
+"""Argument checks and dtype rules shared by the reduction ops."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def num_words(num_players: int) -> int:
+    return (num_players + 31) // 32
+
+
+def check(ok: bool, op: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{op}: {message}")
+
+
+def check_float(t: torch.Tensor, name: str, op: str) -> None:
+    check(t.dtype in FLOAT_DTYPES, op, f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+
+
+def check_same_device(op: str, **tensors: torch.Tensor) -> None:
+    (first, ref), *rest = tensors.items()
+    for name, t in rest:
+        check(t.device == ref.device, op, f"{name} is on {t.device} but {first} is on {ref.device}")
+
+
+def check_masks(masks: torch.Tensor, num_players: int, op: str) -> None:
+    check(masks.dim() == 3, op, f"masks must be 3-D (B, M, W), got shape {tuple(masks.shape)}")
+    check(masks.dtype == torch.int32, op, f"masks must be int32 (bit-packed), got {masks.dtype}")
+    check(num_players >= 0, op, f"num_players must be >= 0, got {num_players}")
+    check(
+        masks.shape[2] >= num_words(num_players),
+        op,
+        f"masks has W={masks.shape[2]} words per coalition, too few for num_players={num_players}",
+    )
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int, op: str) -> None:
+    check(cu_seqlens.dtype == torch.int32, op, f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    check(
+        cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 1,
+        op,
+        f"cu_seqlens must be 1-D (R+1,), got shape {tuple(cu_seqlens.shape)}",
+    )
+    if torch.compiler.is_compiling():
+        return  # value checks need a host sync
+    first, last = cu_seqlens[0], cu_seqlens[-1]
+    monotone = (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
+    if bool((first == 0) & (last == num_tokens) & monotone):  # one sync
+        return
+    check(int(first) == 0, op, f"cu_seqlens[0] must be 0, got {int(first)}")
+    check(
+        int(last) == num_tokens,
+        op,
+        f"cu_seqlens[-1] must equal the number of tokens {num_tokens}, got {int(last)}",
+    )
+    check(False, op, "cu_seqlens must be non-decreasing")

@@ -1,0 +1,114 @@
+"""What a run is built from: its data loaders, its model and loss, its optimiser and schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+from shapkern.data import DataBundle, load_dataset
+from shapkern.models import ShapleyViT
+from shapkern.models.backbones import pretrained_normalization
+from shapkern.training.config import TrainConfig
+from shapkern.training.distributed import Distributed
+from shapkern.training.losses import ShapleyLoss
+
+__all__ = ["RunData", "build_loss", "build_model", "build_optimizer", "cosine_warmup"]
+
+
+class RunData:
+    """The dataset of a run, its (optionally limited) splits, and this process's training loader.
+
+    Attributes:
+        bundle: the DataBundle (classes, preprocessing, ...).
+        train_set, test_set: the splits the run uses (``limit_train``/``limit_test`` applied).
+        sampler: the DistributedSampler (one shard per process, reshuffled per epoch).
+        loader: batches of ``batch_size / world`` (image, label, index) items.
+    """
+
+    def __init__(self, cfg: TrainConfig, dist: Distributed):
+        mean, std = pretrained_normalization(cfg.model)  # inputs as the backbone's weights expect
+        self.bundle = load_dataset(
+            cfg.data,
+            img_size=cfg.img_size,
+            patch_size=cfg.patch_size,
+            seed=cfg.seed,
+            skip_bad_images=cfg.skip_bad_images,
+            root=cfg.data_root,
+            download=cfg.download,
+            mean=mean,
+            std=std,
+        )
+        self.train_set = _limited(self.bundle.train, cfg.limit_train)
+        self.test_set = _limited(self.bundle.test, cfg.limit_test)
+        if cfg.batch_size < 1 or cfg.batch_size % dist.world:
+            raise ValueError(
+                f"batch size {cfg.batch_size} must be positive and divisible by the {dist.world} processes"
+            )
+        if len(self.train_set) < cfg.batch_size:
+            raise ValueError(
+                f"{cfg.data} has {len(self.train_set)} training images, fewer than one batch of "
+                f"{cfg.batch_size}; add images or lower --batch-size"
+            )
+        self.sampler = DistributedSampler(self.train_set, dist.world, dist.rank, shuffle=True, seed=cfg.seed)
+        self.loader = DataLoader(
+            self.train_set,
+            batch_size=cfg.batch_size // dist.world,
+            sampler=self.sampler,
+            num_workers=cfg.num_workers,
+        )
+
+
+def _limited(dataset, limit: int | None):
+    return Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
+
+
+def build_model(cfg: TrainConfig, bundle: DataBundle) -> ShapleyViT:
+    """The ShapleyViT of a config: timm ``cfg.model`` at the data's image size and channels."""
+    kwargs = {**cfg.arch(), "in_chans": bundle.in_chans}
+    try:
+        weights = {"checkpoint": cfg.weights, "pretrained": cfg.pretrained}
+        return ShapleyViT(cfg.model, bundle.num_classes, cfg.head, **weights, **kwargs)
+    except TypeError as exc:  # a timm model that takes none of these keywords: not a ViT
+        raise ValueError(f"model {cfg.model!r} cannot be built as a ViT with {kwargs}: {exc}") from exc
+
+
+def build_loss(cfg: TrainConfig) -> ShapleyLoss:
+    """The ShapleyLoss of a config."""
+    return ShapleyLoss(
+        cfg.lam,
+        cfg.mu,
+        cfg.num_coalitions,
+        stop_grad=cfg.stop_grad,
+        mask_loss=cfg.mask_loss,
+        grad_coalitions=cfg.grad_coalitions,
+        sv_scale=cfg.sv_scale,
+    )
+
+
+def cosine_warmup(total_steps: int, warmup_steps: int):
+    """LambdaLR factor: linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
+    """AdamW (no weight decay on biases, norms and position embeddings) and its warm-up + cosine
+    schedule, stepped once per optimiser step: (optimizer, scheduler)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim > 1 and "pos_embed" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch))
+    factor = cosine_warmup(cfg.epochs * steps_per_epoch, warmup)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
