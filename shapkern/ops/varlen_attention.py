@@ -120,6 +120,8 @@ _last_layout: tuple[weakref.ref, int, int, _HostLayout] | None = None
 
 def _host_layout(cu_seqlens: torch.Tensor, length_buckets: int) -> _HostLayout:
     global _last_layout
+    if torch.compiler.is_compiling():  # traced code must not capture another plan's layout
+        return _HostLayout(cu_seqlens, length_buckets)
     if _last_layout is not None:
         ref, version, buckets, layout = _last_layout
         if ref() is cu_seqlens and version == cu_seqlens._version and buckets == length_buckets:
