@@ -93,9 +93,8 @@ def main() -> float:
         key_mask = torch.cat([torch.ones(32, 1, dtype=torch.bool), coalitions.view(32, 16)], 1)
         masked = model(images.repeat_interleave(8, 0), key_mask).view(4, 8, -1)
     error = ((packed - masked).norm() / masked.norm()).item()
-    print(
-        f"packed vs key-masked original: relative error {error:.1e} over {coalitions.numel() // 16} evaluations"
-    )
+    evaluations = coalitions.numel() // 16
+    print(f"packed vs key-masked original: relative error {error:.1e} over {evaluations} evaluations")
     return error
 
 

@@ -1,7 +1,7 @@
 """Train a self-explaining ViT on digits through the Python API (what `shapkern train` does, by hand).
 
-    python examples/train_self_explaining_vit.py               # about a minute on 2 CPU cores
-    python examples/train_self_explaining_vit.py --epochs 30   # the full run of `shapkern train`
+python examples/train_self_explaining_vit.py               # about a minute on 2 CPU cores
+python examples/train_self_explaining_vit.py --epochs 30   # the full run of `shapkern train`
 """
 
 import argparse
@@ -19,10 +19,12 @@ from shapkern.training import ShapleyLoss
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=4, help="training epochs (30 for the full run)")
-    parser.add_argument("--train-images", type=int, default=None, help="use only the first n training images")
-    parser.add_argument("--exact-images", type=int, default=4, help="test images checked against exact values")
+    parser.add_argument("--train-images", type=int, default=None, help="use only the first n train images")
+    parser.add_argument("--exact-images", type=int, default=4, help="test images checked against exact")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -31,7 +33,13 @@ def main(argv=None) -> dict:
     if args.train_images:
         train = torch.utils.data.Subset(train, range(args.train_images))
     model = ShapleyViT(
-        "vit_tiny_patch16_224", data.num_classes, img_size=32, patch_size=8, depth=3, embed_dim=64, num_heads=2
+        "vit_tiny_patch16_224",
+        data.num_classes,
+        img_size=32,
+        patch_size=8,
+        depth=3,
+        embed_dim=64,
+        num_heads=2,
     )
     loss_fn = ShapleyLoss(lam=0.1, mu=1.0, num_coalitions=8, mask_loss="kl")  # L = ℓ_cls + λ ℓ_sv + μ ℓ_mask
     loader = DataLoader(train, batch_size=64, shuffle=True)

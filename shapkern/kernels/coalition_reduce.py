@@ -16,8 +16,8 @@ in fp32, its top 11 bits kept by the tensor core), and both go through a tf32 do
 accumulator. Each product then carries a relative error below 2**-20, against 2**-11 for a
 plain tf32 dot (~3e-4 on these sums, outside fp32's 1e-5 tolerance), at two tf32 dots' cost: still
 ~3.5x the H100/H200 data-sheet rate of "ieee" fp32 dots, which run on the FMA units. A three-way
-split ("tf32x3") would waste a dot on Z's zero low part. float16/bfloat16 inputs are read as fp32 and take the same
-path; outputs are cast to the input dtype. The Gram matrix in float64 uses fp64 dots.
+split ("tf32x3") would waste a dot on Z's zero low part. float16/bfloat16 inputs are read as fp32
+and take the same path; outputs are cast to the input dtype. The Gram matrix in float64 uses fp64 dots.
 
 Deterministic: every program owns one output tile and loops over the reduced dimension in a fixed
 order; no atomics. Grids are flat (no 65535 limit), the fastest index being the tile that shares

@@ -4,7 +4,8 @@ players (the Gram matrix is in :mod:`shapkern.ops.gram`).
 Each op has a plain PyTorch reference (``*_reference``). The public op validates its inputs, then runs
 ``torch.ops.shapkern.*`` when there are kernels for the tensors' device, and the reference otherwise:
 C++ on the CPU; on CUDA, the extension's CUDA kernels, except for ``coalition_reduce`` in float32,
-float16 and bfloat16, which runs a Triton tensor-core GEMM on the packed masks (``shapkern.kernels.coalition_reduce``; fp32 products carried as two tf32 parts, see there).
+float16 and bfloat16, which runs a Triton tensor-core GEMM on the packed masks
+(``shapkern.kernels.coalition_reduce``; fp32 products carried as two tf32 parts, see there).
 The kernels are deterministic on CPU and CUDA: every output is reduced in a fixed order, without
 float atomics. Half types (float16, bfloat16) accumulate in float32, float64 in float64. The ops
 support autograd for floating inputs and trace under ``torch.compile(fullgraph=True)``.
