@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.model.num_players,
         backbone.num_prefix_tokens,
         cfg.num_coalitions,
-        cfg.grad_coalitions or cfg.num_coalitions,
+        trainer.loss.grad_coalitions,
     )
     gemm = harness.gemm_tflops(device, torch.bfloat16) if device.type == "cuda" else None
     warm = epochs[-1]

@@ -1,7 +1,12 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# Helper modules of the tests (sm90_compile.py) import by name under --import-mode=importlib too.
+sys.path.insert(0, str(Path(__file__).parent))
 
 # Triton kernels run in the interpreter when no GPU is present; must be set before triton.jit runs.
 if not torch.cuda.is_available():

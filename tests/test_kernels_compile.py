@@ -6,19 +6,11 @@ that variable. Run ``python tests/test_kernels_compile.py`` to print the registe
 ``python tests/test_kernels_compile.py bwd_short bf16 64 64,32,8,2`` to try one tile.
 """
 
-import importlib.util
 import json
-import os
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-import pytest
+from sm90_compile import KERNELS_DIR, compile_sm90, load_module, report_from_script
 
-KERNELS_FILE = Path(__file__).resolve().parents[1] / "shapkern" / "kernels" / "varlen_attention.py"
 # (dtype, head dim): bf16 at ViT's D=64 and at the largest padded tile; fp16 with a padded head dim;
 # fp32 (FMA dots).
 CASES = [("bf16", 64), ("bf16", 128), ("fp16", 80), ("fp32", 64)]
@@ -30,16 +22,6 @@ KERNELS = {
     "fwd_short": "_fwd_short_kernel",
     "bwd_short": "_bwd_short_kernel",
 }
-
-
-def _ptxas() -> str | None:
-    import triton
-
-    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    for path in ("/usr/local/cuda/bin/ptxas", shutil.which("ptxas"), bundled):
-        if path and os.access(path, os.X_OK):
-            return str(path)
-    return None
 
 
 def _signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, dict]:
@@ -86,13 +68,9 @@ def compile_report(cases=None, kernel_names=tuple(KERNELS), config=None) -> list
     """
     import torch
     import triton
-    from triton.backends.compiler import GPUTarget
 
-    spec = importlib.util.spec_from_file_location("varlen_attention_kernels", KERNELS_FILE)
-    kernels = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kernels)
+    kernels = load_module(KERNELS_DIR / "varlen_attention.py")
     torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    ptxas = _ptxas()
     report = []
     for dtype, D in cases or CASES:
         for name in kernel_names:
@@ -101,50 +79,19 @@ def compile_report(cases=None, kernel_names=tuple(KERNELS), config=None) -> list
             block_m, block_n, num_warps, num_stages = tile
             constexprs = _constexprs(kernels, name, torch_dtypes[dtype], D, tile)
             signature, attrs = _signature(kernel, dtype, constexprs)
-            src = triton.compiler.ASTSource(
-                fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs
-            )
-            compiled = triton.compile(
-                src,
-                target=GPUTarget("cuda", 90, 32),
-                options={"num_warps": num_warps, "num_stages": num_stages},
-            )
-            ptx = compiled.asm["ptx"]
             entry = {
                 "kernel": name,
                 "dtype": dtype,
                 "D": D,
                 "config": [block_m, block_n, num_warps, num_stages],
-                "ptx_chars": len(ptx),
-                "cubin_bytes": len(compiled.asm["cubin"]),
-                "wgmma": "wgmma" in ptx,
+                **compile_sm90(kernel, signature, constexprs, attrs, num_warps, num_stages),
             }
-            if ptxas:
-                with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-                    f.write(ptx)
-                    f.flush()
-                    info = subprocess.run(
-                        [ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
-                        capture_output=True,
-                        text=True,
-                        check=True,
-                    ).stderr
-                entry["registers"] = int(re.search(r"Used (\d+) registers", info).group(1))
-                entry["spill_bytes"] = sum(
-                    int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", info)
-                )
             report.append(entry)
     return report
 
 
 def test_kernels_compile_for_hopper_without_spills():
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.splitlines()[-1])
+    report = report_from_script(__file__, timeout=300)
     assert len(report) == len(KERNELS) * len(CASES)
     for entry in report:
         assert entry["ptx_chars"] > 0 and entry["cubin_bytes"] > 0, entry

@@ -7,19 +7,10 @@ pre-activation store): the most registers any call needs. Run ``python tests/tes
 to print the report.
 """
 
-import importlib.util
 import json
-import os
-import re
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
-import pytest
+from sm90_compile import KERNELS_DIR, compile_typed, load_module, ptxas, report_from_script
 
-TESTS = Path(__file__).resolve().parent
-KERNELS = TESTS.parent / "shapkern" / "kernels"
 # LayerNorm (storage dtypes x, y, s, h, parameters; D): pure 16-bit models at ViT-B, ViT-S and ViT-L widths,
 # and autocast training's fp32 residual stream with a bf16 branch and bf16 h at ViT-B.
 LAYER_NORM_CASES = [
@@ -36,59 +27,12 @@ GEMM_CASES = [("bf16", 768, 3072), ("fp16", 768, 3072), ("fp32", 768, 3072)]
 _DIVISIBLE = {"D", "K", "N"}
 
 
-def _load(path: Path):
-    """A module from its file, without importing shapkern (nor, under pytest's importlib mode, tests/)."""
-    spec = importlib.util.spec_from_file_location(f"_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_ptxas = _load(TESTS / "test_kernels_compile.py")._ptxas
-
-
 def _compile(kernel, types: dict, constexprs: dict, num_warps: int, num_stages: int = 3) -> dict:
-    """Compile for sm_90: PTX size, wgmma use, shared memory, and ptxas -v registers and spill bytes."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    signature, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        signature[name] = types.get(name, "i32")
-        if signature[name].startswith("*") or name.startswith("stride") or name in _DIVISIBLE:
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(
-        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages}
-    )
-    ptx = compiled.asm["ptx"]
-    entry = {
-        "ptx_chars": len(ptx),
-        "cubin_bytes": len(compiled.asm["cubin"]),
-        "wgmma": "wgmma" in ptx,
-        "shared_bytes": compiled.metadata.shared,
-    }
-    ptxas = _ptxas()
-    if ptxas:
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-            f.write(ptx)
-            f.flush()
-            info = subprocess.run(
-                [ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stderr
-        entry["registers"] = int(re.search(r"Used (\d+) registers", info).group(1))
-        entry["spill_bytes"] = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
-    return entry
+    return compile_typed(kernel, types, constexprs, num_warps, num_stages, divisible=_DIVISIBLE)
 
 
 def _layer_norm_report() -> list[dict]:
-    kernels = _load(KERNELS / "layer_norm.py")
+    kernels = load_module(KERNELS_DIR / "layer_norm.py")
     report = []
     for (x, y, s, h, param), D in LAYER_NORM_CASES:
         block_d, block_m, num_warps = kernels.block_config(D)
@@ -117,7 +61,7 @@ def _layer_norm_report() -> list[dict]:
 
 
 def _linear_gelu_report() -> list[dict]:
-    kernels = _load(KERNELS / "linear_gelu.py")
+    kernels = load_module(KERNELS_DIR / "linear_gelu.py")
     torch_dtypes = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
     import torch
 
@@ -152,15 +96,9 @@ def compile_report() -> list[dict]:
 
 
 def test_fused_kernels_compile_for_hopper_without_spills():
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600, check=False
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.splitlines()[-1])
+    report = report_from_script(__file__)
     assert len(report) == 2 * len(LAYER_NORM_CASES) + 2 * len(GEMM_CASES) - 1
-    assert _ptxas() is None or all("spill_bytes" in entry for entry in report)
+    assert ptxas() is None or all("spill_bytes" in entry for entry in report)
     for entry in report:
         assert entry["ptx_chars"] > 0 and entry["cubin_bytes"] > 0, entry
         assert entry.get("spill_bytes", 0) == 0, f"register spills: {entry}"

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from shapkern import sample_coalitions
 from shapkern.models import ShapleyViT
 from shapkern.training import ShapleyLoss, shapley_regression_loss
+from shapkern.training.losses import default_grad_coalitions
 
 
 def tiny(seed=0):
@@ -40,8 +41,10 @@ def test_stop_grad_through_the_model(stop_grad):
     assert (grad is None) == stop_grad
 
 
-def reference_loss(model, images, labels, coalitions, lam, mu, mask_loss):
-    """Slow reference from timm's key-masked forward, one coalition at a time."""
+def reference_loss(model, images, labels, coalitions, lam, mu, mask_loss, graded=None):
+    """Slow reference from timm's key-masked forward, one coalition at a time; ℓ_mask over the
+    first ``graded`` coalitions (default all)."""
+    graded = coalitions.shape[1] if graded is None else graded
     prefix = model.num_prefix_tokens
     tokens = model.backbone.forward_features(images)
     phi = model.head(model.head_norm(tokens[:, prefix:]))
@@ -62,31 +65,31 @@ def reference_loss(model, images, labels, coalitions, lam, mu, mask_loss):
         / coalitions.shape[:2].numel()
     )
     if mask_loss == "ce":
-        mask = (
-            sum(F.cross_entropy(values[:, m], labels) for m in range(coalitions.shape[1]))
-            / coalitions.shape[1]
-        )
+        mask = sum(F.cross_entropy(values[:, m], labels) for m in range(graded)) / graded
     else:
         target = logits.detach().softmax(-1)
         mask = (
             sum(
-                (target * (target.log() - values[:, m].log_softmax(-1))).sum(-1).mean()
-                for m in range(coalitions.shape[1])
+                (target * (target.log() - values[:, m].log_softmax(-1))).sum(-1).mean() for m in range(graded)
             )
-            / coalitions.shape[1]
+            / graded
         )
     return cls + lam * sv + mu * mask
 
 
 @pytest.mark.parametrize("mask_loss", ["ce", "kl"])
-def test_loss_step_equals_slow_timm_reference(mask_loss):
+@pytest.mark.parametrize("grad_coalitions", [None, 4])
+def test_loss_step_equals_slow_timm_reference(mask_loss, grad_coalitions):
     model = tiny()
     images, labels = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
     coalitions = sample_coalitions(2, 4, 16, generator=torch.Generator().manual_seed(1))
-    loss = ShapleyLoss(lam=0.7, mu=0.3, num_coalitions=4, mask_loss=mask_loss)
+    loss = ShapleyLoss(
+        lam=0.7, mu=0.3, num_coalitions=4, mask_loss=mask_loss, grad_coalitions=grad_coalitions
+    )
+    assert loss.grad_coalitions == (2 if grad_coalitions is None else 4)  # default: M/4, at least a pair
     out = loss(model, images, labels, coalitions)
     grads = torch.autograd.grad(out.total, list(model.parameters()))
-    ref = reference_loss(model, images, labels, coalitions, 0.7, 0.3, mask_loss)
+    ref = reference_loss(model, images, labels, coalitions, 0.7, 0.3, mask_loss, loss.grad_coalitions)
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
     torch.testing.assert_close(out.total, ref, atol=1e-5, rtol=1e-5)
     for g, r in zip(grads, ref_grads, strict=False):
@@ -155,3 +158,10 @@ def test_relative_sv_loss_ignores_the_logit_scale():
     assert float(scaled[1]) == pytest.approx(float(want), rel=1e-4)
     with pytest.raises(ValueError, match="sv_scale must be one of"):
         ShapleyLoss(sv_scale="log")
+
+
+def test_default_grad_coalitions_is_a_quarter_in_whole_pairs():
+    assert [default_grad_coalitions(m) for m in (2, 4, 8, 12, 32)] == [2, 2, 2, 2, 8]
+    assert [default_grad_coalitions(m, paired=False) for m in (1, 3, 8, 13)] == [1, 1, 2, 3]
+    assert ShapleyLoss(num_coalitions=16).grad_coalitions == 4
+    assert ShapleyLoss(num_coalitions=16, stop_grad=False).grad_coalitions == 16  # all carry gradients

@@ -39,7 +39,7 @@ ARGS = (
     ("lam", "λ, weight of the Shapley loss ℓ_sv", None),
     ("mu", "μ, weight of the masked-input loss ℓ_mask", None),
     ("num_coalitions", "coalitions per image and step (paired, so even)", None),
-    ("grad_coalitions", "of those, how many carry gradients; the others are forward-only ℓ_sv targets", None),
+    ("grad_coalitions", "of those, how many carry gradients (default M/4); the rest are forward-only", None),
     ("sv_scale", "ℓ_sv as the raw squared error, or relative to sg(‖f(x)‖²) + 1", SV_SCALES),
     ("mask_loss", "ℓ_mask", tuple("none" if m is None else m for m in MASK_LOSSES)),
     ("seed", "random seed; CPU runs with the same seed are bitwise identical", None),

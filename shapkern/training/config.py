@@ -54,7 +54,7 @@ class TrainConfig:
     lam: float = 0.1  # on digits, λ = 0.1 keeps the accuracy of λ = 0 (benchmarks/train_figures.py)
     mu: float = 1.0
     num_coalitions: int = 8
-    grad_coalitions: int | None = None  # of the num_coalitions, those that carry gradients (None: all)
+    grad_coalitions: int | None = None  # of those, the ones with gradients (None: M/4, measured)
     sv_scale: str = "raw"
     mask_loss: str | None = "kl"
     stop_grad: bool = True
