@@ -53,7 +53,7 @@ def test_an_empty_batch_gives_empty_results(shapley_vit, vit):
     assert fused_coalition_forward(vit, empty, coalitions, paired=False, mode="input").shape == (0, 4, 3)
     out = shapley_vit(empty, coalitions)
     assert out.phi.shape == (0, 16, 3) and out.logits.shape == (0, 3) and out.values.shape == (0, 4, 3)
-    for method in ("kernel", "exact", "permutation", "self"):
+    for method in ("kernel", "leverage", "bayes", "exact", "permutation", "self"):
         att = explain(
             shapley_vit if method == "self" else vit, empty, method=method, budget=64, progress=False
         )

@@ -210,3 +210,130 @@ def test_train_step_benchmark_smoke_on_cpu(tmp_path):
     assert result["config"]["tolerance"] == 1e-4
     assert "loss_error_fp32" not in rows["zero-input masking, timm forward"]
     assert (tmp_path / "train_step.md").read_text().startswith("# ShapleyViT training step")
+
+
+@pytest.fixture
+def train_sweeps(monkeypatch):
+    """benchmarks/train_sweeps.py, which imports harness and train_figures as top-level modules."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("train_sweeps", BENCHMARKS / "train_sweeps.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "train_sweeps", module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_loss_normalisers(train_sweeps):
+    import torch
+
+    from shapkern import ShapleyLoss, ShapleyViT
+
+    torch.manual_seed(0)
+    model = ShapleyViT(
+        "vit_tiny_patch16_224", 3, img_size=16, patch_size=8, depth=1, embed_dim=16, num_heads=1
+    )
+    images, targets = torch.randn(3, 3, 16, 16), torch.tensor([0, 2, 1])
+    base = ShapleyLoss(0.0, 1.0, 8, grad_coalitions=8)
+    coalitions = base.sample(3, model.num_players, torch.Generator().manual_seed(1))
+    want = base(model, images, targets, coalitions)
+    error = (want.values - torch.bmm(coalitions.float(), want.phi)).square().sum(-1).mean(1)
+    phi = want.phi.detach()
+    scales = {  # stop-gradient normalisers
+        "player": phi.square().mean(1).sum(-1) + 1e-3,
+        "centered": (phi - phi.mean(-1, keepdim=True)).square().mean(1).sum(-1) + 1e-3,
+    }
+    assert set(scales) == set(train_sweeps.EXTRA_SCALES)
+    for name, scale in scales.items():
+        got = train_sweeps.SweepLoss(2.0, name, mu=1.0, num_coalitions=8)(model, images, targets, coalitions)
+        sv = (error / scale).mean()
+        assert torch.allclose(got.sv, sv, rtol=1e-5) and torch.allclose(
+            got.total, want.total + 2 * sv, rtol=1e-5
+        )
+        # The normaliser is a stop-gradient: ℓ_sv's gradient is the raw one divided per image.
+        params = [p for p in model.parameters() if p.requires_grad]
+        g_got = torch.autograd.grad(got.total, params)
+        out = base(model, images, targets, coalitions)
+        raw = (out.values.detach() - torch.bmm(coalitions.float(), out.phi)).square().sum(-1).mean(1)
+        g_want = torch.autograd.grad(out.total + 2 * (raw / scale).mean(), params)
+        for a, b in zip(g_got, g_want, strict=True):
+            assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-7, (a - b).abs().max()
+    with pytest.raises(ValueError, match="scale"):
+        train_sweeps.SweepLoss(1.0, "relative")
+    with pytest.raises(ValueError, match="grad_coalitions"):
+        train_sweeps.SweepLoss(1.0, "player", num_coalitions=8, grad_coalitions=4)
+
+
+def test_train_sweeps_smoke_on_cpu(train_sweeps, tmp_path, capsys):
+    import torch
+
+    runs = tmp_path / "runs"
+    args = [
+        "--epochs", "1", "--limit-train", "64", "--limit-test", "16", "--img-size", "16",
+        "--exact-images", "1", "--seeds", "0", "--grad-coalitions", "8", "2", "--lams", "1",
+        "--raw-lams", "1", "--variants", "player", "--variant-lams", "1", "--timing-steps", "1",
+        "--timing-repeats", "1", "--runs", str(runs),
+    ]  # fmt: skip
+    threads = torch.get_num_threads()  # main() sets them (--threads); restored for the other tests
+    try:
+        train_sweeps.main(["--device", "cpu", *args, "--out", str(tmp_path / "out")])
+        assert capsys.readouterr().out.count("shapkern train:") == 8
+        # Every run is kept with its settings and reused by a later invocation with the same settings.
+        train_sweeps.main(["--device", "cpu", "--parts", "lam", *args, "--out", str(tmp_path / "again")])
+    finally:
+        torch.set_num_threads(threads)
+    assert capsys.readouterr().out.count("reusing") == 5
+    assert len(list(runs.glob("*/result.json"))) == 8
+    result = json.loads((tmp_path / "out" / "train_sweeps.json").read_text())
+    assert result["config"]["epochs"] == 1 and result["environment"]["torch"]
+    grad = {row["grad_coalitions"]: row for row in result["grad"]["rows"]}
+    assert list(grad) == [8, 2]
+    for row in grad.values():
+        assert row["seeds"] == [0] and 0 <= row["test_acc"]["mean"] <= 1 and row["test_acc"]["std"] is None
+        assert 0 < row["rel_err"]["mean"] < 10 and row["rel_err"]["n"] == 1
+    timing = {row["grad_coalitions"]: row for row in result["timing"]["rows"]}
+    assert timing[8]["ratio_median"] == 1.0 and timing[2]["ratio_median"] > 0
+    assert result["timing"]["clock"] == "process" and result["grad"]["decision"]["recommended"] == 8
+    groups = [(row["lam"], row["mu"], row["sv_scale"]) for row in result["lam"]["rows"]]
+    assert groups == [
+        (0.0, 0.0, "raw"),  # classification only
+        (1.0, 1.0, "relative"),
+        (1.0, 1.0, "player"),
+        (0.1, 1.0, "raw"),  # the default, shared with the grad sweep
+        (1.0, 1.0, "raw"),
+    ]
+    for row in result["lam"]["rows"]:
+        assert (row["rel_err"]["n"] == 1) == (row["lam"] > 0)
+        assert 0 < row["test_logit_sq_centered"]["mean"] <= row["test_logit_sq"]["mean"] * (1 + 1e-6)
+    assert [(t["sv_scale"], t["lam"]) for t in result["lam"]["targets"]] == [
+        ("relative", 1.0),
+        ("player", 1.0),
+        ("raw", 1.0),
+    ]
+    evidence = result["evidence"]["rows"]
+    assert [(row["lam"], row["mu"], row["sv_scale"]) for row in evidence] == [
+        (0.0, 0.0, "raw"),
+        (1.0, 1.0, "relative"),
+    ]
+    assert all(0 <= row["pointing"]["mean"] <= 1 and row["rel_err"]["n"] == 0 for row in evidence)
+    markdown = (tmp_path / "out" / "train_sweeps.md").read_text()
+    assert markdown.startswith("# Training sweeps") and "| 2 of 8 | 1 |" in markdown
+    again = json.loads((tmp_path / "again" / "train_sweeps.json").read_text())
+    assert again["lam"] == result["lam"]
+
+
+def test_estimators_benchmark_smoke_on_cpu(tmp_path):
+    cmd = [
+        sys.executable, str(BENCHMARKS / "estimators.py"), "--games", "quadratic", "threshold",
+        "--budgets", "128", "--images", "2", "--seeds", "2", "--cache", str(tmp_path / "cache"),
+        "--out", str(tmp_path),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    result = json.loads((tmp_path / "estimators.json").read_text())
+    cells = {(c["library"], c["method"]): c for c in result["results"]["threshold"]}
+    assert {"bayes", "leverage", "kernel", "permutation"} <= {m for lib, m in cells if lib == "shapkern"}
+    for cell in cells.values():
+        assert cell["budget"] == 128 and max(cell["evaluations"]) <= 128 and 0 <= cell["rel_l2"] < 1, cell
+    # The quadratic game is 2-additive: every paired regression estimator recovers it exactly.
+    quadratic = {c["method"]: c for c in result["results"]["quadratic"] if c["library"] == "shapkern"}
+    assert quadratic["kernel"]["rel_l2"] < 1e-10 and quadratic["bayes"]["rel_l2"] < 1e-10
+    assert (tmp_path / "estimators.md").read_text().startswith("# Shapley estimators")

@@ -44,7 +44,8 @@ def test_explain_builtin_data_end_to_end(checkpoint, tmp_path, capsys):
          "--budget", 64, "--out", out / "ev", "--no-progress"], capsys)  # fmt: skip
     result = json.loads((out / "ev" / "explanations.json").read_text())
     assert set(result["localization"]) == {"pointing", "auroc", "miou", "miou_threshold"}
-    assert result["evaluations_per_image"] == 64 and result["images"][0]["std_error"] is not None
+    # N = 4: the budget covers all 16 coalitions, and kernel evaluates none twice.
+    assert result["evaluations_per_image"] == 16 and result["images"][0]["std_error"] is not None
 
 
 def test_explain_the_users_own_png_files(checkpoint, tmp_path, capsys):

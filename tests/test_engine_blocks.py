@@ -3,28 +3,10 @@ Triton kernels on CUDA), forward and backward, in eval and train mode."""
 
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from small_vit import VARIANTS, make_model
 
 from shapkern import fused_coalition_forward, sample_coalitions
 from shapkern.engine.blocks import supports_fused_blocks
-
-SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 5}
-VARIANTS = {
-    "cls_token": {},
-    "avg_pool": {"global_pool": "avg"},
-    "registers": {"reg_tokens": 2},
-    "layer_scale": {"init_values": 0.1},
-    "qk_norm": {"qk_norm": True},
-}
-
-
-def make_model(variant: str, **extra) -> VisionTransformer:
-    torch.manual_seed(0)
-    model = VisionTransformer(**SMALL, **VARIANTS[variant], **extra).eval()
-    with torch.no_grad():  # timm zero-inits some parameters; make every one of them matter
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
 
 
 def outputs_and_grads(model, images, coalitions, **kwargs):

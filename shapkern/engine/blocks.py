@@ -15,7 +15,13 @@ from torch import nn
 from shapkern.ops import add_layer_norm, layer_norm, linear_gelu
 from shapkern.packed import AttentionFn, PackPlan, drop_path_packed, planned_attention
 
-__all__ = ["compiled_block_forward", "fused_blocks_forward", "packed_block_forward", "supports_fused_blocks"]
+__all__ = [
+    "compiled_block_forward",
+    "fused_blocks_forward",
+    "packed_block_forward",
+    "residual_branch",
+    "supports_fused_blocks",
+]
 
 
 def _drop_path(module: nn.Module, x: torch.Tensor, plan: PackPlan) -> torch.Tensor:
@@ -80,7 +86,7 @@ def supports_fused_blocks(model: nn.Module) -> bool:
     return True
 
 
-def _branch(layer_scale: nn.Module, drop_path: nn.Module, branch: torch.Tensor, plan: PackPlan):
+def residual_branch(layer_scale: nn.Module, drop_path: nn.Module, branch: torch.Tensor, plan: PackPlan):
     """(branch, gamma) for add_layer_norm. An active drop path scales rows after LayerScale, so
     both are applied to the branch first; otherwise LayerScale's gamma goes into the fused add."""
     if drop_path.training and not isinstance(drop_path, nn.Identity):
@@ -101,12 +107,12 @@ def fused_blocks_forward(
     h = layer_norm(x, norm.weight, norm.bias, norm.eps, out_dtype=act)
     for index, block in enumerate(blocks):
         attended = _attention(block.attn, h, plan, attention)
-        branch, gamma = _branch(block.ls1, block.drop_path1, attended, plan)
+        branch, gamma = residual_branch(block.ls1, block.drop_path1, attended, plan)
         norm = block.norm2
         x, h = add_layer_norm(x, branch, norm.weight, norm.bias, norm.eps, gamma, out_dtype=act)
         mlp = block.mlp
         hidden = mlp.norm(mlp.drop1(linear_gelu(h, mlp.fc1.weight, mlp.fc1.bias)))
-        branch, gamma = _branch(block.ls2, block.drop_path2, mlp.drop2(mlp.fc2(hidden)), plan)
+        branch, gamma = residual_branch(block.ls2, block.drop_path2, mlp.drop2(mlp.fc2(hidden)), plan)
         if index + 1 == len(blocks):  # the model's own final norm follows (often on prefix tokens only)
             return x + (branch if gamma is None else branch * gamma)
         norm = blocks[index + 1].norm1

@@ -21,6 +21,7 @@ from shapkern.engine.blocks import (
     supports_fused_blocks,
 )
 from shapkern.engine.chunking import default_chunk_rows, run_chunks
+from shapkern.engine.fp8 import check_fp8_blocks, fp8_blocks_forward
 from shapkern.engine.inputs import check_coalitions, check_images
 from shapkern.engine.masked import masked_input_forward
 from shapkern.packed import (
@@ -34,6 +35,7 @@ from shapkern.packed import (
 
 __all__ = [
     "OUTPUTS",
+    "PRECISIONS",
     "PackedTokens",
     "check_packed_model",
     "coalition_tokens",
@@ -50,6 +52,8 @@ SUPPORTED = (
     "'map', Swin, ConvNets, ...) use mode='input', which masks pixels"
 )
 OUTPUTS = ("logits", "pre_logits")
+# "auto": the model's dtype under the current autocast; "fp8": e4m3 GEMMs, forward only (engine/fp8.py).
+PRECISIONS = ("auto", "fp8")
 # torch.compile of the blocks on CUDA with paired coalitions (static shapes) unless the caller
 # passes compiled=False; SHAPKERN_COMPILE=0 turns the default off for a whole program.
 COMPILE_BY_DEFAULT = os.environ.get("SHAPKERN_COMPILE", "1") != "0"
@@ -137,6 +141,8 @@ def _blocks(model: nn.Module, tokens: torch.Tensor, coalitions: torch.Tensor, pa
     x = model.norm_pre(model.pos_drop(x))
     if path == "fused":
         return fused_blocks_forward(model, x, plan, attention), plan
+    if path == "fp8":
+        return fp8_blocks_forward(model, x, plan, attention), plan
     block_forward = compiled_block_forward() if path == "compiled" else packed_block_forward
     for block in model.blocks:
         x = block_forward(block, x, plan, attention)
@@ -165,8 +171,18 @@ def _row_activation_bytes(model: nn.Module, tokens: torch.Tensor, paired: bool) 
     return length * tokens.shape[2] * element * 16 * (len(model.blocks) if torch.is_grad_enabled() else 1)
 
 
-def _block_path(model: nn.Module, images: torch.Tensor, paired: bool, compiled, fused) -> str:
-    """``"fused"`` kernels, ``"compiled"`` blocks or the ``"plain"`` modules (see fused_coalition_forward)."""
+def _block_path(model: nn.Module, images: torch.Tensor, paired: bool, compiled, fused, precision) -> str:
+    """``"fp8"`` GEMMs, ``"fused"`` kernels, ``"compiled"`` blocks or the ``"plain"`` modules (see
+    fused_coalition_forward)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp8":
+        if fused or compiled:
+            raise ValueError(
+                "precision='fp8' runs its own block path: it excludes compiled=True and fused=True"
+            )
+        check_fp8_blocks(model, images)
+        return "fp8"
     if fused and compiled:
         raise ValueError("compiled=True and fused=True exclude each other: pick one way to fuse the blocks")
     if fused:
@@ -181,14 +197,17 @@ def _block_path(model: nn.Module, images: torch.Tensor, paired: bool, compiled, 
     return "compiled" if compiled else "plain"
 
 
-def _prepare(model: nn.Module, images: torch.Tensor, coalitions: torch.Tensor, paired: bool, compiled, fused):
+def _prepare(
+    model: nn.Module, images: torch.Tensor, coalitions: torch.Tensor, paired: bool, compiled, fused, precision
+):
     """Checks shared by the public entry points: coalitions (B, M, N), embedded tokens, block path."""
     check_packed_model(model)
     check_images(images, model)
     coalitions = check_coalitions(
         coalitions, images.shape[0], num_players(model), images.device, paired=paired
     )
-    return coalitions, embed_tokens(model, images), _block_path(model, images, paired, compiled, fused)
+    path = _block_path(model, images, paired, compiled, fused, precision)
+    return coalitions, embed_tokens(model, images), path
 
 
 def coalition_tokens(
@@ -200,13 +219,14 @@ def coalition_tokens(
     attention: AttentionFn = planned_attention,
     compiled: bool | None = None,
     fused: bool = False,
+    precision: str = "auto",
 ) -> PackedTokens:
     """The final-norm token features of every (image, coalition) row, in one packed pass.
 
     Args and behaviour as :func:`fused_coalition_forward` (one pass, no chunking, so that one plan
     describes all rows). Returns a :class:`PackedTokens` with tokens (T, D).
     """
-    coalitions, tokens, path = _prepare(model, images, coalitions, paired, compiled, fused)
+    coalitions, tokens, path = _prepare(model, images, coalitions, paired, compiled, fused, precision)
     x, plan = _blocks(model, tokens, coalitions, paired, attention, path)
     return PackedTokens(tokens=model.norm(x), plan=plan, shape=tuple(coalitions.shape[:2]))
 
@@ -224,6 +244,7 @@ def fused_coalition_forward(
     attention: AttentionFn = planned_attention,
     compiled: bool | None = None,
     fused: bool = False,
+    precision: str = "auto",
 ) -> torch.Tensor:
     """The model's output on every image with only each coalition's patches present.
 
@@ -252,6 +273,11 @@ def fused_coalition_forward(
         fused: run the blocks with shapkern's fused kernels instead: residual add + LayerNorm in
             one pass and fc1 + bias + exact GELU in one GEMM (Triton on CUDA, the ops' PyTorch
             references elsewhere). Excludes ``compiled=True``.
+        precision: ``"auto"`` (the model's dtype under the current autocast) or ``"fp8"``: the qkv,
+            proj, fc1 and fc2 GEMMs in e4m3 with per-token activation and per-channel weight scales
+            (``torch._scaled_mm``; cached weights), everything else as ``"auto"``. Forward only (run
+            it under ``torch.no_grad()``); CUDA needs compute capability 8.9+, the CPU computes the
+            same numerics. Excludes ``compiled=True`` and ``fused=True``. Packed mode only.
 
     Returns:
         (B, M, K) logits, or (B, M, D) with ``output="pre_logits"``. B = 0 gives an empty result.
@@ -265,10 +291,14 @@ def fused_coalition_forward(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if mode == "input":
+        if precision != "auto":
+            raise ValueError(
+                f"precision={precision!r} needs mode='packed': pixel masking runs the model as is"
+            )
         return masked_input_forward(model, images, coalitions, baseline=baseline, chunk_size=chunk_size)
     if mode != "packed":
         raise ValueError(f"mode must be 'packed' or 'input', got {mode!r}")
-    coalitions, tokens, path = _prepare(model, images, coalitions, paired, compiled, fused)
+    coalitions, tokens, path = _prepare(model, images, coalitions, paired, compiled, fused, precision)
     batch = coalitions.shape[0]
     chunk_rows = chunk_size or default_chunk_rows(images.device, _row_activation_bytes(model, tokens, paired))
 

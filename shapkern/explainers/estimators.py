@@ -1,14 +1,18 @@
 """Shapley value estimators on a game (docs/design.md, "The game").
 
 Each estimator takes a :class:`~shapkern.explainers.game.ValueFunction` restricted to the target
-classes, with v(∅) and v(N) already evaluated, and returns φ (B, N, K_t) in float64, standard
-errors where it has them, and the evaluations it spent per image. Reductions over coalitions run
-in the bit-packed ``coalition_reduce`` op.
+classes, with v(∅) and v(N) already evaluated, and returns φ (B, N, K) in float64, standard
+errors where it has them, and the coalitions it evaluated per image, v(∅) and v(N) included.
+Reductions over coalitions run in the bit-packed ops (``coalition_reduce``, ``coalition_gram``).
 
 - ``exact``: all 2^N coalitions, φ_i = Σ_S |S|!(N-|S|-1)!/N! (v(S∪i) - v(S)).
 - ``permutation``: marginal contributions along random orderings, antithetic by default.
-- ``kernel``: KernelSHAP, constrained weighted least squares on Shapley-kernel coalitions, paired
-  by default, with sandwich standard errors and early stopping at ``tol``.
+- ``kernel``: KernelSHAP without waste: distinct coalitions stratified by size, border sizes
+  enumerated, paired by default (:mod:`~shapkern.explainers.sampling`); the constrained
+  regression with sandwich standard errors (:mod:`~shapkern.explainers.regression`); early stop at
+  ``tol``. ``allocation="leverage"`` draws sizes uniformly (LeverageSHAP).
+
+The Bayesian-quadrature estimator is in :mod:`~shapkern.explainers.bayes`.
 """
 
 from __future__ import annotations
@@ -18,17 +22,22 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from shapkern.coalitions import (
-    MAX_EXACT_PLAYERS,
-    all_coalitions,
-    permutation_chain,
-    sample_coalitions,
-    sample_permutations,
-)
+from shapkern.coalitions import MAX_EXACT_PLAYERS, all_coalitions, permutation_chain, sample_permutations
+from shapkern.explainers import regression
 from shapkern.explainers.game import ValueFunction
-from shapkern.ops import coalition_gram, coalition_reduce, pack_masks
+from shapkern.explainers.sampling import expected_units, sample_design
+from shapkern.ops import coalition_reduce, pack_masks
 
-__all__ = ["ACC_DTYPE", "check_exact", "endpoints", "exact", "kernel", "permutation"]
+__all__ = [
+    "ACC_DTYPE",
+    "check_budget",
+    "check_exact",
+    "endpoints",
+    "evaluate_rows",
+    "exact",
+    "kernel",
+    "permutation",
+]
 
 ACC_DTYPE = torch.float64
 _ACC = ACC_DTYPE
@@ -69,12 +78,13 @@ def endpoints(game: ValueFunction) -> tuple[torch.Tensor, torch.Tensor, torch.dt
 def check_exact(players: int) -> None:
     if players > MAX_EXACT_PLAYERS:
         raise ValueError(
-            f"method='exact' enumerates 2^N coalitions and is limited to N <= {MAX_EXACT_PLAYERS} players; "
-            f"this model has N = {players}. Use method='kernel' or 'permutation' with a budget."
+            f"method='exact' enumerates 2^N coalitions and is limited to N <= {MAX_EXACT_PLAYERS} "
+            f"players; this model has N = {players}. Use method='auto', 'bayes', 'leverage', 'kernel' or "
+            "'permutation' with a budget."
         )
 
 
-def _check_budget(budget: int, minimum: int, method: str, what: str) -> None:
+def check_budget(budget: int, minimum: int, method: str, what: str) -> None:
     if budget < minimum:
         raise ValueError(
             f"budget={budget} is too small for method={method!r}: it needs at least {minimum} ({what})"
@@ -126,7 +136,7 @@ def permutation(game: ValueFunction, base, full, *, budget, paired, tol, batch_s
     cost = per_unit * max(n - 1, 0)  # ∅ and N are evaluated once, shared by all orderings
     if n < 2:
         return (full - base).unsqueeze(1), None, 2
-    _check_budget(budget, 2 + 2 * cost, "permutation", f"∅, N and 2 units of {cost} coalitions")
+    check_budget(budget, 2 + 2 * cost, "permutation", f"∅, N and 2 units of {cost} coalitions")
     max_units = (budget - 2) // cost
     step = max(1, batch_size // cost)
     unit_sums = []
@@ -167,78 +177,77 @@ def _mean_se(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, samples.std(1) / math.sqrt(units)
 
 
-def _kernel_solve(a, b, delta):
-    """Constrained least squares: min φᵀAφ - 2bᵀφ s.t. 1ᵀφ = delta.
+def evaluate_rows(
+    game: ValueFunction, rows: torch.Tensor, *, batch_size: int, per_unit: int, bar
+) -> torch.Tensor:
+    """v(S) of coalitions shared by all images: bool (M, N) -> (B, M, K) float64, in calls of at
+    most ``batch_size`` rows per image that keep units of ``per_unit`` rows whole."""
+    step = max(per_unit, batch_size // per_unit * per_unit)
+    out = []
+    for z in rows.split(step):
+        out.append(_evaluate(game, z.to(game.device).unsqueeze(0).expand(game.batch, -1, -1)))
+        bar.update(z.shape[0])
+    return torch.cat(out, 1)
 
-    a (B, N, N), b (B, N, K), delta (B, K) -> φ (B, N, K) and the projection C (B, N, N) with
-    dφ = C (db - dA φ): C = A⁺ - A⁺11ᵀA⁺ / 1ᵀA⁺1.
+
+def _rounds(design, tol, batch_size: int, allocation: str):
+    """Units per stratum (H,) int64 after each round: one round holding the whole design, or with
+    ``tol`` rounds growing by a batch or 25 % (whichever is more) from max(N, 2) units on. Round t
+    takes of every stratum the units that a design of t units would expect (border strata first),
+    at least one, never fewer than before: the first units of each stratum, so each round is
+    itself a stratified design. Strata expecting under one unit in the whole design keep their
+    0 or 1 unit from the start (their weight is the whole design's inclusion probability)."""
+    drawn = design.drawn
+    if tol is None:
+        yield drawn
+        return
+    players = design.coalitions.shape[1]
+    total = int(drawn.sum())
+    step = max(1, batch_size // design.per_unit)
+    taken = min(total, max(players, 2, step))
+    counts = torch.zeros_like(drawn)
+    while taken < total:
+        budget = 2 + design.per_unit * taken
+        expected = expected_units(players, budget, allocation=allocation, paired=design.per_unit == 2)[2]
+        want = torch.where(design.expected >= 1, torch.ceil(expected).long().clamp_min(1), drawn)
+        counts = torch.maximum(counts, torch.minimum(want, drawn))
+        yield counts
+        if torch.equal(counts, drawn):
+            return
+        taken = max(taken + step, math.ceil(1.25 * taken), int(counts.sum()) + 1)
+    yield drawn
+
+
+def kernel(game: ValueFunction, base, full, *, budget, paired, tol, allocation, batch_size, seed, progress):
+    """KernelSHAP on a stratified design of distinct coalitions (docs/design.md, "The game").
+
+    ``allocation`` spreads the draws over sizes (``"kernel"`` or ``"leverage"``); ``seed`` (int)
+    draws the design on the CPU. Returns φ (B, N, K), its sandwich standard errors and the
+    evaluations per image (at most ``budget``; 2^N once the budget covers every coalition).
     """
-    a_inv = torch.linalg.pinv(a, hermitian=True)
-    ones = torch.ones(a.shape[-1], 1, dtype=a.dtype, device=a.device)
-    a_inv_1 = a_inv @ ones  # (B, N, 1)
-    denom = (ones.mT @ a_inv_1).squeeze(-1)  # (B, 1)
-    a_inv_b = a_inv @ b
-    phi = a_inv_b - a_inv_1 * ((a_inv_b.sum(1) - delta) / denom).unsqueeze(1)
-    projection = a_inv - a_inv_1 @ a_inv_1.mT / denom.unsqueeze(-1)
-    return phi, projection
-
-
-def _kernel_se(masks, values, base, phi, projection, per_unit):
-    """Sandwich standard errors of KernelSHAP, (B, N, K).
-
-    Linearising the KKT system gives dφ = C (db - dA φ), so unit u has influence C z_u r_u with
-    the residual r_u = v(z_u) - v(∅) - z_uᵀφ (paired units average their two coalitions).
-    """
-    z = masks.to(_ACC)
-    resid = values - base.unsqueeze(1) - z @ phi  # (B, M, K)
-    g = (z.unsqueeze(-1) * resid.unsqueeze(2)).unflatten(1, (-1, per_unit)).mean(2)  # (B, U, N, K)
-    units = g.shape[1]
-    if units < 2:
-        return torch.full_like(phi, float("inf"))
-    g = g - g.mean(1, keepdim=True)
-    influence = torch.einsum("bij,bujk->buik", projection, g)
-    return (influence.square().sum(1) / (units * (units - 1))).sqrt()
-
-
-def kernel(game: ValueFunction, base, full, *, budget, paired, tol, batch_size, generator, progress):
-    """KernelSHAP (docs/design.md, "The game"): A = E[z zᵀ], b = E[z (v(z) - v(∅))] over Shapley-kernel
-    samples,
-    φ = A⁻¹(b - 1 (1ᵀA⁻¹b - v(N) + v(∅)) / 1ᵀA⁻¹1). b comes from the bit-packed reduction.
-    """
-    n, batch = game.players, game.batch
+    n = game.players
     if n < 2:
         return (full - base).unsqueeze(1), None, 2
     per_unit = 2 if paired else 1
-    _check_budget(budget, 2 + 2 * per_unit, "kernel", "∅, N and two sampled units")
-    max_samples = (budget - 2) // per_unit * per_unit
-    step = max(per_unit, batch_size // per_unit * per_unit)
-    masks, values = [], []
-    a = torch.zeros(batch, n, n, dtype=_ACC, device=game.device)
-    b = None
-    delta = full - base
-    taken = 0
-    bar = tqdm(total=max_samples, desc="kernel", unit="coalition", disable=not progress)
-    while taken < max_samples:
-        num = min(step, max_samples - taken)
-        z = sample_coalitions(batch, num, n, method="shapley", paired=paired, generator=generator)
-        z = z.to(game.device)
-        v = _evaluate(game, z)
-        packed = pack_masks(z)
-        ones = torch.ones(batch, num, device=game.device)  # float32 counts are exact below 2^24 coalitions
-        a += coalition_gram(packed, ones, n).to(_ACC)  # Σ z zᵀ by AND + popcount on the packed words
-        part = coalition_reduce(packed, v - base.unsqueeze(1), ones.to(_ACC), num_players=n)[0]
-        b = part if b is None else b + part
-        masks.append(z)
-        values.append(v)
-        taken += num
-        bar.update(num)
-        if tol is not None and taken // per_unit >= max(n, 2):
-            phi, proj = _kernel_solve(a / taken, b / taken, delta)
-            se = _kernel_se(torch.cat(masks, 1), torch.cat(values, 1), base, phi, proj, per_unit)
-            if se.max() < tol:
-                bar.close()
-                return phi, se, 2 + taken
+    check_budget(budget, 2 + 2 * per_unit, allocation, "∅, N and two sampled units")
+    design = sample_design(n, budget, allocation=allocation, paired=paired, seed=seed)
+    rows = design.coalitions.shape[0]
+    done = torch.zeros(rows, dtype=torch.bool)
+    values = None
+    bar = tqdm(total=rows, desc=allocation, unit="coalition", disable=not progress)
+    for counts in _rounds(design, tol, batch_size, allocation):
+        sample = design.sample(counts)
+        new = sample.rows[~done[sample.rows]]
+        if new.numel():
+            part = evaluate_rows(
+                game, design.coalitions[new], batch_size=batch_size, per_unit=per_unit, bar=bar
+            )
+            if values is None:
+                values = part.new_zeros(game.batch, rows, part.shape[-1])
+            values[:, new.to(values.device)] = part - base.unsqueeze(1)
+            done[new] = True
+        phi, se = regression.fit(sample, values[:, sample.rows.to(values.device)], full - base)
+        if tol is not None and se.max() < tol:
+            break
     bar.close()
-    phi, proj = _kernel_solve(a / taken, b / taken, delta)
-    se = _kernel_se(torch.cat(masks, 1), torch.cat(values, 1), base, phi, proj, per_unit)
-    return phi, se, 2 + taken
+    return phi, se, 2 + int(done.sum())

@@ -3,9 +3,14 @@
 Methods (docs/design.md, "The game"):
     - ``exact``: all 2^N coalitions (N <= MAX_EXACT_PLAYERS).
     - ``permutation``: marginal contributions along random orderings, antithetic by default.
-    - ``kernel``: KernelSHAP, paired, with standard errors and early stopping at ``tol``.
+    - ``kernel``: KernelSHAP on distinct coalitions stratified by size, border sizes enumerated,
+      paired by default, with standard errors and early stopping at ``tol``.
+    - ``leverage``: ``kernel`` with sizes drawn uniformly (LeverageSHAP; better at large N).
+    - ``bayes``: Bayesian quadrature on greedily chosen pairs (the most accurate per evaluation).
     - ``self``: a self-explaining model's own Φ, one forward pass.
-    - ``auto``: ``self`` for a self-explaining model, ``exact`` up to 16 patches, else ``kernel``.
+    - ``auto``: ``self`` for a self-explaining model; ``exact`` when the budget covers 2^N
+      coalitions or N <= 16; else ``bayes`` when the budget holds N pairs (budget >= 2N + 2) and no
+      ``tol`` is given; else ``leverage``.
 """
 
 from __future__ import annotations
@@ -15,15 +20,17 @@ import time
 import torch
 from torch import nn
 
+from shapkern.coalitions import MAX_EXACT_PLAYERS
 from shapkern.engine import check_images
-from shapkern.explainers import estimators
+from shapkern.explainers import bayes, estimators
 from shapkern.explainers.attribution import Attribution
 from shapkern.explainers.game import ValueFunction, value_function
+from shapkern.explainers.sampling import design_seed
 
 __all__ = ["AUTO_EXACT_PLAYERS", "DEFAULT_BUDGET", "METHODS", "estimate", "explain", "resolve_method"]
 
-METHODS = ("auto", "exact", "permutation", "kernel", "self")
-GAME_METHODS = ("exact", "permutation", "kernel")
+METHODS = ("auto", "exact", "permutation", "kernel", "leverage", "bayes", "self")
+GAME_METHODS = ("auto", "exact", "permutation", "kernel", "leverage", "bayes")
 AUTO_EXACT_PLAYERS = 16  # "auto" enumerates up to 2^16 coalitions per image
 DEFAULT_BUDGET = 2048
 DEFAULT_BATCH = 1024
@@ -70,22 +77,31 @@ def _resolve_target(target, full: torch.Tensor) -> torch.Tensor:
     return index.expand(batch, -1).clone()
 
 
-def resolve_method(method: str, model: nn.Module, players: int) -> str:
-    """The estimator ``method="auto"`` stands for: ``self`` for a self-explaining model, ``exact`` up
-    to AUTO_EXACT_PLAYERS patches, else ``kernel``; any other method is returned as is."""
+def _auto(players: int, budget: int | None, tol: float | None) -> str:
+    """``exact`` when the budget covers 2^N coalitions or N <= AUTO_EXACT_PLAYERS, else ``bayes``
+    from N complementary pairs on (it has no ``tol``), else ``leverage``."""
+    budget = DEFAULT_BUDGET if budget is None else int(budget)
+    if players <= AUTO_EXACT_PLAYERS or (players <= MAX_EXACT_PLAYERS and budget >= 1 << players):
+        return "exact"
+    return "bayes" if budget >= 2 * players + 2 and tol is None else "leverage"
+
+
+def resolve_method(
+    method: str, model: nn.Module, players: int, budget: int | None = None, tol: float | None = None
+) -> str:
+    """The estimator ``method="auto"`` stands for with this budget and tol: ``self`` for a
+    self-explaining model, else as in :func:`estimate`; any other method is returned as is."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method != "auto":
         return method
-    if hasattr(model, "coalition_values"):
-        return "self"
-    return "exact" if players <= AUTO_EXACT_PLAYERS else "kernel"
+    return "self" if hasattr(model, "coalition_values") else _auto(players, budget, tol)
 
 
 def estimate(
     game: ValueFunction,
     *,
-    method: str = "kernel",
+    method: str = "auto",
     budget: int | None = None,
     target="all",
     paired: bool = True,
@@ -98,15 +114,22 @@ def estimate(
 
     Args:
         game: coalitions bool (B, M, N) -> values (B, M, K).
-        method: ``"exact"`` (N <= MAX_EXACT_PLAYERS), ``"permutation"`` or ``"kernel"``.
+        method: ``"auto"`` (``exact`` when the budget covers 2^N coalitions or N <= 16, else
+            ``bayes`` from budget >= 2N + 2 without ``tol``, else ``leverage``), ``"exact"``
+            (N <= MAX_EXACT_PLAYERS), ``"permutation"``, ``"kernel"``, ``"leverage"`` or ``"bayes"``.
         budget: coalition evaluations per image for the sampling methods (default 2048),
-            counting v(∅) and v(N).
+            counting v(∅) and v(N); ``kernel``, ``leverage`` and ``bayes`` never evaluate a
+            coalition twice, so they stop at 2^N.
         target: ``"all"`` classes (default), ``"pred"`` (argmax of v(N)), a class index, or
             (B,) / (B, K_t) class indices.
-        paired: antithetic permutations / complementary kernel coalitions.
-        tol: stop sampling once the largest standard error falls under tol.
+        paired: antithetic permutations / complementary coalitions (``bayes`` is paired only).
+        tol: ``permutation``, ``kernel``, ``leverage``: stop sampling once the largest standard
+            error falls under tol (``kernel`` and ``leverage`` draw their design in rounds).
         batch_size: coalitions per image per call of the game (default 1024).
-        seed: seeds the sampler; None draws a fresh seed.
+        seed: seeds the sampler (the designs of ``kernel``, ``leverage`` and ``bayes`` are drawn
+            on the CPU: the same coalitions on every device); None draws a fresh seed, except for
+            ``bayes``'s greedy pairs, which need no randomness: they come from seed 0 then, and are
+            computed once per (N, budget) and cached.
         progress: show progress bars.
 
     Returns:
@@ -114,12 +137,20 @@ def estimate(
     """
     if method not in GAME_METHODS:
         raise ValueError(f"method must be one of {GAME_METHODS} for a game, got {method!r}")
+    if method == "auto":
+        method = _auto(game.players, budget, tol)
     budget = DEFAULT_BUDGET if budget is None else int(budget)
     batch_size = DEFAULT_BATCH if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if tol is not None and not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
+    if method == "bayes" and (tol is not None or not paired):
+        raise ValueError(
+            "method='bayes' is paired and spends its whole budget (its standard errors are "
+            f"model-based); got tol={tol}, paired={paired}. Use 'kernel' or 'leverage' for tol or "
+            "unpaired designs."
+        )
     if method == "exact":
         estimators.check_exact(game.players)
     start = time.perf_counter()
@@ -133,17 +164,16 @@ def estimate(
     elif method == "exact":
         phi, evals = estimators.exact(game, base, full, batch_size=batch_size, progress=progress)
     else:
-        run = estimators.permutation if method == "permutation" else estimators.kernel
+        if method == "permutation":
+            run, options = estimators.permutation, {"generator": _generator(seed, game.device)}
+        elif method == "bayes":
+            run, options = bayes.bayes, {"seed": seed}
+        else:
+            run, options = estimators.kernel, {"allocation": method, "seed": design_seed(seed)}
+        if method != "bayes":
+            options.update(paired=paired, tol=tol)
         phi, se, evals = run(
-            game,
-            base,
-            full,
-            budget=budget,
-            paired=paired,
-            tol=tol,
-            batch_size=batch_size,
-            generator=_generator(seed, game.device),
-            progress=progress,
+            game, base, full, budget=budget, batch_size=batch_size, progress=progress, **options
         )
     return Attribution(
         values=phi.to(dtype),
@@ -161,7 +191,7 @@ def _self_explain(model: nn.Module, images: torch.Tensor, target) -> Attribution
     if not hasattr(model, "coalition_values"):
         raise ValueError(
             f"method='self' needs a self-explaining model (a ShapleyViT); {type(model).__name__} is not "
-            "one. Use method='auto', 'exact', 'kernel' or 'permutation'."
+            "one. Use method='auto', 'exact', 'bayes', 'leverage', 'kernel' or 'permutation'."
         )
     start = time.perf_counter()
     with torch.no_grad():
@@ -194,6 +224,7 @@ def explain(
     mode: str | None = None,
     baseline: str = "zeros",
     players: int | None = None,
+    precision: str = "auto",
 ) -> Attribution:
     """Shapley values of the patches of ``images`` for ``model``'s logits.
 
@@ -201,13 +232,14 @@ def explain(
         model: a ShapleyViT (value: its ``coalition_values``), a timm ViT (packed engine) or any
             classifier (pixel masking, ``mode="input"``; pass ``players`` without a timm patch grid).
         images: (B, C, H, W) on the model's device, preprocessed as in training.
-        method: ``"auto"`` (default: ``self`` for a ShapleyViT, ``exact`` up to 16 patches, else
-            ``kernel``), ``"exact"`` (N <= MAX_EXACT_PLAYERS), ``"permutation"``, ``"kernel"`` or
-            ``"self"`` (ShapleyViT only).
-        budget: evaluations per image for ``permutation`` and ``kernel`` (default 2048).
+        method: ``"auto"`` (default: ``self`` for a ShapleyViT, else as in :func:`estimate`),
+            ``"exact"`` (N <= MAX_EXACT_PLAYERS), ``"permutation"``, ``"kernel"``, ``"leverage"``,
+            ``"bayes"`` or ``"self"`` (ShapleyViT only).
+        budget: evaluations per image for the sampling methods (default 2048).
         target: ``"pred"`` (default), ``"all"``, a class index or (B,) / (B, K_t) indices.
         paired, tol, batch_size, seed, progress: see :func:`estimate`.
-        mode, baseline, players: see :func:`~shapkern.explainers.game.value_function`.
+        mode, baseline, players, precision: see :func:`~shapkern.explainers.game.value_function`
+            (``precision="fp8"``: e4m3 GEMMs for every coalition evaluation; no effect on ``self``).
 
     Returns:
         An :class:`Attribution` with values (B, N, K_t).
@@ -215,8 +247,8 @@ def explain(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_images(images, model, sync=True)
-    game = value_function(model, images, mode=mode, baseline=baseline, players=players)
-    method = resolve_method(method, model, game.players)
+    game = value_function(model, images, mode=mode, baseline=baseline, players=players, precision=precision)
+    method = resolve_method(method, model, game.players, budget, tol)
     if method == "self":
         return _self_explain(model, images, target)
     return estimate(

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from shapkern.engine import check_images, check_packed_model, find_patch_embed, fused_coalition_forward
+from shapkern.engine.vit import PRECISIONS
 
 __all__ = ["ValueFunction", "value_function"]
 
@@ -65,6 +66,7 @@ def value_function(
     baseline: str = "zeros",
     players: int | None = None,
     chunk_size: int | None = None,
+    precision: str = "auto",
 ) -> ValueFunction:
     """The game v_x(S) = logits of ``model`` on each image x with only the patches in S present.
 
@@ -76,10 +78,15 @@ def value_function(
         baseline: pixels of absent patches in input mode: ``"zeros"``, ``"mean"`` or ``"blur"``.
         players: N for models without a timm patch embedding (input mode, square grid).
         chunk_size: (image, coalition) rows per engine pass.
+        precision: ``"auto"`` or ``"fp8"`` (e4m3 GEMMs in the packed engine, forward only; see
+            :func:`~shapkern.engine.fused_coalition_forward`); passed on to a self-explaining model's
+            ``coalition_values`` unless ``"auto"``.
 
     Returns:
         A :class:`ValueFunction` with coalitions (B, M, N) -> logits (B, M, K).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     check_images(images, model)
     embed = find_patch_embed(model)
     num = embed.num_patches if embed is not None else getattr(model, "num_players", players)
@@ -88,9 +95,10 @@ def value_function(
     if players is not None and players != num:
         raise ValueError(f"players={players} but the model has {num} patches")
     if mode is None and hasattr(model, "coalition_values"):
+        options = {} if precision == "auto" else {"precision": precision}
 
         def fn(coalitions):
-            return model.coalition_values(images, coalitions)
+            return model.coalition_values(images, coalitions, **options)
 
     else:
         if mode is None:
@@ -98,7 +106,13 @@ def value_function(
 
         def fn(coalitions):
             return fused_coalition_forward(
-                model, images, coalitions, mode=mode, baseline=baseline, chunk_size=chunk_size
+                model,
+                images,
+                coalitions,
+                mode=mode,
+                baseline=baseline,
+                chunk_size=chunk_size,
+                precision=precision,
             )
 
     return ValueFunction(fn, images.shape[0], num, images.device)

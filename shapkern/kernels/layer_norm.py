@@ -24,17 +24,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _fwd_kernel(
-    X, Y, G, W, B, S, H, MEAN, RSTD,
-    T, D, stride_x, stride_y, stride_s, stride_h, eps,
-    HAS_Y: tl.constexpr, HAS_GAMMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+def add_layer_norm_rows(
+    X, Y, G, W, B, S, rows64, cols, mask, mask_d, D, stride_x, stride_y, stride_s, eps,
+    HAS_Y: tl.constexpr, HAS_GAMMA: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    mask_d = cols < D
-    mask = (rows < T)[:, None] & mask_d[None, :]
-    # 64-bit row offsets: T * stride can pass 2**31.
-    rows64 = rows.to(tl.int64)[:, None]
+    """The forward of one tile of rows (rows64 (BLOCK_M, 1) int64, cols (BLOCK_D,), their masks): loads
+    x, adds gamma * y and stores s when HAS_Y, and returns h = LayerNorm(s) (fp32), mean and rstd. Shared
+    with the fp8 kernel, whose LayerNorm prologue feeds h to its quantisation."""
     s = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_Y:
         y = tl.load(Y + rows64 * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -48,7 +44,24 @@ def _fwd_kernel(
     rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, 1) / D + eps)
     w = tl.load(W + cols, mask=mask_d, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=mask_d, other=0.0).to(tl.float32)
-    h = diff * rstd[:, None] * w[None, :] + b[None, :]
+    return diff * rstd[:, None] * w[None, :] + b[None, :], mean, rstd
+
+
+@triton.jit
+def _fwd_kernel(
+    X, Y, G, W, B, S, H, MEAN, RSTD,
+    T, D, stride_x, stride_y, stride_s, stride_h, eps,
+    HAS_Y: tl.constexpr, HAS_GAMMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    mask_d = cols < D
+    mask = (rows < T)[:, None] & mask_d[None, :]
+    # 64-bit row offsets: T * stride can pass 2**31.
+    rows64 = rows.to(tl.int64)[:, None]
+    h, mean, rstd = add_layer_norm_rows(
+        X, Y, G, W, B, S, rows64, cols, mask, mask_d, D, stride_x, stride_y, stride_s, eps, HAS_Y, HAS_GAMMA
+    )
     tl.store(H + rows64 * stride_h + cols[None, :], h.to(H.dtype.element_ty), mask=mask)
     tl.store(MEAN + rows, mean, mask=rows < T)
     tl.store(RSTD + rows, rstd, mask=rows < T)

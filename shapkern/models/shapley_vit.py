@@ -168,7 +168,12 @@ class ShapleyViT(nn.Module):
         return ShapleyOutput(phi=phi, logits=phi.sum(dim=1))
 
     def coalition_values(
-        self, images: torch.Tensor, coalitions: torch.Tensor, *, paired: bool = False
+        self,
+        images: torch.Tensor,
+        coalitions: torch.Tensor,
+        *,
+        paired: bool = False,
+        precision: str = "auto",
     ) -> torch.Tensor:
         """v_x(S) = Σ_{n∈S} Φ(x_S)_n for every image and coalition.
 
@@ -176,11 +181,13 @@ class ShapleyViT(nn.Module):
             images: (B, C, H, W).
             coalitions: bool (B, M, N), or (M, N) shared by all images.
             paired: coalitions 2i and 2i+1 are complements (avoids a host sync).
+            precision: the encoder's blocks, ``"auto"`` or ``"fp8"`` (e4m3 GEMMs, forward only; see
+                :func:`~shapkern.engine.fused_coalition_forward`); the head stays in the model's dtype.
 
         Returns:
             (B, M, K) float32; the empty coalition gives 0.
         """
-        packed = coalition_tokens(self.backbone, images, coalitions, paired=paired)
+        packed = coalition_tokens(self.backbone, images, coalitions, paired=paired, precision=precision)
         values = segment_patch_sum(self._head_packed(packed.tokens, packed.plan), packed.plan)
         return values.view(*packed.shape, self.num_classes)
 
