@@ -111,9 +111,9 @@ step throughput-small 60 "$PY" benchmarks/throughput.py --device cuda --model vi
   --methods "${FAST[@]}" --out "$R" --stem throughput-vit_small
 step throughput-large 90 "$PY" benchmarks/throughput.py --device cuda --model vit_large_patch16_224 --images 16 \
   --methods "${FAST[@]}" --out "$R" --stem throughput-vit_large
-if [[ -e benchmarks/fp8_error.py ]]; then
-  step fp8-error 90 "$PY" benchmarks/fp8_error.py --device cuda --out "$(out_of fp8_error)"
-fi
+step fp8-error 90 "$PY" benchmarks/fp8_error.py --device cuda --out "$R"
+step peers 150 "$PY" benchmarks/peers.py --device cuda --model vit_base_patch16_224 --settings 196 \
+  --reference-budget 100000 --budgets 512 2048 8192 --out "$R"
 step recipe-epoch 180 "$PY" benchmarks/recipe_epoch.py --device cuda --out "$(out_of recipe_epoch)"
 pack
 cat "$SUMMARY"

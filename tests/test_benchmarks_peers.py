@@ -1,0 +1,62 @@
+import importlib
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # shap, at import
+TINY = ["--settings", "4", "--patch-size", "8", "--model-kwargs", "depth=1", "embed_dim=32", "num_heads=2"]
+
+
+@pytest.fixture(scope="module")
+def peers():
+    """benchmarks/peers.py, which imports harness from its own folder (a script folder, no package)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCHMARKS))
+        yield importlib.import_module("peers")
+    sys.modules.pop("peers", None)
+
+
+def test_peers_smoke(peers, tmp_path):
+    """Every method on a 4-patch ViT: results written, every installed library run at each budget;
+    shapiq at the full budget (2^4 coalitions) recovers the exact references of both games, which
+    checks that the pixel game the peers compute is shapkern's mode='input' game."""
+    argv = TINY + ["--budgets", "10", "16", "--seeds", "1", "--device", "cpu", "--out", str(tmp_path)]
+    payload = peers.main(argv + ["--cache", str(tmp_path / "cache")])
+    assert (tmp_path / "peers.md").read_text().startswith("# Peer libraries against shapkern.explain")
+    assert "target ≥ 2×" in (tmp_path / "peers.md").read_text()
+    (result,) = json.loads((tmp_path / "peers.json").read_text())["settings"]
+    assert result == json.loads(json.dumps(payload["settings"][0]))
+    assert result["players"] == 4 and result["failed"] == {}
+    for name, method in peers.methods().items():
+        installed = importlib.util.find_spec(method.library) is not None
+        assert (name in result["skipped"]) != installed, name
+        if installed:
+            runs = result["runs"][name]
+            assert [r["budget"] for r in runs] == [10, 16], name
+            assert all(math.isfinite(r["error"]) and r["seconds"] > 0 for r in runs), name
+            assert 0 < runs[-1]["evaluations"] <= 20, name
+    for name in ("shapiq KernelSHAP, pixel game", "shapiq KernelSHAP on ShapkernGame"):
+        if name not in result["skipped"]:
+            assert result["runs"][name][-1]["error"] < 1e-4, name
+    assert set(payload["settings"][0]["equal_error"]) == {10, 16}
+    # Both references are cached, keyed by what defines them, and exact.
+    cached = [json.loads(path.read_text()) for path in sorted((tmp_path / "cache").glob("reference-*.json"))]
+    assert sorted(ref["key"]["game"] for ref in cached) == ["pixels", "tokens"]
+    assert all(ref["method"] == "exact" and ref["evaluations"] == 16 for ref in cached)
+
+
+def test_seconds_at_error_interpolates_log_log(peers):
+    runs = [
+        {"error": e, "seconds": s, "evaluations": 64 * s} for e, s in ((0.4, 1.0), (0.1, 4.0), (0.05, 16.0))
+    ]
+    assert peers.seconds_at_error(runs, 0.5) == ("≤", 1.0)
+    assert peers.seconds_at_error(runs, 0.2) == ("=", pytest.approx(2.0))  # halfway in log error
+    assert peers.seconds_at_error(runs, 0.1) == ("=", pytest.approx(4.0))
+    assert peers.seconds_at_error(runs, 0.01) == (">", 16.0)
+    exhausted = runs[:2] + [{"error": 0.09, "seconds": 5.0, "evaluations": 256}]  # no more evaluations
+    assert peers.seconds_at_error(exhausted, 0.01) == ("never", math.inf)
