@@ -10,8 +10,10 @@ from shapkern.engine.inputs import check_coalitions, check_images, find_patch_em
 from shapkern.engine.masked import BASELINES, masked_input_forward
 from shapkern.engine.vit import (
     OUTPUTS,
+    PRECISIONS,
     PackedTokens,
     check_packed_model,
+    check_precision,
     coalition_tokens,
     embed_tokens,
     fused_coalition_forward,
@@ -22,10 +24,12 @@ from shapkern.engine.vit import (
 __all__ = [
     "BASELINES",
     "OUTPUTS",
+    "PRECISIONS",
     "PackedTokens",
     "check_coalitions",
     "check_images",
     "check_packed_model",
+    "check_precision",
     "coalition_tokens",
     "embed_tokens",
     "find_patch_embed",

@@ -38,6 +38,7 @@ __all__ = [
     "PRECISIONS",
     "PackedTokens",
     "check_packed_model",
+    "check_precision",
     "coalition_tokens",
     "embed_tokens",
     "fused_coalition_forward",
@@ -171,11 +172,16 @@ def _row_activation_bytes(model: nn.Module, tokens: torch.Tensor, paired: bool) 
     return length * tokens.shape[2] * element * 16 * (len(model.blocks) if torch.is_grad_enabled() else 1)
 
 
+def check_precision(precision: str) -> None:
+    """A clear error for a ``precision`` that is not one of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
 def _block_path(model: nn.Module, images: torch.Tensor, paired: bool, compiled, fused, precision) -> str:
     """``"fp8"`` GEMMs, ``"fused"`` kernels, ``"compiled"`` blocks or the ``"plain"`` modules (see
     fused_coalition_forward)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_precision(precision)
     if precision == "fp8":
         if fused or compiled:
             raise ValueError(

@@ -15,8 +15,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from shapkern.engine import check_images, check_packed_model, find_patch_embed, fused_coalition_forward
-from shapkern.engine.vit import PRECISIONS
+from shapkern.engine import (
+    check_images,
+    check_packed_model,
+    check_precision,
+    find_patch_embed,
+    fused_coalition_forward,
+)
 
 __all__ = ["ValueFunction", "value_function"]
 
@@ -85,8 +90,7 @@ def value_function(
     Returns:
         A :class:`ValueFunction` with coalitions (B, M, N) -> logits (B, M, K).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_precision(precision)  # here, not at the first call of the game
     check_images(images, model)
     embed = find_patch_embed(model)
     num = embed.num_patches if embed is not None else getattr(model, "num_players", players)
