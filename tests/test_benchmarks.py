@@ -276,13 +276,13 @@ def test_train_sweeps_smoke_on_cpu(train_sweeps, tmp_path, capsys):
     threads = torch.get_num_threads()  # main() sets them (--threads); restored for the other tests
     try:
         train_sweeps.main(["--device", "cpu", *args, "--out", str(tmp_path / "out")])
-        assert capsys.readouterr().out.count("shapkern train:") == 8
+        assert capsys.readouterr().out.count("shapkern train:") == 9  # fp8 reuses grad's G = 2 run
         # Every run is kept with its settings and reused by a later invocation with the same settings.
         train_sweeps.main(["--device", "cpu", "--parts", "lam", *args, "--out", str(tmp_path / "again")])
     finally:
         torch.set_num_threads(threads)
     assert capsys.readouterr().out.count("reusing") == 5
-    assert len(list(runs.glob("*/result.json"))) == 8
+    assert len(list(runs.glob("*/result.json"))) == 9
     result = json.loads((tmp_path / "out" / "train_sweeps.json").read_text())
     assert result["config"]["epochs"] == 1 and result["environment"]["torch"]
     grad = {row["grad_coalitions"]: row for row in result["grad"]["rows"]}
@@ -290,6 +290,7 @@ def test_train_sweeps_smoke_on_cpu(train_sweeps, tmp_path, capsys):
     for row in grad.values():
         assert row["seeds"] == [0] and 0 <= row["test_acc"]["mean"] <= 1 and row["test_acc"]["std"] is None
         assert 0 < row["rel_err"]["mean"] < 10 and row["rel_err"]["n"] == 1
+        assert 0 < row["rel_err_centred"]["mean"] < 10
     timing = {row["grad_coalitions"]: row for row in result["timing"]["rows"]}
     assert timing[8]["ratio_median"] == 1.0 and timing[2]["ratio_median"] > 0
     assert result["timing"]["clock"] == "process" and result["grad"]["decision"]["recommended"] == 8
@@ -315,7 +316,12 @@ def test_train_sweeps_smoke_on_cpu(train_sweeps, tmp_path, capsys):
         (1.0, 1.0, "relative"),
     ]
     assert all(0 <= row["pointing"]["mean"] <= 1 and row["rel_err"]["n"] == 0 for row in evidence)
+    fp8 = result["fp8"]["rows"]
+    assert [(row["grad_coalitions"], row["target_precision"]) for row in fp8] == [(2, "auto"), (2, "fp8")]
+    assert fp8[0]["test_acc"] == grad[2]["test_acc"]  # the same run
+    assert fp8[1]["rel_err"]["n"] == 1 and fp8[1]["test_sv"]["mean"] != fp8[0]["test_sv"]["mean"]
     markdown = (tmp_path / "out" / "train_sweeps.md").read_text()
+    assert "## fp8 ℓ_sv targets" in markdown
     assert markdown.startswith("# Training sweeps") and "| 2 of 8 | 1 |" in markdown
     again = json.loads((tmp_path / "again" / "train_sweeps.json").read_text())
     assert again["lam"] == result["lam"]

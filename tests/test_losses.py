@@ -165,3 +165,24 @@ def test_default_grad_coalitions_is_a_quarter_in_whole_pairs():
     assert [default_grad_coalitions(m, paired=False) for m in (1, 3, 8, 13)] == [1, 1, 2, 3]
     assert ShapleyLoss(num_coalitions=16).grad_coalitions == 4
     assert ShapleyLoss(num_coalitions=16, stop_grad=False).grad_coalitions == 16  # all carry gradients
+
+
+def test_fp8_targets_run_the_forward_only_coalitions_in_fp8():
+    model = tiny().eval()
+    images, labels = torch.randn(3, 3, 16, 16), torch.tensor([0, 2, 1])
+    coalitions = sample_coalitions(3, 8, 16, generator=torch.Generator().manual_seed(7))
+    loss = ShapleyLoss(num_coalitions=8, mask_loss=None, target_precision="fp8")
+    out = loss(model, images, labels, coalitions)
+    with torch.no_grad():
+        rest = model.coalition_values(images, coalitions[:, 2:], paired=True, precision="fp8")
+    want = shapley_regression_loss(out.phi, torch.cat([out.values.detach(), rest], 1), coalitions)
+    torch.testing.assert_close(out.sv, want)
+    same = ShapleyLoss(num_coalitions=8, mask_loss=None)(model, images, labels, coalitions)
+    assert float(out.sv) != float(same.sv)  # the six forward-only targets did run in e4m3
+    assert float(out.sv) == pytest.approx(float(same.sv), rel=0.1)
+    out.total.backward()  # the graded coalitions keep their gradients
+    assert all(p.grad is not None for p in model.head.parameters())
+    with pytest.raises(ValueError, match="all 8 coalitions carry gradients"):
+        ShapleyLoss(num_coalitions=8, grad_coalitions=8, target_precision="fp8")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        ShapleyLoss(target_precision="fp16")

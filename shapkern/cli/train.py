@@ -9,6 +9,7 @@ import time
 
 from shapkern.checkpoint import CHECKPOINT, PREVIOUS_CHECKPOINT
 from shapkern.data import DATASETS
+from shapkern.engine import PRECISIONS
 from shapkern.models import HEADS
 from shapkern.models.backbones import native_input
 from shapkern.training import TrainConfig, resumed_config, train
@@ -41,6 +42,7 @@ ARGS = (
     ("num_coalitions", "coalitions per image and step (paired, so even)", None),
     ("grad_coalitions", "of those, how many carry gradients (default M/4); the rest are forward-only", None),
     ("sv_scale", "ℓ_sv as the raw squared error, or relative to sg(‖f(x)‖²) + 1", SV_SCALES),
+    ("target_precision", "forward-only ℓ_sv targets in the model's dtype, or e4m3 GEMMs", PRECISIONS),
     ("mask_loss", "ℓ_mask", tuple("none" if m is None else m for m in MASK_LOSSES)),
     ("seed", "random seed; CPU runs with the same seed are bitwise identical", None),
     ("out", "run folder: checkpoint.pt, checkpoint.prev.pt, metrics.jsonl, explanations.png", None),

@@ -56,6 +56,7 @@ class TrainConfig:
     num_coalitions: int = 8
     grad_coalitions: int | None = None  # of those, the ones with gradients (None: M/4, measured)
     sv_scale: str = "raw"
+    target_precision: str = "auto"  # fp8: e4m3 GEMMs for the forward-only ℓ_sv targets
     mask_loss: str | None = "kl"
     stop_grad: bool = True
     seed: int = 0

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shapkern.coalitions import sample_coalitions
+from shapkern.engine import check_precision
 
 __all__ = [
     "MASK_LOSSES",
@@ -137,6 +138,9 @@ class ShapleyLoss(nn.Module):
             0.63x the step time on digits (README); all M when ``stop_grad=False``.
         sv_scale: ``"raw"`` squared error of ℓ_sv, or ``"relative"`` (divided per image by
             sg(‖f(x)‖²) + 1).
+        target_precision: the forward-only ℓ_sv targets' encoder blocks, ``"auto"`` (the model's
+            dtype) or ``"fp8"`` (e4m3 GEMMs; needs grad_coalitions < num_coalitions, and a CPU or
+            an sm_89+ GPU). The coalitions with gradients always run in the model's dtype.
     """
 
     def __init__(
@@ -150,6 +154,7 @@ class ShapleyLoss(nn.Module):
         method: str = "shapley",
         grad_coalitions: int | None = None,
         sv_scale: str = "raw",
+        target_precision: str = "auto",
     ):
         super().__init__()
         if mask_loss not in MASK_LOSSES:
@@ -180,10 +185,17 @@ class ShapleyLoss(nn.Module):
             )
         if sv_scale not in SV_SCALES:
             raise ValueError(f"sv_scale must be one of {SV_SCALES}, got {sv_scale!r}")
+        check_precision(target_precision)
+        if target_precision != "auto" and grad_coalitions == num_coalitions:
+            raise ValueError(
+                f"target_precision={target_precision!r} applies to the forward-only ℓ_sv targets, and "
+                f"all {num_coalitions} coalitions carry gradients: lower grad_coalitions"
+            )
         self.lam, self.mu = float(lam), float(mu)
         self.num_coalitions, self.paired, self.stop_grad = num_coalitions, paired, stop_grad
         self.mask_loss, self.method = mask_loss, method
         self.grad_coalitions, self.sv_scale = grad_coalitions, sv_scale
+        self.target_precision = target_precision
 
     def sample(self, batch: int, players: int, generator: torch.Generator | None = None, device=None):
         """bool (B, M, N) coalitions from this loss's sampler."""
@@ -239,7 +251,10 @@ class ShapleyLoss(nn.Module):
         if self.grad_coalitions < coalitions.shape[1]:  # forward-only ℓ_sv targets: no activations kept
             with torch.no_grad():
                 rest = shapley_vit.coalition_values(
-                    images, coalitions[:, self.grad_coalitions :], paired=self.paired
+                    images,
+                    coalitions[:, self.grad_coalitions :],
+                    paired=self.paired,
+                    precision=self.target_precision,
                 )
             sv_targets = torch.cat([out.values.detach(), rest.to(out.values.dtype)], dim=1)
         cls = F.cross_entropy(out.logits, targets)

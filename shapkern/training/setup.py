@@ -86,6 +86,7 @@ def build_loss(cfg: TrainConfig) -> ShapleyLoss:
         mask_loss=cfg.mask_loss,
         grad_coalitions=cfg.grad_coalitions,
         sv_scale=cfg.sv_scale,
+        target_precision=cfg.target_precision,
     )
 
 
