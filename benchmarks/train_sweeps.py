@@ -9,12 +9,15 @@ scale of --lam-scales, classification only (λ = μ = 0) as the accuracy referen
 --raw-lams (first seed), and the experimental normalisers of --variants at --variant-lams (defined
 here only, see SweepLoss). (3) ``evidence``: the same λ with --evidence-scale on the evidence data,
 with the pointing game, AUROC and mIoU of the self-explanations Φ(x)[:, :, y] against the
-ground-truth evidence patches. Mean ± std over seeds everywhere.
+ground-truth evidence patches. (4) ``fp8``: the default (G = M/4) with its forward-only ℓ_sv
+targets in e4m3 (``target_precision="fp8"``) against the same runs in the model's dtype. The
+error against exact values is also given with Φ and φ_exact centred over classes (the part that
+softmax sees). Mean ± std over seeds everywhere.
 
 Every run is kept in --runs/<name>/result.json with its settings; an invocation with the same settings
 reuses it, so the sweeps can be run part by part and the tables assembled by the full command.
 
-    python benchmarks/train_sweeps.py --out benchmarks/results/2026-11-26-cpu     # CPU: hours
+    python benchmarks/train_sweeps.py --variants player centered --out benchmarks/results/2026-11-26-cpu
     python benchmarks/train_sweeps.py --parts grad timing --seeds 0               # one part, one seed
 """
 
@@ -553,7 +556,7 @@ def markdown(result: dict) -> str:
         ]
     if "fp8" in result:
         lines += [
-            "## fp8 ℓ_sv targets (λ = 0.1, μ = 1, raw ℓ_sv, the default G of 8)",
+            "## fp8 ℓ_sv targets (λ = 0.1, μ = 1, raw ℓ_sv, G = 2 of 8, the default)",
             "",
             (
                 "The forward-only coalitions that serve as ℓ_sv targets alone run their encoder GEMMs in "
