@@ -343,3 +343,24 @@ def test_estimators_benchmark_smoke_on_cpu(tmp_path):
     quadratic = {c["method"]: c for c in result["results"]["quadratic"] if c["library"] == "shapkern"}
     assert quadratic["kernel"]["rel_l2"] < 1e-10 and quadratic["bayes"]["rel_l2"] < 1e-10
     assert (tmp_path / "estimators.md").read_text().startswith("# Shapley estimators")
+
+
+def test_large_estimators_benchmark_smoke_on_cpu(tmp_path):
+    run = tmp_path / "run"
+    train = [
+        sys.executable, "-m", "shapkern", "train", "--out", str(run), "--epochs", "1", "--limit-train", "64",
+        "--limit-test", "16", "--no-progress", "--faith-images", "0", "--heatmap-images", "0",
+    ]  # fmt: skip
+    subprocess.run(train, check=True, capture_output=True, text=True, timeout=600)
+    cmd = [
+        sys.executable, str(BENCHMARKS / "estimators_large.py"), "--runs", str(run), "--budgets", "64",
+        "--images", "2", "--seeds", "1", "--reference-budget", "4096", "--out", str(tmp_path),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    result = json.loads((tmp_path / "estimators_large.json").read_text())
+    assert result["players"] == 16 and 0 <= result["test_acc"] <= 1
+    assert 0 < result["reference_rel_se"] < 0.05  # reported, and small at 4,096 evaluations
+    methods = {(c["library"], c["method"]) for c in result["cells"]}
+    assert {("shapkern", m) for m in ("bayes", "leverage", "kernel", "permutation")} <= methods
+    assert all(0 <= c["rel_l2"] < 1 and 0 <= c["p_at_3"] <= 1 for c in result["cells"])
+    assert "# Shapley estimators at N = 16" in (tmp_path / "estimators_large.md").read_text()

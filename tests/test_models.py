@@ -48,6 +48,34 @@ def test_engine_values_equal_timm_masked_forward(head):
     torch.testing.assert_close(values, reference_values(model, images, coalitions), atol=1e-5, rtol=1e-4)
 
 
+def test_coalition_values_in_chunks_equal_one_pass(monkeypatch):
+    from shapkern import sample_coalitions
+    from shapkern.engine import coalition_chunk_rows
+    from shapkern.engine.chunking import CPU_MAX_CHUNK_ROWS
+
+    model = tiny("block")
+    images = torch.randn(3, 3, 16, 16)
+    coalitions = sample_coalitions(3, 10, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole = model.coalition_values(images, coalitions, paired=True, chunk_size=10**6)
+        for rows in (1, 6, 9):  # 1 and 9 round to whole pairs per image
+            chunked = model.coalition_values(images, coalitions, paired=True, chunk_size=rows)
+            torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
+        shared = model.coalition_values(images, coalitions[0], chunk_size=4)  # (M, N) for all images
+        torch.testing.assert_close(shared, model.coalition_values(images, coalitions[:1].expand(3, -1, -1)))
+    assert 2 <= coalition_chunk_rows(model.backbone, images, paired=True) <= CPU_MAX_CHUNK_ROWS
+    passes = []  # the CPU default splits 3 x 200 rows into passes of at most 256 rows
+    inner = model._coalition_values
+    monkeypatch.setattr(model, "_coalition_values", lambda *a: passes.append(a[1].shape) or inner(*a))
+    with torch.no_grad():
+        model.coalition_values(images, torch.rand(3, 200, 16) < 0.5)
+    assert len(passes) == 3 and all(b * m <= CPU_MAX_CHUNK_ROWS for b, m, _ in passes)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        model.coalition_values(images, coalitions, chunk_size=0)
+    with pytest.raises(ValueError, match="at least one coalition"):
+        model.coalition_values(images, coalitions[:, :0])
+
+
 @pytest.mark.parametrize("head", ["linear", "block"])
 def test_one_pass_matches_plain_forward_and_efficiency(head):
     model = tiny(head)

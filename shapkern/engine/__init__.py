@@ -6,6 +6,7 @@
 - :mod:`~shapkern.engine.chunking`: rows per pass from the device's free memory.
 """
 
+from shapkern.engine.chunking import run_chunks
 from shapkern.engine.inputs import check_coalitions, check_images, find_patch_embed, patch_grid
 from shapkern.engine.masked import BASELINES, masked_input_forward
 from shapkern.engine.vit import (
@@ -14,6 +15,7 @@ from shapkern.engine.vit import (
     PackedTokens,
     check_packed_model,
     check_precision,
+    coalition_chunk_rows,
     coalition_tokens,
     embed_tokens,
     fused_coalition_forward,
@@ -30,6 +32,7 @@ __all__ = [
     "check_images",
     "check_packed_model",
     "check_precision",
+    "coalition_chunk_rows",
     "coalition_tokens",
     "embed_tokens",
     "find_patch_embed",
@@ -38,4 +41,5 @@ __all__ = [
     "num_players",
     "packed_block_forward",
     "patch_grid",
+    "run_chunks",
 ]

@@ -54,7 +54,7 @@ def run_chunks(
     Returns the list of fn's outputs, one per chunk, in coalition order.
     """
     batch, num, _ = coalitions.shape
-    if batch == 0:
+    if batch == 0 or num == 0:  # nothing to split: fn's own checks decide
         return [fn(coalitions)]
     step = max(1, chunk_rows // batch)
     if paired:

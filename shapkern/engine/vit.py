@@ -39,6 +39,7 @@ __all__ = [
     "PackedTokens",
     "check_packed_model",
     "check_precision",
+    "coalition_chunk_rows",
     "coalition_tokens",
     "embed_tokens",
     "fused_coalition_forward",
@@ -170,6 +171,16 @@ def _row_activation_bytes(model: nn.Module, tokens: torch.Tensor, paired: bool) 
     length = prefix + (players + 1) // 2 if paired else prefix + players
     element = 2 if torch.is_autocast_enabled(tokens.device.type) else tokens.element_size()
     return length * tokens.shape[2] * element * 16 * (len(model.blocks) if torch.is_grad_enabled() else 1)
+
+
+def coalition_chunk_rows(model: nn.Module, images: torch.Tensor, paired: bool) -> int:
+    """The (image, coalition) rows per pass that :func:`fused_coalition_forward` runs by default on
+    ``images`` (B, C, H, W), for callers that chunk their own passes over :func:`coalition_tokens`:
+    sized from free memory on CUDA, at most ``CPU_MAX_CHUNK_ROWS`` on the CPU (engine/chunking.py)."""
+    dtype = next(model.parameters()).dtype
+    width = model.num_prefix_tokens + num_players(model)
+    shape = torch.empty(0, width, model.embed_dim, dtype=dtype, device=images.device)  # carries the shape
+    return default_chunk_rows(images.device, _row_activation_bytes(model, shape, paired))
 
 
 def check_precision(precision: str) -> None:

@@ -20,9 +20,11 @@ from shapkern.engine import (
     check_coalitions,
     check_images,
     check_packed_model,
+    coalition_chunk_rows,
     coalition_tokens,
     num_players,
     packed_block_forward,
+    run_chunks,
 )
 from shapkern.models.backbones import create_backbone
 from shapkern.packed import PackPlan, segment_patch_sum
@@ -174,6 +176,7 @@ class ShapleyViT(nn.Module):
         *,
         paired: bool = False,
         precision: str = "auto",
+        chunk_size: int | None = None,
     ) -> torch.Tensor:
         """v_x(S) = Σ_{n∈S} Φ(x_S)_n for every image and coalition.
 
@@ -183,10 +186,25 @@ class ShapleyViT(nn.Module):
             paired: coalitions 2i and 2i+1 are complements (avoids a host sync).
             precision: the encoder's blocks, ``"auto"`` or ``"fp8"`` (e4m3 GEMMs, forward only; see
                 :func:`~shapkern.engine.fused_coalition_forward`); the head stays in the model's dtype.
+            chunk_size: (image, coalition) rows per pass; default as the engine's (from free memory
+                on CUDA, at most 256 on the CPU, where larger passes run slower per row).
 
         Returns:
             (B, M, K) float32; the empty coalition gives 0.
         """
+        if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        if isinstance(coalitions, torch.Tensor) and coalitions.dim() == 2 and images.dim() == 4:
+            coalitions = coalitions.unsqueeze(0).expand(images.shape[0], -1, -1)
+        if not isinstance(coalitions, torch.Tensor) or coalitions.dim() != 3:
+            return self._coalition_values(images, coalitions, paired, precision)  # its checks name the error
+        rows = chunk_size or coalition_chunk_rows(self.backbone, images, paired)
+        chunks = run_chunks(
+            lambda chunk: self._coalition_values(images, chunk, paired, precision), coalitions, rows, paired
+        )
+        return torch.cat(chunks, dim=1)
+
+    def _coalition_values(self, images, coalitions, paired: bool, precision: str) -> torch.Tensor:
         packed = coalition_tokens(self.backbone, images, coalitions, paired=paired, precision=precision)
         values = segment_patch_sum(self._head_packed(packed.tokens, packed.plan), packed.plan)
         return values.view(*packed.shape, self.num_classes)
