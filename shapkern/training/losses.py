@@ -135,7 +135,7 @@ class ShapleyLoss(nn.Module):
         grad_coalitions: how many of the M coalitions carry gradients (the first ones; even when
             paired); the others run forward-only as ℓ_sv targets. None (default): M/4, rounded
             down to an even number, at least 2 (1 unpaired), which trains as well as all M at
-            0.57x the step time on digits (README); all M when ``stop_grad=False``.
+            0.66x the step time on digits (README); all M when ``stop_grad=False``.
         sv_scale: ``"raw"`` squared error of ℓ_sv, or ``"relative"`` (divided per image by
             sg(‖f(x)‖²) + 1).
         target_precision: the forward-only ℓ_sv targets' encoder blocks, ``"auto"`` (the model's
