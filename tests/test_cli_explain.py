@@ -129,3 +129,26 @@ def test_16_bit_pngs_are_scaled_by_their_bit_depth(checkpoint, tmp_path, capsys)
     np.testing.assert_allclose(
         sixteen["images"][0]["values"], eight["images"][0]["values"], rtol=1e-4, atol=1e-5
     )
+
+
+def test_named_data_is_normalised_as_the_checkpoint_records(tmp_path):
+    import torch
+    from PIL import Image
+
+    from shapkern.cli.explain import _builtin
+    from shapkern.data import load_dataset
+
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(5):
+            Image.new("RGB", (40, 40), color=(i * 40, 10, 200 if cls == "cat" else 0)).save(
+                tmp_path / cls / f"{i}.png"
+            )
+    name = f"imagefolder:{tmp_path}"
+    prep = {"color": "RGB", "mean": [0.5] * 3, "std": [0.25] * 3, "channels": 3, "crop_pct": 0.875}
+    data = {"name": name, "preprocessing": prep}
+    images, labels, _, classes = _builtin(data, {"img_size": 32, "patch_size": 8}, name, 2, (4, 4))
+    want = load_dataset(name, img_size=32, patch_size=8, mean=(0.5,) * 3, std=(0.25,) * 3).test
+    assert images.shape == (1, 3, 32, 32)  # the test split: 1 of 10 images
+    torch.testing.assert_close(images[0], want[0][0])
+    assert classes == ["cat", "dog"] and labels == [want[0][1]]

@@ -52,6 +52,13 @@ def test_imagefolder(tmp_path):
     assert bundle.classes == ["cat", "dog"] and len(bundle.train) + len(bundle.test) == 10
     image, label, index = bundle.test[0]
     assert image.shape == (3, 32, 32) and label in (0, 1) and index == 0
+    # The backbone's normalisation (the trainer passes it), recorded for `shapkern explain`.
+    half = load_dataset(f"imagefolder:{tmp_path}", img_size=32, patch_size=8, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert half.preprocessing.mean == (0.5,) * 3 and half.preprocessing.std == (0.5,) * 3
+    assert bundle.preprocessing.mean == pytest.approx((0.485, 0.456, 0.406))  # ImageNet's by default
+    raw = image * torch.tensor(bundle.preprocessing.std)[:, None, None]
+    raw = raw + torch.tensor(bundle.preprocessing.mean)[:, None, None]  # the same pixels in [0, 1]
+    torch.testing.assert_close(half.test[0][0], (raw - 0.5) / 0.5, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_inputs_fail_clearly(tmp_path):

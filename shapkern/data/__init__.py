@@ -69,8 +69,8 @@ def load_dataset(
         seed: the built-in sets' split and images; imagefolder's split without train/val folders.
         skip_bad_images: imagefolder: leave unreadable files out instead of failing.
         root, download: where the catalog datasets live, and whether to fetch a missing one.
-        mean, std: the catalog datasets' normalisation (default ImageNet's); the built-in sets have
-            their own, imagefolder uses ImageNet's.
+        mean, std: the normalisation of the catalog datasets and imagefolder (default ImageNet's);
+            the built-in sets have their own.
 
     Raises ValueError for an unknown dataset, a catalog dataset not found, or a patch size that
     does not divide the image.
@@ -83,5 +83,6 @@ def load_dataset(
     if spec in CATALOG:
         return catalog_dataset(spec, img_size, root=root, download=download, mean=mean, std=std)
     if spec.startswith("imagefolder:") and len(spec) > len("imagefolder:"):
-        return imagefolder(spec[len("imagefolder:") :], img_size, seed=seed, skip_bad_images=skip_bad_images)
+        path = spec[len("imagefolder:") :]
+        return imagefolder(path, img_size, seed=seed, skip_bad_images=skip_bad_images, mean=mean, std=std)
     raise ValueError(f"unknown dataset {spec!r}; choose one of {', '.join(DATASETS)}")

@@ -8,6 +8,7 @@ image is an error naming it, or, with ``skip_bad_images``, left out with a count
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 from torch.utils.data import Subset
@@ -60,10 +61,17 @@ def _checked_folder(root: str, transform, skip_bad_images: bool):
 
 
 def imagefolder(
-    path: str, img_size: int = 224, *, seed: int = 0, skip_bad_images: bool = False
+    path: str,
+    img_size: int = 224,
+    *,
+    seed: int = 0,
+    skip_bad_images: bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> DataBundle:
     """The user's images with timm's train/eval transforms (random resized crop, flip; resize, centre
-    crop) and ImageNet normalisation.
+    crop), normalised with (mean, std): the backbone's, as the trainer passes them; ImageNet's when
+    None.
 
     Raises ValueError for a missing folder, unreadable images (unless ``skip_bad_images``), fewer
     than two classes, or a test split whose classes differ from the training split's.
@@ -72,8 +80,10 @@ def imagefolder(
 
     if not os.path.isdir(path):
         raise ValueError(f"imagefolder: {path!r} is not a directory")
-    train_tf = create_transform(input_size=img_size, is_training=True)
-    test_tf = create_transform(input_size=img_size, is_training=False, crop_pct=CROP_PCT)
+    mean = tuple(IMAGENET_DEFAULT_MEAN if mean is None else mean)
+    std = tuple(IMAGENET_DEFAULT_STD if std is None else std)
+    train_tf = create_transform(input_size=img_size, is_training=True, mean=mean, std=std)
+    test_tf = create_transform(input_size=img_size, is_training=False, crop_pct=CROP_PCT, mean=mean, std=std)
     test_dir = next(
         (os.path.join(path, d) for d in ("val", "test") if os.path.isdir(os.path.join(path, d))), None
     )
@@ -102,7 +112,5 @@ def imagefolder(
         in_chans=3,
         img_size=img_size,
         classes=list(classes),
-        preprocessing=Preprocessing(
-            color="RGB", mean=tuple(IMAGENET_DEFAULT_MEAN), std=tuple(IMAGENET_DEFAULT_STD), crop_pct=CROP_PCT
-        ),
+        preprocessing=Preprocessing(color="RGB", mean=mean, std=std, crop_pct=CROP_PCT),
     )
