@@ -133,17 +133,12 @@ def test_16_bit_pngs_are_scaled_by_their_bit_depth(checkpoint, tmp_path, capsys)
 
 def test_named_data_is_normalised_as_the_checkpoint_records(tmp_path):
     import torch
-    from PIL import Image
+    from image_folders import make_folder
 
     from shapkern.cli.explain import _builtin
     from shapkern.data import load_dataset
 
-    for cls in ("cat", "dog"):
-        (tmp_path / cls).mkdir()
-        for i in range(5):
-            Image.new("RGB", (40, 40), color=(i * 40, 10, 200 if cls == "cat" else 0)).save(
-                tmp_path / cls / f"{i}.png"
-            )
+    make_folder(tmp_path)
     name = f"imagefolder:{tmp_path}"
     prep = {"color": "RGB", "mean": [0.5] * 3, "std": [0.25] * 3, "channels": 3, "crop_pct": 0.875}
     data = {"name": name, "preprocessing": prep}

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from image_folders import make_folder
 
 from shapkern.data import load_dataset, make_evidence
 
@@ -40,14 +41,7 @@ def test_evidence_bundle():
 
 
 def test_imagefolder(tmp_path):
-    from PIL import Image
-
-    for cls in ("cat", "dog"):
-        (tmp_path / cls).mkdir()
-        for i in range(5):
-            Image.new("RGB", (40, 40), color=(i * 40, 10, 200 if cls == "cat" else 0)).save(
-                tmp_path / cls / f"{i}.png"
-            )
+    make_folder(tmp_path)
     bundle = load_dataset(f"imagefolder:{tmp_path}", img_size=32, patch_size=8)
     assert bundle.classes == ["cat", "dog"] and len(bundle.train) + len(bundle.test) == 10
     image, label, index = bundle.test[0]
@@ -68,17 +62,6 @@ def test_bad_inputs_fail_clearly(tmp_path):
         load_dataset("digits", img_size=32, patch_size=6)
     with pytest.raises(ValueError, match="not a directory"):
         load_dataset(f"imagefolder:{tmp_path / 'nope'}")
-
-
-def make_folder(root, classes=("cat", "dog"), count=5):
-    from PIL import Image
-
-    for cls in classes:
-        (root / cls).mkdir(parents=True)
-        for i in range(count):
-            Image.new("RGB", (40, 40), color=(i * 40, 10, 200 if cls == "cat" else 0)).save(
-                root / cls / f"{i}.png"
-            )
 
 
 def test_imagefolder_names_unreadable_files_or_skips_them(tmp_path, capsys):
