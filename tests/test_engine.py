@@ -175,12 +175,12 @@ def test_compiled_blocks_match_plain_path_forward_and_backward():
 def test_row_activation_estimate_counts_kept_tokens():
     from shapkern.engine.vit import _row_activation_bytes
 
-    model = make_model("registers")  # 3 prefix tokens, 16 patches, D = 32, depth 2
-    tokens = torch.zeros(1, 19, 32)
+    model = make_model("registers")  # 3 prefix tokens, 16 patches, D = 32, depth 2, fp32
+    cpu = torch.device("cpu")
     with torch.no_grad():
-        assert _row_activation_bytes(model, tokens, paired=False) == 19 * 32 * 4 * 16
-        assert _row_activation_bytes(model, tokens, paired=True) == 11 * 32 * 4 * 16
-    assert _row_activation_bytes(model, tokens, paired=True) == 2 * 11 * 32 * 4 * 16  # every block
+        assert _row_activation_bytes(model, cpu, paired=False) == 19 * 32 * 4 * 16
+        assert _row_activation_bytes(model, cpu, paired=True) == 11 * 32 * 4 * 16
+    assert _row_activation_bytes(model, cpu, paired=True) == 2 * 11 * 32 * 4 * 16  # every block
 
 
 def test_tokens_output_is_packed_features():

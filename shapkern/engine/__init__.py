@@ -6,7 +6,7 @@
 - :mod:`~shapkern.engine.chunking`: rows per pass from the device's free memory.
 """
 
-from shapkern.engine.chunking import run_chunks
+from shapkern.engine.chunking import check_chunk_size, run_chunks
 from shapkern.engine.inputs import check_coalitions, check_images, find_patch_embed, patch_grid
 from shapkern.engine.masked import BASELINES, masked_input_forward
 from shapkern.engine.vit import (
@@ -28,6 +28,7 @@ __all__ = [
     "OUTPUTS",
     "PRECISIONS",
     "PackedTokens",
+    "check_chunk_size",
     "check_coalitions",
     "check_images",
     "check_packed_model",

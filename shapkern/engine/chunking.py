@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["CPU_MAX_CHUNK_ROWS", "free_memory_bytes", "run_chunks"]
+__all__ = ["CPU_MAX_CHUNK_ROWS", "check_chunk_size", "free_memory_bytes", "run_chunks"]
 
 CPU_MAX_CHUNK_ROWS = 256  # beyond this, larger CPU GEMMs gain nothing measurable
 MEMORY_FRACTION = 0.5  # of the free memory that one chunk's activations may take
@@ -40,6 +40,12 @@ def free_memory_bytes(device: torch.device) -> int:
     return _available_host_bytes()
 
 
+def check_chunk_size(chunk_size: int | None) -> None:
+    """A clear error for a ``chunk_size`` (rows per pass) that is neither None nor a positive int."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
 def default_chunk_rows(device: torch.device, row_bytes: int) -> int:
     """Rows per chunk so that one chunk's activations (``row_bytes`` each) fit in memory."""
     rows = max(2, int(MEMORY_FRACTION * free_memory_bytes(device) / max(row_bytes, 1)))
@@ -54,7 +60,7 @@ def run_chunks(
     Returns the list of fn's outputs, one per chunk, in coalition order.
     """
     batch, num, _ = coalitions.shape
-    if batch == 0 or num == 0:  # nothing to split: fn's own checks decide
+    if batch == 0:
         return [fn(coalitions)]
     step = max(1, chunk_rows // batch)
     if paired:

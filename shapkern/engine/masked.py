@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shapkern.engine.chunking import CPU_MAX_CHUNK_ROWS, run_chunks
+from shapkern.engine.chunking import CPU_MAX_CHUNK_ROWS, check_chunk_size, run_chunks
 from shapkern.engine.inputs import check_coalitions, check_images, patch_grid
 
 __all__ = ["BASELINES", "masked_input_forward"]
@@ -76,8 +76,7 @@ def masked_input_forward(
     patch = (height // grid[0], width // grid[1])
     reference = _baseline_images(images, baseline, patch)
     batch = coalitions.shape[0]
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    check_chunk_size(chunk_size)
     chunk_rows = chunk_size or (CUDA_CHUNK_IMAGES if images.device.type == "cuda" else CPU_MAX_CHUNK_ROWS)
 
     def run(chunk: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from shapkern.engine.blocks import (
     packed_block_forward,
     supports_fused_blocks,
 )
-from shapkern.engine.chunking import default_chunk_rows, run_chunks
+from shapkern.engine.chunking import check_chunk_size, default_chunk_rows, run_chunks
 from shapkern.engine.fp8 import check_fp8_blocks, fp8_blocks_forward
 from shapkern.engine.inputs import check_coalitions, check_images
 from shapkern.engine.masked import masked_input_forward
@@ -162,25 +162,23 @@ def _pooled_head(model: nn.Module, x: torch.Tensor, plan: PackPlan, output: str)
     return model.forward_head(pooled, pre_logits=output == "pre_logits")
 
 
-def _row_activation_bytes(model: nn.Module, tokens: torch.Tensor, paired: bool) -> int:
-    """Live activation bytes of one (image, coalition) row: ~16 D-wide tensors per token in one
-    block, in every block when autograd keeps them. tokens: (B, P + N, D)."""
-    prefix = model.num_prefix_tokens
-    players = tokens.shape[1] - prefix
+def _row_activation_bytes(model: nn.Module, device: torch.device, paired: bool) -> int:
+    """Live activation bytes of one (image, coalition) row on ``device``: ~16 D-wide tensors per
+    token in one block, in every block when autograd keeps them. The tokens are the model's
+    (P + N, D), in its dtype (2 bytes under autocast)."""
+    prefix, players = model.num_prefix_tokens, num_players(model)
     # A complementary pair holds P + N/2 tokens per row on average; otherwise P + N bounds a row.
     length = prefix + (players + 1) // 2 if paired else prefix + players
-    element = 2 if torch.is_autocast_enabled(tokens.device.type) else tokens.element_size()
-    return length * tokens.shape[2] * element * 16 * (len(model.blocks) if torch.is_grad_enabled() else 1)
+    element = 2 if torch.is_autocast_enabled(device.type) else next(model.parameters()).element_size()
+    return length * model.embed_dim * element * 16 * (len(model.blocks) if torch.is_grad_enabled() else 1)
 
 
 def coalition_chunk_rows(model: nn.Module, images: torch.Tensor, paired: bool) -> int:
     """The (image, coalition) rows per pass that :func:`fused_coalition_forward` runs by default on
-    ``images`` (B, C, H, W), for callers that chunk their own passes over :func:`coalition_tokens`:
-    sized from free memory on CUDA, at most ``CPU_MAX_CHUNK_ROWS`` on the CPU (engine/chunking.py)."""
-    dtype = next(model.parameters()).dtype
-    width = model.num_prefix_tokens + num_players(model)
-    shape = torch.empty(0, width, model.embed_dim, dtype=dtype, device=images.device)  # carries the shape
-    return default_chunk_rows(images.device, _row_activation_bytes(model, shape, paired))
+    ``images`` (B, C, H, W), also for callers that chunk their own passes over
+    :func:`coalition_tokens`: sized from free memory on CUDA, at most ``CPU_MAX_CHUNK_ROWS`` on the
+    CPU (engine/chunking.py)."""
+    return default_chunk_rows(images.device, _row_activation_bytes(model, images.device, paired))
 
 
 def check_precision(precision: str) -> None:
@@ -305,8 +303,7 @@ def fused_coalition_forward(
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    check_chunk_size(chunk_size)
     if mode == "input":
         if precision != "auto":
             raise ValueError(
@@ -317,7 +314,7 @@ def fused_coalition_forward(
         raise ValueError(f"mode must be 'packed' or 'input', got {mode!r}")
     coalitions, tokens, path = _prepare(model, images, coalitions, paired, compiled, fused, precision)
     batch = coalitions.shape[0]
-    chunk_rows = chunk_size or default_chunk_rows(images.device, _row_activation_bytes(model, tokens, paired))
+    chunk_rows = chunk_size or coalition_chunk_rows(model, images, paired)
 
     def run(chunk: torch.Tensor) -> torch.Tensor:
         x, plan = _blocks(model, tokens, chunk, paired, attention, path)

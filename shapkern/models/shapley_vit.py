@@ -17,6 +17,7 @@ from torch import nn
 
 from shapkern.checkpoint import CheckpointError, load_checkpoint
 from shapkern.engine import (
+    check_chunk_size,
     check_coalitions,
     check_images,
     check_packed_model,
@@ -192,12 +193,10 @@ class ShapleyViT(nn.Module):
         Returns:
             (B, M, K) float32; the empty coalition gives 0.
         """
-        if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-        if isinstance(coalitions, torch.Tensor) and coalitions.dim() == 2 and images.dim() == 4:
-            coalitions = coalitions.unsqueeze(0).expand(images.shape[0], -1, -1)
-        if not isinstance(coalitions, torch.Tensor) or coalitions.dim() != 3:
-            return self._coalition_values(images, coalitions, paired, precision)  # its checks name the error
+        check_chunk_size(chunk_size)
+        check_images(images, self.backbone)
+        batch, players = images.shape[0], self.num_players
+        coalitions = check_coalitions(coalitions, batch, players, images.device, paired=paired)
         rows = chunk_size or coalition_chunk_rows(self.backbone, images, paired)
         chunks = run_chunks(
             lambda chunk: self._coalition_values(images, chunk, paired, precision), coalitions, rows, paired
