@@ -72,12 +72,13 @@ def table_game(table: torch.Tensor) -> ValueFunction:
     return ValueFunction(lambda z: table.gather(1, coalition_index(z)).unsqueeze(-1), table.shape[0], PLAYERS)
 
 
-def checkpoint(name: str, runs: Path) -> Path:
-    """``runs/<name>/checkpoint.pt``, trained with the CLI when missing."""
+def checkpoint(name: str, runs: Path, flags: list[str] | None = None) -> Path:
+    """``runs/<name>/checkpoint.pt``, trained with the CLI and ``flags`` (default: TRAIN_FLAGS[name])
+    when missing."""
     path = runs / name / "checkpoint.pt"
     if not path.exists():
         command = [sys.executable, "-m", "shapkern", "train", "--out", str(path.parent), "--no-progress"]
-        command += ["--faith-images", "0", "--heatmap-images", "0", *TRAIN_FLAGS[name]]
+        command += ["--faith-images", "0", "--heatmap-images", "0", *(flags or TRAIN_FLAGS[name])]
         print("training:", " ".join(command[2:]), flush=True)
         subprocess.run(command, check=True)
     return path

@@ -21,14 +21,13 @@ import importlib.metadata
 import importlib.util
 import json
 import statistics
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import harness
 import torch
+from estimators import checkpoint
 
 from shapkern.explainers import estimate, value_function
 from shapkern.explainers.metrics import relative_l2, topk_precision
@@ -36,30 +35,28 @@ from shapkern.explainers.metrics import relative_l2, topk_precision
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_FLAGS = ["--patch-size", "4", "--epochs", "20"]
 SHAPKERN = ("bayes", "leverage", "kernel", "permutation")
-SHAPIQ = {"KernelSHAP (paired)": ("KernelSHAP", {"pairing_trick": True}), "PermutationSamplingSV": (
-    "PermutationSamplingSV", {})}  # fmt: skip
+SHAPIQ = {
+    "KernelSHAP (paired)": ("KernelSHAP", {"pairing_trick": True}),
+    "PermutationSamplingSV": ("PermutationSamplingSV", {}),
+}
 REFERENCE_SEED = 10**6
 TOP = 3
 
 
 def load_game(args):
-    """The predicted-class game of the first test images: (ValueFunction, images (B, C, H, W))."""
+    """The model, its first test images (B, C, H, W), their predicted classes (B,) and the game of
+    those classes (a ValueFunction)."""
     from shapkern.cli.explain import load_model
     from shapkern.data import load_dataset
 
-    path = args.runs / "checkpoint.pt"
-    if not path.exists():
-        command = [sys.executable, "-m", "shapkern", "train", "--out", str(args.runs), "--no-progress"]
-        command += ["--faith-images", "0", "--heatmap-images", "0", *TRAIN_FLAGS]
-        print("training:", " ".join(command[2:]), flush=True)
-        subprocess.run(command, check=True)
+    path = checkpoint(args.runs.name, args.runs.parent, TRAIN_FLAGS)
     model, _ = load_model(str(path), torch.device("cpu"))
     bundle = load_dataset("digits", img_size=model.arch["img_size"], patch_size=model.arch["patch_size"])
     images = torch.stack([bundle.test[i][0] for i in range(args.images)])
     game = value_function(model, images)
     with torch.no_grad():
-        full = game(torch.ones(args.images, 1, game.players, dtype=torch.bool))[:, 0]
-    return model, images, game.select(full.argmax(-1, keepdim=True))
+        targets = game(torch.ones(args.images, 1, game.players, dtype=torch.bool))[:, 0].argmax(-1)
+    return model, images, targets, game.select(targets.unsqueeze(-1))
 
 
 def run_shapkern(game, method: str, budget: int, seeds: int) -> tuple[torch.Tensor, float]:
@@ -145,13 +142,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-shapiq", dest="shapiq", action="store_false", help="shapkern only")
     args = parser.parse_args(argv)
     harness.configure_cpu_threads()
-    model, images, game = load_game(args)
+    model, images, targets, game = load_game(args)
     reference = estimate(
         game, method="kernel", budget=args.reference_budget, seed=REFERENCE_SEED, progress=False
     )
     ref = reference.values[..., 0].double()
-    with torch.no_grad():
-        targets = model(images).logits.argmax(-1)
     use_shapiq = args.shapiq and importlib.util.find_spec("shapiq") is not None
     cells = []
     for budget in args.budgets:

@@ -194,6 +194,7 @@ def train_run(run: Run, args, *, exact: bool) -> dict:
     """Train one run (or reuse its result.json when the settings match) and score it."""
     folder = Path(args.runs) / run.name
     settings = {
+        # target_precision only when not the default: the runs from before it keep their settings
         **{k: v for k, v in dataclasses.asdict(run).items() if k != "target_precision" or v != "auto"},
         "epochs": args.epochs or TrainConfig.epochs,
         "limit_train": args.limit_train,
@@ -575,8 +576,14 @@ def markdown(result: dict) -> str:
             ]
             for row in result["fp8"]["rows"]
         ]
-        headers = ["targets", "seeds", "test accuracy", "rel. error vs exact", "class-centred"]
-        headers.append("held-out ℓ_sv")
+        headers = [
+            "targets",
+            "seeds",
+            "test accuracy",
+            "rel. error vs exact",
+            "class-centred",
+            "held-out ℓ_sv",
+        ]
         lines += [harness.markdown_table(headers, table, align="lrrrrr")]
     return "\n".join(lines)
 

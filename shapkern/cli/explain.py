@@ -123,9 +123,10 @@ def _builtin(data: dict, arch: dict, name: str, count: int, grid: tuple[int, int
     class names (None when the set is not the one the model was trained on)."""
     if count < 1:
         raise ValueError(f"--num-images must be positive, got {count}")
-    prep = Preprocessing.from_dict(data["preprocessing"])
-    norm = {"mean": prep.mean, "std": prep.std} if prep.color == "RGB" else {}  # as the model was trained
-    bundle = load_dataset(name, img_size=arch["img_size"], patch_size=arch["patch_size"], **norm)
+    prep = Preprocessing.from_dict(data["preprocessing"])  # as trained; the built-in sets have their own
+    bundle = load_dataset(
+        name, img_size=arch["img_size"], patch_size=arch["patch_size"], mean=prep.mean, std=prep.std
+    )
     if name != data["name"]:
         print(f"note: the checkpoint was trained on {data['name']!r}, explaining {name!r} images")
     test = bundle.test
