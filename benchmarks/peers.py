@@ -31,13 +31,21 @@ its smallest budget already reaches it, an upper bound; >: its largest does not,
 never: more budget bought no evaluations) and divided by shapkern's seconds. ``--render`` rewrites
 the tables from a results JSON without running anything.
 
-The model has random weights (timm's initialisation, ``--weights-seed``; nothing is downloaded);
-the image is one procedural ``evidence`` image; the target is the model's predicted class; float32.
+The model has random weights (timm's initialisation, ``--weights-seed``; nothing is downloaded)
+and the image is one procedural ``evidence`` image; or, with ``--checkpoint``, the model is a
+ShapleyViT trained by ``shapkern train`` (the peers call its f(x) = Σ Φ) and the image a test
+image of its dataset. The target is the model's predicted class; float32.
 
     OMP_NUM_THREADS=1 python benchmarks/peers.py --device cpu --clock process \\
         --out benchmarks/results/2026-11-26-cpu
     python benchmarks/peers.py --device cuda --model vit_base_patch16_224 --settings 196 \\
         --reference-budget 100000 --budgets 2048 8192 32768   # the issue's GPU setting
+    python -m shapkern train --data evidence --img-size 224 --patch-size 16 --depth 0 \\
+        --embed-dim 0 --num-heads 0 --lam 0 --num-coalitions 2 --grad-coalitions 2 --epochs 8 \\
+        --warmup-epochs 1 --batch-size 32 --out runs/peers196/vit_tiny   # a trained vit_tiny, N = 196
+    OMP_NUM_THREADS=1 python benchmarks/peers.py --device cpu --clock process \\
+        --checkpoint runs/peers196/vit_tiny/checkpoint.pt --stem peers-trained \\
+        --out benchmarks/results/2026-11-26-cpu
 """
 
 from __future__ import annotations
@@ -95,9 +103,10 @@ class Case:
         return self.grid[0] * self.grid[1]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """The model on (M, C, H, W) images, counted: (M, K) logits."""
+        """The model on (M, C, H, W) images, counted: (M, K) logits (a ShapleyViT's f(x))."""
         self.evaluations += images.shape[0]
-        return self.model(images)
+        out = self.model(images)
+        return out.logits if isinstance(out, shapkern.ShapleyOutput) else out
 
     def upsample(self, grid: torch.Tensor) -> torch.Tensor:
         """(M, rows, cols) per patch -> (M, 1, H, W) per pixel."""
@@ -130,6 +139,26 @@ def build_case(args, players: int) -> Case:
     with torch.no_grad():
         target = int(model(image).argmax())
     return Case(model, image, target, (side, side), (patch, patch), args.batch_size)
+
+
+def trained_case(args) -> Case:
+    """The ``--checkpoint``'s ShapleyViT, the ``--image-seed``-th test image of its dataset and the
+    model's predicted class."""
+    from shapkern.cli.explain import load_model
+    from shapkern.data import Preprocessing, load_dataset
+
+    model, data = load_model(str(args.checkpoint), torch.device(args.device))
+    arch, players = model.arch, model.num_players
+    if args.settings not in (None, [players]):
+        raise SystemExit(f"{args.checkpoint} has {players} patches; --settings cannot be {args.settings}")
+    prep = Preprocessing.from_dict(data["preprocessing"])
+    sizes = {"img_size": arch["img_size"], "patch_size": arch["patch_size"]}
+    bundle = load_dataset(data["name"], **sizes, mean=prep.mean, std=prep.std)
+    image = bundle.test[args.image_seed][0].unsqueeze(0).to(args.device)
+    with torch.no_grad():
+        target = int(model(image).logits.argmax())
+    side, patch = math.isqrt(players), arch["patch_size"]
+    return Case(model.eval(), image, target, (side, side), (patch, patch), args.batch_size)
 
 
 # -- the methods: (case, budget, seed) -> values (N,); evaluations counted in case ----------------
@@ -258,6 +287,8 @@ def reference(case: Case, game: str, args) -> dict:
     exact = case.players <= EXACT_PLAYERS
     method, budget = ("exact", None) if exact else (args.reference_method, args.reference_budget)
     key = {k: getattr(args, k) for k in ("model", "model_kwargs", "weights_seed", "image_seed")}
+    if args.checkpoint:
+        key["checkpoint"] = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
     key |= {"patch": case.patch, "grid": case.grid, "target": case.target, "game": game + "s"}
     key |= {"method": method, "budget": budget, "device": case.image.device.type}
     key["shapkern"] = shapkern.__version__  # delete the cache after changing the estimators
@@ -445,16 +476,19 @@ def markdown(payload: dict, table: dict[str, Method], args) -> str:
     env = payload["environment"]
     clock = "CPU time of the process (OMP_NUM_THREADS=1)" if args.clock == "process" else "wall time"
     libraries = ", ".join(f"{lib} {v}" for lib, v in payload["libraries"].items())
-    model = f"{args.model} {args.model_kwargs or ''}".strip()
+    model = f"{args.model} {args.model_kwargs or ''}".strip() + f", random weights (seed {args.weights_seed})"
+    image = "procedural evidence"
+    if getattr(args, "checkpoint", None):  # absent from results written before --checkpoint
+        model = f"the ShapleyViT of {args.checkpoint} (trained; the peers explain its f(x) = Σ Φ)"
+        image = "test"
     text = f"""# Peer libraries against shapkern.explain: one image
 
 `{payload["command"]}`
 
 {harness.hardware_name(env)}, torch {env["torch"]}, shapkern {env["shapkern"]}, {libraries}, {env["date"]}.
-Model: {model}, random weights (seed {args.weights_seed}), float32, one procedural evidence image,
-its predicted class; {args.batch_size} model rows per forward for every peer. Seconds: {clock}, one
-run per (method, budget, seed), methods round-robin. Evaluations: model rows each run evaluated,
-v(∅) and v(N) included.
+Model: {model}, float32, one {image} image (seed {args.image_seed}), its predicted class;
+{args.batch_size} model rows per forward for every peer. Seconds: {clock}, one run per (method,
+budget, seed), methods round-robin. Evaluations: model rows each run evaluated, v(∅) and v(N) included.
 
 Games: the peers zero the pixels of absent patches and run the whole model (pixel game);
 shapkern.explain on a timm ViT drops their tokens (token game, its default; mode='input' computes
@@ -473,9 +507,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = harness.argument_parser(__doc__)
     add = parser.add_argument
     add("--model", default="vit_tiny_patch16_224", help="timm ViT, random weights")
+    add("--checkpoint", type=Path, help="a `shapkern train` checkpoint instead of --model (default: none)")
     add("--model-kwargs", nargs="*", default=[], help="extra timm arguments, e.g. depth=1 embed_dim=32")
     add("--patch-size", type=int, help="patch size (default: the model's)")
-    add("--settings", type=int, nargs="+", default=[16, 196], help="numbers of patches N (squares)")
+    add("--settings", type=int, nargs="+", help="numbers of patches N, squares (default: 16 196)")
     add("--budgets", type=int, nargs="+", help="default: 256 1024 4096 for N ≤ 16, else 512 2048")
     add("--seeds", type=int, help="seeds per run (default: 2 for N ≤ 16, else 1)")
     add("--reference-budget", type=int, default=8192, help="evaluations of the references for N > 16")
@@ -484,7 +519,7 @@ def main(argv: list[str] | None = None) -> dict:
     add("--batch-size", type=int, help="model rows per forward (256 CPU, 512 CUDA)")
     add("--clock", choices=harness.CLOCKS, default="wall", help="see harness.time_interleaved")
     add("--weights-seed", type=int, default=0)
-    add("--image-seed", type=int, default=0)
+    add("--image-seed", type=int, default=0, help="the evidence image; with --checkpoint: the test image")
     add("--cache", type=Path, default=harness.RUNS / "peers-cache", help="folder of cached references")
     add("--stem", default="peers", help="results file name")
     add("--render", type=Path, help="only re-write the tables from this results JSON")
@@ -516,10 +551,12 @@ def main(argv: list[str] | None = None) -> dict:
         "libraries": {lib: importlib.metadata.version(lib) for lib in LIBRARIES if find_spec(lib)},
         "settings": [],
     }
-    for players in args.settings:
-        small = players <= EXACT_PLAYERS
+    cases = (
+        [trained_case(args)] if args.checkpoint else (build_case(args, n) for n in args.settings or [16, 196])
+    )
+    for case in cases:
+        small = case.players <= EXACT_PLAYERS
         budgets = sorted(args.budgets or ([256, 1024, 4096] if small else [512, 2048]))
-        case = build_case(args, players)
         payload["settings"].append(run_setting(case, table, budgets, args.seeds or (2 if small else 1), args))
         harness.write_results(out, args.stem, payload, markdown(payload, table, args))
     log(f"wrote {out / args.stem}.json and .md")

@@ -21,11 +21,12 @@ def peers():
     sys.modules.pop("peers", None)
 
 
-def test_peers_smoke(peers, tmp_path):
-    """Every method on a 4-patch ViT: results written, every installed library run at each budget;
-    shapiq at the full budget (2^4 coalitions) recovers the exact references of both games, which
-    checks that the pixel game the peers compute is shapkern's mode='input' game."""
-    argv = TINY + ["--budgets", "10", "16", "--seeds", "1", "--device", "cpu", "--out", str(tmp_path)]
+def run_and_check(peers, argv, tmp_path) -> dict:
+    """Run the benchmark on a 4-patch problem at budgets 10 and 16: results written, every installed
+    library run at each budget; shapiq at the full budget (2^4 coalitions) recovers the exact
+    references of both games, which checks that the pixel game the peers compute is shapkern's
+    mode='input' game. Returns the setting's result."""
+    argv = argv + ["--budgets", "10", "16", "--seeds", "1", "--device", "cpu", "--out", str(tmp_path)]
     payload = peers.main(argv + ["--cache", str(tmp_path / "cache")])
     assert (tmp_path / "peers.md").read_text().startswith("# Peer libraries against shapkern.explain")
     assert "target ≥ 2×" in (tmp_path / "peers.md").read_text()
@@ -48,6 +49,29 @@ def test_peers_smoke(peers, tmp_path):
     cached = [json.loads(path.read_text()) for path in sorted((tmp_path / "cache").glob("reference-*.json"))]
     assert sorted(ref["key"]["game"] for ref in cached) == ["pixels", "tokens"]
     assert all(ref["method"] == "exact" and ref["evaluations"] == 16 for ref in cached)
+    return result
+
+
+def test_peers_smoke(peers, tmp_path):
+    run_and_check(peers, TINY, tmp_path)
+
+
+def test_peers_on_a_trained_checkpoint(peers, tmp_path):
+    """--checkpoint: a `shapkern train` ShapleyViT (N = 4), whose f(x) = Σ Φ the peers call, on a
+    test image of its dataset; a --settings that contradicts the checkpoint is an error."""
+    from shapkern.training import train
+
+    train(
+        data="digits", patch_size=16, depth=1, embed_dim=16, num_heads=2, epochs=1, batch_size=32,
+        limit_train=64, limit_test=16, num_coalitions=4, faith_images=0, heatmap_images=0, progress=False,
+        out=str(tmp_path / "run"),
+    )  # fmt: skip
+    checkpoint = ["--checkpoint", str(tmp_path / "run" / "checkpoint.pt")]
+    result = run_and_check(peers, checkpoint + ["--image-seed", "3"], tmp_path / "bench")
+    assert result["img_size"] == 32 and result["patch"] == 16
+    assert "the ShapleyViT of" in (tmp_path / "bench" / "peers.md").read_text()
+    with pytest.raises(SystemExit, match="has 4 patches"):
+        peers.main(checkpoint + ["--settings", "16", "--out", str(tmp_path / "bad")])
 
 
 def test_seconds_at_error_interpolates_log_log(peers):

@@ -293,6 +293,7 @@ def test_auto_picks_exact_then_bayes_then_leverage():
     assert resolve_method("auto", vit, 196, budget=393) == "leverage"
     assert resolve_method("auto", vit, 196, tol=0.01) == "leverage"  # bayes has no tol
     assert resolve_method("auto", SoftVoting(), 4) == "self"
+    assert resolve_method("auto", SoftVoting(), 4, mode="input") == "exact"  # its pixel game
     assert resolve_method("kernel", vit, 196) == "kernel"
     game = table_game(smooth_table(1, 17, 1, seed=0))
     att = estimate(game, budget=100, seed=0, progress=False)
@@ -432,3 +433,23 @@ def test_shapley_vit_is_explained_through_its_own_value_function():
     torch.testing.assert_close(exact.full, own.full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(own.target, exact.target)
     assert exact.efficiency_gap().abs().max() < 1e-4 and own.efficiency_gap().abs().max() < 1e-4
+
+
+def test_shapley_vit_in_input_mode_is_its_logits_on_pixel_masked_images():
+    """mode="input" on a self-explaining model: f(x) = Σ Φ of the image with absent patches
+    zeroed; mode="packed" is its own coalition_values."""
+    from shapkern.models import ShapleyViT
+
+    torch.manual_seed(0)
+    kwargs = {"img_size": 24, "patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2}
+    model = ShapleyViT("vit_tiny_patch16_224", 4, **kwargs).eval()
+    images = torch.randn(2, 3, 24, 24)
+    coalitions = torch.rand(2, 5, 9) < 0.5
+    pixels = coalitions.view(2, 5, 3, 3).repeat_interleave(8, 2).repeat_interleave(8, 3).unsqueeze(2)
+    with torch.no_grad():
+        want = model((images.unsqueeze(1) * pixels).flatten(0, 1)).logits.view(2, 5, 4)
+        torch.testing.assert_close(value_function(model, images, mode="input")(coalitions), want)
+        packed = value_function(model, images, mode="packed")(coalitions)
+        torch.testing.assert_close(packed, model.coalition_values(images, coalitions))
+    att = explain(model, images, mode="input", progress=False)  # auto: exact, not its own Φ
+    assert att.evaluations == 2**9 and att.efficiency_gap().abs().max() < 1e-4

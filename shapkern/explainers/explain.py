@@ -87,15 +87,24 @@ def _auto(players: int, budget: int | None, tol: float | None) -> str:
 
 
 def resolve_method(
-    method: str, model: nn.Module, players: int, budget: int | None = None, tol: float | None = None
+    method: str,
+    model: nn.Module,
+    players: int,
+    budget: int | None = None,
+    tol: float | None = None,
+    *,
+    mode: str | None = None,
 ) -> str:
     """The estimator ``method="auto"`` stands for with this budget and tol: ``self`` for a
-    self-explaining model, else as in :func:`estimate`; any other method is returned as is."""
+    self-explaining model (unless ``mode="input"`` asks for its pixel-masking game), else as in
+    :func:`estimate`; any other method is returned as is."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method != "auto":
         return method
-    return "self" if hasattr(model, "coalition_values") else _auto(players, budget, tol)
+    if hasattr(model, "coalition_values") and mode != "input":
+        return "self"
+    return _auto(players, budget, tol)
 
 
 def estimate(
@@ -248,7 +257,7 @@ def explain(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_images(images, model, sync=True)
     game = value_function(model, images, mode=mode, baseline=baseline, players=players, precision=precision)
-    method = resolve_method(method, model, game.players, budget, tol)
+    method = resolve_method(method, model, game.players, budget, tol, mode=mode)
     if method == "self":
         return _self_explain(model, images, target)
     return estimate(

@@ -63,6 +63,18 @@ def _is_packed_vit(model: nn.Module) -> bool:
     return True
 
 
+class _SelfExplainingLogits(nn.Module):
+    """A self-explaining model as a plain classifier: (B, C, H, W) -> its logits f(x) (B, K), for
+    pixel masking (its forward returns (phi, logits, ...), a ShapleyOutput)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)[1]
+
+
 def value_function(
     model: nn.Module,
     images: torch.Tensor,
@@ -76,8 +88,9 @@ def value_function(
     """The game v_x(S) = logits of ``model`` on each image x with only the patches in S present.
 
     Args:
-        model: a self-explaining model with ``coalition_values(images, coalitions)`` (used as is),
-            a timm ViT (packed coalition engine: tokens dropped) or any classifier (pixel masking).
+        model: a self-explaining model with ``coalition_values(images, coalitions)`` (used as is,
+            unless ``mode="input"``: then its logits on pixel-masked images), a timm ViT (packed
+            coalition engine: tokens dropped) or any classifier (pixel masking).
         images: (B, C, H, W) on the model's device.
         mode: force ``"packed"`` or ``"input"``; default picks as above.
         baseline: pixels of absent patches in input mode: ``"zeros"``, ``"mean"`` or ``"blur"``.
@@ -98,7 +111,8 @@ def value_function(
         raise ValueError("the model has no timm patch embedding: pass players=N (a square patch grid)")
     if players is not None and players != num:
         raise ValueError(f"players={players} but the model has {num} patches")
-    if mode is None and hasattr(model, "coalition_values"):
+    self_explaining = hasattr(model, "coalition_values")
+    if self_explaining and mode in (None, "packed"):
         options = {} if precision == "auto" else {"precision": precision}
 
         def fn(coalitions):
@@ -107,10 +121,11 @@ def value_function(
     else:
         if mode is None:
             mode = "packed" if _is_packed_vit(model) else "input"
+        classifier = _SelfExplainingLogits(model) if self_explaining else model
 
         def fn(coalitions):
             return fused_coalition_forward(
-                model,
+                classifier,
                 images,
                 coalitions,
                 mode=mode,
