@@ -104,6 +104,8 @@ class SweepLoss(ShapleyLoss):
 
 # -- runs ---------------------------------------------------------------------------------------
 
+LATER_OPTIONS = {"target_precision": "auto", "stop_grad": True}  # Run fields added after the first runs
+
 
 @dataclasses.dataclass(frozen=True)
 class Run:
@@ -114,6 +116,7 @@ class Run:
     grad_coalitions: int
     seed: int
     target_precision: str = "auto"  # of the forward-only ℓ_sv targets
+    stop_grad: bool = True  # False: ℓ_sv's gradient also flows through its targets v_x(S)
 
     def __post_init__(self):
         if self.lam == 0:  # no ℓ_sv: its scale does not matter, so λ = 0 runs are shared
@@ -121,14 +124,23 @@ class Run:
 
     @property
     def group(self) -> tuple:
-        return (self.data, self.lam, self.mu, self.sv_scale, self.grad_coalitions, self.target_precision)
+        return (
+            self.data,
+            self.lam,
+            self.mu,
+            self.sv_scale,
+            self.grad_coalitions,
+            self.target_precision,
+            self.stop_grad,
+        )
 
     @property
     def name(self) -> str:
         precision = "" if self.target_precision == "auto" else f"-{self.target_precision}"
+        gradient = "" if self.stop_grad else "-nosg"
         return (
             f"{self.data}-lam{self.lam:g}-mu{self.mu:g}-{self.sv_scale}-g{self.grad_coalitions}{precision}"
-            f"-s{self.seed}"
+            f"{gradient}-s{self.seed}"
         )
 
 
@@ -140,6 +152,7 @@ def _config(run: Run, args, out: Path) -> TrainConfig:
         sv_scale=run.sv_scale if run.sv_scale in SV_SCALES else "raw",
         grad_coalitions=run.grad_coalitions,
         target_precision=run.target_precision,
+        stop_grad=run.stop_grad,
         seed=run.seed,
         out=str(out),
         device=args.device,
@@ -194,8 +207,12 @@ def train_run(run: Run, args, *, exact: bool) -> dict:
     """Train one run (or reuse its result.json when the settings match) and score it."""
     folder = Path(args.runs) / run.name
     settings = {
-        # target_precision only when not the default: the runs from before it keep their settings
-        **{k: v for k, v in dataclasses.asdict(run).items() if k != "target_precision" or v != "auto"},
+        # options added later only when not their default: earlier runs keep their settings
+        **{
+            k: v
+            for k, v in dataclasses.asdict(run).items()
+            if k not in LATER_OPTIONS or v != LATER_OPTIONS[k]
+        },
         "epochs": args.epochs or TrainConfig.epochs,
         "limit_train": args.limit_train,
         "limit_test": args.limit_test,
@@ -373,6 +390,7 @@ def check_targets(rows: list[dict], reference: dict | None, target_lams: list[fl
         out.append(
             {
                 "sv_scale": row["sv_scale"],
+                "stop_grad": row.get("stop_grad", True),
                 "lam": row["lam"],
                 "seeds": len(row["seeds"]),
                 "acc_gap_points": 100 * gap,
@@ -405,6 +423,13 @@ def _scale_name(scale: str) -> str:
     }[scale]
 
 
+def _loss_name(row: dict, scale_name=None) -> str:
+    """ℓ_sv's scale, and whether its gradient flows through the targets (rows from before the
+    option have no ``stop_grad``)."""
+    name = (scale_name or _scale_name)(row["sv_scale"])
+    return name if row.get("stop_grad", True) else f"{name}, gradient through v_x(S)"
+
+
 def _run_table(rows: list[dict], columns: list[tuple[str, str, str]], scale_name) -> str:
     """λ, μ, ℓ_sv scale, seeds, accuracy and held-out ℓ_sv of each run group, then ``columns``
     (header, metric, format)."""
@@ -412,7 +437,7 @@ def _run_table(rows: list[dict], columns: list[tuple[str, str, str]], scale_name
         [
             f"{row['lam']:g}",
             f"{row['mu']:g}",
-            scale_name(row["sv_scale"]) if row["lam"] else "—",
+            _loss_name(row, scale_name) if row["lam"] else "—",
             len(row["seeds"]),
             _pm(row["test_acc"], ".1f", 100, "%"),
             _pm(row["test_sv"], ".3f"),
@@ -513,7 +538,7 @@ def markdown(result: dict) -> str:
         lines += [_run_table(lam["rows"], columns, _scale_name)]
         table = [
             [
-                _scale_name(t["sv_scale"]),
+                _loss_name(t),
                 f"{t['lam']:g}",
                 t["seeds"],
                 f"{t['acc_gap_points']:+.1f}",
@@ -605,6 +630,13 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--lam-seeds", type=int, nargs="+", help="seeds of the λ sweep (default: --seeds)")
     parser.add_argument("--raw-lams", type=float, nargs="*", default=[1.0, 10.0], help="raw ℓ_sv, first seed")
+    parser.add_argument(
+        "--gradient-lams",
+        type=float,
+        nargs="*",
+        default=[],
+        help="raw ℓ_sv without stop-gradient, at these λ",
+    )
     parser.add_argument("--variants", nargs="*", default=[], choices=list(EXTRA_SCALES), help="extra scales")
     parser.add_argument("--variant-lams", type=float, nargs="+", default=[1.0, 10.0], help="λ of variants")
     parser.add_argument("--variant-seeds", type=int, nargs="+", help="seeds of variants (default: first)")
@@ -660,6 +692,11 @@ def main(argv=None) -> None:
         ]
         specs += [Run("digits", *default, "raw", full, s) for s in seeds]  # the default, shared with grad
         specs += [Run("digits", lam, TrainConfig.mu, "raw", full, s) for lam in args.raw_lams for s in first]
+        specs += [
+            Run("digits", lam, TrainConfig.mu, "raw", full, s, stop_grad=False)
+            for lam in args.gradient_lams
+            for s in args.lam_seeds or seeds
+        ]
         specs = list(dict.fromkeys(specs))  # λ = 0 of every scale is one run
         rows = sweep(specs, lambda run: run.lam > 0)
         reference = _find(rows, lam=0.0, mu=0.0)
@@ -669,6 +706,11 @@ def main(argv=None) -> None:
         specs += [
             Run("evidence", lam, TrainConfig.mu, args.evidence_scale, full, s)
             for lam in args.lams
+            for s in args.evidence_seeds
+        ]
+        specs += [
+            Run("evidence", lam, TrainConfig.mu, "raw", full, s, stop_grad=False)
+            for lam in args.gradient_lams
             for s in args.evidence_seeds
         ]
         result["evidence"] = {"rows": sweep(specs, lambda run: False)}

@@ -41,9 +41,10 @@ def test_stop_grad_through_the_model(stop_grad):
     assert (grad is None) == stop_grad
 
 
-def reference_loss(model, images, labels, coalitions, lam, mu, mask_loss, graded=None):
+def reference_loss(model, images, labels, coalitions, lam, mu, mask_loss, graded=None, stop_grad=True):
     """Slow reference from timm's key-masked forward, one coalition at a time; ℓ_mask over the
-    first ``graded`` coalitions (default all)."""
+    first ``graded`` coalitions (default all); ℓ_sv's gradient through its targets unless
+    ``stop_grad``."""
     graded = coalitions.shape[1] if graded is None else graded
     prefix = model.num_prefix_tokens
     tokens = model.backbone.forward_features(images)
@@ -56,9 +57,12 @@ def reference_loss(model, images, labels, coalitions, lam, mu, mask_loss, graded
             masked = model.backbone.forward_features(images[b : b + 1], attn_mask=keep)
             values[b, m] = (model.head(model.head_norm(masked[0, prefix:])) * mask[:, None]).sum(0)
     cls = F.cross_entropy(logits, labels)
+
     sv = (
         sum(
-            (values[b, m].detach() - phi[b][coalitions[b, m]].sum(0)).square().sum()
+            ((values[b, m] if not stop_grad else values[b, m].detach()) - phi[b][coalitions[b, m]].sum(0))
+            .square()
+            .sum()
             for b in range(images.shape[0])
             for m in range(coalitions.shape[1])
         )
@@ -95,6 +99,22 @@ def test_loss_step_equals_slow_timm_reference(mask_loss, grad_coalitions):
     for g, r in zip(grads, ref_grads, strict=False):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
     assert set(out.components()) == {"loss", "cls", "sv", "mask"}
+
+
+def test_loss_without_stop_grad_equals_the_reference():
+    """stop_grad=False: ℓ_sv's gradient flows through its targets v_x(S) as well."""
+    model = tiny().eval()
+    images, labels = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    coalitions = sample_coalitions(2, 4, 16, generator=torch.Generator().manual_seed(2))
+    loss = ShapleyLoss(lam=0.7, mu=0.3, num_coalitions=4, stop_grad=False)
+    assert loss.grad_coalitions == 4
+    out = loss(model, images, labels, coalitions)
+    grads = torch.autograd.grad(out.total, list(model.parameters()))
+    ref = reference_loss(model, images, labels, coalitions, 0.7, 0.3, "kl", stop_grad=False)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    torch.testing.assert_close(out.total, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
 
 
 def test_no_mask_loss_and_bad_arguments():
@@ -140,7 +160,7 @@ def test_forward_only_coalitions_take_the_mask_loss_over_the_graded_ones():
     torch.testing.assert_close(part.mask, only.mask, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="grad_coalitions must be"):
         ShapleyLoss(num_coalitions=8, grad_coalitions=3)
-    with pytest.raises(ValueError, match="needs stop_grad=True"):
+    with pytest.raises(ValueError, match="needs every coalition to carry gradients"):
         ShapleyLoss(num_coalitions=8, grad_coalitions=2, stop_grad=False)
 
 

@@ -181,7 +181,8 @@ class ShapleyLoss(nn.Module):
             )
         if grad_coalitions < num_coalitions and not stop_grad:
             raise ValueError(
-                "grad_coalitions < num_coalitions needs stop_grad=True (the others carry no gradient)"
+                "stop_grad=False needs every coalition to carry gradients (grad_coalitions = "
+                "num_coalitions): ℓ_sv's gradient through only some targets collapses training (digits)"
             )
         if sv_scale not in SV_SCALES:
             raise ValueError(f"sv_scale must be one of {SV_SCALES}, got {sv_scale!r}")
