@@ -2,9 +2,10 @@
 
     python benchmarks/bench_train_step.py [--device cuda|cpu] [--images B] [--coalitions M] [--out DIR]
 
-Every method runs the same step: ShapleyLoss (λ = 0.1, μ = 1, KL mask loss) on B images × M
-paired coalitions, backward, AdamW. They differ in how Φ(x), f(x) and v_x(S) = Σ_{n∈S} Φ(x_S)_n
-are computed:
+Every method runs the same step: ShapleyLoss (its defaults: λ = 1, μ = 1, KL mask loss, ℓ_sv's
+gradient through its targets, so every coalition carries gradients; ``--stop-grad`` with
+``--grad-coalitions`` for the stop-gradient form) on B images × M paired coalitions, backward,
+AdamW. They differ in how Φ(x), f(x) and v_x(S) = Σ_{n∈S} Φ(x_S)_n are computed:
 
 - shapkern: ``ShapleyViT`` itself, one packed engine pass (compiled blocks by default on CUDA).
 - pairs + dense mask: complementary coalitions share one row [prefix, prefix, N patches] with a
@@ -33,7 +34,7 @@ from torch import nn
 import shapkern
 from shapkern.models import ShapleyOutput
 
-LOSS = {"lam": 0.1, "mu": 1.0, "mask_loss": "kl"}
+LOSS = {"lam": 1.0, "mu": 1.0, "mask_loss": "kl"}
 TOLERANCE = {"bf16": 2e-2, "fp32": 1e-4}  # least relative difference allowed between two methods
 
 
@@ -181,11 +182,13 @@ def measure(args) -> dict:
     device, model, images, labels, coalitions, config = build(args)
     cuda = device.type == "cuda"
     dtype = "bf16" if cuda else "fp32"
-    options = {} if args.grad_coalitions is None else {"grad_coalitions": args.grad_coalitions}
+    options = {"stop_grad": args.stop_grad}
+    if args.grad_coalitions is not None:
+        options["grad_coalitions"] = args.grad_coalitions
     loss_fn = shapkern.ShapleyLoss(num_coalitions=config["coalitions"], **LOSS, **options)
     loss_config = {
         key: getattr(loss_fn, key)
-        for key in ("lam", "mu", "mask_loss", "num_coalitions", "grad_coalitions", "sv_scale")
+        for key in ("lam", "mu", "mask_loss", "num_coalitions", "grad_coalitions", "sv_scale", "stop_grad")
         if hasattr(loss_fn, key)
     }
     table = methods(model, device)
@@ -342,6 +345,9 @@ def main(argv=None) -> dict:
     )
     parser.add_argument(
         "--grad-coalitions", type=int, help="coalitions carrying gradients (default: ShapleyLoss's)"
+    )
+    parser.add_argument(
+        "--stop-grad", action="store_true", help="no gradient through ℓ_sv's targets (then G < M works)"
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method")

@@ -1,8 +1,10 @@
 """Shapley estimators against exact values on identical N = 16 games: shapkern's and shapiq's.
 
 Games (``--images`` instances each, one output):
-    vit_sv     the default digits ShapleyViT (``shapkern train``: λ = 0.1, μ = 1), the predicted
-               class's logit on the first test images, v_x(S) = the model on the patches in S;
+    vit_sv     the digits ShapleyViT with the stop-gradient ℓ_sv (``shapkern train --lam 0.1
+               --stop-grad``, the default before 0.2.0: today's default makes v_x nearly additive,
+               an easy game), the predicted class's logit on the first test images, v_x(S) = the
+               model on the patches in S;
     vit_cls    the same architecture trained for classification only (``--lam 0 --mu 0``);
     quadratic  linear + random pairwise terms (exactly 2-additive);
     mlp        a random 2-layer tanh network of the membership vector (smooth, every order);
@@ -13,7 +15,7 @@ its exact Shapley values from ``shapkern.estimate(method="exact")``; 256 random 
 re-evaluated through the model as a check), and every estimator, shapkern's and shapiq's, queries
 that table, so model time is excluded and the wall time is the estimator's own. A checkpoint
 missing under ``--runs`` is trained with the CLI first (a few minutes each on a CPU):
-    shapkern train --out RUNS/vit_sv --no-progress --faith-images 0 --heatmap-images 0
+    shapkern train --out RUNS/vit_sv --lam 0.1 --stop-grad --no-progress --faith-images 0 --heatmap-images 0
     shapkern train --out RUNS/vit_cls --lam 0 --mu 0 --no-progress --faith-images 0 --heatmap-images 0
 
 Estimators, at each budget (evaluations per instance, v(∅) and v(N) counted by both libraries):
@@ -52,7 +54,7 @@ from shapkern.explainers.metrics import relative_l2, topk_precision
 ROOT = Path(__file__).resolve().parents[1]
 PLAYERS = 16
 GAMES = ("vit_sv", "vit_cls", "quadratic", "mlp", "threshold")
-TRAIN_FLAGS = {"vit_sv": [], "vit_cls": ["--lam", "0", "--mu", "0"]}
+TRAIN_FLAGS = {"vit_sv": ["--lam", "0.1", "--stop-grad"], "vit_cls": ["--lam", "0", "--mu", "0"]}
 SHAPKERN = ("bayes", "leverage", "kernel", "permutation")
 SHAPIQ = {
     "KernelSHAP (paired)": ("KernelSHAP", {"pairing_trick": True}),

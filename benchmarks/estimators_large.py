@@ -33,7 +33,7 @@ from shapkern.explainers import estimate, value_function
 from shapkern.explainers.metrics import relative_l2, topk_precision
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_FLAGS = ["--patch-size", "4", "--epochs", "20"]
+TRAIN_FLAGS = ["--patch-size", "4", "--epochs", "20", "--lam", "0.1", "--stop-grad"]  # as in estimators.py
 SHAPKERN = ("bayes", "leverage", "kernel", "permutation")
 SHAPIQ = {
     "KernelSHAP (paired)": ("KernelSHAP", {"pairing_trick": True}),

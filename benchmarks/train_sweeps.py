@@ -1,23 +1,26 @@
 """Training sweeps of the loss options: forward-only coalitions and the scale of ℓ_sv.
 
-(1) ``grad``: digits at the defaults (λ = 0.1, μ = 1, KL, M = 8) with G ∈ --grad-coalitions of the
-M coalitions carrying gradients: test accuracy, ‖Φ − φ_exact‖/‖φ_exact‖ against the exact Shapley
-values of the model's own value function (all 2^N coalitions, first --exact-images test images),
-held-out ℓ_sv; ``timing``: the training step (``Trainer.backward`` + ``step``) of every G on the same
-batches, interleaved, as a ratio to G = M. (2) ``lam``: digits, λ ∈ --lams with μ = 1 and each ℓ_sv
-scale of --lam-scales, classification only (λ = μ = 0) as the accuracy reference, the raw form at
---raw-lams (first seed), and the experimental normalisers of --variants at --variant-lams (defined
-here only, see SweepLoss). (3) ``evidence``: the same λ with --evidence-scale on the evidence data,
-with the pointing game, AUROC and mIoU of the self-explanations Φ(x)[:, :, y] against the
-ground-truth evidence patches. (4) ``fp8``: the default (G = M/4) with its forward-only ℓ_sv
-targets in e4m3 (``target_precision="fp8"``) against the same runs in the model's dtype. The
-error against exact values is also given with Φ and φ_exact centred over classes (the part that
-softmax sees). Mean ± std over seeds everywhere.
+(1) ``grad``: digits with the stop-gradient ℓ_sv (λ = 0.1, μ = 1, KL, M = 8; the default before
+0.2.0) with G ∈ --grad-coalitions of the M coalitions carrying gradients: test accuracy,
+‖Φ − φ_exact‖/‖φ_exact‖ against the exact Shapley values of the model's own value function (all 2^N
+coalitions, first --exact-images test images), held-out ℓ_sv; ``timing``: the training step
+(``Trainer.backward`` + ``step``) of every G on the same batches, interleaved, as a ratio to G = M.
+(2) ``lam``: digits, λ ∈ --lams with μ = 1 and each ℓ_sv scale of --lam-scales, classification only
+(λ = μ = 0) as the accuracy reference, the raw form at --raw-lams (first seed), the raw form with
+ℓ_sv's gradient through its targets (``stop_grad=False``, the default since 0.2.0) at
+--gradient-lams, and the experimental normalisers of --variants at --variant-lams (defined here
+only, see SweepLoss). (3) ``evidence``: the same λ with --evidence-scale, and --gradient-lams, on the
+evidence data, with the pointing game, AUROC and mIoU of the self-explanations Φ(x)[:, :, y] against
+the ground-truth evidence patches. (4) ``fp8``: the stop-gradient form with G = M/4 and its
+forward-only ℓ_sv targets in e4m3 (``target_precision="fp8"``) against the same runs in the model's
+dtype. The error against exact values is also given with Φ and φ_exact centred over classes (the
+part that softmax sees). Mean ± std over seeds everywhere.
 
 Every run is kept in --runs/<name>/result.json with its settings; an invocation with the same settings
 reuses it, so the sweeps can be run part by part and the tables assembled by the full command.
 
-    python benchmarks/train_sweeps.py --variants player centered --out benchmarks/results/2026-11-26-cpu
+    python benchmarks/train_sweeps.py --variants player centered --gradient-lams 0.1 1 10 \\
+        --out benchmarks/results/2026-11-26-cpu
     python benchmarks/train_sweeps.py --parts grad timing --seeds 0               # one part, one seed
 """
 
@@ -104,6 +107,7 @@ class SweepLoss(ShapleyLoss):
 
 # -- runs ---------------------------------------------------------------------------------------
 
+STOP_GRAD_DEFAULT = (0.1, 1.0)  # λ, μ of the stop-gradient form (the default before 0.2.0)
 LATER_OPTIONS = {"target_precision": "auto", "stop_grad": True}  # Run fields added after the first runs
 
 
@@ -254,10 +258,12 @@ def train_run(run: Run, args, *, exact: bool) -> dict:
 
 
 def step_times(args) -> dict:
-    """Trainer.backward + step of every G on the same batches, interleaved round-robin."""
-    runs = [
-        Run("digits", TrainConfig.lam, TrainConfig.mu, "raw", g, args.seeds[0]) for g in args.grad_coalitions
-    ]
+    """Trainer.backward + step of every G (stop-gradient form) and of the default step (ℓ_sv's
+    gradient through its targets, all M graded) on the same batches, interleaved round-robin."""
+    seed, full = args.seeds[0], args.grad_coalitions[0]
+    runs = [Run("digits", *STOP_GRAD_DEFAULT, "raw", g, seed) for g in args.grad_coalitions]
+    runs.append(Run("digits", TrainConfig.lam, TrainConfig.mu, "raw", full, seed, stop_grad=False))
+    labels = [f"G={run.grad_coalitions}" if run.stop_grad else "default" for run in runs]
     trainers = [_trainer(run, args, Path(args.runs) / "timing" / run.name, faith_images=0) for run in runs]
     batches = list(itertools.islice(iter(trainers[0].loader), args.timing_steps))
 
@@ -268,18 +274,20 @@ def step_times(args) -> dict:
             trainer.step()
 
     clock = "process" if torch.device(trainers[0].device).type == "cpu" else "wall"
-    fns = {f"G={run.grad_coalitions}": (lambda t=t: steps(t)) for run, t in zip(runs, trainers, strict=True)}
+    fns = {label: (lambda t=t: steps(t)) for label, t in zip(labels, trainers, strict=True)}
     stats = harness.time_interleaved(
         fns, trainers[0].device, warmup=1, repeats=args.timing_repeats, clock=clock
     )
-    base = stats[f"G={args.grad_coalitions[0]}"]["times_ms"]
+    base = stats[f"G={full}"]["times_ms"]
     out = {"clock": clock, "steps_per_call": len(batches), "repeats": args.timing_repeats, "rows": []}
-    for run in runs:
-        times = stats[f"G={run.grad_coalitions}"]["times_ms"]
+    for run, label in zip(runs, labels, strict=True):
+        times = stats[label]["times_ms"]
         ratios = [t / b for t, b in zip(times, base, strict=True)]  # same round, same machine state
         out["rows"].append(
             {
                 "grad_coalitions": run.grad_coalitions,
+                "stop_grad": run.stop_grad,
+                "lam": run.lam,
                 "ms_per_step": statistics.median(times) / len(batches),
                 "ratio_median": statistics.median(ratios),
                 "ratio_min": min(ratios),
@@ -344,10 +352,16 @@ def _find(rows: list[dict], **keys) -> dict | None:
     return next((r for r in rows if all(r[k] == v for k, v in keys.items())), None)
 
 
+def _stop_grad_rows(timing: dict | None) -> dict[int, dict]:
+    """G -> the timing row of the stop-gradient step (rows from before the default step have no
+    ``stop_grad``)."""
+    return {t["grad_coalitions"]: t for t in (timing or {}).get("rows", []) if t.get("stop_grad", True)}
+
+
 def decide_grad(rows: list[dict], timing: dict | None, full: int) -> dict:
     """The fastest G whose accuracy is not lower and error not higher than G = M's beyond seed noise."""
     base = _find(rows, grad_coalitions=full)
-    timing_rows = {t["grad_coalitions"]: t for t in (timing or {}).get("rows", [])}
+    timing_rows = _stop_grad_rows(timing)
     verdicts = []
     for row in rows:
         acc_band = noise_band(row["test_acc"], base["test_acc"])
@@ -474,8 +488,8 @@ def markdown(result: dict) -> str:
         grad, timing = result["grad"], result.get("timing")
         decision = grad["decision"]
         verdicts = {v["grad_coalitions"]: v for v in decision["verdicts"]}
-        timing_rows = {t["grad_coalitions"]: t for t in (timing or {}).get("rows", [])}
-        lines += ["## Coalitions that carry gradients (λ = 0.1, μ = 1, raw ℓ_sv)", ""]
+        timing_rows = _stop_grad_rows(timing)
+        lines += ["## Coalitions that carry gradients (stop-gradient ℓ_sv, λ = 0.1, μ = 1, raw)", ""]
         table = []
         for row in grad["rows"]:
             g = row["grad_coalitions"]
@@ -515,6 +529,17 @@ def markdown(result: dict) -> str:
                 ),
                 "",
             ]
+            for t in timing["rows"]:
+                if not t.get("stop_grad", True):
+                    lines += [
+                        (
+                            f"The default step (λ = {t['lam']:g}, ℓ_sv's gradient through its targets, all "
+                            f"{t['grad_coalitions']} coalitions graded), timed in the same rounds: "
+                            f"{t['ms_per_step']:.0f} ms, {t['ratio_median']:.2f} "
+                            f"({t['ratio_min']:.2f}–{t['ratio_max']:.2f}) × G = {t['grad_coalitions']}'s."
+                        ),
+                        "",
+                    ]
         lines += [
             (
                 "Within noise: accuracy not lower and error not higher than G = 8's by more than two "
@@ -582,7 +607,7 @@ def markdown(result: dict) -> str:
         ]
     if "fp8" in result:
         lines += [
-            "## fp8 ℓ_sv targets (λ = 0.1, μ = 1, raw ℓ_sv, G = 2 of 8, the default)",
+            "## fp8 ℓ_sv targets (stop-gradient ℓ_sv, λ = 0.1, μ = 1, raw, G = 2 of 8)",
             "",
             (
                 "The forward-only coalitions that serve as ℓ_sv targets alone run their encoder GEMMs in "
@@ -660,7 +685,7 @@ def main(argv=None) -> None:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     full = args.grad_coalitions[0]
-    default = (TrainConfig.lam, TrainConfig.mu)
+    default = STOP_GRAD_DEFAULT
     seeds, first = args.seeds, args.seeds[:1]
     result: dict = {}
 
@@ -690,7 +715,7 @@ def main(argv=None) -> None:
             for lam in args.variant_lams
             for s in args.variant_seeds or first
         ]
-        specs += [Run("digits", *default, "raw", full, s) for s in seeds]  # the default, shared with grad
+        specs += [Run("digits", *default, "raw", full, s) for s in seeds]  # shared with grad
         specs += [Run("digits", lam, TrainConfig.mu, "raw", full, s) for lam in args.raw_lams for s in first]
         specs += [
             Run("digits", lam, TrainConfig.mu, "raw", full, s, stop_grad=False)

@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
         embed_dim=64,
         num_heads=2,
     )
-    loss_fn = ShapleyLoss(lam=0.1, mu=1.0, num_coalitions=8, mask_loss="kl")  # L = ℓ_cls + λ ℓ_sv + μ ℓ_mask
+    loss_fn = ShapleyLoss(lam=1.0, mu=1.0, num_coalitions=8, mask_loss="kl")  # L = ℓ_cls + λ ℓ_sv + μ ℓ_mask
     loader = DataLoader(train, batch_size=64, shuffle=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(

@@ -191,11 +191,12 @@ def test_train_step_benchmark_smoke_on_cpu(tmp_path):
         "zero-input masking, timm forward",
     ]
     loss = result["config"]["loss"]
-    assert {key: loss[key] for key in ("lam", "mu", "mask_loss", "num_coalitions")} == {
-        "lam": 0.1,
+    assert {key: loss[key] for key in ("lam", "mu", "mask_loss", "num_coalitions", "stop_grad")} == {
+        "lam": 1.0,
         "mu": 1.0,
         "mask_loss": "kl",
         "num_coalitions": 2,
+        "stop_grad": False,
     }
     for row in rows.values():
         assert "failed" not in row, row
@@ -270,19 +271,19 @@ def test_train_sweeps_smoke_on_cpu(train_sweeps, tmp_path, capsys):
     args = [
         "--epochs", "1", "--limit-train", "64", "--limit-test", "16", "--img-size", "16",
         "--exact-images", "1", "--seeds", "0", "--grad-coalitions", "8", "2", "--lams", "1",
-        "--raw-lams", "1", "--variants", "player", "--variant-lams", "1", "--timing-steps", "1",
-        "--timing-repeats", "1", "--runs", str(runs),
+        "--raw-lams", "1", "--gradient-lams", "1", "--variants", "player", "--variant-lams", "1",
+        "--timing-steps", "1", "--timing-repeats", "1", "--runs", str(runs),
     ]  # fmt: skip
     threads = torch.get_num_threads()  # main() sets them (--threads); restored for the other tests
     try:
         train_sweeps.main(["--device", "cpu", *args, "--out", str(tmp_path / "out")])
-        assert capsys.readouterr().out.count("shapkern train:") == 9  # fp8 reuses grad's G = 2 run
+        assert capsys.readouterr().out.count("shapkern train:") == 11  # fp8 reuses grad's G = 2 run
         # Every run is kept with its settings and reused by a later invocation with the same settings.
         train_sweeps.main(["--device", "cpu", "--parts", "lam", *args, "--out", str(tmp_path / "again")])
     finally:
         torch.set_num_threads(threads)
-    assert capsys.readouterr().out.count("reusing") == 5
-    assert len(list(runs.glob("*/result.json"))) == 9
+    assert capsys.readouterr().out.count("reusing") == 6
+    assert len(list(runs.glob("*/result.json"))) == 11
     result = json.loads((tmp_path / "out" / "train_sweeps.json").read_text())
     assert result["config"]["epochs"] == 1 and result["environment"]["torch"]
     grad = {row["grad_coalitions"]: row for row in result["grad"]["rows"]}
@@ -291,29 +292,34 @@ def test_train_sweeps_smoke_on_cpu(train_sweeps, tmp_path, capsys):
         assert row["seeds"] == [0] and 0 <= row["test_acc"]["mean"] <= 1 and row["test_acc"]["std"] is None
         assert 0 < row["rel_err"]["mean"] < 10 and row["rel_err"]["n"] == 1
         assert 0 < row["rel_err_centred"]["mean"] < 10
-    timing = {row["grad_coalitions"]: row for row in result["timing"]["rows"]}
-    assert timing[8]["ratio_median"] == 1.0 and timing[2]["ratio_median"] > 0
+    timing = {(row["grad_coalitions"], row["stop_grad"]): row for row in result["timing"]["rows"]}
+    assert list(timing) == [(8, True), (2, True), (8, False)]  # the stop-gradient G, then the default
+    assert timing[8, True]["ratio_median"] == 1.0 and timing[2, True]["ratio_median"] > 0
+    assert timing[8, False]["ratio_median"] > 0 and timing[8, False]["lam"] == 1.0
     assert result["timing"]["clock"] == "process" and result["grad"]["decision"]["recommended"] == 8
-    groups = [(row["lam"], row["mu"], row["sv_scale"]) for row in result["lam"]["rows"]]
+    groups = [(row["lam"], row["mu"], row["sv_scale"], row["stop_grad"]) for row in result["lam"]["rows"]]
     assert groups == [
-        (0.0, 0.0, "raw"),  # classification only
-        (1.0, 1.0, "relative"),
-        (1.0, 1.0, "player"),
-        (0.1, 1.0, "raw"),  # the default, shared with the grad sweep
-        (1.0, 1.0, "raw"),
+        (0.0, 0.0, "raw", True),  # classification only
+        (1.0, 1.0, "relative", True),
+        (1.0, 1.0, "player", True),
+        (0.1, 1.0, "raw", True),  # the stop-gradient default before 0.2.0, shared with the grad sweep
+        (1.0, 1.0, "raw", True),
+        (1.0, 1.0, "raw", False),  # today's default
     ]
     for row in result["lam"]["rows"]:
         assert (row["rel_err"]["n"] == 1) == (row["lam"] > 0)
         assert 0 < row["test_logit_sq_centered"]["mean"] <= row["test_logit_sq"]["mean"] * (1 + 1e-6)
-    assert [(t["sv_scale"], t["lam"]) for t in result["lam"]["targets"]] == [
-        ("relative", 1.0),
-        ("player", 1.0),
-        ("raw", 1.0),
+    assert [(t["sv_scale"], t["lam"], t["stop_grad"]) for t in result["lam"]["targets"]] == [
+        ("relative", 1.0, True),
+        ("player", 1.0, True),
+        ("raw", 1.0, True),
+        ("raw", 1.0, False),
     ]
     evidence = result["evidence"]["rows"]
-    assert [(row["lam"], row["mu"], row["sv_scale"]) for row in evidence] == [
-        (0.0, 0.0, "raw"),
-        (1.0, 1.0, "relative"),
+    assert [(row["lam"], row["mu"], row["sv_scale"], row["stop_grad"]) for row in evidence] == [
+        (0.0, 0.0, "raw", True),
+        (1.0, 1.0, "relative", True),
+        (1.0, 1.0, "raw", False),
     ]
     assert all(0 <= row["pointing"]["mean"] <= 1 and row["rel_err"]["n"] == 0 for row in evidence)
     fp8 = result["fp8"]["rows"]
@@ -321,7 +327,8 @@ def test_train_sweeps_smoke_on_cpu(train_sweeps, tmp_path, capsys):
     assert fp8[0]["test_acc"] == grad[2]["test_acc"]  # the same run
     assert fp8[1]["rel_err"]["n"] == 1 and fp8[1]["test_sv"]["mean"] != fp8[0]["test_sv"]["mean"]
     markdown = (tmp_path / "out" / "train_sweeps.md").read_text()
-    assert "## fp8 ℓ_sv targets" in markdown
+    assert "## fp8 ℓ_sv targets" in markdown and "gradient through v_x(S)" in markdown
+    assert "The default step (λ = 1, ℓ_sv's gradient through its targets, all 8" in markdown
     assert markdown.startswith("# Training sweeps") and "| 2 of 8 | 1 |" in markdown
     again = json.loads((tmp_path / "again" / "train_sweeps.json").read_text())
     assert again["lam"] == result["lam"]

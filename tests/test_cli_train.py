@@ -106,7 +106,10 @@ def test_defaults_are_the_digits_quick_start():
 
     cfg, explicit = config_from_args(build_parser().parse_args(["train"]))
     assert cfg == TrainConfig() and not explicit
-    assert (cfg.data, cfg.img_size, cfg.patch_size) == ("digits", 32, 8) and cfg.stop_grad and not cfg.resume
+    assert (cfg.data, cfg.img_size, cfg.patch_size, cfg.lam) == ("digits", 32, 8, 1.0) and not cfg.resume
+    assert not cfg.stop_grad and cfg.grad_coalitions is None  # ℓ_sv through its targets: all M graded
+    cfg, explicit = config_from_args(build_parser().parse_args(["train", "--stop-grad"]))
+    assert cfg.stop_grad and explicit == {"stop_grad"}
 
 
 @pytest.mark.parametrize(

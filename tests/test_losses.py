@@ -88,7 +88,12 @@ def test_loss_step_equals_slow_timm_reference(mask_loss, grad_coalitions):
     images, labels = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
     coalitions = sample_coalitions(2, 4, 16, generator=torch.Generator().manual_seed(1))
     loss = ShapleyLoss(
-        lam=0.7, mu=0.3, num_coalitions=4, mask_loss=mask_loss, grad_coalitions=grad_coalitions
+        lam=0.7,
+        mu=0.3,
+        num_coalitions=4,
+        mask_loss=mask_loss,
+        grad_coalitions=grad_coalitions,
+        stop_grad=True,
     )
     assert loss.grad_coalitions == (2 if grad_coalitions is None else 4)  # default: M/4, at least a pair
     out = loss(model, images, labels, coalitions)
@@ -102,12 +107,13 @@ def test_loss_step_equals_slow_timm_reference(mask_loss, grad_coalitions):
 
 
 def test_loss_without_stop_grad_equals_the_reference():
-    """stop_grad=False: ℓ_sv's gradient flows through its targets v_x(S) as well."""
+    """The default, stop_grad=False: ℓ_sv's gradient flows through its targets v_x(S) as well, and
+    every coalition carries gradients."""
     model = tiny().eval()
     images, labels = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
     coalitions = sample_coalitions(2, 4, 16, generator=torch.Generator().manual_seed(2))
-    loss = ShapleyLoss(lam=0.7, mu=0.3, num_coalitions=4, stop_grad=False)
-    assert loss.grad_coalitions == 4
+    loss = ShapleyLoss(lam=0.7, mu=0.3, num_coalitions=4)
+    assert not loss.stop_grad and loss.grad_coalitions == 4
     out = loss(model, images, labels, coalitions)
     grads = torch.autograd.grad(out.total, list(model.parameters()))
     ref = reference_loss(model, images, labels, coalitions, 0.7, 0.3, "kl", stop_grad=False)
@@ -139,11 +145,11 @@ def test_forward_only_coalitions_give_the_same_sv_loss_and_gradients():
     model = tiny().eval()  # no dropout: the two passes see the same model
     images, labels = torch.randn(3, 3, 16, 16), torch.tensor([0, 2, 1])
     coalitions = sample_coalitions(3, 8, 16, generator=torch.Generator().manual_seed(4))
-    full, full_grads = _grads(
-        model, ShapleyLoss(num_coalitions=8, mask_loss=None), images, labels, coalitions
-    )
+    options = {"num_coalitions": 8, "mask_loss": None, "stop_grad": True}
+    full, full_grads = _grads(model, ShapleyLoss(**options, grad_coalitions=8), images, labels, coalitions)
+    assert full.values.shape == (3, 8, 3)
     for grad_coalitions in (4, 2):
-        loss = ShapleyLoss(num_coalitions=8, mask_loss=None, grad_coalitions=grad_coalitions)
+        loss = ShapleyLoss(**options, grad_coalitions=grad_coalitions)
         part, part_grads = _grads(model, loss, images, labels, coalitions)
         assert part.values.shape == (3, grad_coalitions, 3)  # only these carried gradients
         torch.testing.assert_close(part.sv, full.sv, rtol=1e-5, atol=1e-7)  # ℓ_sv still over all 8
@@ -155,13 +161,14 @@ def test_forward_only_coalitions_take_the_mask_loss_over_the_graded_ones():
     model = tiny().eval()
     images, labels = torch.randn(2, 3, 16, 16), torch.tensor([1, 0])
     coalitions = sample_coalitions(2, 8, 16, generator=torch.Generator().manual_seed(5))
-    part = ShapleyLoss(num_coalitions=8, grad_coalitions=2, mask_loss="ce")(model, images, labels, coalitions)
-    only = ShapleyLoss(num_coalitions=2, mask_loss="ce")(model, images, labels, coalitions[:, :2])
+    options = {"mask_loss": "ce", "stop_grad": True}
+    part = ShapleyLoss(num_coalitions=8, grad_coalitions=2, **options)(model, images, labels, coalitions)
+    only = ShapleyLoss(num_coalitions=2, **options)(model, images, labels, coalitions[:, :2])
     torch.testing.assert_close(part.mask, only.mask, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="grad_coalitions must be"):
         ShapleyLoss(num_coalitions=8, grad_coalitions=3)
     with pytest.raises(ValueError, match="needs every coalition to carry gradients"):
-        ShapleyLoss(num_coalitions=8, grad_coalitions=2, stop_grad=False)
+        ShapleyLoss(num_coalitions=8, grad_coalitions=2)  # the default stop_grad=False
 
 
 def test_relative_sv_loss_ignores_the_logit_scale():
@@ -183,26 +190,27 @@ def test_relative_sv_loss_ignores_the_logit_scale():
 def test_default_grad_coalitions_is_a_quarter_in_whole_pairs():
     assert [default_grad_coalitions(m) for m in (2, 4, 8, 12, 32)] == [2, 2, 2, 2, 8]
     assert [default_grad_coalitions(m, paired=False) for m in (1, 3, 8, 13)] == [1, 1, 2, 3]
-    assert ShapleyLoss(num_coalitions=16).grad_coalitions == 4
-    assert ShapleyLoss(num_coalitions=16, stop_grad=False).grad_coalitions == 16  # all carry gradients
+    assert ShapleyLoss(num_coalitions=16, stop_grad=True).grad_coalitions == 4
+    assert ShapleyLoss(num_coalitions=16).grad_coalitions == 16  # without stop-gradient: all carry them
 
 
 def test_fp8_targets_run_the_forward_only_coalitions_in_fp8():
     model = tiny().eval()
     images, labels = torch.randn(3, 3, 16, 16), torch.tensor([0, 2, 1])
     coalitions = sample_coalitions(3, 8, 16, generator=torch.Generator().manual_seed(7))
-    loss = ShapleyLoss(num_coalitions=8, mask_loss=None, target_precision="fp8")
+    options = {"num_coalitions": 8, "mask_loss": None, "stop_grad": True}
+    loss = ShapleyLoss(**options, target_precision="fp8")
     out = loss(model, images, labels, coalitions)
     with torch.no_grad():
         rest = model.coalition_values(images, coalitions[:, 2:], paired=True, precision="fp8")
     want = shapley_regression_loss(out.phi, torch.cat([out.values.detach(), rest], 1), coalitions)
     torch.testing.assert_close(out.sv, want)
-    same = ShapleyLoss(num_coalitions=8, mask_loss=None)(model, images, labels, coalitions)
+    same = ShapleyLoss(**options)(model, images, labels, coalitions)
     assert float(out.sv) != float(same.sv)  # the six forward-only targets did run in e4m3
     assert float(out.sv) == pytest.approx(float(same.sv), rel=0.1)
     out.total.backward()  # the graded coalitions keep their gradients
     assert all(p.grad is not None for p in model.head.parameters())
-    with pytest.raises(ValueError, match="all 8 coalitions carry gradients"):
-        ShapleyLoss(num_coalitions=8, grad_coalitions=8, target_precision="fp8")
+    with pytest.raises(ValueError, match="all 8 coalitions carry gradients.*need stop_grad=True"):
+        ShapleyLoss(num_coalitions=8, target_precision="fp8")  # the default: no stop-gradient
     with pytest.raises(ValueError, match="precision must be one of"):
         ShapleyLoss(target_precision="fp16")

@@ -69,7 +69,11 @@ FLAGS = (  # booleans as --x / --no-x
         "continue the run in --out from its newest good checkpoint, with its settings (flags given "
         "here override them); starts fresh when --out has no checkpoint yet",
     ),
-    ("stop_grad", "stop gradients through the ℓ_sv target v_x(S) (--no-stop-grad: ablation)"),
+    (
+        "stop_grad",
+        "stop gradients through the ℓ_sv target v_x(S) (the earlier form, which loses accuracy at λ ≥ 1; "
+        "then --grad-coalitions defaults to M/4 and --target-precision fp8 applies)",
+    ),
     ("progress", "show progress (a bar on a terminal, periodic lines in a log)"),
     ("skip_bad_images", "imagefolder: skip unreadable image files (counted in the log) instead of failing"),
     (

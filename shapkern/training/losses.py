@@ -121,35 +121,39 @@ def default_grad_coalitions(num_coalitions: int, paired: bool = True) -> int:
 class ShapleyLoss(nn.Module):
     """L = ℓ_cls + λ ℓ_sv + μ ℓ_mask for a :class:`shapkern.ShapleyViT`.
 
-    Defaults match ``TrainConfig`` and ``shapkern train`` (λ = 0.1, μ = 1, KL mask loss, 8 paired
-    coalitions).
+    Defaults match ``TrainConfig`` and ``shapkern train`` (λ = 1, μ = 1, KL mask loss, 8 paired
+    coalitions, ℓ_sv's gradient through its targets).
 
     Args:
         lam: λ, weight of the Shapley regression loss ℓ_sv (the paper's trade-off).
         mu: μ, weight of the masked-input loss ℓ_mask.
         num_coalitions: M coalitions per image (even when paired).
         paired: sample complementary pairs (antithetic).
-        stop_grad: no gradient through the target v_x(S) of ℓ_sv (off only for ablation).
+        stop_grad: no gradient through the target v_x(S) of ℓ_sv. Off (the default), ℓ_sv is
+            lowered on the masked inputs too, which ℓ_cls does not constrain; on, only through Φ(x),
+            whose sum is f(x): on digits that form loses accuracy at λ ≥ 1 (README).
         mask_loss: ``"ce"``, ``"kl"`` or None.
         method: coalition sampler, ``"shapley"`` (the Shapley kernel), ``"uniform"``, ``"bernoulli"``.
         grad_coalitions: how many of the M coalitions carry gradients (the first ones; even when
-            paired); the others run forward-only as ℓ_sv targets. None (default): M/4, rounded
-            down to an even number, at least 2 (1 unpaired), which trains as well as all M at
-            0.66x the step time on digits (README); all M when ``stop_grad=False``.
+            paired); the others run forward-only as ℓ_sv targets, which needs ``stop_grad=True``.
+            None (default): all M; with ``stop_grad=True``, M/4, rounded down to an even number,
+            at least 2 (1 unpaired), which trains as well as all M at 0.66x the step time on
+            digits (README).
         sv_scale: ``"raw"`` squared error of ℓ_sv, or ``"relative"`` (divided per image by
             sg(‖f(x)‖²) + 1).
         target_precision: the forward-only ℓ_sv targets' encoder blocks, ``"auto"`` (the model's
-            dtype) or ``"fp8"`` (e4m3 GEMMs; needs grad_coalitions < num_coalitions, and a CPU or
-            an sm_89+ GPU). The coalitions with gradients always run in the model's dtype.
+            dtype) or ``"fp8"`` (e4m3 GEMMs; needs stop_grad=True, grad_coalitions <
+            num_coalitions, and a CPU or an sm_89+ GPU). The coalitions with gradients always run
+            in the model's dtype.
     """
 
     def __init__(
         self,
-        lam: float = 0.1,
+        lam: float = 1.0,
         mu: float = 1.0,
         num_coalitions: int = 8,
         paired: bool = True,
-        stop_grad: bool = True,
+        stop_grad: bool = False,
         mask_loss: str | None = "kl",
         method: str = "shapley",
         grad_coalitions: int | None = None,
@@ -190,7 +194,8 @@ class ShapleyLoss(nn.Module):
         if target_precision != "auto" and grad_coalitions == num_coalitions:
             raise ValueError(
                 f"target_precision={target_precision!r} applies to the forward-only ℓ_sv targets, and "
-                f"all {num_coalitions} coalitions carry gradients: lower grad_coalitions"
+                f"all {num_coalitions} coalitions carry gradients: forward-only targets need stop_grad=True "
+                "and grad_coalitions < num_coalitions"
             )
         self.lam, self.mu = float(lam), float(mu)
         self.num_coalitions, self.paired, self.stop_grad = num_coalitions, paired, stop_grad
