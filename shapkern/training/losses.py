@@ -186,7 +186,8 @@ class ShapleyLoss(nn.Module):
         if grad_coalitions < num_coalitions and not stop_grad:
             raise ValueError(
                 "stop_grad=False needs every coalition to carry gradients (grad_coalitions = "
-                "num_coalitions): ℓ_sv's gradient through only some targets collapses training (digits)"
+                "num_coalitions): ℓ_sv's gradient through only some targets collapses training (digits); "
+                "fewer graded coalitions need stop_grad=True (--stop-grad)"
             )
         if sv_scale not in SV_SCALES:
             raise ValueError(f"sv_scale must be one of {SV_SCALES}, got {sv_scale!r}")
@@ -195,7 +196,7 @@ class ShapleyLoss(nn.Module):
             raise ValueError(
                 f"target_precision={target_precision!r} applies to the forward-only ℓ_sv targets, and "
                 f"all {num_coalitions} coalitions carry gradients: forward-only targets need stop_grad=True "
-                "and grad_coalitions < num_coalitions"
+                "(--stop-grad) and grad_coalitions < num_coalitions"
             )
         self.lam, self.mu = float(lam), float(mu)
         self.num_coalitions, self.paired, self.stop_grad = num_coalitions, paired, stop_grad
