@@ -19,7 +19,7 @@ part that softmax sees). Mean ± std over seeds everywhere.
 Every run is kept in --runs/<name>/result.json with its settings; an invocation with the same settings
 reuses it, so the sweeps can be run part by part and the tables assembled by the full command.
 
-    python benchmarks/train_sweeps.py --variants player centered --gradient-lams 0.1 1 10 \\
+    python benchmarks/train_sweeps.py --variants player centered --gradient-lams 0.1 1 10 100 \\
         --out benchmarks/results/2026-11-26-cpu
     python benchmarks/train_sweeps.py --parts grad timing --seeds 0               # one part, one seed
 """

@@ -137,7 +137,7 @@ class ShapleyLoss(nn.Module):
         grad_coalitions: how many of the M coalitions carry gradients (the first ones; even when
             paired); the others run forward-only as ℓ_sv targets, which needs ``stop_grad=True``.
             None (default): all M; with ``stop_grad=True``, M/4, rounded down to an even number,
-            at least 2 (1 unpaired), which trains as well as all M at 0.66x the step time on
+            at least 2 (1 unpaired), which trains as well as all M at 0.6-0.7x the step time on
             digits (README).
         sv_scale: ``"raw"`` squared error of ℓ_sv, or ``"relative"`` (divided per image by
             sg(‖f(x)‖²) + 1).
