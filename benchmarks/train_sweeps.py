@@ -108,7 +108,6 @@ class SweepLoss(ShapleyLoss):
 # -- runs ---------------------------------------------------------------------------------------
 
 STOP_GRAD_DEFAULT = (0.1, 1.0)  # λ, μ of the stop-gradient form (the default before 0.2.0)
-LATER_OPTIONS = {"target_precision": "auto", "stop_grad": True}  # Run fields added after the first runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +124,16 @@ class Run:
     def __post_init__(self):
         if self.lam == 0:  # no ℓ_sv: its scale does not matter, so λ = 0 runs are shared
             object.__setattr__(self, "sv_scale", "raw")
+
+    @property
+    def settings(self) -> dict:
+        """The fields, those added later (the ones with defaults) only when not at their default,
+        so that runs from before them keep their recorded settings."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.default is dataclasses.MISSING or getattr(self, f.name) != f.default
+        }
 
     @property
     def group(self) -> tuple:
@@ -211,12 +220,7 @@ def train_run(run: Run, args, *, exact: bool) -> dict:
     """Train one run (or reuse its result.json when the settings match) and score it."""
     folder = Path(args.runs) / run.name
     settings = {
-        # options added later only when not their default: earlier runs keep their settings
-        **{
-            k: v
-            for k, v in dataclasses.asdict(run).items()
-            if k not in LATER_OPTIONS or v != LATER_OPTIONS[k]
-        },
+        **run.settings,
         "epochs": args.epochs or TrainConfig.epochs,
         "limit_train": args.limit_train,
         "limit_test": args.limit_test,
@@ -740,7 +744,7 @@ def main(argv=None) -> None:
         ]
         result["evidence"] = {"rows": sweep(specs, lambda run: False)}
     if "fp8" in args.parts:
-        graded = default_grad_coalitions(full)  # the default: the forward-only targets are the rest
+        graded = default_grad_coalitions(full)  # the stop-gradient default: the rest are forward-only
         specs = [
             Run("digits", *default, "raw", graded, s, precision) for precision in PRECISIONS for s in seeds
         ]

@@ -40,7 +40,12 @@ ARGS = (
     ("lam", "λ, weight of the Shapley loss ℓ_sv", None),
     ("mu", "μ, weight of the masked-input loss ℓ_mask", None),
     ("num_coalitions", "coalitions per image and step (paired, so even)", None),
-    ("grad_coalitions", "of those, how many carry gradients (default M/4); the rest are forward-only", None),
+    (
+        "grad_coalitions",
+        "of those, how many carry gradients (default all; M/4 with --stop-grad, which the rest need: "
+        "they run forward-only)",
+        None,
+    ),
     ("sv_scale", "ℓ_sv as the raw squared error, or relative to sg(‖f(x)‖²) + 1", SV_SCALES),
     ("target_precision", "forward-only ℓ_sv targets in the model's dtype, or e4m3 GEMMs", PRECISIONS),
     ("mask_loss", "ℓ_mask", tuple("none" if m is None else m for m in MASK_LOSSES)),
