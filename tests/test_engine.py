@@ -142,6 +142,28 @@ def test_chunking_and_pairing_give_the_same_answer(paired):
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"paired": True},
+        {"paired": False, "chunk_size": 4},
+        {"fused": True},
+        {"precision": "fp8"},
+        {"mode": "input"},
+    ],
+    ids=["paired", "chunked", "fused", "fp8", "input"],
+)
+def test_every_path_runs_under_inference_mode(options):
+    model = make_model("cls_token")
+    images = torch.randn(2, 3, 32, 32)
+    coalitions = sample_coalitions(2, 8, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = fused_coalition_forward(model, images, coalitions, **options)
+    with torch.inference_mode():
+        got = fused_coalition_forward(model, images, coalitions, **options)
+    torch.testing.assert_close(got, expected)
+
+
 def test_chunked_backward_matches_single_pass():
     model = make_model("cls_token")
     images = torch.randn(2, 3, 32, 32)

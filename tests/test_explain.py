@@ -255,7 +255,8 @@ def test_sampling_mean_over_seeds_lies_within_the_standard_error(method, paired)
 def test_efficiency_holds_for_every_estimator():
     table = random_table(2, 7, 3, seed=5)
     for method in ("exact", "kernel", "leverage", "bayes", "permutation"):
-        att = estimate(table_game(table), method=method, budget=60, seed=0, progress=False)
+        budget = None if method == "exact" else 60  # exact refuses a budget below 2^N
+        att = estimate(table_game(table), method=method, budget=budget, seed=0, progress=False)
         # regressions: the exact constraint; bayes: the pair (∅, N) is exact; permutation: every
         # ordering telescopes.
         assert att.efficiency_gap().abs().max() < 1e-10, method
@@ -286,7 +287,10 @@ def test_auto_picks_exact_then_bayes_then_leverage():
     from shapkern.explainers import resolve_method
 
     vit = nn.Linear(1, 1)
-    assert resolve_method("auto", vit, 16, budget=100) == "exact"
+    assert resolve_method("auto", vit, 16) == "exact"
+    assert resolve_method("auto", vit, 16, budget=1 << 16) == "exact"
+    assert resolve_method("auto", vit, 16, budget=100) == "bayes"  # an explicit budget is a limit
+    assert resolve_method("auto", vit, 16, budget=33) == "leverage"
     assert resolve_method("auto", vit, 18, budget=1 << 18) == "exact"
     assert resolve_method("auto", vit, 196) == "bayes"
     assert resolve_method("auto", vit, 196, budget=394) == "bayes"
@@ -299,6 +303,47 @@ def test_auto_picks_exact_then_bayes_then_leverage():
     att = estimate(game, budget=100, seed=0, progress=False)
     assert att.method == "bayes" and att.evaluations == 100
     assert estimate(game, budget=30, seed=0, progress=False).method == "leverage"
+
+
+@pytest.mark.parametrize("budget", [512, 6])
+def test_auto_keeps_an_explicit_budget_at_16_players(budget):
+    game = table_game(smooth_table(1, 16, 1, seed=0))
+    att = estimate(game, budget=budget, seed=0, progress=False)
+    assert att.method in ("bayes", "leverage") and att.evaluations <= budget
+
+
+@pytest.mark.parametrize("budget", [0, -5, 2.5, True])
+def test_a_budget_that_is_not_a_positive_int_is_refused(budget):
+    game = table_game(smooth_table(1, 16, 1, seed=0))
+    with pytest.raises(ValueError, match="budget must be a positive int"):
+        estimate(game, budget=budget, progress=False)
+    with pytest.raises(ValueError, match="budget must be a positive int"):
+        classifier = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+        explain(classifier, torch.randn(1, 1, 4, 4), budget=budget, players=16, progress=False)
+
+
+@pytest.mark.parametrize("budget", [1, 5])
+def test_auto_refuses_a_budget_below_the_smallest_design(budget):
+    game = table_game(smooth_table(1, 16, 1, seed=0))
+    with pytest.raises(ValueError, match=rf"budget={budget} is too small for method='leverage'"):
+        estimate(game, budget=budget, progress=False)
+
+
+def test_exact_refuses_an_explicit_budget_below_2_to_the_n():
+    game = table_game(smooth_table(1, 8, 1, seed=0))
+    assert estimate(game, method="exact", progress=False).evaluations == 256
+    assert estimate(game, method="exact", budget=256, progress=False).evaluations == 256
+    with pytest.raises(ValueError, match=r"budget=255 is too small for method='exact'.*256 coalitions"):
+        estimate(game, method="exact", budget=255, progress=False)
+
+
+def test_explain_runs_under_inference_mode():
+    vit = tiny_vit(img_size=32)
+    images = torch.randn(2, 3, 32, 32)
+    expected = explain(vit, images, method="kernel", budget=64, seed=0, progress=False).values
+    with torch.inference_mode():
+        got = explain(vit, images, method="kernel", budget=64, seed=0, progress=False).values
+    torch.testing.assert_close(got, expected)
 
 
 def test_bayes_refuses_tol_unpaired_and_small_budgets():

@@ -129,3 +129,16 @@ def test_bad_inputs_fail_clearly(tmp_path):
         ShapleyViT("vit_tiny_patch16_224", 3, checkpoint=path, **KW)
     with pytest.raises(FileNotFoundError):
         ShapleyViT("vit_tiny_patch16_224", 3, checkpoint=tmp_path / "missing.pth", **KW)
+
+
+@pytest.mark.parametrize("head", ["linear", "block"])
+def test_forward_and_coalition_values_run_under_inference_mode(head):
+    model = tiny(head)
+    images = torch.randn(2, 3, 16, 16)
+    coalitions = torch.rand(2, 4, 16, generator=torch.Generator().manual_seed(0)) < 0.5
+    with torch.no_grad():
+        expected = model(images, coalitions), model.coalition_values(images, coalitions)
+    with torch.inference_mode():
+        got = model(images, coalitions), model.coalition_values(images, coalitions)
+    for a, b in zip((*got[0], got[1]), (*expected[0], expected[1]), strict=True):
+        torch.testing.assert_close(a, b)

@@ -274,6 +274,13 @@ def test_extension_status():
         (lambda: R.pack_masks(torch.ones(3, 4)), "mask must be bool"),
         (lambda: R.unpack_masks(torch.ones(3, 1, dtype=torch.int32), 33), "packed has W=1"),
         (lambda: R.unpack_masks(torch.ones(3, 1), 3), "packed must be int32"),
+        (lambda: R.unpack_masks(torch.ones(3, 1, dtype=torch.int32), 5.0), "num_players must be an int"),
+        (
+            lambda: R.coalition_reduce(
+                torch.ones(1, 2, 1, dtype=torch.int32), torch.randn(1, 2, 3), torch.ones(1, 2), 5.0
+            ),
+            "num_players must be an int",
+        ),
     ],
 )
 def test_bad_inputs_name_the_argument(call, match):

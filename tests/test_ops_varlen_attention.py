@@ -405,3 +405,38 @@ def test_bad_inputs_cuda():
         varlen_attention(q.double(), k.double(), v.double(), cu, 4)
     with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] must equal"):
         varlen_attention(q, k, v, cu[:-1], 4)
+
+
+@pytest.mark.parametrize("edit", ["data", "numpy"])
+def test_cpu_layout_follows_an_in_place_edit_of_cu_seqlens(edit):
+    # The CPU reference keeps the layout of the last plan: it must notice new content however the
+    # tensor was changed (.data and numpy views bypass the version counter).
+    q = torch.randn(8, 2, 4, dtype=torch.float64)
+    cu_seqlens = torch.tensor([0, 3, 8], dtype=torch.int32)
+    varlen_attention(q, q, q, cu_seqlens, 8)
+    if edit == "data":
+        cu_seqlens.data[1] = 5
+    else:
+        cu_seqlens.numpy()[1] = 5
+    got = varlen_attention(q, q, q, cu_seqlens, 8)
+    torch.testing.assert_close(got, varlen_attention(q, q, q, cu_seqlens.clone(), 8))
+    torch.testing.assert_close(got, naive_attention(q, q, q, cu_seqlens.clone(), 4**-0.5))
+
+
+def test_cpu_reference_runs_under_inference_mode_and_autograd_after_it():
+    q = torch.randn(8, 2, 4, dtype=torch.float64)
+    cu_seqlens = torch.tensor([0, 3, 8], dtype=torch.int32)
+    with torch.inference_mode():
+        inside = varlen_attention(q, q, q, cu_seqlens, 8)
+    leaf = q.clone().requires_grad_(True)
+    outside = varlen_attention(leaf, leaf, leaf, cu_seqlens, 8)  # the same plan, now with autograd
+    outside.sum().backward()
+    torch.testing.assert_close(inside, outside.detach())
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
+@pytest.mark.parametrize("shape", [(4, 2, 0), (4, 0, 8)])
+def test_zero_heads_or_head_dim_is_a_value_error(shape):
+    q = torch.randn(shape)
+    with pytest.raises(ValueError, match="at least one head and a head dim >= 1"):
+        varlen_attention(q, q, q, torch.tensor([0, 4], dtype=torch.int32), 4)

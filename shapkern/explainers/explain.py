@@ -8,9 +8,9 @@ Methods (docs/design.md, "The game"):
     - ``leverage``: ``kernel`` with sizes drawn uniformly (LeverageSHAP; better at large N).
     - ``bayes``: Bayesian quadrature on greedily chosen pairs (the most accurate per evaluation).
     - ``self``: a self-explaining model's own Φ, one forward pass.
-    - ``auto``: ``self`` for a self-explaining model; ``exact`` when the budget covers 2^N
-      coalitions or N <= 16; else ``bayes`` when the budget holds N pairs (budget >= 2N + 2) and no
-      ``tol`` is given; else ``leverage``.
+    - ``auto``: ``self`` for a self-explaining model; ``exact`` up to 16 patches when no budget is
+      given, or when the budget covers 2^N coalitions; else ``bayes`` when the budget holds N pairs
+      (budget >= 2N + 2) and no ``tol`` is given; else ``leverage``. An explicit budget is a limit.
 """
 
 from __future__ import annotations
@@ -27,7 +27,15 @@ from shapkern.explainers.attribution import Attribution
 from shapkern.explainers.game import ValueFunction, value_function
 from shapkern.explainers.sampling import design_seed
 
-__all__ = ["AUTO_EXACT_PLAYERS", "DEFAULT_BUDGET", "METHODS", "estimate", "explain", "resolve_method"]
+__all__ = [
+    "AUTO_EXACT_PLAYERS",
+    "AUTO_RULE",
+    "DEFAULT_BUDGET",
+    "METHODS",
+    "estimate",
+    "explain",
+    "resolve_method",
+]
 
 METHODS = ("auto", "exact", "permutation", "kernel", "leverage", "bayes", "self")
 GAME_METHODS = ("auto", "exact", "permutation", "kernel", "leverage", "bayes")
@@ -77,13 +85,30 @@ def _resolve_target(target, full: torch.Tensor) -> torch.Tensor:
     return index.expand(batch, -1).clone()
 
 
+AUTO_RULE = (
+    f"'self' for a self-explaining model; 'exact' up to {AUTO_EXACT_PLAYERS} patches without a budget, "
+    "or when the budget covers all 2^N coalitions; else 'bayes' when the budget holds N complementary "
+    "pairs (budget >= 2N + 2) and no tol is given; else 'leverage'"
+)
+
+
 def _auto(players: int, budget: int | None, tol: float | None) -> str:
-    """``exact`` when the budget covers 2^N coalitions or N <= AUTO_EXACT_PLAYERS, else ``bayes``
-    from N complementary pairs on (it has no ``tol``), else ``leverage``."""
-    budget = DEFAULT_BUDGET if budget is None else int(budget)
-    if players <= AUTO_EXACT_PLAYERS or (players <= MAX_EXACT_PLAYERS and budget >= 1 << players):
+    """The estimator of AUTO_RULE (the game's part: no 'self'). An explicit budget is a limit: it
+    picks ``exact`` only when it covers 2^N coalitions."""
+    covers_all = budget is not None and players <= MAX_EXACT_PLAYERS and budget >= 1 << players
+    if covers_all or (budget is None and players <= AUTO_EXACT_PLAYERS):
         return "exact"
+    budget = DEFAULT_BUDGET if budget is None else budget
     return "bayes" if budget >= 2 * players + 2 and tol is None else "leverage"
+
+
+def check_budget_arg(budget) -> int | None:
+    """None, or a positive int number of evaluations (a clear error for 0, negatives, floats, bools)."""
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be a positive int (evaluations per image) or None, got {budget!r}")
+    return budget
 
 
 def resolve_method(
@@ -100,6 +125,7 @@ def resolve_method(
     :func:`estimate`; any other method is returned as is."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    budget = check_budget_arg(budget)
     if method != "auto":
         return method
     if hasattr(model, "coalition_values") and mode != "input":
@@ -123,12 +149,14 @@ def estimate(
 
     Args:
         game: coalitions bool (B, M, N) -> values (B, M, K).
-        method: ``"auto"`` (``exact`` when the budget covers 2^N coalitions or N <= 16, else
-            ``bayes`` from budget >= 2N + 2 without ``tol``, else ``leverage``), ``"exact"``
-            (N <= MAX_EXACT_PLAYERS), ``"permutation"``, ``"kernel"``, ``"leverage"`` or ``"bayes"``.
-        budget: coalition evaluations per image for the sampling methods (default 2048),
-            counting v(∅) and v(N); ``kernel``, ``leverage`` and ``bayes`` never evaluate a
-            coalition twice, so they stop at 2^N.
+        method: ``"auto"`` (``exact`` up to N = 16 without a budget or when the budget covers 2^N
+            coalitions, else ``bayes`` from budget >= 2N + 2 without ``tol``, else ``leverage``),
+            ``"exact"`` (N <= MAX_EXACT_PLAYERS), ``"permutation"``, ``"kernel"``, ``"leverage"`` or
+            ``"bayes"``.
+        budget: a positive limit on the coalition evaluations per image, counting v(∅) and v(N)
+            (default: 2048 for the sampling methods, 2^N for ``exact``, which refuses a smaller
+            one); ``kernel``, ``leverage`` and ``bayes`` never evaluate a coalition twice, so they
+            stop at 2^N. A budget below a method's minimum is an error.
         target: ``"all"`` classes (default), ``"pred"`` (argmax of v(N)), a class index, or
             (B,) / (B, K_t) class indices.
         paired: antithetic permutations / complementary coalitions (``bayes`` is paired only).
@@ -146,9 +174,10 @@ def estimate(
     """
     if method not in GAME_METHODS:
         raise ValueError(f"method must be one of {GAME_METHODS} for a game, got {method!r}")
+    limit = check_budget_arg(budget)
     if method == "auto":
-        method = _auto(game.players, budget, tol)
-    budget = DEFAULT_BUDGET if budget is None else int(budget)
+        method = _auto(game.players, limit, tol)
+    budget = DEFAULT_BUDGET if limit is None else limit
     batch_size = DEFAULT_BATCH if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -162,6 +191,12 @@ def estimate(
         )
     if method == "exact":
         estimators.check_exact(game.players)
+        if limit is not None and limit < 1 << game.players:
+            raise ValueError(
+                f"budget={budget} is too small for method='exact', which evaluates all 2^{game.players} = "
+                f"{1 << game.players} coalitions; raise the budget, or pick 'bayes', 'leverage' or "
+                "'kernel' (method='auto' does)"
+            )
     start = time.perf_counter()
     base, full, dtype = estimators.endpoints(game)
     index = _resolve_target(target, full)

@@ -30,10 +30,17 @@ def check_same_device(op: str, **tensors: torch.Tensor) -> None:
         check(t.device == ref.device, op, f"{name} is on {t.device} but {first} is on {ref.device}")
 
 
+def check_num_players(num_players, op: str) -> None:
+    """N must be a non-negative Python int (a float such as 5.0 would slice and shift wrongly)."""
+    is_int = isinstance(num_players, int) and not isinstance(num_players, bool)
+    check(is_int, op, f"num_players must be an int, got {type(num_players).__name__} {num_players!r}")
+    check(num_players >= 0, op, f"num_players must be >= 0, got {num_players}")
+
+
 def check_masks(masks: torch.Tensor, num_players: int, op: str) -> None:
     check(masks.dim() == 3, op, f"masks must be 3-D (B, M, W), got shape {tuple(masks.shape)}")
     check(masks.dtype == torch.int32, op, f"masks must be int32 (bit-packed), got {masks.dtype}")
-    check(num_players >= 0, op, f"num_players must be >= 0, got {num_players}")
+    check_num_players(num_players, op)
     check(
         masks.shape[2] >= num_words(num_players),
         op,

@@ -24,6 +24,7 @@ from shapkern.ops._checks import (
     check_cu_seqlens,
     check_float,
     check_masks,
+    check_num_players,
     check_same_device,
     num_words,
 )
@@ -155,7 +156,7 @@ def unpack_masks(packed: torch.Tensor, num_players: int) -> torch.Tensor:
     op = "unpack_masks"
     check(packed.dtype == torch.int32, op, f"packed must be int32, got {packed.dtype}")
     check(packed.dim() >= 1, op, "packed must have a last dimension of words (..., W)")
-    check(num_players >= 0, op, f"num_players must be >= 0, got {num_players}")
+    check_num_players(num_players, op)
     check(
         packed.shape[-1] >= num_words(num_players),
         op,

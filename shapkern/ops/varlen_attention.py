@@ -10,7 +10,6 @@ custom op ``shapkern::varlen_attention_bwd``; both have fake kernels, so ``torch
 forward and backward with ``fullgraph=True``.
 """
 
-import weakref
 from typing import NoReturn, Protocol
 
 import torch
@@ -83,12 +82,15 @@ def _paired_rows_attention(q, k, v, first_lengths, width: int, mask: torch.Tenso
 class _HostLayout:
     """How the CPU reference lays out the sequences of one ``cu_seqlens``, read on the host once.
 
-    Every block of a forward (and its backward) passes the same plan, so the layout is kept for the
-    last ``cu_seqlens`` tensor seen: no host reads and no mask building after the first block.
+    Every block of a forward (and its backward) passes the same plan, so the layout of the last
+    plan is kept (see :func:`_host_layout`): no mask building after the first block.
     """
 
     def __init__(self, cu_seqlens: torch.Tensor, length_buckets: int):
         cu = cu_seqlens.long()
+        self.cu_seqlens = cu_seqlens.clone()  # the content this layout was built from (the cache key)
+        self.length_buckets = length_buckets
+        self.inference = torch.is_inference_mode_enabled()
         self.starts, self.lengths = cu[:-1], cu[1:] - cu[:-1]
         lengths = self.lengths
         pairs = lengths.view(-1, 2).sum(-1) if lengths.shape[0] % 2 == 0 else lengths[:0]
@@ -107,6 +109,18 @@ class _HostLayout:
             )  # stable: fixed groups, same sums
             self.parts = [(g, int(lengths[g].max())) for g in groups if g.numel()]
 
+    def describes(self, cu_seqlens: torch.Tensor, length_buckets: int) -> bool:
+        """Whether this layout is the one of ``cu_seqlens`` (compared by content, so an in-place
+        edit of the tensor is seen) in the current inference mode (tensors made under
+        ``torch.inference_mode`` must not reach autograd outside it)."""
+        return (
+            self.length_buckets == length_buckets
+            and self.inference == torch.is_inference_mode_enabled()
+            and self.cu_seqlens.shape == cu_seqlens.shape
+            and self.cu_seqlens.device == cu_seqlens.device
+            and torch.equal(self.cu_seqlens, cu_seqlens)
+        )
+
     def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """The pair rows' mask as 0 / -inf in ``dtype`` (SDPA converts a bool mask on every call)."""
         if dtype not in self.masks:
@@ -115,20 +129,18 @@ class _HostLayout:
         return self.masks[dtype]
 
 
-_last_layout: tuple[weakref.ref, int, int, _HostLayout] | None = None
+_last_layout: _HostLayout | None = None
 
 
 def _host_layout(cu_seqlens: torch.Tensor, length_buckets: int) -> _HostLayout:
+    """The layout of ``cu_seqlens``: the last one built when it describes the same content (an
+    O(R) comparison on the host, against the mask building it saves in every block)."""
     global _last_layout
     if torch.compiler.is_compiling():  # traced code must not capture another plan's layout
         return _HostLayout(cu_seqlens, length_buckets)
-    if _last_layout is not None:
-        ref, version, buckets, layout = _last_layout
-        if ref() is cu_seqlens and version == cu_seqlens._version and buckets == length_buckets:
-            return layout
-    layout = _HostLayout(cu_seqlens, length_buckets)
-    _last_layout = (weakref.ref(cu_seqlens), cu_seqlens._version, length_buckets, layout)
-    return layout
+    if _last_layout is None or not _last_layout.describes(cu_seqlens, length_buckets):
+        _last_layout = _HostLayout(cu_seqlens, length_buckets)
+    return _last_layout
 
 
 def varlen_attention_reference(
@@ -145,7 +157,7 @@ def varlen_attention_reference(
 
     q, k, v: (T, H, D); cu_seqlens: (R + 1,) int; max_seqlen: upper bound on every length.
     length_buckets: sort the sequences by length into this many groups, each padded to its own
-    longest (reads the lengths on the host, once per ``cu_seqlens`` tensor); 0 pads all to
+    longest (reads the lengths on the host, once per plan, compared by content); 0 pads all to
     ``max_seqlen`` with no host sync. Default: CPU_LENGTH_BUCKETS on the CPU, where host reads are
     free, else 0. With buckets, pairs of sequences that fill equal rows (complementary coalitions)
     run as dense rows with no gather. Returns (T, H, D); differentiable; accepts float64. Expects a
@@ -248,6 +260,8 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen, triton_path: bool) -> None:
             _fail(f"{name} dtype {x.dtype} != q dtype {q.dtype}")
         if x.device != q.device:
             _fail(f"{name} device {x.device} != q device {q.device}")
+    if q.shape[1] < 1 or q.shape[2] < 1:
+        _fail(f"q must have at least one head and a head dim >= 1, got (T, H, D) = {tuple(q.shape)}")
     dtypes = _TRITON_DTYPES if triton_path else (*_TRITON_DTYPES, torch.float64)
     if q.dtype not in dtypes:
         _fail(f"q dtype {q.dtype} not supported on {q.device}; use one of {dtypes}")
