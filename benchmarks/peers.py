@@ -71,7 +71,7 @@ from torch import nn
 
 import shapkern
 from shapkern.data.synthetic import make_evidence
-from shapkern.explainers import bayes
+from shapkern.explainers.estimators import bayes
 
 PIXELS, TOKENS = "pixel", "token"
 EXACT_PLAYERS = 16  # references enumerate all 2^N coalitions up to here

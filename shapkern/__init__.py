@@ -18,7 +18,8 @@ from shapkern.coalitions import (
 )
 from shapkern.data import load_dataset
 from shapkern.engine import PackedTokens, coalition_tokens, fused_coalition_forward, masked_input_forward
-from shapkern.explainers import Attribution, ValueFunction, estimate, explain, value_function
+from shapkern.explainers import Attribution, estimate, explain, value_function
+from shapkern.games import Game, SelfExplaining, ValueFunction, model_game
 from shapkern.models import ShapleyOutput, ShapleyViT
 from shapkern.ops import coalition_reduce, pack_masks, segment_sum, unpack_masks, varlen_attention
 from shapkern.packed import PackPlan, pack_plan, pack_tokens
@@ -27,10 +28,12 @@ from shapkern.training import ShapleyLoss, TrainConfig, train
 __all__ = [
     "MAX_EXACT_PLAYERS",
     "Attribution",
+    "Game",
     "PackPlan",
     "PackedTokens",
     "ShapleyLoss",
     "ShapleyOutput",
+    "SelfExplaining",
     "ShapleyViT",
     "TrainConfig",
     "ValueFunction",
@@ -43,6 +46,7 @@ __all__ = [
     "fused_coalition_forward",
     "load_dataset",
     "masked_input_forward",
+    "model_game",
     "pack_masks",
     "pack_plan",
     "pack_tokens",

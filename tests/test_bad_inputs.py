@@ -54,8 +54,9 @@ def test_an_empty_batch_gives_empty_results(shapley_vit, vit):
     out = shapley_vit(empty, coalitions)
     assert out.phi.shape == (0, 16, 3) and out.logits.shape == (0, 3) and out.values.shape == (0, 4, 3)
     for method in ("kernel", "leverage", "bayes", "exact", "permutation", "self"):
+        budget = None if method == "exact" else 64  # exact refuses a budget below 2^N
         att = explain(
-            shapley_vit if method == "self" else vit, empty, method=method, budget=64, progress=False
+            shapley_vit if method == "self" else vit, empty, method=method, budget=budget, progress=False
         )
         assert att.values.shape[:2] == (0, 16), method
 

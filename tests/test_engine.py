@@ -147,7 +147,7 @@ def test_chunking_and_pairing_give_the_same_answer(paired):
     [
         {"paired": True},
         {"paired": False, "chunk_size": 4},
-        {"fused": True},
+        {"blocks": "fused"},
         {"precision": "fp8"},
         {"mode": "input"},
     ],
@@ -179,15 +179,15 @@ def test_chunked_backward_matches_single_pass():
 
 
 def test_compiled_blocks_match_plain_path_forward_and_backward():
-    """compiled=True (torch.compile of the blocks) computes what the plain path does, chunked too."""
+    """blocks="compiled" (torch.compile of the blocks) computes what the plain path does, chunked too."""
     model = make_model("layer_scale")
     images = torch.randn(2, 3, 32, 32)
     coalitions = sample_coalitions(2, 8, 16, generator=torch.Generator().manual_seed(6))
     results = []
-    for compiled in (False, True):
+    for blocks in ("plain", "compiled"):
         model.zero_grad()
         x = images.clone().requires_grad_()
-        out = fused_coalition_forward(model, x, coalitions, paired=True, chunk_size=8, compiled=compiled)
+        out = fused_coalition_forward(model, x, coalitions, paired=True, chunk_size=8, blocks=blocks)
         out.square().sum().backward()
         results.append([out.detach(), x.grad] + [p.grad.clone() for p in model.parameters()])
     for got, want in zip(*results, strict=False):
@@ -195,14 +195,15 @@ def test_compiled_blocks_match_plain_path_forward_and_backward():
 
 
 def test_row_activation_estimate_counts_kept_tokens():
-    from shapkern.engine.vit import _row_activation_bytes
+    from shapkern.engine import adapter_for
+    from shapkern.engine.forward import _row_activation_bytes
 
     model = make_model("registers")  # 3 prefix tokens, 16 patches, D = 32, depth 2, fp32
     cpu = torch.device("cpu")
     with torch.no_grad():
-        assert _row_activation_bytes(model, cpu, paired=False) == 19 * 32 * 4 * 16
-        assert _row_activation_bytes(model, cpu, paired=True) == 11 * 32 * 4 * 16
-    assert _row_activation_bytes(model, cpu, paired=True) == 2 * 11 * 32 * 4 * 16  # every block
+        assert _row_activation_bytes(adapter_for(model), cpu, paired=False) == 19 * 32 * 4 * 16
+        assert _row_activation_bytes(adapter_for(model), cpu, paired=True) == 11 * 32 * 4 * 16
+    assert _row_activation_bytes(adapter_for(model), cpu, paired=True) == 2 * 11 * 32 * 4 * 16  # every block
 
 
 def test_tokens_output_is_packed_features():
@@ -351,7 +352,9 @@ def test_cuda_engine_matches_fp32_key_masked_timm(dtype, compiled):
     images = torch.randn(3, 3, 32, 32, device="cuda")
     coalitions = sample_coalitions(3, 8, 16, generator=torch.Generator().manual_seed(8)).cuda()
     weights = torch.randn(3, 8, 5, device="cuda")
-    engine = functools.partial(fused_coalition_forward, paired=True, compiled=compiled)
+    engine = functools.partial(
+        fused_coalition_forward, paired=True, blocks="compiled" if compiled else "plain"
+    )
     got = _flat_gradients(engine, model, images.to(dtype), coalitions, weights)
     want = _flat_gradients(key_masked_reference, reference, images, coalitions, weights)
     tolerance = 1e-4 if dtype == torch.float32 else 1e-2

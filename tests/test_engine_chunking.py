@@ -41,7 +41,7 @@ def test_the_engine_splits_by_memory_on_the_cpu(monkeypatch):
         calls.append(chunk_rows)
         return original(fn, coalitions, chunk_rows, paired)
 
-    monkeypatch.setattr("shapkern.engine.vit.run_chunks", spy)
+    monkeypatch.setattr("shapkern.engine.forward.run_chunks", spy)
     want = fused_coalition_forward(model, images, coalitions, paired=True)
     monkeypatch.setattr(chunking, "_available_host_bytes", lambda: 64 << 10)  # almost no memory
     got = fused_coalition_forward(model, images, coalitions, paired=True)

@@ -10,7 +10,8 @@ from small_vit import VARIANTS, make_model
 
 from shapkern import coalition_tokens, fused_coalition_forward, sample_coalitions
 from shapkern.engine.fp8 import clear_fp8_weights, fp8_weight, supports_fp8, supports_fp8_blocks
-from shapkern.explainers import explain, value_function
+from shapkern.explainers import explain
+from shapkern.games import model_game
 from shapkern.ops.fp8_reference import quantize_rows_reference, quantize_weight
 
 # fp8 against the unquantised path, relative L2 over all logits. Each e4m3 operand has a relative
@@ -54,9 +55,9 @@ def test_fp8_path_is_the_plain_path_with_quantised_gemms(variant):
     assert supports_fp8_blocks(model)
     images, coalitions = inputs()
     got = fused_coalition_forward(model, images, coalitions, paired=True, precision="fp8")
-    fake = fused_coalition_forward(fake_quantized(model), images, coalitions, paired=True, compiled=False)
+    fake = fused_coalition_forward(fake_quantized(model), images, coalitions, paired=True, blocks="plain")
     torch.testing.assert_close(got, fake, rtol=1e-5, atol=1e-6)
-    plain = fused_coalition_forward(model, images, coalitions, paired=True, compiled=False)
+    plain = fused_coalition_forward(model, images, coalitions, paired=True, blocks="plain")
     assert 0 < relative_error(got, plain) < FP8_TOLERANCE
 
 
@@ -66,7 +67,7 @@ def test_coalition_tokens_and_unpaired_coalitions():
     images, coalitions = inputs()
     coalitions[:, 0] = True  # unpaired: a full coalition next to a random one
     got = coalition_tokens(model, images, coalitions, precision="fp8")
-    fake = coalition_tokens(fake_quantized(model), images, coalitions, compiled=False)
+    fake = coalition_tokens(fake_quantized(model), images, coalitions, blocks="plain")
     torch.testing.assert_close(got.tokens, fake.tokens, rtol=1e-5, atol=1e-5)
     assert got.shape == fake.shape == (2, 6)
 
@@ -77,7 +78,7 @@ def test_fp8_drops_paths_like_the_plain_path_in_train_mode():
     model = make_model("layer_scale", drop_path_rate=1.0).train()
     images, coalitions = inputs()
     got = fused_coalition_forward(model, images, coalitions, paired=True, precision="fp8")
-    fake = fused_coalition_forward(fake_quantized(model), images, coalitions, paired=True, compiled=False)
+    fake = fused_coalition_forward(fake_quantized(model), images, coalitions, paired=True, blocks="plain")
     torch.testing.assert_close(got, fake, rtol=1e-5, atol=1e-6)
 
 
@@ -87,8 +88,8 @@ def test_fp8_under_cpu_autocast_writes_bf16_gemm_outputs():
     images, coalitions = inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = fused_coalition_forward(model, images, coalitions, paired=True, precision="fp8")
-        plain = fused_coalition_forward(model, images, coalitions, paired=True, compiled=False)
-    fp32 = fused_coalition_forward(model, images, coalitions, paired=True, compiled=False)
+        plain = fused_coalition_forward(model, images, coalitions, paired=True, blocks="plain")
+    fp32 = fused_coalition_forward(model, images, coalitions, paired=True, blocks="plain")
     assert torch.isfinite(got).all()
     assert relative_error(got, fp32) < FP8_TOLERANCE
     assert relative_error(got, plain) < FP8_TOLERANCE
@@ -99,7 +100,7 @@ def test_fp8_on_a_bf16_model():
     # A bf16 model without autocast (the GPU benchmarks' setting): bf16 GEMM outputs and residual stream.
     model = make_model("layer_scale")
     images, coalitions = inputs()
-    fp32 = fused_coalition_forward(model, images, coalitions, paired=True, compiled=False)
+    fp32 = fused_coalition_forward(model, images, coalitions, paired=True, blocks="plain")
     model = model.to(torch.bfloat16)
     got = fused_coalition_forward(model, images.bfloat16(), coalitions, paired=True, precision="fp8")
     assert got.dtype == torch.bfloat16
@@ -118,7 +119,7 @@ def test_weight_cache_follows_the_weights():
     # An optimizer step updates the weights in place (a new _version): the cache must requantise.
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     images, coalitions = inputs()
-    fused_coalition_forward(model, images, coalitions, paired=True, compiled=False).square().mean().backward()
+    fused_coalition_forward(model, images, coalitions, paired=True, blocks="plain").square().mean().backward()
     optimizer.step()
     after = fp8_weight(qkv)
     assert not torch.equal(after[0].float(), first[0].float())
@@ -126,7 +127,7 @@ def test_weight_cache_follows_the_weights():
         torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0)
     with torch.no_grad():
         got = fused_coalition_forward(model, images, coalitions, paired=True, precision="fp8")
-        fake = fused_coalition_forward(fake_quantized(model), images, coalitions, paired=True, compiled=False)
+        fake = fused_coalition_forward(fake_quantized(model), images, coalitions, paired=True, blocks="plain")
     torch.testing.assert_close(got, fake, rtol=1e-5, atol=1e-6)
 
     # load_state_dict copies in place; a replaced Parameter has a new address.
@@ -170,13 +171,15 @@ def test_precision_errors():
     with pytest.raises(ValueError, match="precision must be one of \\('auto', 'fp8'\\), got 'bf16'"):
         fused_coalition_forward(model, images, coalitions, precision="bf16")
     with pytest.raises(ValueError, match="precision must be one of"):
-        value_function(model, images, precision="fp16")
+        model_game(model, images, precision="fp16")
     with pytest.raises(ValueError, match="precision must be one of"):
         explain(model, images, precision="int8", progress=False)
     with torch.no_grad():
-        for option in ({"fused": True}, {"compiled": True}):
-            with pytest.raises(ValueError, match="excludes compiled=True and fused=True"):
-                fused_coalition_forward(model, images, coalitions, precision="fp8", **option)
+        for blocks in ("fused", "compiled"):
+            with pytest.raises(
+                ValueError, match=f"precision='fp8' runs its own block path: it excludes blocks='{blocks}'"
+            ):
+                fused_coalition_forward(model, images, coalitions, precision="fp8", blocks=blocks)
         with pytest.raises(ValueError, match="needs mode='packed'"):
             fused_coalition_forward(model, images, coalitions, precision="fp8", mode="input")
     # Gradients: parameters that require grad, or images that do, under grad mode.
@@ -214,8 +217,8 @@ def test_cuda_fp8_path_matches_fake_quantisation_and_bf16():
     images, coalitions = (t.cuda() for t in inputs(batch=4, coalitions=8))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         got = fused_coalition_forward(model, images, coalitions, paired=True, precision="fp8")
-        plain = fused_coalition_forward(model, images, coalitions, paired=True, compiled=False)
-    fp32 = fused_coalition_forward(model, images, coalitions, paired=True, compiled=False)
+        plain = fused_coalition_forward(model, images, coalitions, paired=True, blocks="plain")
+    fp32 = fused_coalition_forward(model, images, coalitions, paired=True, blocks="plain")
     assert relative_error(got, fp32) < FP8_TOLERANCE
     assert relative_error(got, plain) < FP8_TOLERANCE
     # fp32 residual stream and GEMM outputs on the GPU against the CPU's fp8 numerics.

@@ -5,7 +5,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from shapkern.explainers import Attribution, ValueFunction, estimate, explain, value_function
+from shapkern.explainers import Attribution, estimate, explain
+from shapkern.games import ValueFunction, model_game
 
 
 def table_game(table: torch.Tensor, calls: list | None = None) -> ValueFunction:
@@ -80,7 +81,7 @@ def test_exact_matches_brute_force(players):
 def test_exact_chunking_does_not_change_the_result():
     table = random_table(1, 6, 2, seed=1)
     whole = estimate(table_game(table), method="exact", progress=False).values
-    chunked = estimate(table_game(table), method="exact", batch_size=5, progress=False).values
+    chunked = estimate(table_game(table), method="exact", coalitions_per_call=5, progress=False).values
     torch.testing.assert_close(whole, chunked, rtol=0, atol=1e-12)
 
 
@@ -138,7 +139,7 @@ def test_designed_estimators_converge_and_are_exact_once_the_budget_covers_every
 def test_designed_estimators_evaluate_distinct_coalitions_and_count_them(method):
     calls = []
     game = table_game(smooth_table(3, 10, 2, seed=2), calls)
-    att = estimate(game, method=method, budget=300, seed=2, batch_size=64, progress=False)
+    att = estimate(game, method=method, budget=300, seed=2, coalitions_per_call=64, progress=False)
     rows = torch.cat(calls, 1)
     assert rows.shape[1] == att.evaluations == 300
     assert max(call.shape[1] for call in calls) <= 64
@@ -202,16 +203,15 @@ def test_bayes_is_the_most_accurate_per_evaluation_on_a_smooth_game():
 
 
 def test_bayes_turns_into_a_control_variate_past_max_pairs():
-    from shapkern.explainers import bayes, estimators
+    from shapkern.explainers.estimators import Bayes, endpoints
 
     table = smooth_table(2, 11, 2, seed=9)
     exact = brute_force_shapley(table)
     calls = []
     game = table_game(table, calls)
-    base, full, _ = estimators.endpoints(game)
-    phi, se, evals = bayes.bayes(
-        game, base, full, budget=1200, batch_size=512, seed=0, progress=False, max_pairs=200
-    )
+    base, full, _ = endpoints(game)
+    bayes = Bayes(seed=0, coalitions_per_call=512, progress=False, max_pairs=200)
+    phi, se, evals = bayes.approximate(game, 1200, base, full)
     rows = torch.cat(calls, 1)[0]
     assert evals == rows.shape[0] == 1200 and torch.unique(rows, dim=0).shape[0] == 1200
     assert (phi.sum(1) - (full - base)).abs().max() < 1e-10
@@ -271,7 +271,13 @@ def test_kernel_stops_early_at_tol_on_a_design_drawn_in_rounds(method):
         estimate(table_game(table), method=method, budget=400, seed=1, progress=False).std_error.max()
     )
     att = estimate(
-        table_game(table, calls), method=method, budget=1000, tol=tol, batch_size=32, seed=0, progress=False
+        table_game(table, calls),
+        method=method,
+        budget=1000,
+        tol=tol,
+        coalitions_per_call=32,
+        seed=0,
+        progress=False,
     )
     rows = torch.cat(calls, 1)[0]
     assert att.evaluations == rows.shape[0] < 700 and torch.unique(rows, dim=0).shape[0] == rows.shape[0]
@@ -329,11 +335,20 @@ def test_auto_refuses_a_budget_below_the_smallest_design(budget):
         estimate(game, budget=budget, progress=False)
 
 
+def test_batch_size_is_a_deprecated_spelling_of_coalitions_per_call():
+    game = table_game(random_table(1, 6, 1, seed=3))
+    want = estimate(game, method="exact", coalitions_per_call=7, progress=False)
+    with pytest.warns(DeprecationWarning, match="coalitions_per_call"):
+        got = estimate(game, method="exact", batch_size=7, progress=False)
+    torch.testing.assert_close(got.values, want.values)
+
+
 def test_exact_refuses_an_explicit_budget_below_2_to_the_n():
     game = table_game(smooth_table(1, 8, 1, seed=0))
     assert estimate(game, method="exact", progress=False).evaluations == 256
     assert estimate(game, method="exact", budget=256, progress=False).evaluations == 256
-    with pytest.raises(ValueError, match=r"budget=255 is too small for method='exact'.*256 coalitions"):
+    too_small = r"budget=255 is too small for method='exact': it needs at least 256 "
+    with pytest.raises(ValueError, match=too_small):
         estimate(game, method="exact", budget=255, progress=False)
 
 
@@ -399,7 +414,7 @@ def test_explain_a_timm_vit_through_the_engine():
     torch.testing.assert_close(att.full[:, 0], logits.max(-1).values, rtol=1e-4, atol=1e-5)
     assert att.efficiency_gap().abs().max() < 1e-4
     # The same game through timm's own forward with a key mask, enumerated by brute force.
-    game = value_function(model, images)
+    game = model_game(model, images)
     coalitions = (torch.arange(512).unsqueeze(-1) >> torch.arange(9)) & 1 == 1
     with torch.no_grad():
         table = game(coalitions.expand(2, -1, -1)).double()
@@ -438,7 +453,7 @@ def test_bad_images_fail_clearly():
 class SoftVoting(nn.Module):
     """A minimal self-explaining model: per-patch scores Φ, prediction Σ_n Φ_n, v(S) = Σ_{n∈S} Φ_n."""
 
-    num_players = 4
+    num_players, num_classes = 4, 3
 
     def __init__(self):
         super().__init__()
@@ -453,6 +468,9 @@ class SoftVoting(nn.Module):
 
     def coalition_values(self, images, coalitions):
         return torch.einsum("bmn,bnk->bmk", coalitions.float(), self.phi(images))
+
+    def coalition_forward(self, images, **options):
+        return lambda coalitions: self.coalition_values(images, coalitions)
 
 
 def test_self_explanation_is_one_forward_and_matches_exact_on_an_additive_model():
@@ -493,8 +511,8 @@ def test_shapley_vit_in_input_mode_is_its_logits_on_pixel_masked_images():
     pixels = coalitions.view(2, 5, 3, 3).repeat_interleave(8, 2).repeat_interleave(8, 3).unsqueeze(2)
     with torch.no_grad():
         want = model((images.unsqueeze(1) * pixels).flatten(0, 1)).logits.view(2, 5, 4)
-        torch.testing.assert_close(value_function(model, images, mode="input")(coalitions), want)
-        packed = value_function(model, images, mode="packed")(coalitions)
+        torch.testing.assert_close(model_game(model, images, mode="input")(coalitions), want)
+        packed = model_game(model, images, mode="packed")(coalitions)
         torch.testing.assert_close(packed, model.coalition_values(images, coalitions))
     att = explain(model, images, mode="input", progress=False)  # auto: exact, not its own Φ
     assert att.evaluations == 2**9 and att.efficiency_gap().abs().max() < 1e-4

@@ -4,7 +4,7 @@ import math
 import torch
 
 from shapkern.coalitions import all_coalitions
-from shapkern.explainers.bayes import greedy_pairs, odd_walsh_kernel
+from shapkern.explainers.estimators.bayes import greedy_pairs, odd_walsh_kernel
 
 
 def test_odd_walsh_kernel_matches_its_definition():

@@ -8,7 +8,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import shapkern
-from shapkern.explainers import value_function
+from shapkern.games import model_game
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_game_values_equal_the_value_function(integration, case):
     players = 4 if "players" in options else 9
     coalitions = random_coalitions(40, players, seed=1)
     with torch.no_grad():
-        want = value_function(model, image[None], **options)(torch.from_numpy(coalitions)[None])[0].double()
+        want = model_game(model, image[None], **options)(torch.from_numpy(coalitions)[None])[0].double()
     target = int(want[-1].argmax())
     game = integration.ShapkernGame(model, image, batch_size=7, **options)  # 7: several calls per batch
     assert game.n_players == players and game.target == target

@@ -65,11 +65,13 @@ def test_coalition_values_in_chunks_equal_one_pass(monkeypatch):
         torch.testing.assert_close(shared, model.coalition_values(images, coalitions[:1].expand(3, -1, -1)))
     assert 2 <= coalition_chunk_rows(model.backbone, images, paired=True) <= CPU_MAX_CHUNK_ROWS
     passes = []  # the CPU default splits 3 x 200 rows into passes of at most 256 rows
-    inner = model._coalition_values
-    monkeypatch.setattr(model, "_coalition_values", lambda *a: passes.append(a[1].shape) or inner(*a))
+    inner = model._coalition_head  # the Shapley head, once per pass: rows = the plan's sequences
+    monkeypatch.setattr(
+        model, "_coalition_head", lambda t, plan: passes.append(plan.row_image.shape[0]) or inner(t, plan)
+    )
     with torch.no_grad():
         model.coalition_values(images, torch.rand(3, 200, 16) < 0.5)
-    assert len(passes) == 3 and all(b * m <= CPU_MAX_CHUNK_ROWS for b, m, _ in passes)
+    assert len(passes) == 3 and all(rows <= CPU_MAX_CHUNK_ROWS for rows in passes)
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         model.coalition_values(images, coalitions, chunk_size=0)
     with pytest.raises(ValueError, match="at least one coalition"):

@@ -20,9 +20,10 @@ import torch
 from shapkern.checkpoint import load_checkpoint
 from shapkern.data import Preprocessing, load_dataset, preprocess_image
 from shapkern.engine import patch_grid
-from shapkern.explainers import METHODS, explain, resolve_method, value_function
+from shapkern.explainers import METHODS, explain, resolve_method
 from shapkern.explainers.metrics import insertion_deletion, localization
 from shapkern.explainers.viz import plot_curves, plot_grid, plot_heatmap
+from shapkern.games import model_game
 from shapkern.models import ShapleyViT
 from shapkern.training.distributed import DEVICES
 
@@ -185,7 +186,7 @@ def explain_to_dir(args: argparse.Namespace) -> dict:
         progress=args.progress,
     )
     phi = att.values[..., 0]
-    game = value_function(model, images)
+    game = model_game(model, images)
     curves = insertion_deletion(game, phi, att.target[:, 0])
     with torch.no_grad():
         predictions = model(images).logits.argmax(-1).tolist()

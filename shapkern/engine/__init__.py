@@ -1,18 +1,24 @@
-"""The coalition engine: a model's output on B images × M patch coalitions in one batched pass.
+"""The coalition engine: a model's outputs on B images × M patch coalitions in one batched pass.
 
-- :mod:`~shapkern.engine.vit`: the packed path for timm ViTs (tokens of absent patches dropped).
+- :mod:`~shapkern.engine.forward`: the packed path (tokens of absent patches dropped), for every
+  model family with an adapter in :mod:`~shapkern.engine.adapters`.
 - :mod:`~shapkern.engine.masked`: pixel masking, for any image classifier.
 - :mod:`~shapkern.engine.inputs`: the checks every path shares, and model introspection.
 - :mod:`~shapkern.engine.chunking`: rows per pass from the device's free memory.
+- :mod:`~shapkern.engine.blocks`, :mod:`~shapkern.engine.fp8`: timm Blocks on packed tokens.
 """
 
+from shapkern.engine.adapters import ModelAdapter, adapter_for
+from shapkern.engine.blocks import packed_block_forward
 from shapkern.engine.chunking import check_chunk_size, run_chunks
-from shapkern.engine.inputs import check_coalitions, check_images, find_patch_embed, patch_grid
-from shapkern.engine.masked import BASELINES, masked_input_forward
-from shapkern.engine.vit import (
+from shapkern.engine.forward import (
+    BLOCKS,
     OUTPUTS,
     PRECISIONS,
+    Blocks,
+    CoalitionForward,
     PackedTokens,
+    Precision,
     check_packed_model,
     check_precision,
     coalition_chunk_rows,
@@ -20,27 +26,40 @@ from shapkern.engine.vit import (
     embed_tokens,
     fused_coalition_forward,
     num_players,
-    packed_block_forward,
+    resolve_paired,
 )
+from shapkern.engine.fp8 import clear_fp8_weights
+from shapkern.engine.inputs import check_coalitions, check_images, find_patch_embed, patch_grid
+from shapkern.engine.masked import BASELINES, MaskedInputForward, masked_input_forward, model_output
 
 __all__ = [
     "BASELINES",
+    "BLOCKS",
     "OUTPUTS",
     "PRECISIONS",
+    "Blocks",
+    "CoalitionForward",
+    "MaskedInputForward",
+    "ModelAdapter",
     "PackedTokens",
+    "Precision",
+    "adapter_for",
     "check_chunk_size",
     "check_coalitions",
     "check_images",
     "check_packed_model",
     "check_precision",
+    "clear_fp8_weights",
     "coalition_chunk_rows",
     "coalition_tokens",
     "embed_tokens",
     "find_patch_embed",
     "fused_coalition_forward",
     "masked_input_forward",
+    "model_output",
     "num_players",
     "packed_block_forward",
     "patch_grid",
+    "resolve_paired",
     "run_chunks",
 ]

@@ -42,6 +42,7 @@ from shapkern.packed import AttentionFn, PackPlan
 
 __all__ = [
     "check_fp8_blocks",
+    "check_fp8_forward_only",
     "clear_fp8_weights",
     "fp8_blocks_forward",
     "fp8_weight",
@@ -105,9 +106,9 @@ def supports_fp8_blocks(model: nn.Module) -> bool:
 
 
 def check_fp8_blocks(model: nn.Module, images: torch.Tensor) -> None:
-    """Raise unless the fp8 path can run ``model`` on ``images`` now: the device (:func:`supports_fp8`,
-    RuntimeError), the blocks (:func:`supports_fp8_blocks`, NotImplementedError) and no gradients asked
-    for (grad mode with images or parameters that require grad, RuntimeError)."""
+    """Raise unless the fp8 path can run ``model`` on ``images``: the device (:func:`supports_fp8`,
+    RuntimeError) and the blocks (:func:`supports_fp8_blocks`, NotImplementedError). Whether
+    gradients are asked for depends on the grad mode of each call: :func:`check_fp8_forward_only`."""
     check_fp8_device(images.device)
     if not supports_fp8_blocks(model):
         raise NotImplementedError(
@@ -115,6 +116,11 @@ def check_fp8_blocks(model: nn.Module, images: torch.Tensor) -> None:
             f"gate, an Mlp of Linear + exact GELU + Linear and LayerScale or none; {type(model).__name__} "
             "has others. Use precision='auto'."
         )
+
+
+def check_fp8_forward_only(model: nn.Module, images: torch.Tensor) -> None:
+    """A RuntimeError when a call asks for gradients (grad mode with images or parameters that
+    require grad): the fp8 path is forward only."""
     if torch.is_grad_enabled() and (images.requires_grad or any(p.requires_grad for p in model.parameters())):
         raise RuntimeError(FORWARD_ONLY)
 

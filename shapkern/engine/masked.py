@@ -13,7 +13,7 @@ from torch import nn
 from shapkern.engine.chunking import CPU_MAX_CHUNK_ROWS, check_chunk_size, run_chunks
 from shapkern.engine.inputs import check_coalitions, check_images, patch_grid
 
-__all__ = ["BASELINES", "masked_input_forward"]
+__all__ = ["BASELINES", "MaskedInputForward", "masked_input_forward", "model_output"]
 
 BASELINES = ("zeros", "mean", "blur")
 CUDA_CHUNK_IMAGES = 1024
@@ -40,6 +40,91 @@ def _baseline_images(images: torch.Tensor, baseline: str, patch: tuple[int, int]
     raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
 
 
+class MaskedInputForward:
+    """Any image classifier on pixel-masked images, with the model and images checked once: the
+    pixels of absent patches become ``baseline``.
+
+    Args:
+        model: maps (B, C, H, W) to (B, K).
+        images: (B, C, H, W).
+        baseline: ``"zeros"``, ``"mean"`` (per image and channel) or ``"blur"`` (Gaussian,
+            sigma = half a patch).
+        chunk_rows: masked images per model call (default 256 on CPU, 1024 on CUDA).
+        sync_checks: check the images for non-finite values with a host sync (see ``check_images``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        *,
+        baseline: str = "zeros",
+        chunk_rows=None,
+        sync_checks=False,
+    ):
+        check_images(images, model, sync=sync_checks)
+        if baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+        check_chunk_size(chunk_rows)
+        self.model, self.images, self.baseline = model, images, baseline
+        self.chunk_rows = chunk_rows or (
+            CUDA_CHUNK_IMAGES if images.device.type == "cuda" else CPU_MAX_CHUNK_ROWS
+        )
+        self._references: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _reference(self, patch: tuple[int, int]) -> torch.Tensor:
+        if patch not in self._references:  # the baseline images of one patch size, made once
+            self._references[patch] = _baseline_images(self.images, self.baseline, patch)
+        return self._references[patch]
+
+    def __call__(self, coalitions: torch.Tensor) -> torch.Tensor:
+        """coalitions bool (B, M, N) or (M, N) -> (B, M, K). The N patches tile the image as a grid:
+        the timm patch grid when the model has one, else a square grid."""
+        images = self.images
+        players = coalitions.shape[-1] if isinstance(coalitions, torch.Tensor) else 0
+        grid = patch_grid(self.model, players) if players else (1, 1)
+        coalitions = check_coalitions(
+            coalitions, images.shape[0], grid[0] * grid[1], images.device, paired=False
+        )
+        height, width = images.shape[-2:]
+        if height % grid[0] or width % grid[1]:
+            raise ValueError(
+                f"images of size {height}x{width} do not split into a {grid[0]}x{grid[1]} patch grid"
+            )
+        patch = (height // grid[0], width // grid[1])
+        reference = self._reference(patch)
+        batch = coalitions.shape[0]
+
+        def run(chunk: torch.Tensor) -> torch.Tensor:
+            num = chunk.shape[1]
+            pixels = (
+                chunk.view(batch, num, *grid).repeat_interleave(patch[0], 2).repeat_interleave(patch[1], 3)
+            )
+            masked = torch.where(pixels.unsqueeze(2), images.unsqueeze(1), reference.unsqueeze(1))
+            out = model_output(self.model(masked.flatten(0, 1)))
+            return out.view(batch, num, out.shape[-1])
+
+        return torch.cat(run_chunks(run, coalitions, self.chunk_rows, paired=False), dim=1)
+
+
+def model_output(out) -> torch.Tensor:
+    """A classifier's (R, K) output from what its forward returned: a tensor, an object with
+    ``logits`` (Hugging Face's ``ImageClassifierOutput``, a ShapleyOutput), or a tuple or list led by
+    a tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(
+        f"pixel masking needs a model whose forward returns its (B, K) outputs as a tensor, an object "
+        f"with .logits, or a tuple led by a tensor; {type(out).__name__} is none of these. Wrap the model "
+        "so that it returns the outputs to explain"
+    )
+
+
 def masked_input_forward(
     model: nn.Module,
     images: torch.Tensor,
@@ -48,42 +133,17 @@ def masked_input_forward(
     baseline: str = "zeros",
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Any image classifier on pixel-masked images: the pixels of absent patches become ``baseline``.
+    """Any image classifier on pixel-masked images: :class:`MaskedInputForward` in one call.
 
     Args:
-        model: maps (B, C, H, W) to (B, K).
+        model: maps (B, C, H, W) to (B, K) (a tensor, a tuple led by one, or an object with
+            ``logits``).
         images: (B, C, H, W).
-        coalitions: bool (B, M, N) or (M, N); the N patches tile the image as a grid (the timm
-            patch grid when the model has one, else a square grid).
-        baseline: ``"zeros"``, ``"mean"`` (per image and channel) or ``"blur"`` (Gaussian,
-            sigma = half a patch).
+        coalitions: bool (B, M, N) or (M, N).
+        baseline: ``"zeros"``, ``"mean"`` or ``"blur"``.
         chunk_size: masked images per model call (default 256 on CPU, 1024 on CUDA).
 
     Returns:
         (B, M, K).
     """
-    check_images(images, model)
-    if baseline not in BASELINES:
-        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
-    players = coalitions.shape[-1] if isinstance(coalitions, torch.Tensor) else 0
-    grid = patch_grid(model, players) if players else (1, 1)
-    coalitions = check_coalitions(coalitions, images.shape[0], grid[0] * grid[1], images.device, paired=False)
-    height, width = images.shape[-2:]
-    if height % grid[0] or width % grid[1]:
-        raise ValueError(
-            f"images of size {height}x{width} do not split into a {grid[0]}x{grid[1]} patch grid"
-        )
-    patch = (height // grid[0], width // grid[1])
-    reference = _baseline_images(images, baseline, patch)
-    batch = coalitions.shape[0]
-    check_chunk_size(chunk_size)
-    chunk_rows = chunk_size or (CUDA_CHUNK_IMAGES if images.device.type == "cuda" else CPU_MAX_CHUNK_ROWS)
-
-    def run(chunk: torch.Tensor) -> torch.Tensor:
-        num = chunk.shape[1]
-        pixels = chunk.view(batch, num, *grid).repeat_interleave(patch[0], 2).repeat_interleave(patch[1], 3)
-        masked = torch.where(pixels.unsqueeze(2), images.unsqueeze(1), reference.unsqueeze(1))
-        out = model(masked.flatten(0, 1))
-        return out.view(batch, num, out.shape[-1])
-
-    return torch.cat(run_chunks(run, coalitions, chunk_rows, paired=False), dim=1)
+    return MaskedInputForward(model, images, baseline=baseline, chunk_rows=chunk_size)(coalitions)

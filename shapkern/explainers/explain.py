@@ -1,6 +1,6 @@
 """``explain`` and ``estimate``: Shapley values of image patches for any model, or of any game.
 
-Methods (docs/design.md, "The game"):
+Methods (docs/design.md, "The game"; one module each under ``explainers/estimators``):
     - ``exact``: all 2^N coalitions (N <= MAX_EXACT_PLAYERS).
     - ``permutation``: marginal contributions along random orderings, antithetic by default.
     - ``kernel``: KernelSHAP on distinct coalitions stratified by size, border sizes enumerated,
@@ -8,24 +8,21 @@ Methods (docs/design.md, "The game"):
     - ``leverage``: ``kernel`` with sizes drawn uniformly (LeverageSHAP; better at large N).
     - ``bayes``: Bayesian quadrature on greedily chosen pairs (the most accurate per evaluation).
     - ``self``: a self-explaining model's own Φ, one forward pass.
-    - ``auto``: ``self`` for a self-explaining model; ``exact`` up to 16 patches when no budget is
-      given, or when the budget covers 2^N coalitions; else ``bayes`` when the budget holds N pairs
-      (budget >= 2N + 2) and no ``tol`` is given; else ``leverage``. An explicit budget is a limit.
+    - ``auto``: see AUTO_RULE. An explicit budget is a limit.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 from torch import nn
 
 from shapkern.coalitions import MAX_EXACT_PLAYERS
-from shapkern.engine import check_images
-from shapkern.explainers import bayes, estimators
 from shapkern.explainers.attribution import Attribution
-from shapkern.explainers.game import ValueFunction, value_function
-from shapkern.explainers.sampling import design_seed
+from shapkern.explainers.estimators import ACC_DTYPE, DEFAULT_COALITIONS_PER_CALL, ESTIMATORS, endpoints
+from shapkern.games import Game, SelfExplaining, model_game, restrict
 
 __all__ = [
     "AUTO_EXACT_PLAYERS",
@@ -37,21 +34,15 @@ __all__ = [
     "resolve_method",
 ]
 
-METHODS = ("auto", "exact", "permutation", "kernel", "leverage", "bayes", "self")
-GAME_METHODS = ("auto", "exact", "permutation", "kernel", "leverage", "bayes")
+GAME_METHODS = ("auto", *ESTIMATORS)
+METHODS = (*GAME_METHODS, "self")
 AUTO_EXACT_PLAYERS = 16  # "auto" enumerates up to 2^16 coalitions per image
 DEFAULT_BUDGET = 2048
-DEFAULT_BATCH = 1024
-_ACC = estimators.ACC_DTYPE
-
-
-def _generator(seed: int | None, device: torch.device) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(seed)
-    return gen
+AUTO_RULE = (
+    f"'self' for a self-explaining model; 'exact' up to {AUTO_EXACT_PLAYERS} patches without a budget, "
+    "or when the budget covers all 2^N coalitions; else 'bayes' when the budget holds N complementary "
+    "pairs (budget >= 2N + 2) and no tol is given; else 'leverage'"
+)
 
 
 def _resolve_target(target, full: torch.Tensor) -> torch.Tensor:
@@ -85,13 +76,6 @@ def _resolve_target(target, full: torch.Tensor) -> torch.Tensor:
     return index.expand(batch, -1).clone()
 
 
-AUTO_RULE = (
-    f"'self' for a self-explaining model; 'exact' up to {AUTO_EXACT_PLAYERS} patches without a budget, "
-    "or when the budget covers all 2^N coalitions; else 'bayes' when the budget holds N complementary "
-    "pairs (budget >= 2N + 2) and no tol is given; else 'leverage'"
-)
-
-
 def _auto(players: int, budget: int | None, tol: float | None) -> str:
     """The estimator of AUTO_RULE (the game's part: no 'self'). An explicit budget is a limit: it
     picks ``exact`` only when it covers 2^N coalitions."""
@@ -120,39 +104,47 @@ def resolve_method(
     *,
     mode: str | None = None,
 ) -> str:
-    """The estimator ``method="auto"`` stands for with this budget and tol: ``self`` for a
-    self-explaining model (unless ``mode="input"`` asks for its pixel-masking game), else as in
+    """The estimator ``method="auto"`` stands for with this budget and tol (AUTO_RULE): ``self`` for
+    a self-explaining model (unless ``mode="input"`` asks for its pixel-masking game), else as in
     :func:`estimate`; any other method is returned as is."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     budget = check_budget_arg(budget)
     if method != "auto":
         return method
-    if hasattr(model, "coalition_values") and mode != "input":
+    if isinstance(model, SelfExplaining) and mode != "input":
         return "self"
     return _auto(players, budget, tol)
 
 
+def _coalitions_per_call(coalitions_per_call: int | None, batch_size: int | None) -> int:
+    if batch_size is not None:
+        warnings.warn(
+            "batch_size= is deprecated: pass coalitions_per_call=", DeprecationWarning, stacklevel=3
+        )
+        coalitions_per_call = batch_size if coalitions_per_call is None else coalitions_per_call
+    return DEFAULT_COALITIONS_PER_CALL if coalitions_per_call is None else coalitions_per_call
+
+
 def estimate(
-    game: ValueFunction,
+    game: Game,
     *,
     method: str = "auto",
     budget: int | None = None,
     target="all",
     paired: bool = True,
     tol: float | None = None,
-    batch_size: int | None = None,
+    coalitions_per_call: int | None = None,
     seed: int | None = None,
     progress: bool = True,
+    batch_size: int | None = None,
 ) -> Attribution:
     """Shapley values of a game's N players.
 
     Args:
-        game: coalitions bool (B, M, N) -> values (B, M, K).
-        method: ``"auto"`` (``exact`` up to N = 16 without a budget or when the budget covers 2^N
-            coalitions, else ``bayes`` from budget >= 2N + 2 without ``tol``, else ``leverage``),
-            ``"exact"`` (N <= MAX_EXACT_PLAYERS), ``"permutation"``, ``"kernel"``, ``"leverage"`` or
-            ``"bayes"``.
+        game: a :class:`~shapkern.games.Game`, coalitions bool (B, M, N) -> values (B, M, K).
+        method: ``"auto"`` (AUTO_RULE), or a name in ``ESTIMATORS``: ``"exact"`` (N <=
+            MAX_EXACT_PLAYERS), ``"permutation"``, ``"kernel"``, ``"leverage"`` or ``"bayes"``.
         budget: a positive limit on the coalition evaluations per image, counting v(∅) and v(N)
             (default: 2048 for the sampling methods, 2^N for ``exact``, which refuses a smaller
             one); ``kernel``, ``leverage`` and ``bayes`` never evaluate a coalition twice, so they
@@ -162,12 +154,13 @@ def estimate(
         paired: antithetic permutations / complementary coalitions (``bayes`` is paired only).
         tol: ``permutation``, ``kernel``, ``leverage``: stop sampling once the largest standard
             error falls under tol (``kernel`` and ``leverage`` draw their design in rounds).
-        batch_size: coalitions per image per call of the game (default 1024).
+        coalitions_per_call: coalitions per image per call of the game (default 1024).
         seed: seeds the sampler (the designs of ``kernel``, ``leverage`` and ``bayes`` are drawn
             on the CPU: the same coalitions on every device); None draws a fresh seed, except for
             ``bayes``'s greedy pairs, which need no randomness: they come from seed 0 then, and are
             computed once per (N, budget) and cached.
         progress: show progress bars.
+        batch_size: deprecated spelling of ``coalitions_per_call``.
 
     Returns:
         An :class:`Attribution`; values (B, N, K_t). B = 0 gives empty tensors.
@@ -177,70 +170,38 @@ def estimate(
     limit = check_budget_arg(budget)
     if method == "auto":
         method = _auto(game.players, limit, tol)
-    budget = DEFAULT_BUDGET if limit is None else limit
-    batch_size = DEFAULT_BATCH if batch_size is None else int(batch_size)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if tol is not None and not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol}")
-    if method == "bayes" and (tol is not None or not paired):
-        raise ValueError(
-            "method='bayes' is paired and spends its whole budget (its standard errors are "
-            f"model-based); got tol={tol}, paired={paired}. Use 'kernel' or 'leverage' for tol or "
-            "unpaired designs."
-        )
-    if method == "exact":
-        estimators.check_exact(game.players)
-        if limit is not None and limit < 1 << game.players:
-            raise ValueError(
-                f"budget={budget} is too small for method='exact', which evaluates all 2^{game.players} = "
-                f"{1 << game.players} coalitions; raise the budget, or pick 'bayes', 'leverage' or "
-                "'kernel' (method='auto' does)"
-            )
+    options = {"paired": paired, "tol": tol, "seed": seed, "progress": progress}
+    estimator = ESTIMATORS[method](
+        **options, coalitions_per_call=_coalitions_per_call(coalitions_per_call, batch_size)
+    )
+    budget = (1 << game.players if method == "exact" else DEFAULT_BUDGET) if limit is None else limit
+    estimator.check_budget(budget, game.players)
     start = time.perf_counter()
-    base, full, dtype = estimators.endpoints(game)
+    base, full, dtype = endpoints(game)
     index = _resolve_target(target, full)
-    game = game.select(index)
     base, full = base.gather(-1, index), full.gather(-1, index)
-    se = None
     if game.batch == 0:
-        phi, evals = base.new_zeros(0, game.players, index.shape[1]), 0
-    elif method == "exact":
-        phi, evals = estimators.exact(game, base, full, batch_size=batch_size, progress=progress)
+        result = (base.new_zeros(0, game.players, index.shape[1]), None, 0)
     else:
-        if method == "permutation":
-            run, options = estimators.permutation, {"generator": _generator(seed, game.device)}
-        elif method == "bayes":
-            run, options = bayes.bayes, {"seed": seed}
-        else:
-            run, options = estimators.kernel, {"allocation": method, "seed": design_seed(seed)}
-        if method != "bayes":
-            options.update(paired=paired, tol=tol)
-        phi, se, evals = run(
-            game, base, full, budget=budget, batch_size=batch_size, progress=progress, **options
-        )
+        result = estimator.approximate(restrict(game, index), budget, base, full)
+    values, std_error, evaluations = result
     return Attribution(
-        values=phi.to(dtype),
+        values=values.to(dtype),
         base=base.to(dtype),
         full=full.to(dtype),
-        evaluations=evals,
+        evaluations=evaluations,
         target=index,
         method=method,
-        std_error=None if se is None else se.to(dtype),
+        std_error=None if std_error is None else std_error.to(dtype),
         seconds=time.perf_counter() - start,
     )
 
 
-def _self_explain(model: nn.Module, images: torch.Tensor, target) -> Attribution:
-    if not hasattr(model, "coalition_values"):
-        raise ValueError(
-            f"method='self' needs a self-explaining model (a ShapleyViT); {type(model).__name__} is not "
-            "one. Use method='auto', 'exact', 'bayes', 'leverage', 'kernel' or 'permutation'."
-        )
+def _self_explain(model: SelfExplaining, images: torch.Tensor, target) -> Attribution:
     start = time.perf_counter()
     with torch.no_grad():
-        phi, logits = model(images)[:2]  # a ShapleyOutput, or any (phi (B, N, K), logits (B, K), ...)
-    index = _resolve_target(target, logits.to(_ACC))
+        phi, logits = model(images)[:2]  # (phi (B, N, K), logits (B, K), ...)
+    index = _resolve_target(target, logits.to(ACC_DTYPE))
     values = phi.gather(-1, index.unsqueeze(1).expand(-1, phi.shape[1], -1))
     return Attribution(
         values=values.float(),
@@ -262,47 +223,56 @@ def explain(
     target="pred",
     paired: bool = True,
     tol: float | None = None,
-    batch_size: int | None = None,
+    coalitions_per_call: int | None = None,
     progress: bool = True,
     seed: int | None = None,
     mode: str | None = None,
     baseline: str = "zeros",
     players: int | None = None,
     precision: str = "auto",
+    batch_size: int | None = None,
 ) -> Attribution:
     """Shapley values of the patches of ``images`` for ``model``'s logits.
 
     Args:
-        model: a ShapleyViT (value: its ``coalition_values``), a timm ViT (packed engine) or any
-            classifier (pixel masking, ``mode="input"``; pass ``players`` without a timm patch grid).
+        model: a self-explaining model such as a ShapleyViT (value: its own value function), a
+            model the packed engine runs (tokens dropped) or any classifier (pixel masking,
+            ``mode="input"``; pass ``players`` without a timm patch grid).
         images: (B, C, H, W) on the model's device, preprocessed as in training.
-        method: ``"auto"`` (default: ``self`` for a ShapleyViT, else as in :func:`estimate`),
-            ``"exact"`` (N <= MAX_EXACT_PLAYERS), ``"permutation"``, ``"kernel"``, ``"leverage"``,
-            ``"bayes"`` or ``"self"`` (ShapleyViT only).
-        budget: evaluations per image for the sampling methods (default 2048).
+        method: ``"auto"`` (default: AUTO_RULE), ``"exact"`` (N <= MAX_EXACT_PLAYERS),
+            ``"permutation"``, ``"kernel"``, ``"leverage"``, ``"bayes"`` or ``"self"``
+            (self-explaining models only).
+        budget: a limit on the evaluations per image (default 2048 for the sampling methods).
         target: ``"pred"`` (default), ``"all"``, a class index or (B,) / (B, K_t) indices.
-        paired, tol, batch_size, seed, progress: see :func:`estimate`.
-        mode, baseline, players, precision: see :func:`~shapkern.explainers.game.value_function`
+        paired, tol, coalitions_per_call, seed, progress: see :func:`estimate`.
+        mode, baseline, players, precision: see :func:`~shapkern.games.model_game`
             (``precision="fp8"``: e4m3 GEMMs for every coalition evaluation; no effect on ``self``).
+        batch_size: deprecated spelling of ``coalitions_per_call``.
 
     Returns:
         An :class:`Attribution` with values (B, N, K_t).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    check_images(images, model, sync=True)
-    game = value_function(model, images, mode=mode, baseline=baseline, players=players, precision=precision)
-    method = resolve_method(method, model, game.players, budget, tol, mode=mode)
-    if method == "self":
+    if method == "self" or (method == "auto" and isinstance(model, SelfExplaining) and mode != "input"):
+        if not isinstance(model, SelfExplaining):
+            raise ValueError(
+                f"method='self' needs a self-explaining model (a ShapleyViT); {type(model).__name__} is not "
+                "one. Use method='auto', 'exact', 'bayes', 'leverage', 'kernel' or 'permutation'."
+            )
+        check_budget_arg(budget)
         return _self_explain(model, images, target)
+    game = model_game(
+        model, images, mode=mode, baseline=baseline, players=players, precision=precision, sync_checks=True
+    )
     return estimate(
         game,
-        method=method,
+        method=resolve_method(method, model, game.players, budget, tol, mode=mode),
         budget=budget,
         target=target,
         paired=paired,
         tol=tol,
-        batch_size=batch_size,
+        coalitions_per_call=_coalitions_per_call(coalitions_per_call, batch_size),
         seed=seed,
         progress=progress,
     )

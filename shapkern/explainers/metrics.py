@@ -2,7 +2,7 @@
 
 Attributions are φ (B, N) for one target class per image (an :class:`~shapkern.explainers.Attribution`'s
 ``values[..., 0]``; (B, N, 1) is accepted too). Metrics that query the model take a
-:class:`~shapkern.explainers.ValueFunction` (``value_function(model, images)``): every model evaluation
+:class:`~shapkern.games.Game` (``model_game(model, images)``): every model evaluation
 goes through the coalition engine, all coalitions of a metric in one call. Per-image results are
 (B,) tensors; NaN marks an image where a metric is undefined (constant scores, an empty mask).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from shapkern.coalitions import sample_coalitions
-from shapkern.explainers.game import ValueFunction
+from shapkern.games import Game
 
 __all__ = [
     "auroc",
@@ -41,7 +41,7 @@ def _scores(phi: torch.Tensor) -> torch.Tensor:
     return phi.double()
 
 
-def _target_values(game: ValueFunction, coalitions: torch.Tensor, target: torch.Tensor, output: str):
+def _target_values(game: Game, coalitions: torch.Tensor, target: torch.Tensor, output: str):
     """The target class's output on coalitions bool (B, M, N): (B, M) float64."""
     if output not in METRIC_OUTPUTS:
         raise ValueError(f"output must be one of {METRIC_OUTPUTS}, got {output!r}")
@@ -76,7 +76,7 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
 # -- faithfulness -------------------------------------------------------------------------------
 
 
-def insertion_deletion(game: ValueFunction, phi: torch.Tensor, target: torch.Tensor, *, output: str = "prob"):
+def insertion_deletion(game: Game, phi: torch.Tensor, target: torch.Tensor, *, output: str = "prob"):
     """Insertion and deletion curves and their areas.
 
     Insertion adds patches from the most to the least important (by φ), starting from none;
@@ -116,7 +116,7 @@ def _default_sizes(players: int) -> list[int]:
 
 
 def sensitivity_n(
-    game: ValueFunction,
+    game: Game,
     phi: torch.Tensor,
     target: torch.Tensor,
     *,
@@ -148,7 +148,7 @@ def sensitivity_n(
 
 
 def faithfulness_correlation(
-    game: ValueFunction,
+    game: Game,
     phi: torch.Tensor,
     target: torch.Tensor,
     *,

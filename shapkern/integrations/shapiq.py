@@ -3,7 +3,7 @@
 shapiq's approximators (KernelSHAP, kADD-SHAP, permutation sampling, the interaction indices
 SII, k-SII, STII, FSII, ...) call a game with a bool matrix (n_coalitions, n_players) and expect
 one float per coalition. :class:`ShapkernGame` answers those calls with shapkern's value function
-(:func:`~shapkern.explainers.game.value_function`): a ShapleyViT's own ``coalition_values``, the
+(:func:`~shapkern.games.model_game`): a ShapleyViT's own ``coalition_values``, the
 packed coalition engine for a timm ViT (absent patches dropped as tokens), pixel masking for any
 other classifier; ``batch_size`` coalitions per engine call. Players are the patches in row-major
 order of the patch grid, as everywhere in shapkern, so shapiq's values equal
@@ -31,7 +31,7 @@ except ImportError as error:
         "(or pip install 'shapkern[shapiq]')"
     ) from error
 
-from shapkern.explainers.game import value_function
+from shapkern.games import model_game
 
 __all__ = ["DEFAULT_BATCH", "ShapkernGame"]
 
@@ -43,7 +43,7 @@ class ShapkernGame(shapiq.Game):
 
     Args:
         model: a ShapleyViT, a timm ViT or any image classifier (see
-            :func:`~shapkern.explainers.game.value_function`).
+            :func:`~shapkern.games.model_game`).
         image: (C, H, W) or (1, C, H, W), on the model's device, preprocessed as the model expects.
         target: ``"pred"`` (the argmax of v(N), the default) or a class index.
         normalize: center the game so that v(∅) = 0, shapiq's convention (``normalization_value``
@@ -51,7 +51,7 @@ class ShapkernGame(shapiq.Game):
             values and interactions of order ≥ 1 do not depend on it.
         batch_size: coalitions per call of the value function.
         mode, baseline, players, chunk_size, precision: passed to
-            :func:`~shapkern.explainers.game.value_function` (``mode="input"``: pixel masking).
+            :func:`~shapkern.games.model_game` (``mode="input"``: pixel masking).
         verbose: shapiq's progress bar over single coalitions (slow; for debugging).
 
     Attributes:
@@ -86,7 +86,7 @@ class ShapkernGame(shapiq.Game):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         images = image if image.dim() == 4 else image.unsqueeze(0)
-        self._values = value_function(
+        self._values = model_game(
             model,
             images,
             mode=mode,

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from shapkern.kernels.layer_norm import MAX_D, _rows, add_layer_norm_rows, block_config
+from shapkern.kernels.layer_norm import MAX_D, add_layer_norm_rows, block_config
+from shapkern.kernels.layout import unit_stride_rows
 
 __all__ = ["MAX_K", "PROLOGUES", "quantize_rows_forward"]
 
@@ -81,7 +82,7 @@ def quantize_rows_forward(x, y, weight, bias, layer_scale, eps, prologue, s_dtyp
     """
     if prologue not in PROLOGUES:
         raise ValueError(f"prologue must be one of {PROLOGUES}, got {prologue!r}")
-    x = _rows(x)
+    x = unit_stride_rows(x)
     T, K = x.shape
     q = torch.empty((T, K), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((T, 1), dtype=torch.float32, device=x.device)
@@ -90,7 +91,7 @@ def quantize_rows_forward(x, y, weight, bias, layer_scale, eps, prologue, s_dtyp
         return s, q, scale
     block_k, block_m, num_warps = block_config(K)
     # Absent tensors are replaced by ones of the right kind that the kernel never reads or writes.
-    y = x if y is None else _rows(y)
+    y = x if y is None else unit_stride_rows(y)
     weight = x if weight is None else weight
     s_or_q = q if s is None else s
     _quantize_kernel[(triton.cdiv(T, block_m),)](

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from shapkern.kernels.layout import unit_stride_rows
+
 # One row must fit one tile of registers.
 MAX_D = 16384
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -140,10 +142,6 @@ def stores_grad_y(x_dtype: torch.dtype, y_dtype: torch.dtype | None, has_layer_s
     return y_dtype is not None and (has_layer_scale or y_dtype != x_dtype)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def layer_norm_forward(
     x: torch.Tensor,
     y: torch.Tensor | None,
@@ -159,7 +157,7 @@ def layer_norm_forward(
     only with y). Returns s (T, D) in the promoted dtype of x and y (None without y), h (T, D) in
     out_dtype (default: s's dtype, or x's without y), mean and rstd (T,) fp32.
     """
-    x = _rows(x)
+    x = unit_stride_rows(x)
     T, D = x.shape
     s_dtype = x.dtype if y is None else torch.promote_types(x.dtype, y.dtype)
     s = None if y is None else torch.empty((T, D), dtype=s_dtype, device=x.device)
@@ -170,7 +168,7 @@ def layer_norm_forward(
         return s, h, mean, rstd
     block_d, block_m, num_warps = block_config(D)
     # Absent tensors are replaced by ones of the right kind that the kernel never reads or writes.
-    y = x if y is None else _rows(y)
+    y = x if y is None else unit_stride_rows(y)
     gamma = weight if layer_scale is None else layer_scale
     s_or_h = h if s is None else s
     _fwd_kernel[(triton.cdiv(T, block_m),)](
@@ -203,7 +201,7 @@ def layer_norm_backward(
     layer_scale, same dtype; also None for a plain LayerNorm); grad_weight, grad_bias (D,) and
     grad_layer_scale (D,) or None, fp32.
     """
-    grad_h, s = _rows(grad_h), _rows(s)
+    grad_h, s = unit_stride_rows(grad_h), unit_stride_rows(s)
     T, D = s.shape
     has_ds, has_gamma = grad_s is not None, layer_scale is not None
     store_dy = stores_grad_y(x_dtype, y_dtype, has_gamma)
@@ -217,8 +215,8 @@ def layer_norm_backward(
     partials = [torch.zeros((max(programs, 1), D), device=s.device) for _ in range(3 if has_gamma else 2)]
     if T:
         # Absent tensors are replaced by ones of the right kind that the kernel never reads or writes.
-        grad_s = _rows(grad_s) if has_ds else grad_h
-        y = _rows(y) if has_gamma else s
+        grad_s = unit_stride_rows(grad_s) if has_ds else grad_h
+        y = unit_stride_rows(y) if has_gamma else s
         _bwd_kernel[(programs,)](
             grad_s, grad_h, s, y, layer_scale if has_gamma else weight, weight, mean, rstd, dx,
             dx if dy is None else dy, partials[0], partials[1], partials[-1],

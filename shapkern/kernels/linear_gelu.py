@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from shapkern.kernels.layout import unit_stride_rows
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -124,10 +126,6 @@ def gemm_config(dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
     return GEMM_CONFIG_FP32 if dtype == torch.float32 else GEMM_CONFIG_16BIT
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 @cache
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -146,7 +144,7 @@ def linear_gelu_forward(
     ``gemm_config`` (tile sweeps). Returns y = GELU(x @ weightᵀ + bias) (T, N) in x's dtype and, if
     store_preactivation, z = x @ weightᵀ + bias (T, N) in x's dtype, else None.
     """
-    x, weight = _rows(x), _rows(weight)
+    x, weight = unit_stride_rows(x), unit_stride_rows(weight)
     M, K = x.shape
     N = weight.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -170,7 +168,7 @@ def gelu_backward(grad_y: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, 
     grad_y, z: (T, N). Returns dz = grad_y * GELU'(z) (T, N) in z's dtype and the bias gradient
     dz.sum(0) (N,) fp32, summed from the fp32 values of dz.
     """
-    grad_y, z = _rows(grad_y), _rows(z)
+    grad_y, z = unit_stride_rows(grad_y), unit_stride_rows(z)
     M, N = z.shape
     dz = torch.empty((M, N), dtype=z.dtype, device=z.device)
     block_m, block_n, num_warps = _BWD_CONFIG

@@ -17,15 +17,14 @@ from torch import nn
 
 from shapkern.checkpoint import CheckpointError, load_checkpoint
 from shapkern.engine import (
-    check_chunk_size,
+    CoalitionForward,
+    Precision,
     check_coalitions,
     check_images,
     check_packed_model,
-    coalition_chunk_rows,
-    coalition_tokens,
     num_players,
     packed_block_forward,
-    run_chunks,
+    resolve_paired,
 )
 from shapkern.models.backbones import create_backbone
 from shapkern.packed import PackPlan, segment_patch_sum
@@ -147,8 +146,12 @@ class ShapleyViT(nn.Module):
             tokens = packed_block_forward(self.head_block, tokens, plan)
         return self.head(self.head_norm(tokens)).float()
 
+    def _coalition_head(self, tokens: torch.Tensor, plan: PackPlan) -> torch.Tensor:
+        """v_x(S) of every packed row: Φ per kept patch token, summed per row: (T, D) -> (R, K)."""
+        return segment_patch_sum(self._head_packed(tokens, plan), plan)
+
     def forward(
-        self, images: torch.Tensor, coalitions: torch.Tensor | None = None, *, paired: bool = False
+        self, images: torch.Tensor, coalitions: torch.Tensor | None = None, *, paired: bool | None = None
     ) -> ShapleyOutput:
         """Φ(x) and f(x), and v_x(S) when coalitions are given.
 
@@ -156,7 +159,7 @@ class ShapleyViT(nn.Module):
             images: (B, C, H, W).
             coalitions: optional bool (B, M, N) or (M, N); then one packed pass of the engine
                 computes everything (see :meth:`forward_coalitions`).
-            paired: coalitions 2i and 2i+1 are complements.
+            paired: coalitions 2i and 2i+1 are complements (None: detected).
 
         Returns:
             A :class:`ShapleyOutput` (phi (B, N, K), logits (B, K), values (B, M, K) or None).
@@ -170,13 +173,34 @@ class ShapleyViT(nn.Module):
         phi = self.head(self.head_norm(tokens[:, self.num_prefix_tokens :])).float()
         return ShapleyOutput(phi=phi, logits=phi.sum(dim=1))
 
+    def coalition_forward(
+        self,
+        images: torch.Tensor,
+        *,
+        chunk_size: int | None = None,
+        precision: Precision = "auto",
+        sync_checks: bool = False,
+    ) -> CoalitionForward:
+        """v_x(S) for any coalitions of ``images`` (B, C, H, W), checked once: a function of
+        coalitions bool (B, M, N) or (M, N) (and ``paired=``) -> (B, M, K) float32. ``chunk_size``,
+        ``precision``: as :meth:`coalition_values`; ``sync_checks``: see
+        :class:`~shapkern.engine.CoalitionForward`."""
+        return CoalitionForward(
+            self.backbone,
+            images,
+            head=self._coalition_head,
+            precision=precision,
+            chunk_rows=chunk_size,
+            sync_checks=sync_checks,
+        )
+
     def coalition_values(
         self,
         images: torch.Tensor,
         coalitions: torch.Tensor,
         *,
-        paired: bool = False,
-        precision: str = "auto",
+        paired: bool | None = None,
+        precision: Precision = "auto",
         chunk_size: int | None = None,
     ) -> torch.Tensor:
         """v_x(S) = Σ_{n∈S} Φ(x_S)_n for every image and coalition.
@@ -184,7 +208,8 @@ class ShapleyViT(nn.Module):
         Args:
             images: (B, C, H, W).
             coalitions: bool (B, M, N), or (M, N) shared by all images.
-            paired: coalitions 2i and 2i+1 are complements (avoids a host sync).
+            paired: coalitions 2i and 2i+1 are complements (None: detected; see
+                :func:`~shapkern.engine.fused_coalition_forward`).
             precision: the encoder's blocks, ``"auto"`` or ``"fp8"`` (e4m3 GEMMs, forward only; see
                 :func:`~shapkern.engine.fused_coalition_forward`); the head stays in the model's dtype.
             chunk_size: (image, coalition) rows per pass; default as the engine's (from free memory
@@ -193,23 +218,12 @@ class ShapleyViT(nn.Module):
         Returns:
             (B, M, K) float32; the empty coalition gives 0.
         """
-        check_chunk_size(chunk_size)
-        check_images(images, self.backbone)
-        batch, players = images.shape[0], self.num_players
-        coalitions = check_coalitions(coalitions, batch, players, images.device, paired=paired)
-        rows = chunk_size or coalition_chunk_rows(self.backbone, images, paired)
-        chunks = run_chunks(
-            lambda chunk: self._coalition_values(images, chunk, paired, precision), coalitions, rows, paired
+        return self.coalition_forward(images, chunk_size=chunk_size, precision=precision)(
+            coalitions, paired=paired
         )
-        return torch.cat(chunks, dim=1)
-
-    def _coalition_values(self, images, coalitions, paired: bool, precision: str) -> torch.Tensor:
-        packed = coalition_tokens(self.backbone, images, coalitions, paired=paired, precision=precision)
-        values = segment_patch_sum(self._head_packed(packed.tokens, packed.plan), packed.plan)
-        return values.view(*packed.shape, self.num_classes)
 
     def forward_coalitions(
-        self, images: torch.Tensor, coalitions: torch.Tensor | None = None, *, paired: bool = False
+        self, images: torch.Tensor, coalitions: torch.Tensor | None = None, *, paired: bool | None = None
     ) -> ShapleyOutput:
         """Φ(x), f(x) and v_x(S) from one packed pass of the engine.
 
@@ -219,16 +233,17 @@ class ShapleyViT(nn.Module):
         Args:
             images: (B, C, H, W).
             coalitions: bool (B, M, N), (M, N), or None (then only Φ and f).
-            paired: coalitions 2i and 2i+1 are complements.
+            paired: coalitions 2i and 2i+1 are complements (None: detected).
         """
-        check_images(images, self.backbone)
+        forward = CoalitionForward(self.backbone, images)
         batch, players = images.shape[0], self.num_players
         ends = torch.ones(batch, 2, players, dtype=torch.bool, device=images.device)
         ends[:, 1] = False
         if coalitions is not None:
-            coalitions = check_coalitions(coalitions, batch, players, images.device, paired=paired)
+            coalitions = check_coalitions(coalitions, batch, players, images.device, paired=bool(paired))
+            paired = resolve_paired(coalitions, paired)
             ends = torch.cat([ends, coalitions], dim=1)
-        packed = coalition_tokens(self.backbone, images, ends, paired=paired)
+        packed = forward.tokens(ends, paired=paired is not False)
         plan = packed.plan
         phi_tokens = self._head_packed(packed.tokens, plan)
         rows = torch.arange(batch, device=images.device) * ends.shape[1]

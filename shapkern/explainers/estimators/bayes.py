@@ -25,11 +25,12 @@ import torch
 from tqdm.auto import tqdm
 
 from shapkern.explainers import regression
-from shapkern.explainers.estimators import check_budget, evaluate_rows, kernel
-from shapkern.explainers.game import ValueFunction
+from shapkern.explainers.estimators.base import Estimate, Estimator, evaluate_rows
+from shapkern.explainers.estimators.kernel import KernelSHAP
 from shapkern.explainers.sampling import all_subsets, design_seed, pair_representatives, sample_design
+from shapkern.games import Game
 
-__all__ = ["bayes", "greedy_pairs", "odd_walsh_kernel"]
+__all__ = ["MAX_PAIRS", "Bayes", "greedy_pairs", "odd_walsh_kernel"]
 
 _ACC = torch.float64
 RHO_GRID = (0.2, 0.35, 0.6)  # decay per order; the ViT games measured 0.23-0.35, smooth MLPs ~0.4
@@ -200,8 +201,8 @@ def _gp_predict(model: dict, x_new: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def bayes(game: ValueFunction, base, full, *, budget, batch_size, seed, progress, max_pairs=MAX_PAIRS):
-    """Bayesian-quadrature Shapley values (paired; budget >= 2N + 2).
+class Bayes(Estimator):
+    """Bayesian-quadrature Shapley values (paired; budget >= 2N + 2; no ``tol``).
 
     Up to ``max_pairs`` greedy pairs go into the Gaussian process; a larger budget adds a random
     leverage design and KernelSHAP of the residual game (see the module docstring). Memory
@@ -209,48 +210,60 @@ def bayes(game: ValueFunction, base, full, *, budget, batch_size, seed, progress
     regression. ``seed`` picks the greedy search's candidate pool and the random design; None
     takes the pool of seed 0 (the pairs need no randomness, and the cached design is reused: it
     costs seconds on a CPU from N = 16 and 2,048 evaluations on) and a fresh random design.
-    Returns φ (B, N, K), standard errors and the evaluations per image.
     """
-    n = game.players
-    if n < 2:
-        return (full - base).unsqueeze(1), None, 2
-    check_budget(budget, 2 * n + 2, "bayes", "∅, N and N complementary pairs")
-    units = (budget - 2) // 2
-    if units >= (1 << (n - 1)) - 1:  # every pair: the regression is exact, no prior needed
-        options = {"paired": True, "tol": None, "allocation": "kernel"}
-        return kernel(
-            game,
-            base,
-            full,
-            budget=budget,
-            batch_size=batch_size,
-            seed=design_seed(seed),
-            progress=progress,
-            **options,
-        )
-    reps = greedy_pairs(n, min(units, max_pairs), seed=0 if seed is None else seed)
-    pairs = reps.shape[0]
-    design = None
-    if units > pairs:  # the greedy pairs enter a random design with certainty, the rest around them
-        rest = design_seed(None if seed is None else seed + 1)
-        design = sample_design(n, budget, allocation="leverage", seed=rest, certain=reps)
-        rows = design.coalitions
-    else:
-        rows = torch.stack([reps, ~reps], 1).flatten(0, 1)
-    bar = tqdm(total=rows.shape[0], desc="bayes", unit="coalition", disable=not progress)
-    v = evaluate_rows(game, rows, batch_size=batch_size, per_unit=2, bar=bar)
-    bar.close()
-    odd = (v[:, 0::2] - v[:, 1::2]) / 2
-    ends = ((full - base) / 2).unsqueeze(1)
-    x = 2 * torch.cat([reps, torch.ones(1, n, dtype=torch.bool)]).to(device=v.device, dtype=_ACC) - 1
-    phi, se, model = _gp_fit(x, torch.cat([odd[:, :pairs], ends], 1), std_error=True)
-    if design is None:
-        return phi, se, rows.shape[0] + 2
-    # KernelSHAP of the residual game r = v - ĝ: odd, r(N∖S) = -r(S), ~0 on the greedy pairs.
-    z = rows[0::2].to(v.device)
-    step = max(1, _CHUNK_ELEMENTS // (2 * max_pairs))
-    fitted = torch.cat([_gp_predict(model, 2 * part.to(_ACC) - 1) for part in z.split(step)])
-    resid = odd - fitted.reshape(z.shape[0], game.batch, -1).permute(1, 0, 2)
-    resid = torch.stack([resid, -resid], 2).flatten(1, 2)
-    correction, se = regression.fit(design.sample(), resid, torch.zeros_like(base))
-    return phi + correction, se, design.evaluations
+
+    name = "bayes"
+
+    def __init__(self, *, max_pairs: int = MAX_PAIRS, **options):
+        super().__init__(**options)
+        if self.tol is not None or not self.paired:
+            raise ValueError(
+                "method='bayes' is paired and spends its whole budget (its standard errors are "
+                f"model-based); got tol={self.tol}, paired={self.paired}. Use 'kernel' or 'leverage' for "
+                "tol or unpaired designs."
+            )
+        self.max_pairs = max_pairs
+
+    def min_budget(self, players: int) -> int:
+        return 2 * players + 2 if players >= 2 else 2
+
+    def budget_parts(self, players: int) -> str:
+        return "∅, N and N complementary pairs"
+
+    def approximate(self, game: Game, budget: int, base: torch.Tensor, full: torch.Tensor) -> Estimate:
+        n, seed = game.players, self.seed
+        if n < 2:
+            return Estimate((full - base).unsqueeze(1), None, 2)
+        self.check_budget(budget, n)
+        units = (budget - 2) // 2
+        if units >= (1 << (n - 1)) - 1:  # every pair: the regression is exact, no prior needed
+            exact = KernelSHAP(
+                seed=seed, coalitions_per_call=self.coalitions_per_call, progress=self.progress
+            )
+            return exact.approximate(game, budget, base, full)
+        reps = greedy_pairs(n, min(units, self.max_pairs), seed=0 if seed is None else seed)
+        pairs = reps.shape[0]
+        design = None
+        if units > pairs:  # the greedy pairs enter a random design with certainty, the rest around them
+            rest = design_seed(None if seed is None else seed + 1)
+            design = sample_design(n, budget, allocation="leverage", seed=rest, certain=reps)
+            rows = design.coalitions
+        else:
+            rows = torch.stack([reps, ~reps], 1).flatten(0, 1)
+        bar = tqdm(total=rows.shape[0], desc="bayes", unit="coalition", disable=not self.progress)
+        v = evaluate_rows(game, rows, coalitions_per_call=self.coalitions_per_call, per_unit=2, bar=bar)
+        bar.close()
+        odd = (v[:, 0::2] - v[:, 1::2]) / 2
+        ends = ((full - base) / 2).unsqueeze(1)
+        x = 2 * torch.cat([reps, torch.ones(1, n, dtype=torch.bool)]).to(device=v.device, dtype=_ACC) - 1
+        phi, se, model = _gp_fit(x, torch.cat([odd[:, :pairs], ends], 1), std_error=True)
+        if design is None:
+            return Estimate(phi, se, rows.shape[0] + 2)
+        # KernelSHAP of the residual game r = v - ĝ: odd, r(N∖S) = -r(S), ~0 on the greedy pairs.
+        z = rows[0::2].to(v.device)
+        step = max(1, _CHUNK_ELEMENTS // (2 * self.max_pairs))
+        fitted = torch.cat([_gp_predict(model, 2 * part.to(_ACC) - 1) for part in z.split(step)])
+        resid = odd - fitted.reshape(z.shape[0], game.batch, -1).permute(1, 0, 2)
+        resid = torch.stack([resid, -resid], 2).flatten(1, 2)
+        correction, se = regression.fit(design.sample(), resid, torch.zeros_like(base))
+        return Estimate(phi + correction, se, design.evaluations)

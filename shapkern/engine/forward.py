@@ -1,0 +1,350 @@
+"""The packed coalition engine: a model's outputs on B images × M patch coalitions in one pass.
+
+Patches outside a coalition are dropped from the token sequence after the positional embedding
+(docs/design.md, "The game"); all kept tokens of all (image, coalition) rows are packed into one
+(T, D) tensor (:mod:`shapkern.packed`) and the model's own modules run on it, with varlen
+attention inside each block. Patch and positional embedding run once per image. What is specific
+to a model family (embedding, blocks, pooling, head) sits in its adapter (``engine/adapters``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from shapkern.engine.adapters import BlockPath, ModelAdapter, Output, adapter_for
+from shapkern.engine.chunking import check_chunk_size, default_chunk_rows, run_chunks
+from shapkern.engine.fp8 import check_fp8_forward_only
+from shapkern.engine.inputs import check_coalitions, check_images
+from shapkern.engine.masked import MaskedInputForward
+from shapkern.packed import AttentionFn, PackPlan, pack_tokens, planned_attention
+
+__all__ = [
+    "BLOCKS",
+    "OUTPUTS",
+    "PRECISIONS",
+    "Blocks",
+    "CoalitionForward",
+    "PackedTokens",
+    "Precision",
+    "check_packed_model",
+    "check_precision",
+    "coalition_chunk_rows",
+    "coalition_tokens",
+    "embed_tokens",
+    "fused_coalition_forward",
+    "legacy_blocks",
+    "num_players",
+    "resolve_paired",
+]
+
+OUTPUTS: tuple[Output, ...] = ("logits", "pre_logits")
+Precision = Literal["auto", "fp8"]
+# "auto": the model's dtype under the current autocast; "fp8": e4m3 GEMMs, forward only (engine/fp8.py).
+PRECISIONS: tuple[Precision, ...] = ("auto", "fp8")
+Blocks = Literal["auto", "plain", "compiled", "fused"]
+BLOCKS: tuple[Blocks, ...] = ("auto", "plain", "compiled", "fused")
+# blocks="auto" compiles the blocks on CUDA with paired coalitions (static shapes); SHAPKERN_COMPILE=0
+# turns that off for a whole program.
+COMPILE_BY_DEFAULT = os.environ.get("SHAPKERN_COMPILE", "1") != "0"
+PackedHead = Callable[[torch.Tensor, PackPlan], torch.Tensor]
+
+
+@dataclass
+class PackedTokens:
+    """Final-norm token features of every (image, coalition) row, in the packed layout.
+
+    Attributes:
+        tokens: (T, D) features after the model's final norm.
+        plan: the packing plan (cu_seqlens (R + 1,), token_patch (T,), ...).
+        shape: (B, M); row r = b * M + m.
+    """
+
+    tokens: torch.Tensor
+    plan: PackPlan
+    shape: tuple[int, int]
+
+
+def check_packed_model(model: nn.Module) -> None:
+    """Raise NotImplementedError, naming the model and what is supported, unless packed mode runs it."""
+    adapter_for(model)
+
+
+def embed_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Patch and positional embedding once per image: (B, C, H, W) -> (B, P + N, D)."""
+    return adapter_for(model).embed(images)
+
+
+def num_players(model: nn.Module) -> int:
+    """N, the number of patches of a model the packed engine runs."""
+    return adapter_for(model).num_players
+
+
+def check_precision(precision: str) -> None:
+    """A clear error for a ``precision`` that is not one of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def resolve_paired(coalitions: torch.Tensor, paired: bool | None) -> bool:
+    """``paired`` as given, or for None whether coalitions (B, M, N) come in complementary pairs
+    2i, 2i+1 (one host read on CUDA, the cost the unpaired layout pays anyway)."""
+    if paired is not None:
+        return paired
+    if coalitions.shape[1] % 2 or coalitions.numel() == 0:
+        return False
+    return bool((coalitions[:, 0::2] ^ coalitions[:, 1::2]).all())
+
+
+def _row_activation_bytes(adapter: ModelAdapter, device: torch.device, paired: bool) -> int:
+    """Live activation bytes of one (image, coalition) row on ``device``: ~16 D-wide tensors per
+    token in one block, in every block when autograd keeps them. The tokens are the model's
+    (P + N, D), in its dtype (2 bytes under autocast)."""
+    prefix, players = adapter.num_prefix_tokens, adapter.num_players
+    # A complementary pair holds P + N/2 tokens per row on average; otherwise P + N bounds a row.
+    length = prefix + (players + 1) // 2 if paired else prefix + players
+    element = 2 if torch.is_autocast_enabled(device.type) else next(adapter.model.parameters()).element_size()
+    return length * adapter.width * element * 16 * (adapter.depth if torch.is_grad_enabled() else 1)
+
+
+def coalition_chunk_rows(model: nn.Module, images: torch.Tensor, paired: bool) -> int:
+    """The (image, coalition) rows per pass that the engine runs by default on ``images``
+    (B, C, H, W): sized from free memory on CUDA, at most ``CPU_MAX_CHUNK_ROWS`` on the CPU
+    (engine/chunking.py)."""
+    row_bytes = _row_activation_bytes(adapter_for(model), images.device, paired)
+    return default_chunk_rows(images.device, row_bytes)
+
+
+def _block_path(blocks: str, precision: str) -> str | None:
+    """The block path fixed by ``blocks`` and ``precision``; None: decided per call (blocks="auto")."""
+    check_precision(precision)
+    if blocks not in BLOCKS:
+        raise ValueError(f"blocks must be one of {BLOCKS}, got {blocks!r}")
+    if precision == "fp8":
+        if blocks not in ("auto", "plain"):
+            raise ValueError(f"precision='fp8' runs its own block path: it excludes blocks={blocks!r}")
+        return "fp8"
+    return None if blocks == "auto" else blocks
+
+
+def legacy_blocks(blocks: str, compiled: bool | None, fused: bool | None) -> str:
+    """``blocks`` from the keywords it replaces (``compiled=``, ``fused=``; deprecated in 0.3)."""
+    if compiled is None and fused is None:
+        return blocks
+    warnings.warn(
+        "compiled= and fused= are deprecated: pass blocks='compiled', 'fused' or 'plain'",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if compiled and fused:
+        raise ValueError("compiled=True and fused=True exclude each other: pick one way to fuse the blocks")
+    if fused:
+        return "fused"
+    if compiled is not None:
+        return "compiled" if compiled else "plain"
+    return blocks
+
+
+class CoalitionForward:
+    """A model and a batch of images, checked once, evaluated on any coalitions.
+
+    ``CoalitionForward(model, images)(coalitions)`` is :func:`fused_coalition_forward`; games and
+    self-explaining models keep one to evaluate many coalitions without re-checking the images.
+
+    Args:
+        model: a model of a family the packed engine runs (``engine/adapters``).
+        images: (B, C, H, W) on the model's device.
+        output: ``"logits"`` (B, M, K) or ``"pre_logits"`` (B, M, D).
+        head: instead of the model's pooling and head, a function of the final-norm packed tokens
+            (T, D) and the plan giving (R, K) per row (a self-explaining model's Shapley head).
+        blocks: ``"auto"``, ``"plain"``, ``"compiled"`` or ``"fused"`` (see fused_coalition_forward).
+        precision: ``"auto"`` or ``"fp8"``.
+        attention: the varlen attention op.
+        chunk_rows: (image, coalition) rows per pass; None sizes them from free memory.
+        sync_checks: check the images for non-finite values with a host sync on CUDA, so that a NaN
+            is a ValueError rather than a device-side assertion (see ``check_images``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        *,
+        output: Output = "logits",
+        head: PackedHead | None = None,
+        blocks: Blocks = "auto",
+        precision: Precision = "auto",
+        attention: AttentionFn = planned_attention,
+        chunk_rows: int | None = None,
+        sync_checks: bool = False,
+    ):
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        check_chunk_size(chunk_rows)
+        self.adapter = adapter_for(model)
+        check_images(images, model, sync=sync_checks)
+        self.path = _block_path(blocks, precision)
+        if self.path is not None:
+            self.adapter.check_block_path(self.path, images)
+        self.images, self.output, self.head = images, output, head
+        self.attention, self.chunk_rows = attention, chunk_rows
+
+    @property
+    def num_players(self) -> int:
+        return self.adapter.num_players
+
+    def _prepare(self, coalitions, paired: bool | None):
+        coalitions = check_coalitions(
+            coalitions, self.images.shape[0], self.num_players, self.images.device, paired=bool(paired)
+        )
+        paired = resolve_paired(coalitions, paired)
+        path = self.path
+        if path == "fp8":
+            check_fp8_forward_only(self.adapter.model, self.images)
+        if path is None:
+            compiled = COMPILE_BY_DEFAULT and paired and self.images.is_cuda
+            path = "compiled" if compiled else "plain"
+        return coalitions, paired, path
+
+    def _blocks(self, tokens, coalitions, paired: bool, path: BlockPath):
+        x, plan = pack_tokens(tokens, coalitions, self.adapter.num_prefix_tokens, paired=paired)
+        return self.adapter.blocks(x, plan, self.attention, path), plan
+
+    def tokens(self, coalitions: torch.Tensor, *, paired: bool | None = None) -> PackedTokens:
+        """Final-norm token features of every row, in one pass (no chunking, so one plan describes
+        every row): coalitions bool (B, M, N) or (M, N) -> PackedTokens with tokens (T, D)."""
+        coalitions, paired, path = self._prepare(coalitions, paired)
+        x, plan = self._blocks(self.adapter.embed(self.images), coalitions, paired, path)
+        return PackedTokens(tokens=self.adapter.final_norm(x), plan=plan, shape=tuple(coalitions.shape[:2]))
+
+    def __call__(self, coalitions: torch.Tensor, *, paired: bool | None = None) -> torch.Tensor:
+        """The outputs on every image and coalition: bool (B, M, N) or (M, N) -> (B, M, K).
+
+        ``paired``: coalitions 2i and 2i+1 are complements (True), are not (False), or detect it
+        (None). Pairs run in a layout known without a host sync.
+        """
+        coalitions, paired, path = self._prepare(coalitions, paired)
+        batch = coalitions.shape[0]
+        tokens = self.adapter.embed(self.images)
+        rows = self.chunk_rows or default_chunk_rows(
+            self.images.device, _row_activation_bytes(self.adapter, self.images.device, paired)
+        )
+
+        def run(chunk: torch.Tensor) -> torch.Tensor:
+            x, plan = self._blocks(tokens, chunk, paired, path)
+            if self.head is not None:
+                out = self.head(self.adapter.final_norm(x), plan)
+            else:
+                out = self.adapter.pool_head(x, plan, self.output)
+            return out.view(batch, chunk.shape[1], out.shape[-1])
+
+        return torch.cat(run_chunks(run, coalitions, rows, paired), dim=1)
+
+
+def coalition_tokens(
+    model: nn.Module,
+    images: torch.Tensor,
+    coalitions: torch.Tensor,
+    *,
+    paired: bool | None = None,
+    attention: AttentionFn = planned_attention,
+    blocks: Blocks = "auto",
+    precision: Precision = "auto",
+    compiled: bool | None = None,
+    fused: bool | None = None,
+) -> PackedTokens:
+    """The final-norm token features of every (image, coalition) row, in one packed pass.
+
+    Args and behaviour as :func:`~shapkern.engine.fused_coalition_forward` (one pass, no chunking,
+    so that one plan describes all rows). Returns a :class:`PackedTokens` with tokens (T, D).
+    """
+    blocks = legacy_blocks(blocks, compiled, fused)
+    forward = CoalitionForward(model, images, blocks=blocks, precision=precision, attention=attention)
+    return forward.tokens(coalitions, paired=paired)
+
+
+def fused_coalition_forward(
+    model: nn.Module,
+    images: torch.Tensor,
+    coalitions: torch.Tensor,
+    *,
+    output: Output = "logits",
+    chunk_size: int | None = None,
+    paired: bool | None = None,
+    mode: Literal["packed", "input"] = "packed",
+    baseline: str = "zeros",
+    attention: AttentionFn = planned_attention,
+    blocks: Blocks = "auto",
+    precision: Precision = "auto",
+    compiled: bool | None = None,
+    fused: bool | None = None,
+) -> torch.Tensor:
+    """The model's output on every image with only each coalition's patches present.
+
+    Args:
+        model: a model of a family the packed engine runs (timm VisionTransformer and the others in
+            README's table), or any image classifier mapping (B, C, H, W) to (B, K)
+            (``mode="input"``).
+        images: (B, C, H, W).
+        coalitions: bool (B, M, N), or (M, N) shared by all images; N = the model's patch count.
+        output: ``"logits"`` (B, M, K) or ``"pre_logits"`` (B, M, D). For the token features use
+            :func:`coalition_tokens`.
+        chunk_size: (image, coalition) rows per pass; bounds peak memory. Default: sized from the
+            model and the free memory of the device (GPU memory on CUDA, available RAM on the CPU,
+            at most 256 rows there). With autograd and several chunks, each chunk is recomputed
+            in backward.
+        paired: coalitions 2i and 2i+1 are complements (as ``sample_coalitions`` gives by default):
+            True trusts it (checked on the device), False does not use it, None (default) detects
+            it. Pairs run in a packed layout known without a host sync.
+        mode: ``"packed"`` drops tokens (exact, fast); ``"input"`` replaces the pixels of absent
+            patches by ``baseline`` and runs the full model.
+        baseline: input mode only: ``"zeros"``, ``"mean"`` (per image and channel) or ``"blur"``.
+        attention: the varlen attention op (see :class:`shapkern.ops.AttentionFn`); override it
+            to compare attention kernels inside the same engine.
+        blocks: how the blocks run. ``"compiled"``: under ``torch.compile``, which fuses LayerNorm,
+            GELU and the residual adds into fewer passes over memory (the first call compiles).
+            ``"fused"``: shapkern's fused kernels, residual add + LayerNorm in one pass and fc1 +
+            bias + exact GELU in one GEMM (Triton on CUDA, the ops' PyTorch references elsewhere).
+            ``"plain"``: the model's own modules. ``"auto"`` (default): compiled on CUDA with
+            paired coalitions (static shapes), plain elsewhere; ``SHAPKERN_COMPILE=0`` makes it
+            plain everywhere.
+        precision: ``"auto"`` (the model's dtype under the current autocast) or ``"fp8"``: the qkv,
+            proj, fc1 and fc2 GEMMs in e4m3 with per-token activation and per-channel weight scales
+            (``torch._scaled_mm``; cached weights), everything else as ``"auto"``. Forward only (run
+            it under ``torch.no_grad()``); CUDA needs compute capability 8.9+, the CPU computes the
+            same numerics. Excludes ``blocks="compiled"`` and ``"fused"``. Packed mode only.
+        compiled, fused: deprecated spellings of ``blocks``.
+
+    Returns:
+        (B, M, K) logits, or (B, M, D) with ``output="pre_logits"``. B = 0 gives an empty result.
+
+    The empty coalition keeps only the prefix tokens (class, register, distillation); a model
+    without prefix tokens then pools an all-zero feature vector. The full coalition equals the
+    model's ordinary forward. Gradients flow to the model's parameters and to the images.
+    """
+    blocks = legacy_blocks(blocks, compiled, fused)
+    if mode == "input":
+        if precision != "auto":
+            raise ValueError(
+                f"precision={precision!r} needs mode='packed': pixel masking runs the model as is"
+            )
+        forward = MaskedInputForward(model, images, baseline=baseline, chunk_rows=chunk_size)
+        return forward(coalitions)
+    if mode != "packed":
+        raise ValueError(f"mode must be 'packed' or 'input', got {mode!r}")
+    forward = CoalitionForward(
+        model,
+        images,
+        output=output,
+        blocks=blocks,
+        precision=precision,
+        attention=attention,
+        chunk_rows=chunk_size,
+    )
+    return forward(coalitions, paired=paired)

@@ -1,0 +1,22 @@
+"""Coalition games: the :class:`Game` protocol and every game shapkern evaluates, in one place.
+
+A game maps coalitions bool (B, M, N), the present patches of each of B images, to values
+(B, M, K). Estimators (:mod:`shapkern.explainers`), the shapiq integration and training consume
+games; the model games are built on the engine (:mod:`shapkern.engine`).
+"""
+
+from shapkern.games.base import Game, SelfExplaining, TabulatedGame, ValueFunction, restrict
+from shapkern.games.models import MODES, PackedGame, PixelGame, SelfExplainingGame, model_game
+
+__all__ = [
+    "MODES",
+    "Game",
+    "PackedGame",
+    "PixelGame",
+    "SelfExplaining",
+    "SelfExplainingGame",
+    "TabulatedGame",
+    "ValueFunction",
+    "model_game",
+    "restrict",
+]
