@@ -147,3 +147,126 @@ def test_named_data_is_normalised_as_the_checkpoint_records(tmp_path):
     assert images.shape == (1, 3, 32, 32)  # the test split: 1 of 10 images
     torch.testing.assert_close(images[0], want[0][0])
     assert classes == ["cat", "dog"] and labels == [want[0][1]]
+
+
+def test_explain_feeds_image_files_as_the_imagefolder_test_split_pixel_for_pixel(tmp_path):
+    """With an imagefolder checkpoint's record, explain's input of a file is the test split's item
+    of that file, exactly: odd sizes, RGB and grey, 8 and 16 bits."""
+    import torch
+    from PIL import Image
+
+    from shapkern.cli.explain import load_images
+    from shapkern.data import Preprocessing, load_dataset
+
+    rng = np.random.default_rng(2)
+    files = []
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i, (w, h) in enumerate(((45, 37), (39, 51), (33, 61))):
+                path = tmp_path / split / cls / f"{i}.png"
+                if i == 0:
+                    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+                else:  # grey, 8 and 16 bits
+                    grey = rng.integers(0, 256, (h, w))
+                    Image.fromarray(grey.astype(np.uint8) if i == 1 else grey.astype(np.uint16) * 257).save(
+                        path
+                    )
+                files += [path] if split == "val" else []
+    bundle = load_dataset(f"imagefolder:{tmp_path}", img_size=32, patch_size=8)
+    prep = Preprocessing.from_dict(bundle.describe()["preprocessing"])  # as the checkpoint records it
+    images = load_images([str(f) for f in files], prep, (32, 32), resize=False)
+    assert len(bundle.test) == len(files) == 6
+    for i in range(len(files)):
+        assert torch.equal(images[i], bundle.test[i][0]), files[i]
+
+
+def test_explain_out_naming_a_file_fails_clearly(checkpoint, tmp_path, capsys):
+    (tmp_path / "taken").write_text("not a folder")
+    argv = ["explain", "--checkpoint", str(checkpoint), "--data", "digits", "--out", str(tmp_path / "taken")]
+    assert main(argv) == 2
+    assert "--out" in (err := capsys.readouterr().err) and "taken is a file, not a folder" in err
+
+
+def test_explain_refuses_an_earlier_runs_outputs_unless_overwrite(checkpoint, tmp_path, capsys):
+    out = tmp_path / "expl"
+    argv = [
+        "--checkpoint",
+        checkpoint,
+        "--data",
+        "digits",
+        "--method",
+        "exact",
+        "--no-progress",
+        "--out",
+        out,
+    ]
+    run([*argv, "--num-images", 3], capsys)
+    (out / "notes.txt").write_text("the user's")
+    (out / "heatmap_mine.png").write_bytes(b"the user's too")
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["explain", *map(str, argv), "--num-images", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "holds the outputs of an earlier `shapkern explain`" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing written or removed
+    run([*argv, "--num-images", 1, "--overwrite"], capsys)
+    kept = ["curves.png", "explanations.json", "grid.png", "heatmap_000.png", "heatmap_mine.png", "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == kept  # heatmap_001/002.png of the first run are gone
+    assert len(json.loads((out / "explanations.json").read_text())["images"]) == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run([*argv[:-1], empty, "--num-images", 1], capsys)  # an empty folder is fine
+
+
+def test_explain_help_comes_from_the_estimators(checkpoint):
+    """--method, --budget and --tol describe what the estimators do, from their own tables."""
+    import argparse
+    import re
+
+    from shapkern.cli.explain import add_parser, load_model
+    from shapkern.explainers import METHODS, ValueFunction, estimate, resolve_method
+    from shapkern.explainers.explain import DEFAULT_BUDGET, GAME_METHODS
+
+    parser = add_parser(argparse.ArgumentParser().add_subparsers())
+    helps = {action.dest: action.help for action in parser._actions}
+    for method in METHODS:
+        assert re.search(rf"\b{method}\b", helps["method"]), method
+    model, _ = load_model(str(checkpoint), "cpu")
+    auto = resolve_method("auto", model, model.num_players)
+    assert f"auto (= {auto} for these checkpoints)" in helps["method"]
+    assert str(DEFAULT_BUDGET) in helps["budget"]
+    game = ValueFunction(lambda z: z.double().sum(-1, keepdim=True), 1, 4)
+    for method in set(GAME_METHODS) - {"auto", "exact"}:  # the estimators that sample
+        assert re.search(rf"\b{method}\b", helps["budget"]), method
+        try:
+            estimate(game, method=method, budget=16, tol=0.5, progress=False)
+            takes_tol = True
+        except ValueError:
+            takes_tol = False
+        assert bool(re.search(rf"\b{method}\b", helps["tol"])) == takes_tol, method
+
+
+@pytest.mark.parametrize("size, pixels", [((40, 40), "1,600"), ((32, 24), "768")])
+def test_explain_names_an_image_over_pils_pixel_limit(
+    checkpoint, tmp_path, capsys, monkeypatch, size, pixels
+):
+    """Over twice the limit PIL raises, over the limit it warns: both are a clear error naming the file."""
+    from PIL import Image
+
+    Image.new("L", size).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    argv = ["explain", "--checkpoint", str(checkpoint), "--images", str(tmp_path / "big.png"), "--resize"]
+    assert main([*argv, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"big.png has {pixels} pixels" in err and "MAX_IMAGE_PIXELS" in err and "downscale" in err
+
+
+def test_a_checkpoint_with_an_unknown_preprocessing_key_fails_clearly(checkpoint, tmp_path, capsys):
+    from shapkern.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(str(checkpoint))
+    state["data"]["preprocessing"]["gamma"] = 2.2  # as a newer shapkern might record
+    path = save_checkpoint(state, str(tmp_path))
+    assert main(["explain", "--checkpoint", path, "--data", "digits", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: the preprocessing record has unknown key 'gamma'" in err and "newer shapkern" in err

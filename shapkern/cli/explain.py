@@ -5,7 +5,8 @@
 
 Writes ``explanations.json`` (φ, base and full values, target classes, evaluations, insertion and
 deletion AUC, localisation where the data has masks), a heatmap PNG per image, ``grid.png`` and
-``curves.png`` (insertion and deletion curves).
+``curves.png`` (insertion and deletion curves). A folder holding an earlier run's outputs is refused
+unless ``--overwrite``, which removes exactly those files (:func:`earlier_outputs`) and nothing else.
 """
 
 from __future__ import annotations
@@ -13,23 +14,36 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
 
 from shapkern.checkpoint import load_checkpoint
-from shapkern.data import Preprocessing, load_dataset, preprocess_image
+from shapkern.coalitions import MAX_EXACT_PLAYERS
+from shapkern.data import PixelLimitError, Preprocessing, load_dataset, open_image, preprocess_image
 from shapkern.engine import patch_grid
 from shapkern.explainers import METHODS, explain, resolve_method
+from shapkern.explainers.estimators import DEFAULT_COALITIONS_PER_CALL
+from shapkern.explainers.explain import DEFAULT_BUDGET, GAME_METHODS
 from shapkern.explainers.metrics import insertion_deletion, localization
 from shapkern.explainers.viz import plot_curves, plot_grid, plot_heatmap
 from shapkern.games import model_game
 from shapkern.models import ShapleyViT
 from shapkern.training.distributed import DEVICES
 
-__all__ = ["add_parser", "explain_to_dir", "load_images", "load_model", "run"]
+__all__ = ["add_parser", "earlier_outputs", "explain_to_dir", "load_images", "load_model", "run"]
 
 BUILTIN = ("digits", "evidence")
+SAMPLING_METHODS = tuple(m for m in GAME_METHODS if m not in ("auto", "exact"))  # they spend --budget
+TOL_METHODS = tuple(m for m in SAMPLING_METHODS if m != "bayes")  # bayes spends its whole budget
+OUTPUT_FILES = ("explanations.json", "grid.png", "curves.png")  # and heatmap_name(b) per image
+HEATMAP = re.compile(r"heatmap_\d{3,}\.png")
+
+
+def heatmap_name(index: int) -> str:
+    """The heatmap file of the ``index``-th image (matches :data:`HEATMAP`)."""
+    return f"heatmap_{index:03d}.png"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -56,24 +70,48 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--method",
         choices=METHODS,
         default="auto",
-        help="estimator; auto = 'self' for a self-explaining model, else 'exact' up to 16 patches, "
-        "else 'kernel'",
+        help="estimator: auto (= self for these checkpoints), self (a self-explaining ViT's own Φ, one "
+        f"forward pass), exact (all 2^N coalitions, N <= {MAX_EXACT_PLAYERS}), or one that samples "
+        f"--budget coalitions: {', '.join(SAMPLING_METHODS)}",
     )
     p.add_argument(
-        "--budget", type=int, default=None, help="evaluations per image for kernel/permutation (2048)"
+        "--budget",
+        type=int,
+        default=None,
+        help=f"evaluations per image for {', '.join(SAMPLING_METHODS)} ({DEFAULT_BUDGET} when not given)",
     )
     p.add_argument(
-        "--tol", type=float, default=None, help="kernel/permutation: stop when every standard error < tol"
+        "--tol",
+        type=float,
+        default=None,
+        help=f"{', '.join(TOL_METHODS)}: stop when every standard error < tol",
     )
     p.add_argument("--target", default="pred", help="'pred', 'all' or a class index")
     p.add_argument("--resize", action="store_true", help="resize --images to the model's input size")
-    p.add_argument("--batch-size", type=int, default=None, help="coalitions per image per model call (1024)")
+    p.add_argument(
+        "--coalitions-per-call",
+        "--batch-size",  # its name before 0.3
+        dest="coalitions_per_call",
+        type=int,
+        default=None,
+        help=f"coalitions per image per model call ({DEFAULT_COALITIONS_PER_CALL} when not given)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling estimators")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where the model runs")
     p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars"
     )
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder: new, or without an earlier run's outputs (see --overwrite)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="reuse an --out folder holding an earlier explain run's outputs: they are removed first "
+        f"({', '.join(OUTPUT_FILES)}, heatmap_NNN.png; no other file)",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -93,6 +131,7 @@ def load_model(path: str, device: torch.device) -> tuple[ShapleyViT, dict]:
         raise ValueError(
             f"{path} records no data preprocessing; it was not written by this version of `shapkern train`"
         )
+    Preprocessing.from_dict(data["preprocessing"], source=path)  # a record this version can follow
     return model, data
 
 
@@ -100,17 +139,17 @@ def load_images(
     files: list[str], prep: Preprocessing, size: tuple[int, int], *, resize: bool
 ) -> torch.Tensor:
     """Image files -> (B, C, H, W), preprocessed like the training data; wrong sizes need ``resize``."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     out = []
     for file in files:
         if not os.path.isfile(file):
             raise ValueError(f"image file not found: {file}")
         try:
-            with Image.open(file) as img:
-                img.load()
-                image = img.copy()
-        except (UnidentifiedImageError, OSError) as exc:
+            image = open_image(file)  # as imagefolder reads its files
+        except PixelLimitError:
+            raise  # names the file and says what to do
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise ValueError(f"cannot read {file} as an image (PNG, JPEG, ...): {exc}") from exc
         try:
             out.append(preprocess_image(image, prep, size, resize=resize))
@@ -147,6 +186,32 @@ def _target(text: str):
         raise ValueError(f"--target must be 'pred', 'all' or a class index, got {text!r}") from None
 
 
+def earlier_outputs(out: Path) -> list[Path]:
+    """The files in ``out`` that an explain run writes: what ``--overwrite`` removes."""
+    return sorted(
+        p for p in out.iterdir() if p.is_file() and (p.name in OUTPUT_FILES or HEATMAP.fullmatch(p.name))
+    )
+
+
+def _output_folder(path: str, overwrite: bool) -> Path:
+    """``--out`` as an existing folder without an earlier run's outputs (unless ``overwrite``)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {path} is a file, not a folder: name a new or empty folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {path}: cannot create the folder ({exc})") from None
+    earlier = earlier_outputs(out)
+    if earlier and not overwrite:
+        shown = ", ".join(p.name for p in earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+        raise ValueError(
+            f"--out {path} holds the outputs of an earlier `shapkern explain` ({shown}); name another "
+            "folder, or pass --overwrite to remove them (and no other file) and write this run's"
+        )
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     """Handler of ``shapkern explain``: writes the outputs; user errors raise ValueError."""
     explain_to_dir(args)
@@ -155,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
 
 def explain_to_dir(args: argparse.Namespace) -> dict:
     """Explain the images named by ``args`` and write the outputs to ``args.out``; returns the JSON record."""
+    out = _output_folder(args.out, args.overwrite)
     device = _device(args.device)
     model, data = load_model(args.checkpoint, device)
     grid = patch_grid(model.backbone, model.num_players)
@@ -173,7 +239,7 @@ def explain_to_dir(args: argparse.Namespace) -> dict:
             data.get("classes"),
         )
     images = images.to(device)
-    method = resolve_method(args.method, model, model.num_players)
+    method = resolve_method(args.method, model, model.num_players, args.budget, args.tol)
     att = explain(
         model,
         images,
@@ -181,7 +247,7 @@ def explain_to_dir(args: argparse.Namespace) -> dict:
         budget=args.budget,
         target=_target(args.target),
         tol=args.tol,
-        batch_size=args.batch_size,
+        coalitions_per_call=args.coalitions_per_call,
         seed=args.seed,
         progress=args.progress,
     )
@@ -191,8 +257,8 @@ def explain_to_dir(args: argparse.Namespace) -> dict:
     with torch.no_grad():
         predictions = model(images).logits.argmax(-1).tolist()
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    for path in earlier_outputs(out):  # refused above unless --overwrite
+        path.unlink()
 
     def name(k: int) -> str:
         return classes[k] if classes and k < len(classes) else str(k)
@@ -200,7 +266,7 @@ def explain_to_dir(args: argparse.Namespace) -> dict:
     records = []
     for b in range(images.shape[0]):
         target = att.target[b].tolist()
-        heatmap = f"heatmap_{b:03d}.png"
+        heatmap = heatmap_name(b)
         truth = "" if labels[b] is None else f", true {name(labels[b])}"
         title = f"{Path(sources[b]).name}: φ for class {name(target[0])}{truth}"
         plot_heatmap(images[b].cpu(), phi[b].cpu(), out / heatmap, grid=grid, title=title)

@@ -14,7 +14,14 @@ from collections.abc import Sequence
 from shapkern.data.catalog import CATALOG, DEFAULT_DATA_ROOT, catalog_dataset
 from shapkern.data.datasets import DataBundle, EvidenceDataset, IndexedDataset, TensorImageDataset
 from shapkern.data.folders import imagefolder
-from shapkern.data.preprocess import Preprocessing, pixels_to_unit, preprocess_image
+from shapkern.data.preprocess import (
+    PixelLimitError,
+    Preprocessing,
+    decode_image,
+    open_image,
+    pixels_to_unit,
+    preprocess_image,
+)
 from shapkern.data.synthetic import digits, evidence, make_evidence
 
 __all__ = [
@@ -24,14 +31,17 @@ __all__ = [
     "DataBundle",
     "EvidenceDataset",
     "IndexedDataset",
+    "PixelLimitError",
     "Preprocessing",
     "TensorImageDataset",
     "catalog_dataset",
+    "decode_image",
     "digits",
     "evidence",
     "imagefolder",
     "load_dataset",
     "make_evidence",
+    "open_image",
     "pixels_to_unit",
     "preprocess_image",
 ]

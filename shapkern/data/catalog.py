@@ -18,9 +18,10 @@ weights expect), ImageNet's by default, and recorded in the bundle's :class:`Pre
 Augmentation is random-resized-crop and horizontal flip only. Both transform the whole image before
 it is cut into patches: the grid stays the grid, and the Shapley game is defined on the view the
 model sees, so ℓ_sv and ℓ_mask stay consistent under them. What is explained at test time is the
-deterministic test view recorded in the checkpoint (resize, and centre crop for photos), which
-``shapkern explain`` reproduces for image files. Augmentations that mix images or labels (mixup,
-cutmix) or move patches independently are not used: they would change what a patch's value means.
+deterministic test view recorded in the checkpoint (a bilinear resize, and a centre crop for photos
+as in timm's eval transform and imagefolder's), which ``shapkern explain`` reproduces for image
+files. Augmentations that mix images or labels (mixup, cutmix) or move patches independently are
+not used: they would change what a patch's value means.
 """
 
 from __future__ import annotations
@@ -33,12 +34,11 @@ from dataclasses import dataclass
 from functools import partial
 
 from shapkern.data.datasets import DataBundle, IndexedDataset
-from shapkern.data.preprocess import Preprocessing, preprocess_image
+from shapkern.data.preprocess import TEST_CROP_PCT, Preprocessing, preprocess_image
 
 __all__ = ["CATALOG", "DEFAULT_DATA_ROOT", "catalog_dataset"]
 
 DEFAULT_DATA_ROOT = "~/.cache/shapkern/data"
-CROP_PCT = 0.875  # test view of photos: resize (bicubic) to size / 0.875, centre crop (as imagefolder)
 # Random-resized-crop area range: milder than ImageNet's 0.08, since CIFAR's and STL-10's sources are
 # 32-96 px (an 8% crop of a 32-px image is 9 px).
 TRAIN_SCALE = (0.25, 1.0)
@@ -158,7 +158,7 @@ def catalog_dataset(
     entry = CATALOG[name]
     root = os.path.expanduser(os.fspath(root))
     # Photos: resize to size / 0.875 and centre-crop; small images (CIFAR, STL-10): resize whole.
-    prep = Preprocessing(color="RGB", mean=mean, std=std, crop_pct=None if entry.low_res else CROP_PCT)
+    prep = Preprocessing(color="RGB", mean=mean, std=std, crop_pct=None if entry.low_res else TEST_CROP_PCT)
     train_tf, test_tf = _transforms(img_size, prep)
     lock = contextlib.nullcontext()
     if download:  # torchrun: the processes of a machine take turns, the first one downloads

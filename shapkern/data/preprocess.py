@@ -3,16 +3,36 @@
 A :class:`Preprocessing` says how a dataset's images were made from pixels: colour mode, resizing,
 and the per-channel normalisation. It is stored in checkpoints, so ``shapkern explain`` feeds a
 user's image files to a model exactly as its training data was fed, whatever the dataset.
+
+One path for every file: :func:`open_image` reads it (refusing possible decompression bombs),
+:func:`decode_image` scales its pixels to [0, 1] by bit depth (8 or 16 bits), and
+:func:`preprocess_image` makes the test view from it. Training (imagefolder's random crops) and
+``shapkern explain`` both start from :func:`decode_image`, so a 16-bit PNG means the same in both.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+import re
+import warnings
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import numpy as np
 import torch
 
-__all__ = ["Preprocessing", "pixels_to_unit", "preprocess_image"]
+__all__ = [
+    "INTERPOLATIONS",
+    "TEST_CROP_PCT",
+    "PixelLimitError",
+    "Preprocessing",
+    "decode_image",
+    "open_image",
+    "pixels_to_unit",
+    "preprocess_image",
+]
+
+TEST_CROP_PCT = 0.875  # the test view of photos (timm's eval default): resize to size / 0.875, centre crop
+INTERPOLATIONS = ("bilinear", "bicubic")  # torchvision's InterpolationMode names
 
 
 @dataclass(frozen=True)
@@ -25,7 +45,10 @@ class Preprocessing:
         mean, std: per-channel statistics (one value per channel of ``color``).
         channels: channels the model takes (a grey image is repeated to 3 where needed).
         crop_pct: None: the image must already be the model's size (or is resized to it). A float:
-            resize the shorter side to size / crop_pct, then centre-crop (timm's eval transform).
+            timm's eval transform: resize the shorter side to floor(size / crop_pct), then crop the
+            centre (torchvision's Resize and CenterCrop).
+        interpolation: the resize filter, one of :data:`INTERPOLATIONS` (records written before
+            it existed resized bilinearly: timm's default, which imagefolder's test view used).
     """
 
     color: str
@@ -33,13 +56,83 @@ class Preprocessing:
     std: tuple[float, ...]
     channels: int = 3
     crop_pct: float | None = None
+    interpolation: str = "bilinear"
+
+    def __post_init__(self):
+        if self.color not in ("L", "RGB"):
+            raise ValueError(f"Preprocessing color must be 'L' or 'RGB', got {self.color!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"Preprocessing interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
+            )
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, record: dict) -> Preprocessing:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
+    def from_dict(cls, record: dict, *, source: str = "preprocessing record") -> Preprocessing:
+        """The record of :meth:`to_dict` (a checkpoint's ``data["preprocessing"]``).
+
+        Raises ValueError, naming ``source``, for a key this version does not know (a newer
+        shapkern wrote it: ignoring it could change the inputs silently), a missing key or a bad value.
+        """
+        known = [f.name for f in fields(cls)]
+        unknown = [k for k in record if k not in known]
+        if unknown:
+            from shapkern import __version__
+
+            raise ValueError(
+                f"{source}: the preprocessing record has unknown key {unknown[0]!r}"
+                f"{f' (and {unknown[1:]})' if len(unknown) > 1 else ''}; shapkern {__version__} knows "
+                f"{', '.join(known)}. A newer shapkern wrote it: explain this checkpoint with that version"
+            )
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in record]
+        if missing:
+            raise ValueError(
+                f"{source}: the preprocessing record is missing key {', '.join(map(repr, missing))}"
+            )
+        try:
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+
+class PixelLimitError(ValueError):
+    """An image file over PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``)."""
+
+
+def _pixel_limit_error(path: str, pixels: int | None, limit: int) -> PixelLimitError:
+    count = "more than twice that many" if pixels is None else f"{pixels:,}"
+    return PixelLimitError(
+        f"{path} has {count} pixels, over PIL's decompression-bomb limit of {limit:,} "
+        "(PIL.Image.MAX_IMAGE_PIXELS): a file this large may be built to exhaust memory. If it is a "
+        "genuine image, downscale it first (the model sees it at its input size anyway), or, in Python, "
+        "raise PIL.Image.MAX_IMAGE_PIXELS for files you trust"
+    )
+
+
+def open_image(path: str):
+    """The decoded PIL image in a file, in its own mode (8 or 16 bits).
+
+    Raises :class:`PixelLimitError` (a ValueError) naming the file and its pixel count for an image
+    over ``PIL.Image.MAX_IMAGE_PIXELS`` (where PIL itself only warns, and over twice that, where it
+    raises); PIL's own errors for unreadable files (``UnidentifiedImageError``, ``OSError``, ...)
+    pass through.
+    """
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, naming the file
+            with Image.open(path) as image:
+                if limit is not None and image.width * image.height > limit:
+                    raise _pixel_limit_error(path, image.width * image.height, limit)
+                image.load()
+                return image.copy()
+    except Image.DecompressionBombError as exc:  # over twice the limit: PIL refuses before we see the size
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _pixel_limit_error(path, int(pixels[1]) if pixels else None, limit) from None
 
 
 def pixels_to_unit(image) -> np.ndarray:
@@ -55,18 +148,42 @@ def pixels_to_unit(image) -> np.ndarray:
     return array.astype(np.float32) / float(np.iinfo(array.dtype).max)
 
 
-def _to_color(image, color: str) -> np.ndarray:
-    """A PIL image in mode ``color`` ("L" or "RGB") as [0, 1] floats, keeping a 16-bit image's depth."""
+def decode_image(image, color: str) -> torch.Tensor:
+    """A PIL image (any mode, 8 or 16 bits) -> (C, H, W) float32 in [0, 1] in mode ``color``
+    ("L": C = 1, "RGB": C = 3), keeping a 16-bit image's depth (a plain ``convert`` would clip it)."""
     if image.mode.startswith("I") or image.mode == "F":  # single-channel 16/32-bit or float
         unit = pixels_to_unit(image)
-        return unit if color == "L" else np.repeat(unit[..., None], 3, axis=-1)
-    return pixels_to_unit(image.convert(color))
+        unit = unit if color == "L" else np.repeat(unit[..., None], 3, axis=-1)
+    else:
+        unit = pixels_to_unit(image.convert(color))
+    x = torch.from_numpy(np.ascontiguousarray(unit))
+    return x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1).contiguous()
+
+
+def _view(x: torch.Tensor, prep: Preprocessing, size: tuple[int, int], resize: bool) -> torch.Tensor:
+    """The test view of a decoded image (C, H, W) at the model's ``size`` (H, W)."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    mode = InterpolationMode(prep.interpolation)
+    if prep.crop_pct is not None:  # timm's eval transform: Resize(floor(size / crop_pct)), CenterCrop(size)
+        x = TF.center_crop(
+            TF.resize(x, math.floor(min(size) / prep.crop_pct), mode, antialias=True), list(size)
+        )
+    elif tuple(x.shape[-2:]) != tuple(size):
+        if not resize:
+            raise ValueError(
+                f"the image is {x.shape[-1]}x{x.shape[-2]} pixels but the model takes {size[1]}x{size[0]}; "
+                "resize it (--resize)"
+            )
+        x = TF.resize(x, list(size), mode, antialias=True)
+    return x.clamp(0.0, 1.0)  # bicubic overshoots; PIL's 8-bit resize clips the same way
 
 
 def preprocess_image(
     image, prep: Preprocessing, size: tuple[int, int], *, resize: bool = False
 ) -> torch.Tensor:
-    """A PIL image -> (C, H, W) float32 as the training data was made.
+    """A PIL image -> (C, H, W) float32 as the training data's test view was made.
 
     Args:
         image: a PIL image (any mode, 8 or 16 bits).
@@ -74,26 +191,7 @@ def preprocess_image(
         size: the model's (H, W).
         resize: with ``prep.crop_pct`` None, resize an image of another size instead of raising.
     """
-    from PIL import Image
-
-    if prep.crop_pct is not None:
-        short = round(min(size) / prep.crop_pct)
-        scale = short / min(image.height, image.width)
-        image = image.resize(
-            (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC
-        )
-        left, top = (image.width - size[1]) // 2, (image.height - size[0]) // 2
-        image = image.crop((left, top, left + size[1], top + size[0]))
-    elif (image.height, image.width) != tuple(size):
-        if not resize:
-            raise ValueError(
-                f"the image is {image.width}x{image.height} pixels but the model takes {size[1]}x{size[0]}; "
-                "resize it (--resize)"
-            )
-        image = image.resize((size[1], size[0]), Image.BILINEAR)
-    unit = _to_color(image, prep.color)
-    x = torch.from_numpy(np.ascontiguousarray(unit))
-    x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
+    x = _view(decode_image(image, prep.color), prep, size, resize)
     mean = torch.tensor(prep.mean, dtype=torch.float32).view(-1, 1, 1)
     std = torch.tensor(prep.std, dtype=torch.float32).view(-1, 1, 1)
     x = (x - mean) / std
