@@ -25,9 +25,9 @@ operands), but vit_base costs ~0.3 s per evaluation on one CPU core: the CPU def
 (minutes); ``--vit-images 1`` adds (b) with fp8 alone (2 x 2,048 evaluations, ~25 min on one core). On
 CUDA both run by default.
 
-    python benchmarks/fp8_error.py --checkpoint runs/digits/checkpoint.pt --out DIR  # CPU: (a), minutes
-    python benchmarks/fp8_error.py --checkpoint runs/digits/checkpoint.pt --vit-images 1 --out DIR  # + (b)
-    python benchmarks/fp8_error.py --device cuda --out DIR  # trains the digits model first (~1 min)
+    python -m benchmarks.fp8_error --checkpoint runs/digits/checkpoint.pt --out DIR  # CPU: (a), minutes
+    python -m benchmarks.fp8_error --checkpoint runs/digits/checkpoint.pt --vit-images 1 --out DIR  # + (b)
+    python -m benchmarks.fp8_error --device cuda --out DIR  # trains the digits model first (~1 min)
 
 Writes fp8_error.{json,md}.
 """
@@ -38,9 +38,9 @@ import math
 import time
 from pathlib import Path
 
-import harness
 import torch
 
+from benchmarks import harness
 from shapkern.data import load_dataset
 from shapkern.engine import coalition_tokens
 from shapkern.explainers import ValueFunction, estimate, value_function
@@ -68,19 +68,14 @@ def shapley_vit_game(model: ShapleyViT, images: torch.Tensor, precision: str) ->
     return ValueFunction(fn, images.shape[0], model.num_players, images.device)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run(game_at, name: str, device: torch.device, **kwargs):
     """Attribution of the game at precision ``name`` (kwargs for :func:`estimate`) and its wall time."""
     precision, autocast = PRECISIONS[name]
-    synchronize(device)
+    harness.synchronize(device)
     start = time.perf_counter()
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         att = estimate(game_at(precision), progress=False, **kwargs)
-    synchronize(device)
+    harness.synchronize(device)
     return att, time.perf_counter() - start
 
 
