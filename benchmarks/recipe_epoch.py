@@ -85,9 +85,10 @@ class Timed:
         return {**record, f"{self.name}_s": time.perf_counter() - start}
 
 
-def _evaluation_s(record: dict) -> float:
-    """The seconds of an epoch's evaluators (every ``*_s`` but the epoch's own time)."""
-    return sum(v for k, v in record.items() if k.endswith("_s") and k != "epoch_time_s")
+def evaluation_seconds(record: dict, evaluators: list[Timed]) -> float:
+    """The seconds an epoch's record gives its timed evaluators (their ``<name>_s``); the record's
+    other keys ending in ``_s`` (epoch_time_s, images_per_s) are not evaluation times."""
+    return sum(record.get(f"{evaluator.name}_s", 0.0) for evaluator in evaluators)
 
 
 def train_timed(args, out) -> tuple[Trainer, list[dict]]:
@@ -156,13 +157,15 @@ def markdown(result: dict, trainer: Trainer) -> str:
             r["epoch"],
             f"{r['epoch_time_s']:.1f}",
             f"{r['images_per_s']:.0f}",
-            f"{_evaluation_s(r):.1f}",
+            f"{evaluation_seconds(r, trainer.evaluators):.1f}",
             f"{r['train_loss']:.3f}",
             f"{r.get('test_acc', float('nan')):.3f}",
         ]
         for r in epochs
     ]
     memory, gemm = result["peak_memory_gib"], result["gemm_tflops"]
+    memory = "n/a" if memory is None else f"{memory:.1f} GiB"
+    evaluation = evaluation_seconds(warm, trainer.evaluators)
     rate = f"{result['achieved_tflops']:.1f} TFLOP/s ({result['step_gflop_per_image']:.0f} GFLOP per image"
     rate += " and step)"
     if gemm is not None:
@@ -184,7 +187,7 @@ def markdown(result: dict, trainer: Trainer) -> str:
                 ["epoch", "train s", "images/s", "evaluation s", "loss", "test acc"], rows, align="rrrrrr"
             ),
             f"Warm epoch (the last): {warm['images_per_s']:.0f} images/s, {rate}; evaluation "
-            f"{_evaluation_s(warm):.1f} s; peak memory {'n/a' if memory is None else f'{memory:.1f} GiB'}.",
+            f"{evaluation:.1f} s; peak memory {memory}.",
             "",
             f"Implied CIFAR-10 epoch on one such device: {cifar['train']:.0f} s of training (50,000 images) "
             f"+ {cifar['evaluation']:.0f} s of evaluation (held-out loss scaled "

@@ -409,3 +409,36 @@ def test_large_estimators_benchmark_smoke_on_cpu(tmp_path):
     assert {("shapkern", m) for m in ("bayes", "leverage", "kernel", "permutation")} <= methods
     assert all(0 <= c["rel_l2"] < 1 and 0 <= c["p_at_3"] <= 1 for c in result["cells"])
     assert "# Shapley estimators at N = 16" in (tmp_path / "estimators_large.md").read_text()
+
+
+def test_recipe_epoch_reports_evaluation_seconds():
+    """recipe_epoch's evaluation time is what its timed evaluators took, not the record's images_per_s."""
+    from types import SimpleNamespace
+
+    from benchmarks import recipe_epoch
+
+    class HeldOutLoss:
+        pass
+
+    class Faithfulness:
+        pass
+
+    record = {
+        "epoch": 1, "train_loss": 2.0, "test_acc": 0.5, "images_per_s": 132.2, "epoch_time_s": 0.06,
+        "HeldOutLoss_s": 0.011, "Faithfulness_s": 0.5,
+    }  # fmt: skip
+    trainer = SimpleNamespace(
+        cfg=SimpleNamespace(img_size=32, model="vit", num_coalitions=32, batch_size=4),
+        model=SimpleNamespace(num_players=4),
+        train_set=[None] * 8,
+        test_set=[None] * 4,
+        evaluators=[recipe_epoch.Timed(HeldOutLoss()), recipe_epoch.Timed(Faithfulness())],
+    )
+    result = {
+        "environment": {"cpu": "CPU", "cpu_threads": 1}, "epochs": [record], "peak_memory_gib": None,
+        "gemm_tflops": None, "achieved_tflops": 0.1, "step_gflop_per_image": 1.0,
+        "cifar10_epoch_one_gpu_s": {"train": 378.0, "evaluation": 28.0},
+    }  # fmt: skip
+    text = recipe_epoch.markdown(result, trainer)
+    assert "| 1 | 0.1 | 132 | 0.5 | 2.000 | 0.500 |" in text
+    assert "; evaluation 0.5 s;" in text
