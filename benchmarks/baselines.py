@@ -53,25 +53,23 @@ __all__ = [
 
 def engine(model, images, coalitions):
     """shapkern, plain path: all kept tokens packed flat, the model's own modules, Triton varlen attention."""
-    return shapkern.fused_coalition_forward(model, images, coalitions, paired=True, compiled=False)
+    return shapkern.fused_coalition_forward(model, images, coalitions, paired=True, blocks="plain")
 
 
 def engine_compiled(model, images, coalitions):
     """shapkern engine with its blocks under torch.compile (fused LayerNorm, GELU, residual adds)."""
-    return shapkern.fused_coalition_forward(model, images, coalitions, paired=True, compiled=True)
+    return shapkern.fused_coalition_forward(model, images, coalitions, paired=True, blocks="compiled")
 
 
 def engine_fused(model, images, coalitions):
     """shapkern engine with its fused kernels: residual add + LayerNorm, fc1 + bias + GELU (Triton)."""
-    return shapkern.fused_coalition_forward(
-        model, images, coalitions, paired=True, compiled=False, fused=True
-    )
+    return shapkern.fused_coalition_forward(model, images, coalitions, paired=True, blocks="fused")
 
 
 def engine_fp8(model, images, coalitions):
     """shapkern engine with fp8 (e4m3) GEMMs: qkv, proj, fc1, fc2 through torch._scaled_mm; forward only."""
     return shapkern.fused_coalition_forward(
-        model, images, coalitions, paired=True, compiled=False, precision="fp8"
+        model, images, coalitions, paired=True, blocks="plain", precision="fp8"
     )
 
 
@@ -87,7 +85,7 @@ def torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale=None):
 def engine_torch_varlen(model, images, coalitions):
     """All kept tokens packed flat as in the engine, torch.nn.attention.varlen.varlen_attn."""
     return shapkern.fused_coalition_forward(
-        model, images, coalitions, paired=True, attention=torch_varlen, compiled=False
+        model, images, coalitions, paired=True, attention=torch_varlen, blocks="plain"
     )
 
 
@@ -263,8 +261,8 @@ def unavailable_reason(name: str, device: torch.device | str) -> str | None:
     if METHODS[name].cuda_only and torch.device(device).type != "cuda":
         return "needs CUDA"
     parameters = inspect.signature(shapkern.fused_coalition_forward).parameters
-    if METHODS[name].fn is engine_fused and "fused" not in parameters:
-        return "this shapkern has no fused=True"
+    if METHODS[name].fn is engine_fused and "blocks" not in parameters:
+        return "this shapkern has no blocks='fused'"
     if METHODS[name].fn is engine_fp8:
         if "precision" not in parameters:
             return "this shapkern has no precision='fp8'"

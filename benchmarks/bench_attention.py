@@ -1,6 +1,6 @@
 """Attention micro-benchmark at ViT shapes: shapkern's Triton varlen kernels against the alternatives.
 
-    python benchmarks/bench_attention.py [--device cuda|cpu] [--dtype bf16] [--sequences 1024] [--out DIR]
+    python -m benchmarks.bench_attention [--device cuda|cpu] [--dtype bf16] [--sequences 1024] [--out DIR]
 
 Sequence lengths are Shapley-kernel coalitions (paired) of N = 196 (224 px) and N = 576 (384 px)
 patches plus a class token; 12 heads of dim 64. Methods: shapkern varlen (packed) under both
@@ -19,32 +19,20 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from functools import partial
 
-import baselines
-import harness
 import torch
 import torch.nn.functional as F
 
 import shapkern
+from benchmarks import baselines, harness
+from benchmarks.cases import HEAD_DIM, HEADS, attention_inputs
 from shapkern.kernels import varlen_attention as kernels
 from shapkern.ops.varlen_attention import varlen_attention_reference
 
-HEADS, HEAD_DIM = 12, 64
 # shapkern's rows: the kernels.SHORT_MAX_SEQLEN each runs under (inf: always short; 0: always long).
 SCHEDULES = {
     "shapkern varlen, short schedule": {"fwd": float("inf"), "bwd": float("inf")},
     "shapkern varlen, long schedule": {"fwd": 0, "bwd": 0},
 }
-
-
-def make_inputs(players: int, sequences: int, dtype, device):
-    """Packed q, k, v (T, H, D) of paired Shapley-kernel coalitions, plus the pair grouping."""
-    gen = torch.Generator(device=device).manual_seed(players)
-    masks = shapkern.sample_coalitions(1, sequences, players, generator=gen)[0]
-    lengths = (masks.sum(-1) + 1).to(torch.int32)
-    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    total = int(cu_seqlens[-1])
-    q, k, v = (torch.randn(total, HEADS, HEAD_DIM, device=device, generator=gen).to(dtype) for _ in range(3))
-    return q, k, v, cu_seqlens, players + 1, lengths
 
 
 @contextmanager
@@ -129,7 +117,7 @@ def measure(args) -> dict:
     dtype = harness.DTYPES[args.dtype]
     rows = []
     for players in args.players:
-        q, k, v, cu_seqlens, max_seqlen, lengths = make_inputs(players, args.sequences, dtype, device)
+        q, k, v, cu_seqlens, max_seqlen, lengths = attention_inputs(players, args.sequences, dtype, device)
         # Pairs are laid out contiguously, so the dense-row methods see the same packed tokens.
         flops = float((4 * lengths.double() ** 2 * HEADS * HEAD_DIM).sum())
         want = varlen_attention_reference(q.float(), k.float(), v.float(), cu_seqlens, max_seqlen)

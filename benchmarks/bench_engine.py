@@ -1,6 +1,6 @@
 """Engine throughput at the engine's reference sizes, against the alternatives in one run.
 
-    python benchmarks/bench_engine.py [--device cpu|cuda] [any option of benchmarks/throughput.py]
+    python -m benchmarks.bench_engine [--device cpu|cuda] [any option of benchmarks/throughput.py]
 
 CPU: vit_tiny_patch16_224, fp32, 4 images × 32 paired coalitions, forward only, against the
 zero-input, key-masked and dense-pairs full forwards. CUDA: vit_base_patch16_224, bf16, 32 × 32,
@@ -8,7 +8,7 @@ forward and forward+backward, against every alternative of benchmarks/baselines.
 engine.{json,md,png}; see throughput.py for the columns and the timing.
 """
 
-import throughput
+from benchmarks import throughput
 
 CPU = {
     "images": 4,

@@ -1,6 +1,6 @@
 """Benchmark the fused ops between a ViT block's GEMMs against their unfused PyTorch formulations.
 
-    python benchmarks/bench_fused.py [--device cuda|cpu] [--tokens T] [--dim D] [--hidden H] [--tune]
+    python -m benchmarks.bench_fused [--device cuda|cpu] [--tokens T] [--dim D] [--hidden H] [--tune]
                                      [--no-compile] [--out DIR]
 
 Each op runs three ways on the same inputs: shapkern's fused op, the plain PyTorch formulation (eager),
@@ -24,10 +24,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import harness
 import torch
 import torch.nn.functional as F
 
+from benchmarks import harness
 from shapkern.ops.layer_norm import add_layer_norm, add_layer_norm_reference, layer_norm
 from shapkern.ops.linear_gelu import linear_gelu, linear_gelu_reference
 

@@ -1,6 +1,6 @@
 """shapkern's reductions over coalitions against their PyTorch formulations, timed in one run.
 
-    python benchmarks/bench_reductions.py [--device cuda|cpu] [--batch 32 --coalitions 1024 ...] [--out DIR]
+    python -m benchmarks.bench_reductions [--device cuda|cpu] [--batch 32 --coalitions 1024 ...] [--out DIR]
 
 Every row times a shapkern op and the plain PyTorch computation of the same result round-robin
 (benchmarks/harness.py), and checks both against a float64 reference first (relative error to the
@@ -22,9 +22,9 @@ Writes reductions.{json,md}.
 
 from __future__ import annotations
 
-import harness
 import torch
 
+from benchmarks import harness
 from shapkern.ops import _extension as ext
 from shapkern.ops import gram as G
 from shapkern.ops import reduce as R
@@ -72,8 +72,23 @@ def cases(args, device: torch.device):
     weights = torch.rand(b, m, generator=g).to(device, dtype)
     grad = torch.randn(b, n, k, generator=g).to(device, dtype)
     packed = R.pack_masks(mask)
-    z64, w64, v64 = mask.double(), weights.double(), values.double()
+    yield from _reduce_cases(mask, packed, values, weights, grad)
+    yield from _gram_cases(mask, packed, weights)
+    yield from _segment_cases(args, g, dtype, device)
+    yield "pack_masks", lambda: R.pack_masks(mask), lambda: R.pack_masks_reference(mask), lambda: packed
+    yield (
+        "unpack_masks",
+        lambda: R.unpack_masks(packed, n),
+        lambda: R.unpack_masks_reference(packed, n),
+        lambda: mask,
+    )
 
+
+def _reduce_cases(mask, packed, values, weights, grad):
+    """coalition_reduce, forward and forward+backward, on masks (B, M, N), values (B, M, K), weights
+    (B, M) and the output gradient (B, N, K)."""
+    n, dtype = mask.shape[-1], values.dtype
+    z64, w64, v64 = mask.double(), weights.double(), values.double()
     yield (
         "coalition_reduce",
         lambda: R.coalition_reduce(packed, values, weights, n)[0],
@@ -97,6 +112,11 @@ def cases(args, device: torch.device):
         backward_reference,
     )
 
+
+def _gram_cases(mask, packed, weights):
+    """coalition_gram with equal weights (KernelSHAP's A = E[z zᵀ]) and with random weights (B, M)."""
+    n, m = mask.shape[-1], mask.shape[1]
+
     def dense_gram(w):
         z = mask.to(w.dtype)
         return torch.einsum("bmi,bm,bmj->bij", z, w, z)
@@ -112,6 +132,10 @@ def cases(args, device: torch.device):
             lambda w=gram_weights: dense_gram(w.double()),
         )
 
+
+def _segment_cases(args, g: torch.Generator, dtype: torch.dtype, device: torch.device):
+    """segment_sum and segment_expand on --segments sequences of random length in [0, N]."""
+    n, k = args.players, args.classes
     lengths = torch.randint(0, n + 1, (args.segments,), generator=g).to(device)
     cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     tokens = torch.randn(int(lengths.sum()), k, generator=g).to(device, dtype)
@@ -135,13 +159,6 @@ def cases(args, device: torch.device):
         lambda: R.segment_expand(rows, cu, tokens.shape[0]),
         lambda: rows.repeat_interleave(lengths, dim=0),
         lambda: rows.double()[seq],
-    )
-    yield "pack_masks", lambda: R.pack_masks(mask), lambda: R.pack_masks_reference(mask), lambda: packed
-    yield (
-        "unpack_masks",
-        lambda: R.unpack_masks(packed, n),
-        lambda: R.unpack_masks_reference(packed, n),
-        lambda: mask,
     )
 
 

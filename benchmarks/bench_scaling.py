@@ -1,14 +1,13 @@
 """Scaling: evaluations per second of the engine and the zero-input baseline as M and N grow.
 
-    python benchmarks/bench_scaling.py [--device cuda|cpu] [--out DIR]
+    python -m benchmarks.bench_scaling [--device cuda|cpu] [--out DIR]
 
 M (paired coalitions per image) runs over 8 … 256 (CUDA) or 8 … 32 (CPU) at patch 16; N over
 49 / 196 / 784 players (patch 32 / 16 / 8 at 224 px) at M = 32. Forward only, the methods timed
 round-robin at each point (benchmarks/harness.py). Writes scaling.{json,md}.
 """
 
-import harness
-import throughput
+from benchmarks import harness, throughput
 
 METHODS = ["shapkern engine", "zero-input full forward"]
 

@@ -1,6 +1,6 @@
 """One ShapleyViT training step: shapkern against the strongest alternatives, the same loss, one run.
 
-    python benchmarks/bench_train_step.py [--device cuda|cpu] [--images B] [--coalitions M] [--out DIR]
+    python -m benchmarks.bench_train_step [--device cuda|cpu] [--images B] [--coalitions M] [--out DIR]
 
 Every method runs the same step: ShapleyLoss (its defaults: λ = 1, μ = 1, KL mask loss, ℓ_sv's
 gradient through its targets, so every coalition carries gradients; ``--stop-grad`` with
@@ -26,95 +26,15 @@ from __future__ import annotations
 
 from functools import partial
 
-import baselines
-import harness
 import torch
 from torch import nn
 
 import shapkern
-from shapkern.models import ShapleyOutput
+from benchmarks import harness
+from benchmarks.baselines_train import PairsShapleyViT, ZeroInputShapleyViT
 
 LOSS = {"lam": 1.0, "mu": 1.0, "mask_loss": "kl"}
 TOLERANCE = {"bf16": 2e-2, "fp32": 1e-4}  # least relative difference allowed between two methods
-
-
-def _with_ends(coalitions: torch.Tensor) -> torch.Tensor:
-    """Prepend the (full, empty) pair, as ShapleyViT.forward_coalitions does: (B, M, N) -> (B, M + 2, N)."""
-    batch, _, players = coalitions.shape
-    ends = torch.ones(batch, 2, players, dtype=torch.bool, device=coalitions.device)
-    ends[:, 1] = False
-    return torch.cat([ends, coalitions], dim=1)
-
-
-class PairsShapleyViT(nn.Module):
-    """A ShapleyViT whose Φ(x), f(x) and v_x(S) come from complementary-pair rows, dense block mask.
-
-    The same computation as ``ShapleyViT.forward_coalitions`` in the dense layout: the full and
-    the empty coalition form the first pair of every image; the head runs on every patch token;
-    v_x(S) sums the head outputs of S's patches in its row. ``compile`` puts that whole pass under
-    torch.compile (default mode).
-    """
-
-    def __init__(self, model: shapkern.ShapleyViT, compile: bool = False):
-        super().__init__()
-        self.model = model
-        self.num_players, self.num_classes = model.num_players, model.num_classes
-        self._evaluate = torch.compile(self._pair_pass) if compile else self._pair_pass
-
-    def _pair_pass(self, images, coalitions):
-        """Per-patch head outputs (B·M/2, N, K) and v_x(S) (B, M, K) of paired coalitions (B, M, N)."""
-        model = self.model
-        batch, num, players = coalitions.shape
-        x = baselines.pair_features(model.backbone, images, coalitions, extra_block=model.head_block)
-        phi_tokens = model.head(model.head_norm(x[:, 2 * model.num_prefix_tokens :])).float()
-        first = coalitions[:, 0::2].reshape(-1, players)
-        members = torch.stack([first, ~first], dim=1).to(phi_tokens.dtype)  # (B·M/2, 2, N)
-        return phi_tokens, torch.bmm(members, phi_tokens).view(batch, num, -1)
-
-    def forward(self, images, coalitions, paired=True):
-        batch, num, players = coalitions.shape
-        phi_tokens, values = self._evaluate(images, _with_ends(coalitions))
-        phi = phi_tokens.view(batch, num // 2 + 1, players, -1)[:, 0]
-        return ShapleyOutput(phi=phi, logits=phi.sum(dim=1), values=values[:, 2:])
-
-    forward_coalitions = forward
-
-    def coalition_values(self, images, coalitions, paired=True):
-        """v_x(S) (B, M, K): ShapleyLoss's forward-only ℓ_sv targets when grad_coalitions < M."""
-        return self._evaluate(images, coalitions)[1]
-
-
-class FlatPhi(nn.Module):
-    """(b, C, H, W) -> Φ as (b, N·K): masked_input_forward wants one vector per image."""
-
-    def __init__(self, model: shapkern.ShapleyViT):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x).phi.flatten(1)
-
-
-class ZeroInputShapleyViT(nn.Module):
-    """A ShapleyViT whose coalition values come from pixel-masked plain forwards."""
-
-    def __init__(self, model: shapkern.ShapleyViT):
-        super().__init__()
-        self.model = model
-        self.flat_phi = FlatPhi(model)
-        self.num_players, self.num_classes = model.num_players, model.num_classes
-
-    def forward(self, images, coalitions, paired=True):
-        phi, logits, _ = self.model(images)
-        return ShapleyOutput(phi, logits, self.coalition_values(images, coalitions))
-
-    forward_coalitions = forward
-
-    def coalition_values(self, images, coalitions, paired=True):
-        """v(S) = Σ_{n∈S} Φ(x_S)_n with x_S the image whose absent patches are zeros: (B, M, K)."""
-        batch, num, players = coalitions.shape
-        masked_phi = shapkern.masked_input_forward(self.flat_phi, images, coalitions, chunk_size=1 << 30)
-        return (masked_phi.view(batch, num, players, -1) * coalitions.unsqueeze(-1)).sum(2)
 
 
 def build(args):
@@ -178,32 +98,33 @@ def step(module, loss_fn, optimizer, images, labels, coalitions, autocast: bool)
     optimizer.step()
 
 
-def measure(args) -> dict:
-    device, model, images, labels, coalitions, config = build(args)
-    cuda = device.type == "cuda"
-    dtype = "bf16" if cuda else "fp32"
+def _loss(args, coalitions: int) -> tuple[shapkern.ShapleyLoss, dict]:
+    """The ShapleyLoss every method runs, and its settings for the result."""
     options = {"stop_grad": args.stop_grad}
     if args.grad_coalitions is not None:
         options["grad_coalitions"] = args.grad_coalitions
-    loss_fn = shapkern.ShapleyLoss(num_coalitions=config["coalitions"], **LOSS, **options)
+    loss_fn = shapkern.ShapleyLoss(num_coalitions=coalitions, **LOSS, **options)
     loss_config = {
         key: getattr(loss_fn, key)
         for key in ("lam", "mu", "mask_loss", "num_coalitions", "grad_coalitions", "sv_scale", "stop_grad")
         if hasattr(loss_fn, key)
     }
-    table = methods(model, device)
-    rows = {name: {"method": name, "shapkern": module is model} for name, (module, _) in table.items()}
-    # Correctness first, on the same weights for every method (the timed steps change them):
-    # against an fp32 reference (eager dense pairs: timm's own modules), and against shapkern.
-    reference = loss_and_grads(model, PairsShapleyViT(model), loss_fn, images, labels, coalitions, False)
-    shapkern_result, tolerance = None, TOLERANCE[dtype]
+    return loss_fn, loss_config
+
+
+def _check(rows: dict, table: dict, model, loss_fn, batch: tuple, cuda: bool) -> float:
+    """Each token-dropping method's loss and gradient errors into its row, on the same weights for
+    every method (the timed steps change them): against an fp32 reference (eager dense pairs:
+    timm's own modules), and against shapkern. Returns the tolerance of a match with shapkern."""
+    reference = loss_and_grads(model, PairsShapleyViT(model), loss_fn, *batch, False)
+    shapkern_result, tolerance = None, TOLERANCE["bf16" if cuda else "fp32"]
     for name, (module, same_game) in table.items():
         row = rows[name]
         if not same_game:
             row["game"] = "zero input (a different value function: not compared)"
             continue
         try:
-            loss, grads = loss_and_grads(model, module, loss_fn, images, labels, coalitions, cuda)
+            loss, grads = loss_and_grads(model, module, loss_fn, *batch, cuda)
         except Exception as error:  # noqa: BLE001 - one failing method must not hide the others
             row["failed"] = harness.failure(error)
             print(f"{name:<36} failed: {error!r}", flush=True)
@@ -222,10 +143,17 @@ def measure(args) -> dict:
             f"{row['gradient_error_fp32']:.1e} (gradients)",
             flush=True,
         )
-    del reference, shapkern_result
+    return tolerance
+
+
+def _time(args, rows: dict, table: dict, model, loss_fn, batch: tuple, images: int) -> dict | None:
+    """Time the steps of the methods that did not fail round-robin into their rows; returns the
+    fastest alternative's row."""
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     fns = {
-        name: partial(step, module, loss_fn, optimizer, images, labels, coalitions, cuda)
+        name: partial(step, module, loss_fn, optimizer, *batch, cuda)
         for name, (module, _) in table.items()
         if "failed" not in rows[name]
     }
@@ -235,7 +163,7 @@ def measure(args) -> dict:
             rows[name]["failed"] = stats["failed"]
             continue
         stats["steps_per_s"] = 1e3 / stats["median_ms"]
-        stats["images_per_s"] = config["images"] * stats["steps_per_s"]
+        stats["images_per_s"] = images * stats["steps_per_s"]
         rows[name].update(stats)
         print(f"{name:<36} {stats['images_per_s']:10.1f} images/s", flush=True)
     timed = [row for row in rows.values() if "images_per_s" in row]
@@ -245,6 +173,18 @@ def measure(args) -> dict:
     for row in timed:
         if best is not None:
             row["vs_best_alternative"] = row["images_per_s"] / best["images_per_s"]
+    return best
+
+
+def measure(args) -> dict:
+    device, model, images, labels, coalitions, config = build(args)
+    cuda = device.type == "cuda"
+    loss_fn, loss_config = _loss(args, config["coalitions"])
+    table = methods(model, device)
+    rows = {name: {"method": name, "shapkern": module is model} for name, (module, _) in table.items()}
+    batch = (images, labels, coalitions)
+    tolerance = _check(rows, table, model, loss_fn, batch, cuda)
+    best = _time(args, rows, table, model, loss_fn, batch, config["images"])
     return {
         "environment": harness.environment(device),
         "command": harness.command_line(),
@@ -271,34 +211,34 @@ def _graded(config: dict) -> str:
     )
 
 
+def _cells(row: dict) -> list:
+    """One method's cells: steps/s, images/s, × best alternative, peak MiB, errors."""
+    if "images_per_s" not in row:
+        return [row["method"], f"failed: {row.get('failed')}"]
+    ratio = row.get("vs_best_alternative")
+    fp32 = (
+        f"{row['loss_error_fp32']:.1e} / {row['gradient_error_fp32']:.1e}"
+        if "loss_error_fp32" in row
+        else "—"
+    )
+    versus = "—"
+    if "matches_shapkern" in row:
+        versus = f"{row['loss_error_shapkern']:.1e} / {row['gradient_error_shapkern']:.1e}"
+        versus += "" if row["matches_shapkern"] else " (MISMATCH)"
+    return [
+        row["method"],
+        f"{row['steps_per_s']:.2f}",
+        f"{row['images_per_s']:,.1f} ({row['min_ms']:,.0f}–{row['max_ms']:,.0f} ms)",
+        "—" if ratio is None else f"×{ratio:.2f}",
+        "—" if row["peak_mib"] is None else f"{row['peak_mib']:,.0f}",
+        fp32,
+        versus,
+    ]
+
+
 def markdown(result: dict) -> str:
     env, config = result["environment"], result["config"]
-    table = []
-    for row in result["rows"]:
-        if "images_per_s" not in row:
-            table.append([row["method"], f"failed: {row.get('failed')}"])
-            continue
-        ratio = row.get("vs_best_alternative")
-        fp32 = (
-            f"{row['loss_error_fp32']:.1e} / {row['gradient_error_fp32']:.1e}"
-            if "loss_error_fp32" in row
-            else "—"
-        )
-        versus = "—"
-        if "matches_shapkern" in row:
-            versus = f"{row['loss_error_shapkern']:.1e} / {row['gradient_error_shapkern']:.1e}"
-            versus += "" if row["matches_shapkern"] else " (MISMATCH)"
-        table.append(
-            [
-                row["method"],
-                f"{row['steps_per_s']:.2f}",
-                f"{row['images_per_s']:,.1f} ({row['min_ms']:,.0f}–{row['max_ms']:,.0f} ms)",
-                "—" if ratio is None else f"×{ratio:.2f}",
-                "—" if row["peak_mib"] is None else f"{row['peak_mib']:,.0f}",
-                fp32,
-                versus,
-            ]
-        )
+    table = [_cells(row) for row in result["rows"]]
     kwargs = ", ".join(f"{k}={v}" for k, v in config["backbone_kwargs"].items())
     lines = [
         f"# ShapleyViT training step on {harness.hardware_name(env)}",

@@ -30,7 +30,7 @@ time over the instances; ``bayes`` includes its greedy design, computed once per
 seed); "design cached" repeats seed 0 with the design cached, as every later call with that seed),
 and for shapkern the standard errors' z-RMS (RMS of (φ̂ - φ) / SE; 1 = calibrated).
 
-    OMP_NUM_THREADS=1 python benchmarks/estimators.py --out benchmarks/results/2026-11-26-cpu
+    OMP_NUM_THREADS=1 python -m benchmarks.estimators --out benchmarks/results/2026-11-26-cpu
 
 Writes estimators.{json,md}. shapiq's cells are cached in ``--cache`` (``--fresh`` recomputes).
 """
@@ -38,20 +38,17 @@ Writes estimators.{json,md}. shapiq's cells are cached in ``--cache`` (``--fresh
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
 
-import harness
 import torch
 
+from benchmarks import cases, harness
 from shapkern.coalitions import all_coalitions
 from shapkern.explainers import ValueFunction, estimate
 from shapkern.explainers.metrics import relative_l2, topk_precision
 
-ROOT = Path(__file__).resolve().parents[1]
 PLAYERS = 16
 GAMES = ("vit_sv", "vit_cls", "quadratic", "mlp", "threshold")
 TRAIN_FLAGS = {"vit_sv": ["--lam", "0.1", "--stop-grad"], "vit_cls": ["--lam", "0", "--mu", "0"]}
@@ -74,29 +71,22 @@ def table_game(table: torch.Tensor) -> ValueFunction:
     return ValueFunction(lambda z: table.gather(1, coalition_index(z)).unsqueeze(-1), table.shape[0], PLAYERS)
 
 
-def checkpoint(name: str, runs: Path, flags: list[str] | None = None) -> Path:
-    """``runs/<name>/checkpoint.pt``, trained with the CLI and ``flags`` (default: TRAIN_FLAGS[name])
-    when missing."""
-    path = runs / name / "checkpoint.pt"
-    if not path.exists():
-        command = [sys.executable, "-m", "shapkern", "train", "--out", str(path.parent), "--no-progress"]
-        command += ["--faith-images", "0", "--heatmap-images", "0", *(flags or TRAIN_FLAGS[name])]
-        print("training:", " ".join(command[2:]), flush=True)
-        subprocess.run(command, check=True)
-    return path
+def checkpoint(name: str, runs: Path) -> Path:
+    """``runs/<name>/checkpoint.pt``, trained with the CLI and TRAIN_FLAGS[name] when missing."""
+    return cases.trained_checkpoint(runs / name, TRAIN_FLAGS[name])
 
 
 def model_table(name: str, args) -> torch.Tensor:
     """(B, 2^N) the predicted class's logit on every coalition of the first test images."""
     from shapkern.cli.explain import load_model
     from shapkern.data import load_dataset
-    from shapkern.explainers import value_function
+    from shapkern.games import model_game
 
     model, _ = load_model(str(checkpoint(name, args.runs)), torch.device("cpu"))
     arch = model.arch
     bundle = load_dataset("digits", img_size=arch["img_size"], patch_size=arch["patch_size"])
     images = torch.stack([bundle.test[i][0] for i in range(args.images)])
-    game = value_function(model, images)
+    game = model_game(model, images)
     if game.players != PLAYERS:
         raise ValueError(f"{name}: the checkpoint has {game.players} patches, the benchmark needs {PLAYERS}")
     with torch.no_grad():
@@ -232,21 +222,8 @@ def summarize(cell: dict, exact: torch.Tensor) -> dict:
     return out
 
 
-def markdown(results: dict, env: dict, args, notes: list[str]) -> str:
-    budgets = args.budgets
-    lines = [
-        "# Shapley estimators against exact values (N = 16)",
-        "",
-        f"{harness.hardware_name(env)}, torch {env['torch']}, shapiq {env.get('shapiq') or 'not installed'}, "
-        f"{env['date']}; {args.images} instances x {args.seeds} seeds per cell; wall times on a shared CPU "
-        "are indicative.",
-        "",
-        f"    {harness.command_line()}",
-        "",
-        *notes,
-        "## Best shapkern / best shapiq (relative L2, lower is better)",
-        "",
-    ]
+def _best_ratios(results: dict, budgets: list[int]) -> list[list[str]]:
+    """Per game and budget: the best shapkern error over the best shapiq error, and the methods."""
     rows = []
     for game, cells in results.items():
         row = [game]
@@ -263,37 +240,50 @@ def markdown(results: dict, env: dict, args, notes: list[str]) -> str:
             else:
                 row.append(f"— ({best['shapkern'][1]} {best['shapkern'][0]:.3g})")
         rows.append(row)
-    lines += [harness.markdown_table(["game", *(f"@{b}" for b in budgets)], rows), ""]
+    return rows
+
+
+def _game_table(cells: list[dict]) -> str:
+    """Every (library, method, budget) cell of one game."""
+    rows = [
+        [
+            c["library"],
+            c["method"],
+            c["budget"],
+            f"{c['rel_l2']:.3g}",
+            f"{c['mse']:.2e}",
+            f"{c['p_at_3']:.2f}",
+            c["ms_per_instance"],
+            c["ms_per_instance_cached"],
+            ", ".join(map(str, c["evaluations"])),
+            None if c["se_z_rms"] is None else f"{c['se_z_rms']:.2f}",
+        ]
+        for c in cells
+    ]
+    head = ["library", "method", "budget", "rel. L2", "MSE", "P@3", "ms/instance", "ms, design cached"]
+    head += ["evaluations", "SE z-rms"]
+    return harness.markdown_table(head, rows, align="llrrrrrrrr")
+
+
+def markdown(results: dict, env: dict, args, notes: list[str]) -> str:
+    budgets = args.budgets
+    lines = [
+        "# Shapley estimators against exact values (N = 16)",
+        "",
+        f"{harness.hardware_name(env)}, torch {env['torch']}, shapiq {env.get('shapiq') or 'not installed'}, "
+        f"{env['date']}; {args.images} instances x {args.seeds} seeds per cell; wall times on a shared CPU "
+        "are indicative.",
+        "",
+        f"    {harness.command_line()}",
+        "",
+        *notes,
+        "## Best shapkern / best shapiq (relative L2, lower is better)",
+        "",
+    ]
+    headers = ["game", *(f"@{b}" for b in budgets)]
+    lines += [harness.markdown_table(headers, _best_ratios(results, budgets)), ""]
     for game, cells in results.items():
-        lines += [f"## {game}", ""]
-        rows = [
-            [
-                c["library"],
-                c["method"],
-                c["budget"],
-                f"{c['rel_l2']:.3g}",
-                f"{c['mse']:.2e}",
-                f"{c['p_at_3']:.2f}",
-                c["ms_per_instance"],
-                c["ms_per_instance_cached"],
-                ", ".join(map(str, c["evaluations"])),
-                None if c["se_z_rms"] is None else f"{c['se_z_rms']:.2f}",
-            ]
-            for c in cells
-        ]
-        head = [
-            "library",
-            "method",
-            "budget",
-            "rel. L2",
-            "MSE",
-            "P@3",
-            "ms/instance",
-            "ms, design cached",
-            "evaluations",
-            "SE z-rms",
-        ]
-        lines += [harness.markdown_table(head, rows, align="llrrrrrrrr"), ""]
+        lines += [f"## {game}", "", _game_table(cells), ""]
     return "\n".join(lines)
 
 
@@ -303,8 +293,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--budgets", nargs="+", type=int, default=[128, 512, 2048])
     parser.add_argument("--images", type=int, default=8, help="instances per game (test images for the ViTs)")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "estimators", help="checkpoints")
-    parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "estimators" / "cache")
+    parser.add_argument("--runs", type=Path, default=harness.ROOT / "runs" / "estimators", help="checkpoints")
+    parser.add_argument("--cache", type=Path, default=harness.ROOT / "runs" / "estimators" / "cache")
     parser.add_argument("--fresh", action="store_true", help="recompute shapiq's cached cells")
     parser.add_argument("--no-shapiq", dest="shapiq", action="store_false", help="shapkern only")
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ in one call) and, if shapiq is installed, its paired KernelSHAP and PermutationS
 Relative L2 error against the reference (mean over seeds x images), precision@3, wall ms per image
 (model time included for both libraries).
 
-    OMP_NUM_THREADS=1 python benchmarks/estimators_large.py --out benchmarks/results/2026-11-26-cpu
+    OMP_NUM_THREADS=1 python -m benchmarks.estimators_large --out benchmarks/results/2026-11-26-cpu
 """
 
 from __future__ import annotations
@@ -25,14 +25,13 @@ import time
 import warnings
 from pathlib import Path
 
-import harness
 import torch
-from estimators import checkpoint
 
-from shapkern.explainers import estimate, value_function
+from benchmarks import cases, harness
+from shapkern.explainers import estimate
 from shapkern.explainers.metrics import relative_l2, topk_precision
+from shapkern.games import model_game
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAIN_FLAGS = ["--patch-size", "4", "--epochs", "20", "--lam", "0.1", "--stop-grad"]  # as in estimators.py
 SHAPKERN = ("bayes", "leverage", "kernel", "permutation")
 SHAPIQ = {
@@ -49,11 +48,11 @@ def load_game(args):
     from shapkern.cli.explain import load_model
     from shapkern.data import load_dataset
 
-    path = checkpoint(args.runs.name, args.runs.parent, TRAIN_FLAGS)
+    path = cases.trained_checkpoint(args.runs, TRAIN_FLAGS)
     model, _ = load_model(str(path), torch.device("cpu"))
     bundle = load_dataset("digits", img_size=model.arch["img_size"], patch_size=model.arch["patch_size"])
     images = torch.stack([bundle.test[i][0] for i in range(args.images)])
-    game = value_function(model, images)
+    game = model_game(model, images)
     with torch.no_grad():
         targets = game(torch.ones(args.images, 1, game.players, dtype=torch.bool))[:, 0].argmax(-1)
     return model, images, targets, game.select(targets.unsqueeze(-1))
@@ -137,7 +136,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--reference-budget", type=int, default=65536)
     parser.add_argument(
-        "--runs", type=Path, default=ROOT / "runs" / "estimators" / "vit_sv64", help="checkpoint"
+        "--runs", type=Path, default=harness.ROOT / "runs" / "estimators" / "vit_sv64", help="checkpoint"
     )
     parser.add_argument("--no-shapiq", dest="shapiq", action="store_false", help="shapkern only")
     args = parser.parse_args(argv)

@@ -12,8 +12,8 @@ Columns: error against exact (relative L2, Spearman, precision of the top-k patc
 deletion AUC (softmax probability of the class), localisation against the evidence masks (pointing
 game, AUROC, mIoU at the best threshold) and wall time per image.
 
-    python benchmarks/explanation_quality.py                # CPU defaults: ~8-15 min on 2 cores
-    python benchmarks/explanation_quality.py --images 16 --epochs 20 --device cuda
+    python -m benchmarks.explanation_quality                # CPU defaults: ~8-15 min on 2 cores
+    python -m benchmarks.explanation_quality --images 16 --epochs 20 --device cuda
 
 Writes explanation_quality-<device>.{json,md}.
 """
@@ -23,11 +23,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import harness
 import torch
 
+from benchmarks import harness
 from shapkern.data import load_dataset
-from shapkern.explainers import explain, value_function
+from shapkern.explainers import explain
 from shapkern.explainers.metrics import (
     auroc,
     insertion_deletion,
@@ -37,6 +37,7 @@ from shapkern.explainers.metrics import (
     spearman,
     topk_precision,
 )
+from shapkern.games import model_game
 from shapkern.models import ShapleyViT
 from shapkern.training import TrainConfig
 
@@ -87,25 +88,26 @@ def test_accuracy(model, bundle, device) -> float:
     return correct / total
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def evaluate(model, images, masks, args, device) -> list[dict]:
     """One row per (method, budget): mean over images."""
-    game = value_function(model, images)
+    game = model_game(model, images)
     runs = [("self", None), ("exact", None)]
     runs += [(m, b) for m in ("kernel", "permutation") for b in args.budgets]
     exact = None
     rows = []
     for method, budget in runs:
-        synchronize(device)
+        harness.synchronize(device)
         start = time.perf_counter()
         att = explain(
-            model, images, method=method, budget=budget, seed=args.seed, progress=False, batch_size=2048
+            model,
+            images,
+            method=method,
+            budget=budget,
+            seed=args.seed,
+            progress=False,
+            coalitions_per_call=2048,
         )
-        synchronize(device)
+        harness.synchronize(device)
         seconds = time.perf_counter() - start
         if method == "exact":
             exact = att

@@ -25,9 +25,9 @@ operands), but vit_base costs ~0.3 s per evaluation on one CPU core: the CPU def
 (minutes); ``--vit-images 1`` adds (b) with fp8 alone (2 x 2,048 evaluations, ~25 min on one core). On
 CUDA both run by default.
 
-    python benchmarks/fp8_error.py --checkpoint runs/digits/checkpoint.pt --out DIR  # CPU: (a), minutes
-    python benchmarks/fp8_error.py --checkpoint runs/digits/checkpoint.pt --vit-images 1 --out DIR  # + (b)
-    python benchmarks/fp8_error.py --device cuda --out DIR  # trains the digits model first (~1 min)
+    python -m benchmarks.fp8_error --checkpoint runs/digits/checkpoint.pt --out DIR  # CPU: (a), minutes
+    python -m benchmarks.fp8_error --checkpoint runs/digits/checkpoint.pt --vit-images 1 --out DIR  # + (b)
+    python -m benchmarks.fp8_error --device cuda --out DIR  # trains the digits model first (~1 min)
 
 Writes fp8_error.{json,md}.
 """
@@ -38,14 +38,13 @@ import math
 import time
 from pathlib import Path
 
-import harness
 import torch
 
+from benchmarks import harness
 from shapkern.data import load_dataset
-from shapkern.engine import coalition_tokens
-from shapkern.explainers import ValueFunction, estimate, value_function
+from shapkern.explainers import estimate
+from shapkern.games import Game, model_game
 from shapkern.models import ShapleyViT
-from shapkern.packed import segment_patch_sum
 
 # name -> (engine precision, bf16 autocast)
 PRECISIONS = {
@@ -56,35 +55,23 @@ PRECISIONS = {
 }
 
 
-def shapley_vit_game(model: ShapleyViT, images: torch.Tensor, precision: str) -> ValueFunction:
-    """v_x(S) of a ShapleyViT with its encoder at ``precision``: what ``model.coalition_values`` computes
-    (switch to ``value_function(model, images, precision=...)`` once coalition_values takes precision)."""
-
-    def fn(coalitions):
-        packed = coalition_tokens(model.backbone, images, coalitions, precision=precision)
-        values = segment_patch_sum(model._head_packed(packed.tokens, packed.plan), packed.plan)
-        return values.view(*packed.shape, model.num_classes)
-
-    return ValueFunction(fn, images.shape[0], model.num_players, images.device)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def shapley_vit_game(model: ShapleyViT, images: torch.Tensor, precision: str) -> Game:
+    """v_x(S) of a ShapleyViT with its encoder at ``precision`` (its own value function)."""
+    return model_game(model, images, precision=precision)
 
 
 def run(game_at, name: str, device: torch.device, **kwargs):
     """Attribution of the game at precision ``name`` (kwargs for :func:`estimate`) and its wall time."""
     precision, autocast = PRECISIONS[name]
-    synchronize(device)
+    harness.synchronize(device)
     start = time.perf_counter()
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         att = estimate(game_at(precision), progress=False, **kwargs)
-    synchronize(device)
+    harness.synchronize(device)
     return att, time.perf_counter() - start
 
 
-def predicted_class(game: ValueFunction) -> torch.Tensor:
+def predicted_class(game: Game) -> torch.Tensor:
     """(B, 1) argmax of v(N) in fp32."""
     with torch.no_grad():
         full = game(torch.ones(game.batch, 1, game.players, dtype=torch.bool, device=game.device))
@@ -105,10 +92,14 @@ def digits_rows(args, device: torch.device) -> dict:
     def game_at(precision):
         return shapley_vit_game(model, images, precision)
 
-    exact, seconds = run(game_at, "fp32", device, method="exact", target=target, batch_size=args.batch_size)
+    exact, seconds = run(
+        game_at, "fp32", device, method="exact", target=target, coalitions_per_call=args.batch_size
+    )
     rows = {"fp32": {"seconds": seconds, "full_error": 0.0, "phi_error": 0.0}}
     for name in args.digits_precisions:
-        att, seconds = run(game_at, name, device, method="exact", target=target, batch_size=args.batch_size)
+        att, seconds = run(
+            game_at, name, device, method="exact", target=target, coalitions_per_call=args.batch_size
+        )
         rows[name] = {
             "seconds": seconds,
             "full_error": harness.relative_error(att.full, exact.full),
@@ -124,7 +115,7 @@ def digits_rows(args, device: torch.device) -> dict:
             budget=args.budget,
             seed=seed,
             target=target,
-            batch_size=args.batch_size,
+            coalitions_per_call=args.batch_size,
         )
         sampling.append((harness.relative_error(att.values, exact.values), standard_error(att)))
     return {
@@ -158,11 +149,16 @@ def vit_rows(args, device: torch.device) -> dict:
     images = torch.randn(args.vit_images, 3, 224, 224, generator=gen).to(device)
 
     def game_at(precision):
-        return value_function(model, images, precision=precision)
+        return model_game(model, images, precision=precision)
 
     reference_game = game_at("auto")
     target = predicted_class(reference_game)
-    kernel = {"method": "kernel", "budget": args.budget, "target": target, "batch_size": args.batch_size}
+    kernel = {
+        "method": "kernel",
+        "budget": args.budget,
+        "target": target,
+        "coalitions_per_call": args.batch_size,
+    }
     runs = [run(game_at, "fp32", device, seed=seed, **kernel) for seed in range(args.vit_seeds)]
     reference = runs[0][0]
     rows = {"fp32": {"seconds": runs[0][1], "full_error": 0.0, "phi_error": 0.0}}

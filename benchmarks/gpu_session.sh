@@ -45,11 +45,16 @@ step() { # step NAME SECONDS COMMAND...: run under min(SECONDS, time left), log 
   pack
 }
 
-out_of() { # the --out value a benchmark takes: a folder (harness.py) or, for older scripts, a JSON path
-  grep -q "^import harness" "benchmarks/$1.py" && echo "$R" || echo "$R/$1.json"
+out_of() { # the --out value a benchmark module takes: a folder (harness.py) or, for older scripts, a JSON path
+  grep -q "^from benchmarks import .*harness" "benchmarks/$1.py" && echo "$R" || echo "$R/$1.json"
 }
 
 PY="${PY:-python3}"
+# The benchmarks run as modules (python -m benchmarks.<name>) against the installed shapkern and its
+# extension: -P keeps the checkout, whose shapkern/ holds no extension, off sys.path, and PYTHONPATH
+# names a folder that holds only a link to benchmarks/.
+mkdir -p "$WORK/import" && ln -sfn "$PWD/benchmarks" "$WORK/import/benchmarks"
+BENCH=(env PYTHONPATH="$WORK/import" "$PY" -P -m)
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4" || echo "")
 FAST=("shapkern engine" "shapkern engine, compiled" "shapkern engine, fused kernels" "zero-input full forward"
   "packed, torch varlen_attn")
@@ -72,10 +77,10 @@ if [[ ! -e "$WORK/done/install" ]]; then
   # that the timed runs below spend their budget measuring rather than compiling.
   warm() { PYTHONPATH=$PWD timeout "$@" --device cuda --repeats 1 --warmup 0 --out "$WORK/warmup"; }
   {
-    warm 120 "$PY" benchmarks/throughput.py --stem base \
+    warm 120 "$PY" -m benchmarks.throughput --stem base \
       --methods "shapkern engine, compiled" "shapkern engine, fused kernels" "pairs, FlexAttention" \
       "pairs + dense mask, torch.compile"
-    warm 120 "$PY" benchmarks/bench_train_step.py
+    warm 120 "$PY" -m benchmarks.bench_train_step
   } >"$R/warmup.log" 2>&1 &
   WARMUP=$!
   step cuda-tests-triton 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda $XDIST "${TRITON_TESTS[@]}"
@@ -94,27 +99,27 @@ fi
 IGNORE=()
 for t in "${TRITON_TESTS[@]}"; do IGNORE+=("--ignore=$t"); done
 step cuda-tests 120 "$PY" -P -m pytest -q -p no:cacheprovider -m cuda $XDIST tests "${IGNORE[@]}"
-step throughput 240 "$PY" benchmarks/throughput.py --device cuda --out "$R" --stem throughput
-step train-step 120 "$PY" benchmarks/bench_train_step.py --device cuda --out "$R"
-step profile 60 "$PY" benchmarks/profile_engine.py --device cuda --out "$R"
-step reductions 90 "$PY" benchmarks/bench_reductions.py --device cuda --sweep --out "$(out_of bench_reductions)"
+step throughput 240 "${BENCH[@]}" benchmarks.throughput --device cuda --out "$R" --stem throughput
+step train-step 120 "${BENCH[@]}" benchmarks.bench_train_step --device cuda --out "$R"
+step profile 60 "${BENCH[@]}" benchmarks.profile_engine --device cuda --out "$R"
+step reductions 90 "${BENCH[@]}" benchmarks.bench_reductions --device cuda --sweep --out "$(out_of bench_reductions)"
 # The reduction ops' Triton kernels carry no cuda marker (they also run in the CPU interpreter).
 step reduce-triton-tests 90 "$PY" -P -m pytest -q -p no:cacheprovider tests/test_ops_reduce.py -k "triton or opcheck or cuda"
-step attention 60 "$PY" benchmarks/bench_attention.py --device cuda --out "$R"
-step tune-attention 60 "$PY" benchmarks/tune_attention.py --out "$R"
+step attention 60 "${BENCH[@]}" benchmarks.bench_attention --device cuda --out "$R"
+step tune-attention 60 "${BENCH[@]}" benchmarks.tune_attention --out "$R"
 if [[ -e benchmarks/bench_fused.py ]]; then
-  step fused 90 "$PY" benchmarks/bench_fused.py --device cuda --out "$(out_of bench_fused)"
+  step fused 90 "${BENCH[@]}" benchmarks.bench_fused --device cuda --out "$(out_of bench_fused)"
 fi
-step throughput-64x128 100 "$PY" benchmarks/throughput.py --device cuda --images 64 --coalitions 128 \
+step throughput-64x128 100 "${BENCH[@]}" benchmarks.throughput --device cuda --images 64 --coalitions 128 \
   --repeats 3 --methods "${FAST[@]}" --out "$R" --stem throughput-vit_base-64x128
-step throughput-small 60 "$PY" benchmarks/throughput.py --device cuda --model vit_small_patch16_224 \
+step throughput-small 60 "${BENCH[@]}" benchmarks.throughput --device cuda --model vit_small_patch16_224 \
   --methods "${FAST[@]}" --out "$R" --stem throughput-vit_small
-step throughput-large 90 "$PY" benchmarks/throughput.py --device cuda --model vit_large_patch16_224 --images 16 \
+step throughput-large 90 "${BENCH[@]}" benchmarks.throughput --device cuda --model vit_large_patch16_224 --images 16 \
   --methods "${FAST[@]}" --out "$R" --stem throughput-vit_large
-step fp8-error 90 "$PY" benchmarks/fp8_error.py --device cuda --out "$R"
-step peers 150 "$PY" benchmarks/peers.py --device cuda --model vit_base_patch16_224 --settings 196 \
+step fp8-error 90 "${BENCH[@]}" benchmarks.fp8_error --device cuda --out "$R"
+step peers 150 "${BENCH[@]}" benchmarks.experiments.peers --device cuda --model vit_base_patch16_224 --settings 196 \
   --reference-budget 100000 --budgets 512 2048 8192 --out "$R"
-step recipe-epoch 180 "$PY" benchmarks/recipe_epoch.py --device cuda --out "$(out_of recipe_epoch)"
+step recipe-epoch 180 "${BENCH[@]}" benchmarks.recipe_epoch --device cuda --out "$(out_of recipe_epoch)"
 pack
 cat "$SUMMARY"
 cat "$R"/throughput.md "$R"/train_step.md 2>/dev/null | grep -v "^$"

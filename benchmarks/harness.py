@@ -4,14 +4,16 @@
   on a GPU, ``perf_counter`` on the CPU), so that a noisy moment of the machine lands on all
   candidates alike instead of flipping one row; :func:`time_fn` times a single callable.
 - :func:`gemm_tflops`: the dense GEMM rate of this device, the denominator of every FLOP floor.
-- :func:`environment` and :func:`hardware_name`: what a result was measured on.
+- :func:`environment` and :func:`hardware_name` (from :mod:`benchmarks.machine`): what a result was
+  measured on.
 - Results: :func:`argument_parser` (``--device`` and ``--out``, defaults shown in ``--help``),
   :func:`results_dir` (a fresh git-ignored ``runs/benchmarks/<date>-<device>-<HHMMSS>/`` unless
   ``--out`` names a folder), :func:`write_json` and :func:`write_results`.
-- :func:`markdown_table`: the one table format of every benchmark's Markdown.
+- :func:`markdown_table` (from :mod:`benchmarks.tables`): the one table format of every benchmark's
+  Markdown.
 
-Benchmarks import it as ``import harness`` (``python benchmarks/x.py`` puts benchmarks/ first on
-``sys.path``).
+Benchmarks import it as ``from benchmarks import harness`` and run from the repository root as
+``python -m benchmarks.<name>``.
 """
 
 from __future__ import annotations
@@ -20,21 +22,23 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
+from benchmarks.machine import environment, hardware_name
+from benchmarks.tables import markdown_table
+
 __all__ = [
     "CLOCKS",
     "DTYPES",
+    "ROOT",
     "RUNS",
     "argument_parser",
     "command_line",
@@ -47,6 +51,7 @@ __all__ = [
     "markdown_table",
     "relative_error",
     "results_dir",
+    "synchronize",
     "time_fn",
     "time_interleaved",
     "write_json",
@@ -54,8 +59,9 @@ __all__ = [
 ]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ROOT = Path(__file__).resolve().parents[1]  # the repository root
 # Default results root: inside the checkout but ignored by git (.gitignore lists runs/).
-RUNS = Path(__file__).resolve().parents[1] / "runs" / "benchmarks"
+RUNS = ROOT / "runs" / "benchmarks"
 
 
 # -- devices -----------------------------------------------------------------------------------
@@ -72,7 +78,8 @@ def configure_cpu_threads() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work (nothing to wait for on the CPU), before reading a clock."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -103,6 +110,48 @@ def _call_ms(fn: Callable[[], object], device: torch.device, clock: str) -> tupl
 def failure(error: BaseException) -> str:
     """How a failed benchmark call is reported: "out of memory", or the exception's repr."""
     return "out of memory" if isinstance(error, torch.OutOfMemoryError) else repr(error)
+
+
+class _Calls:
+    """Makes the calls of :func:`time_interleaved`. With ``catch``, the first exception of a
+    candidate is recorded in ``failed`` and the candidate is skipped from then on; without, it
+    propagates."""
+
+    def __init__(self, device: torch.device, catch: bool):
+        self.device, self.catch = device, catch
+        self.failed: dict[str, str] = {}
+
+    def __call__(self, name: str, action: Callable[[], object]):
+        """action()'s result, or None when the candidate failed now or before."""
+        if name in self.failed:
+            return None
+        if not self.catch:
+            return action()
+        try:
+            return action()
+        except Exception as error:  # noqa: BLE001 - reported in the result, see time_interleaved
+            self.failed[name] = failure(error)
+        if self.device.type == "cuda":  # after the except clause, whose traceback holds the call's tensors
+            torch.cuda.empty_cache()
+        return None
+
+
+def _timed_rounds(fns, device, repeats: int, clock: str, calls: _Calls):
+    """``repeats`` rounds, round r starting at callable r mod n: name -> times (ms), name -> peak MiB."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    peaks: dict[str, float | None] = dict.fromkeys(fns)
+    names = list(fns)
+    for round_ in range(repeats):
+        start = round_ % len(names)
+        for name in names[start:] + names[:start]:
+            measured = calls(name, lambda fn=fns[name]: _call_ms(fn, device, clock))
+            if measured is None:
+                continue
+            ms, peak = measured
+            times[name].append(ms)
+            if peak is not None:
+                peaks[name] = max(peaks[name] or 0.0, peak)
+    return times, peaks
 
 
 def time_interleaved(
@@ -146,52 +195,24 @@ def time_interleaved(
         raise ValueError(
             f"clock must be one of {CLOCKS} ('process' on the CPU only), got {clock!r} on {device}"
         )
-    failed: dict[str, str] = {}
-
-    def attempt(name: str, action: Callable[[], object]):
-        if not catch:
-            return action()
-        try:
-            return action()
-        except Exception as error:  # noqa: BLE001 - reported in the result, see `catch`
-            failed[name] = failure(error)
-        if device.type == "cuda":  # after the except clause, whose traceback holds the call's tensors
-            torch.cuda.empty_cache()
-        return None
-
+    calls = _Calls(device, catch)
     for name, fn in fns.items():
         for _ in range(warmup):
-            if name in failed:
-                break
-            attempt(name, fn)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    peaks: dict[str, float | None] = dict.fromkeys(fns)
-    names = list(fns)
-    for round_ in range(repeats):
-        start = round_ % len(names)
-        for name in names[start:] + names[:start]:
-            if name in failed:
-                continue
-            measured = attempt(name, lambda fn=fns[name]: _call_ms(fn, device, clock))
-            if measured is None:
-                continue
-            ms, peak = measured
-            times[name].append(ms)
-            if peak is not None:
-                peaks[name] = max(peaks[name] or 0.0, peak)
-    result = {}
-    for name in names:
-        if name in failed:
-            result[name] = {"failed": failed[name]}
-            continue
-        result[name] = {
-            "median_ms": statistics.median(times[name]),
-            "min_ms": min(times[name]),
-            "max_ms": max(times[name]),
-            "times_ms": times[name],
-            "peak_mib": peaks[name],
-        }
-    return result
+            calls(name, fn)
+    times, peaks = _timed_rounds(fns, device, repeats, clock, calls)
+    return {name: _summary(times[name], peaks[name], calls.failed.get(name)) for name in fns}
+
+
+def _summary(times: list[float], peak: float | None, failed: str | None) -> dict:
+    if failed is not None:
+        return {"failed": failed}
+    return {
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "times_ms": times,
+        "peak_mib": peak,
+    }
 
 
 def time_fn(
@@ -224,75 +245,6 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     if not torch.isfinite(got).all():
         return float("inf")
     return float((got - want).norm() / want.norm().clamp(min=1e-30))
-
-
-# -- environment -------------------------------------------------------------------------------
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def _driver() -> str:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout
-        return out.split("\n")[0].strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def environment(device: torch.device | str) -> dict:
-    """The hardware and software a result was measured on (JSON-ready).
-
-    Keys: date, time (local, ISO), device, cpu, cpu_threads, python, torch, triton, timm,
-    shapkern; on CUDA also gpu, gpu_memory_gib, cuda and driver.
-    """
-    import timm
-    import triton
-
-    import shapkern
-
-    device = torch.device(device)
-    now = datetime.datetime.now()
-    env = {
-        "date": now.date().isoformat(),
-        "time": now.isoformat(timespec="seconds"),
-        "device": str(device),
-        "cpu": _cpu_name(),
-        "cpu_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "timm": timm.__version__,
-        "shapkern": shapkern.__version__,
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(
-            gpu=props.name,
-            gpu_memory_gib=round(props.total_memory / 2**30, 1),
-            cuda=torch.version.cuda,
-            driver=_driver(),
-        )
-    return env
-
-
-def hardware_name(env: dict) -> str:
-    """The GPU's name, or "<CPU model> (<threads> threads)"."""
-    threads = env["cpu_threads"]
-    return env.get("gpu") or f"{env['cpu']} ({threads} thread{'' if threads == 1 else 's'})"
 
 
 # -- command line and results ------------------------------------------------------------------
@@ -362,13 +314,19 @@ def results_dir(out: Path | str | None, device: torch.device | str) -> Path:
 
 
 def command_line() -> str:
-    """This process's command, as a person would retype it from the repository root."""
+    """This process's command, as a person would retype it from the repository root:
+    ``python -m benchmarks.<module> ...`` for a benchmark (``python -m`` sets ``sys.argv[0]`` to
+    the module's file), else ``python <script> ...``."""
     script = Path(sys.argv[0])
     try:
-        script = script.resolve().relative_to(Path(__file__).resolve().parents[1])
+        relative = script.resolve().relative_to(ROOT)
     except ValueError:
-        pass
-    return shlex.join(["python", str(script), *sys.argv[1:]])
+        return shlex.join(["python", str(script), *sys.argv[1:]])
+    if relative.parts[0] == "benchmarks" and relative.suffix == ".py":
+        module = relative.with_suffix("").parts
+        module = module[:-1] if module[-1] == "__main__" else module
+        return shlex.join(["python", "-m", ".".join(module), *sys.argv[1:]])
+    return shlex.join(["python", str(relative), *sys.argv[1:]])
 
 
 def write_json(path: Path | str, payload: object) -> Path:
@@ -384,45 +342,3 @@ def write_results(out: Path | str, stem: str, payload: object, markdown: str) ->
     out = Path(out)
     write_json(out / f"{stem}.json", payload)
     (out / f"{stem}.md").write_text(markdown if markdown.endswith("\n") else markdown + "\n")
-
-
-# -- tables ------------------------------------------------------------------------------------
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        value = f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(
-    headers: Sequence[str], rows: Sequence[Sequence[object]], *, align: str | None = None
-) -> str:
-    """A GitHub Markdown table.
-
-    Args:
-        headers: column titles.
-        rows: one sequence of cells per row, as long as ``headers`` (shorter rows are padded
-            with empty cells). Cells are strings (used as given, with ``|`` escaped), None
-            (written "—") or numbers (floats to 3 significant digits, or whole numbers with
-            thousands separators from 1,000 on); format a cell yourself for anything else.
-        align: one letter per column, ``l``, ``r`` or ``c``; default: left-aligned.
-
-    Returns:
-        The table's lines joined by newlines, with a final newline.
-    """
-    width = len(headers)
-    align = align or "l" * width
-    if len(align) != width or set(align) - set("lrc"):
-        raise ValueError(f"align must hold one of l, r, c per column ({width}), got {align!r}")
-    rules = {"l": "---", "r": "--:", "c": ":-:"}
-    lines = ["| " + " | ".join(_cell(h) for h in headers) + " |"]
-    lines.append("|" + "|".join(rules[a] for a in align) + "|")
-    for row in rows:
-        if len(row) > width:
-            raise ValueError(f"a row has {len(row)} cells for {width} columns: {list(row)!r:.200}")
-        cells = [_cell(value) for value in row] + [""] * (width - len(row))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"

@@ -1,6 +1,6 @@
 """Where the engine's time goes: device time per kernel class, forward and forward+backward.
 
-    python benchmarks/profile_engine.py [--device cuda|cpu] [--model vit_base_patch16_224]
+    python -m benchmarks.profile_engine [--device cuda|cpu] [--model vit_base_patch16_224]
                                         [--images 32] [--coalitions 32] [--dtype bf16] [--out DIR]
                                         [--methods "shapkern engine" "pairs + dense mask, SDPA" ...]
 
@@ -17,11 +17,10 @@ from __future__ import annotations
 import re
 from functools import partial
 
-import baselines
-import harness
-import throughput
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from benchmarks import baselines, cases, harness, throughput
 
 # First match wins: attention before GEMM (flash kernels mention gemm), LayerNorm before the
 # elementwise catch-all (inductor names fused kernels after the ops they hold).
@@ -133,7 +132,7 @@ def main(argv=None) -> dict:
         device_defaults={"cpu": {"methods": engines[:1]}, "cuda": {"methods": engines}},
     )
     harness.configure_cpu_threads()
-    device, _, model, images, coalitions = throughput.build(args)
+    device, _, model, images, coalitions = cases.timm_vit(args)
     images = images.to(harness.DTYPES[args.dtype])
     payload = {
         "environment": harness.environment(device),

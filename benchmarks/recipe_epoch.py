@@ -1,6 +1,6 @@
 """The README's GPU recipe, and one epoch of it timed on the synthetic evidence data.
 
-    python benchmarks/recipe_epoch.py [--device cuda|cpu] [--epochs E] [--batch-size B] [--out DIR] [-- FLAGS]
+    python -m benchmarks.recipe_epoch [--device cuda|cpu] [--epochs E] [--batch-size B] [--out DIR] [-- FLAGS]
 
 :data:`RECIPE` fine-tunes timm's ViT-S/16 (AugReg, ImageNet-21k then 1k) from its pretrained weights
 on CIFAR-10 at 224 px (N = 196 patches) with M = 32 paired coalitions per image, over K GPUs with
@@ -24,9 +24,9 @@ import json
 import shlex
 import time
 
-import harness
 import torch
 
+from benchmarks import harness
 from shapkern.cli import build_parser
 from shapkern.cli.train import config_from_args
 from shapkern.training import Trainer
@@ -78,22 +78,22 @@ class Timed:
         self.evaluator, self.name = evaluator, type(evaluator).__name__
 
     def __call__(self, model, test_set, device):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        harness.synchronize(device)
         start = time.perf_counter()
         record = self.evaluator(model, test_set, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        harness.synchronize(device)
         return {**record, f"{self.name}_s": time.perf_counter() - start}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = harness.argument_parser(__doc__)
-    parser.add_argument("--epochs", type=int, default=2, help="epochs to time (the first compiles)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: per GPU)")
-    parser.add_argument("flags", nargs="*", help="more `shapkern train` flags, after --")
-    args = parser.parse_args(argv)
-    out = harness.results_dir(args.out, args.device)
+def evaluation_seconds(record: dict, evaluators: list[Timed]) -> float:
+    """The seconds an epoch's record gives its timed evaluators (their ``<name>_s``); the record's
+    other keys ending in ``_s`` (epoch_time_s, images_per_s) are not evaluation times."""
+    return sum(record.get(f"{evaluator.name}_s", 0.0) for evaluator in evaluators)
+
+
+def train_timed(args, out) -> tuple[Trainer, list[dict]]:
+    """The recipe's configuration on evidence, random weights, one device: trained for --epochs,
+    with the trainer and its metrics record per epoch."""
     recipe, _ = config_from_args(build_parser().parse_args(["train", *recipe_args(), *args.flags]))
     cfg = dataclasses.replace(
         recipe,
@@ -108,16 +108,20 @@ def main(argv: list[str] | None = None) -> dict:
         heatmap_images=0,
     )
     trainer = Trainer(cfg, evaluators=[Timed(e) for e in default_evaluators(cfg)])
-    device = trainer.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    if trainer.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(trainer.device)
     try:
         trainer.fit()
     finally:
         trainer.close()
     with open(out / "run" / METRICS) as f:
-        epochs = [json.loads(line) for line in f]
-    backbone = trainer.model.backbone
+        return trainer, [json.loads(line) for line in f]
+
+
+def measure(trainer: Trainer, epochs: list[dict]) -> dict:
+    """The result: per-epoch records, peak memory, the FLOP rate of the warm (last) epoch against
+    the bf16 GEMM rate, and the implied CIFAR-10 epoch on one device."""
+    cfg, device, backbone = trainer.cfg, trainer.device, trainer.model.backbone
     flops = step_flops(
         len(backbone.blocks),
         backbone.embed_dim,
@@ -128,10 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     gemm = harness.gemm_tflops(device, torch.bfloat16) if device.type == "cuda" else None
     warm = epochs[-1]
-    eval_s = sum(v for k, v in warm.items() if k.endswith("_s") and k != "epoch_time_s")
     held_out = warm.get("HeldOutLoss_s", 0.0) * CIFAR10["test"] / len(trainer.test_set)
-    cifar_train = CIFAR10["train"] / warm["images_per_s"]
-    result = {
+    return {
         "environment": harness.environment(device),
         "command": harness.command_line(),
         "recipe": RECIPE,
@@ -142,26 +144,34 @@ def main(argv: list[str] | None = None) -> dict:
         "gemm_tflops": gemm,
         "achieved_tflops": flops * warm["images_per_s"] / 1e12,  # blocks only, the engine's FLOPs
         "cifar10_epoch_one_gpu_s": {
-            "train": cifar_train,
+            "train": CIFAR10["train"] / warm["images_per_s"],
             "evaluation": held_out + warm.get("Faithfulness_s", 0.0),
         },
     }
+
+
+def markdown(result: dict, trainer: Trainer) -> str:
+    cfg, epochs, warm = trainer.cfg, result["epochs"], result["epochs"][-1]
     rows = [
         [
             r["epoch"],
             f"{r['epoch_time_s']:.1f}",
             f"{r['images_per_s']:.0f}",
-            f"{sum(v for k, v in r.items() if k.endswith('_s') and k != 'epoch_time_s'):.1f}",
+            f"{evaluation_seconds(r, trainer.evaluators):.1f}",
             f"{r['train_loss']:.3f}",
             f"{r.get('test_acc', float('nan')):.3f}",
         ]
         for r in epochs
     ]
-    memory = result["peak_memory_gib"]
-    rate = f"{result['achieved_tflops']:.1f} TFLOP/s ({flops / 1e9:.0f} GFLOP per image and step)"
+    memory, gemm = result["peak_memory_gib"], result["gemm_tflops"]
+    memory = "n/a" if memory is None else f"{memory:.1f} GiB"
+    evaluation = evaluation_seconds(warm, trainer.evaluators)
+    rate = f"{result['achieved_tflops']:.1f} TFLOP/s ({result['step_gflop_per_image']:.0f} GFLOP per image"
+    rate += " and step)"
     if gemm is not None:
         rate += f", {result['achieved_tflops'] / gemm:.0%} of the bf16 GEMM rate measured here ({gemm:.0f})"
-    markdown = "\n".join(
+    cifar = result["cifar10_epoch_one_gpu_s"]
+    return "\n".join(
         [
             f"# The GPU recipe on evidence at {cfg.img_size} px: "
             f"{harness.hardware_name(result['environment'])}",
@@ -176,17 +186,29 @@ def main(argv: list[str] | None = None) -> dict:
             harness.markdown_table(
                 ["epoch", "train s", "images/s", "evaluation s", "loss", "test acc"], rows, align="rrrrrr"
             ),
-            f"Warm epoch (the last): {warm['images_per_s']:.0f} images/s, {rate}; evaluation {eval_s:.1f} s; "
-            f"peak memory {'n/a' if memory is None else f'{memory:.1f} GiB'}.",
+            f"Warm epoch (the last): {warm['images_per_s']:.0f} images/s, {rate}; evaluation "
+            f"{evaluation:.1f} s; peak memory {memory}.",
             "",
-            f"Implied CIFAR-10 epoch on one such device: {cifar_train:.0f} s of training (50,000 images) "
-            f"+ {result['cifar10_epoch_one_gpu_s']['evaluation']:.0f} s of evaluation (held-out loss scaled "
+            f"Implied CIFAR-10 epoch on one such device: {cifar['train']:.0f} s of training (50,000 images) "
+            f"+ {cifar['evaluation']:.0f} s of evaluation (held-out loss scaled "
             "to 10,000 test images); with torchrun at the same per-GPU batch the training part divides by "
             "the GPU count.",
         ]
     )
-    harness.write_results(out, "recipe_epoch", result, markdown)
-    print(markdown, flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = harness.argument_parser(__doc__)
+    parser.add_argument("--epochs", type=int, default=2, help="epochs to time (the first compiles)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: per GPU)")
+    parser.add_argument("flags", nargs="*", help="more `shapkern train` flags, after --")
+    args = parser.parse_args(argv)
+    out = harness.results_dir(args.out, args.device)
+    trainer, epochs = train_timed(args, out)
+    result = measure(trainer, epochs)
+    text = markdown(result, trainer)
+    harness.write_results(out, "recipe_epoch", result, text)
+    print(text, flush=True)
     return result
 
 

@@ -5,18 +5,13 @@ pytest-benchmark calibrates and times each case; the machine each result was mea
 recorded from benchmarks/harness.py in every case's ``extra_info`` (in ``--benchmark-json``).
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import shapkern
+from benchmarks import harness
 from shapkern.ops.varlen_attention import varlen_attention_reference
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402 - benchmarks/ is not a package; pytest's importlib mode does not add it
 
 
 @pytest.fixture(scope="module")

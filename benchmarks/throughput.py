@@ -1,6 +1,6 @@
 """Coalition throughput: shapkern against every alternative (benchmarks/baselines.py) in one run.
 
-    python benchmarks/throughput.py [--device cuda|cpu] [--model vit_base_patch16_224] [--images 32]
+    python -m benchmarks.throughput [--device cuda|cpu] [--model vit_base_patch16_224] [--images 32]
                                     [--coalitions 32] [--dtype bf16|fp16|fp32] [--out DIR]
 
 Reports evaluations per second (one evaluation = one image under one coalition), forward and
@@ -16,20 +16,16 @@ the CPU vit_tiny_patch16_224, fp32, 2 images, 5 repeats.
 
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
-import baselines
-import harness
-import timm
 import torch
+from torch import nn
 
-import shapkern
+from benchmarks import baselines, cases, harness
+from benchmarks.throughput_render import CHECK_IMAGES, GRADIENT_CHECK_IMAGES, PHASES, bar_chart, markdown
 
 TOLERANCE = {"bf16": 1e-2, "fp16": 1e-2, "fp32": 1e-4}
-CHECK_IMAGES, GRADIENT_CHECK_IMAGES = 8, 2
-PHASES = ("forward", "forward+backward")
 RATIO_BASELINES = {"vs_zero_input": "zero-input full forward", "vs_varlen_attn": "packed, torch varlen_attn"}
 DEFAULTS = {  # per device, for the options the command line leaves open
     "cuda": {
@@ -90,24 +86,6 @@ def parse_args(argv=None, *, description=__doc__, stem="throughput", device_defa
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {list(baselines.METHODS)}")
     return args
-
-
-def build(args):
-    """device, the fp32 reference model, the model in --dtype, images (B, C, H, W), coalitions (B, M, N)."""
-    device = torch.device(args.device)
-    kwargs = {key: getattr(args, key) for key in ("img_size", "patch_size") if getattr(args, key)}
-    reference_model = timm.create_model(args.model, pretrained=False, **kwargs).eval().to(device)
-    if reference_model.global_pool != "token":
-        raise SystemExit(
-            f"benchmarks need a class-token ViT; {args.model} pools with {reference_model.global_pool!r}"
-        )
-    model = copy.deepcopy(reference_model).to(harness.DTYPES[args.dtype])
-    size = reference_model.patch_embed.img_size
-    gen = torch.Generator(device=device).manual_seed(0)
-    images = torch.randn(args.images, 3, *size, device=device, generator=gen)
-    players = shapkern.engine.num_players(model)
-    coalitions = shapkern.sample_coalitions(args.images, args.coalitions, players, generator=gen)
-    return device, reference_model, model, images, coalitions
 
 
 def forward(fn, model, images, coalitions):
@@ -171,14 +149,21 @@ def _oracles(reference_model, images, coalitions, backward: bool) -> dict:
     return oracle
 
 
-def measure(args, on_update=None) -> dict:
-    """Every selected method's correctness, then its speed, timed round-robin with the others.
+@dataclass
+class _Setup:
+    """What every method is checked and timed on: images in --dtype, paired coalitions (B, M, N)
+    and the fp32 oracles of :func:`_oracles`."""
 
-    on_update(result so far) runs after each method's check and after each timed phase, so that
-    a run cut short keeps what it measured.
-    """
-    device, reference_model, model, images, coalitions = build(args)
-    low = images.to(harness.DTYPES[args.dtype])
+    device: torch.device
+    model: nn.Module
+    images: torch.Tensor
+    coalitions: torch.Tensor
+    oracle: dict
+    backward: bool
+
+
+def _header(args, model, coalitions, device) -> dict:
+    """The result without its rows: environment, command, config, the GEMM rate and the FLOP floor."""
     evaluations = coalitions.shape[0] * coalitions.shape[1]
     flops = baselines.packed_flops(model, coalitions)
     gemm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -186,10 +171,7 @@ def measure(args, on_update=None) -> dict:
     gemm = harness.gemm_tflops(device, gemm_dtype, size=size, repeats=5, clock=args.clock)
     floor = {"forward": gemm * 1e12 / flops * evaluations}
     floor["forward+backward"] = floor["forward"] / 3
-    backward = not args.no_backward
-    oracle = _oracles(reference_model, images, coalitions, backward)
-    rows = []
-    result = {
+    return {
         "environment": harness.environment(device),
         "command": harness.command_line(),
         "config": {
@@ -209,8 +191,13 @@ def measure(args, on_update=None) -> dict:
         "packed_gflops_forward": flops / 1e9,
         "floor_evals_per_s": floor,
         "tolerance": TOLERANCE[args.dtype],
-        "methods": rows,
+        "methods": [],
     }
+
+
+def _check_methods(args, setup: _Setup, result: dict, on_update) -> dict:
+    """A row in result["methods"] for every selected method, with why it cannot run or its errors
+    against the oracles; returns name -> method of those that ran."""
     ready = {}
     for name, method in baselines.METHODS.items():
         if args.methods and name not in args.methods:
@@ -222,52 +209,75 @@ def measure(args, on_update=None) -> dict:
             "forward_only": method.forward_only,
             "tolerance": method.tolerance or TOLERANCE[args.dtype],
         }
-        rows.append(row)
-        reason = baselines.unavailable_reason(name, device)
+        result["methods"].append(row)
+        reason = baselines.unavailable_reason(name, setup.device)
         if reason:
             row["unavailable"] = reason
             print(f"{name:<36} unavailable: {reason}", flush=True)
             continue
         try:
-            _check(row, method, model, low, coalitions, oracle, backward)
+            _check(row, method, setup.model, setup.images, setup.coalitions, setup.oracle, setup.backward)
             ready[name] = method
             print(f"{name:<36} error {row['relative_error']:.1e}, correct: {row['correct']}", flush=True)
         except Exception as error:  # noqa: BLE001 - one failing method must not hide the others
             row["failed"] = harness.failure(error)
         if "failed" in row:  # after the except clause, which holds the failed call's tensors
-            model.zero_grad(set_to_none=True)
-            if device.type == "cuda":
+            setup.model.zero_grad(set_to_none=True)
+            if setup.device.type == "cuda":
                 torch.cuda.empty_cache()
             print(f"{name:<36} failed: {row['failed']}", flush=True)
         if on_update:
             on_update(result)
+    return ready
+
+
+def _time_phase(args, setup: _Setup, phase: str, ready: dict, result: dict) -> None:
+    """Time the ready methods of ``phase`` round-robin into their rows; a method that fails leaves
+    ``ready``."""
     steps = {"forward": forward, "forward+backward": forward_backward}
+    inputs = setup.images.clone().requires_grad_() if phase == "forward+backward" else setup.images
+    fns = {
+        name: partial(steps[phase], method.fn, setup.model, inputs, setup.coalitions)
+        for name, method in ready.items()
+        if phase == "forward" or not method.forward_only
+    }
+    timings = harness.time_interleaved(
+        fns, setup.device, warmup=args.warmup, repeats=args.repeats, catch=True, clock=args.clock
+    )
+    setup.model.zero_grad(set_to_none=True)
+    rows, evaluations = result["methods"], setup.coalitions.shape[0] * setup.coalitions.shape[1]
+    for row in rows:
+        stats = timings.get(row["method"])
+        if stats is None:
+            continue
+        if "failed" in stats:
+            row["failed"] = f"{phase}: {stats['failed']}"
+            ready.pop(row["method"])
+            continue
+        stats["evals_per_s"] = evaluations / (stats["median_ms"] * 1e-3)
+        stats["fraction_of_floor"] = stats["evals_per_s"] / result["floor_evals_per_s"][phase]
+        row[phase] = stats
+    _add_ratios(rows, phase)
+    for row in rows:
+        if phase in row:
+            print(f"{row['method']:<36} {row[phase]['evals_per_s']:>12,.1f} evals/s {phase}", flush=True)
+
+
+def measure(args, on_update=None) -> dict:
+    """Every selected method's correctness, then its speed, timed round-robin with the others.
+
+    on_update(result so far) runs after each method's check and after each timed phase, so that
+    a run cut short keeps what it measured.
+    """
+    device, reference_model, model, images, coalitions = cases.timm_vit(args)
+    result = _header(args, model, coalitions, device)
+    backward = not args.no_backward
+    oracle = _oracles(reference_model, images, coalitions, backward)
+    low = images.to(harness.DTYPES[args.dtype])
+    setup = _Setup(device, model, low, coalitions, oracle, backward)
+    ready = _check_methods(args, setup, result, on_update)
     for phase in PHASES if backward else PHASES[:1]:
-        inputs = low.clone().requires_grad_() if phase == "forward+backward" else low
-        fns = {
-            name: partial(steps[phase], method.fn, model, inputs, coalitions)
-            for name, method in ready.items()
-            if phase == "forward" or not method.forward_only
-        }
-        timings = harness.time_interleaved(
-            fns, device, warmup=args.warmup, repeats=args.repeats, catch=True, clock=args.clock
-        )
-        model.zero_grad(set_to_none=True)
-        for row in rows:
-            stats = timings.get(row["method"])
-            if stats is None:
-                continue
-            if "failed" in stats:
-                row["failed"] = f"{phase}: {stats['failed']}"
-                ready.pop(row["method"])
-                continue
-            stats["evals_per_s"] = evaluations / (stats["median_ms"] * 1e-3)
-            stats["fraction_of_floor"] = stats["evals_per_s"] / floor[phase]
-            row[phase] = stats
-        _add_ratios(rows, phase)
-        for row in rows:
-            if phase in row:
-                print(f"{row['method']:<36} {row[phase]['evals_per_s']:>12,.1f} evals/s {phase}", flush=True)
+        _time_phase(args, setup, phase, ready, result)
         if on_update:
             on_update(result)
     return result
@@ -289,143 +299,6 @@ def _add_ratios(rows: list[dict], phase: str) -> None:
         if best is not None:
             stats["best_alternative"] = best["method"]
             stats["vs_best_alternative"] = stats["evals_per_s"] / best[phase]["evals_per_s"]
-
-
-def _rate(value: float) -> str:
-    """Evaluations per second: whole numbers from 100 on, three significant digits below."""
-    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
-
-
-def _clock_note(config: dict, env: dict) -> str:
-    if config.get("clock", "wall") == "wall":
-        return ""
-    return f"; time = CPU time of the process on {harness.hardware_name(env)}, not wall time"
-
-
-def _error(value: float | None) -> str:
-    return "—" if value is None else f"{value:.1e}"
-
-
-def _error_note(result: dict) -> str:
-    """What the error columns compare, and the error of timm's own forward in the same dtype."""
-    note = (
-        f"Errors: relative to an fp32 run of timm's own forward on the first {CHECK_IMAGES} images (logits) "
-        f"and {GRADIENT_CHECK_IMAGES} images (gradients of parameters and images); correct = both ≤ "
-        f"{result['tolerance']:g}"
-    )
-    looser = {r["method"]: r["tolerance"] for r in result["methods"] if r["tolerance"] != result["tolerance"]}
-    note += "".join(f", {tol:g} for {name}" for name, tol in looser.items()) + "."
-    timm_row = next(
-        (r for r in result["methods"] if r["method"] == "key mask, SDPA" and "relative_error" in r), None
-    )
-    if timm_row and result["config"]["dtype"] != "fp32":
-        grad_error = _error(timm_row.get("gradient_relative_error"))
-        note += (
-            f" timm's own key-masked forward in {result['config']['dtype']} (same game, no shapkern code) "
-            f"errs by {timm_row['relative_error']:.1e} (logits) and {grad_error} (gradients): the rounding "
-            "of the dtype itself."
-        )
-    return note
-
-
-def _phase_cells(row: dict, phase: str) -> list[str]:
-    """evals/s (min–max ms), × best alternative, fraction of the floor."""
-    stats = row.get(phase)
-    if stats is None:
-        return ["forward only" if row["forward_only"] and phase != "forward" else "—", "", ""]
-    ratio = stats.get("vs_best_alternative")
-    return [
-        f"{_rate(stats['evals_per_s'])} ({stats['min_ms']:,.1f}–{stats['max_ms']:,.1f} ms)",
-        "—" if ratio is None else f"×{ratio:.2f}",
-        f"{stats['fraction_of_floor']:.0%}",
-    ]
-
-
-def markdown(result: dict) -> str:
-    env, config = result["environment"], result["config"]
-    phases = [p for p in PHASES if any(p in row for row in result["methods"])] or ["forward"]
-    headers = ["method"]
-    for phase in phases:
-        headers += [f"{phase} evals/s (min–max time)", "× best alt.", "of floor"]
-    headers += ["peak MiB", "rel. error", "grad. rel. error", "correct"]
-    table = []
-    for row in result["methods"]:
-        if "unavailable" in row or ("failed" in row and "relative_error" not in row):
-            reason = (
-                f"unavailable: {row['unavailable']}" if "unavailable" in row else f"failed: {row['failed']}"
-            )
-            table.append([row["method"], reason])
-            continue
-        cells = [row["method"]]
-        for phase in phases:
-            cells += _phase_cells(row, phase)
-        peaks = [row[p]["peak_mib"] for p in phases if p in row and row[p]["peak_mib"] is not None]
-        cells += [
-            f"{max(peaks):,.0f}" if peaks else "—",
-            _error(row["relative_error"]),
-            _error(row.get("gradient_relative_error")),
-            ("yes" if row.get("correct") else "NO")
-            + (f" (failed: {row['failed']})" if "failed" in row else ""),
-        ]
-        table.append(cells)
-    best = {
-        p: next(
-            (r[p]["best_alternative"] for r in result["methods"] if "best_alternative" in r.get(p, {})), None
-        )
-        for p in phases
-    }
-    lines = [
-        f"# Coalition throughput on {harness.hardware_name(env)}",
-        "",
-        (
-            f"{config['model']}, {config['dtype']}, {config['images']} images × {config['coalitions']} "
-            f"paired coalitions ({config['players']} players); torch {env['torch']}, triton {env['triton']}, "
-            f"timm {env['timm']}, {env['date']}, {env['cpu']} ({env['cpu_threads']} threads). "
-            f"Command: `{result['command']}`"
-        ),
-        "",
-        (
-            f"Evaluations per second: median of {config['repeats']} rounds, the methods timed round-robin "
-            f"within each round (min–max time per call in brackets){_clock_note(config, env)}. "
-            "× best alt.: over the fastest correct "
-            "method outside shapkern ("
-            + "; ".join(f"{p}: {name}" for p, name in best.items() if name)
-            + "). Floor: packed FLOPs at the GEMM rate measured in this run, "
-            f"{result['gemm_tflops']:.2f} TFLOP/s = {_rate(result['floor_evals_per_s']['forward'])} "
-            "evaluations/s forward, a third of that with backward."
-        ),
-        "",
-        _error_note(result),
-        "",
-        harness.markdown_table(headers, table),
-    ]
-    return "\n".join(lines)
-
-
-def bar_chart(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in result["methods"] if "forward" in r]
-    phases = [p for p in PHASES if any(p in r for r in rows)]
-    if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(9, 0.5 + 0.6 * len(rows)))
-    height = 0.8 / len(phases)
-    for i, phase in enumerate(phases):
-        values = [r.get(phase, {}).get("evals_per_s", 0) for r in rows]
-        ax.barh([j + i * height for j in range(len(rows))], values, height, label=phase)
-        ax.axvline(result["floor_evals_per_s"][phase], color=f"C{i}", linestyle="--", linewidth=1)
-    ax.set_yticks([j + height * (len(phases) - 1) / 2 for j in range(len(rows))], [r["method"] for r in rows])
-    ax.invert_yaxis()
-    ax.set_xlabel("evaluations / s (dashed: FLOP floor)")
-    ax.set_title(f"{result['config']['model']} on {harness.hardware_name(result['environment'])}")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None, **parse_options) -> dict:

@@ -5,7 +5,7 @@ against the exact Shapley values of the model's own value function (all 2^16 coa
 the engine) on test images; (3) training throughput in images/s (median over the run's logged
 intervals). Writes train_figures-<device>.{json,md}.
 
-    python benchmarks/train_figures.py [--lams 0 0.1 1 10] [--faith-images 100] [--epochs N]
+    python -m benchmarks.train_figures [--lams 0 0.1 1 10] [--faith-images 100] [--epochs N]
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import os
 import statistics
 import time
 
-import harness
 import torch
 
+from benchmarks import harness
 from shapkern import explain
 from shapkern.explainers.metrics import relative_l2
 from shapkern.training import TrainConfig, Trainer

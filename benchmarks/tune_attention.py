@@ -1,6 +1,6 @@
 """Schedule comparison and tile sweep of the Triton varlen attention kernels at ViT-B shapes (CUDA only).
 
-    python benchmarks/tune_attention.py [--players 196] [--sequences 1024] [--kernels fwd ...] [--out DIR]
+    python -m benchmarks.tune_attention [--players 196] [--sequences 1024] [--kernels fwd ...] [--out DIR]
 
 Both schedules of shapkern/kernels/varlen_attention.py on the same inputs: the long one (forward
 "fwd"; backward "dkdv" + "dq" after the delta pass) and the short one (whole sequences per program:
@@ -14,11 +14,11 @@ PyTorch reference. Writes tune_attention.{json,md} after every row, so a cut-off
 
 from __future__ import annotations
 
-import harness
 import torch
 import triton.testing
-from bench_attention import HEAD_DIM, HEADS, make_inputs
 
+from benchmarks import harness
+from benchmarks.cases import HEAD_DIM, HEADS, attention_inputs
 from shapkern.kernels import varlen_attention as kernels
 from shapkern.ops.varlen_attention import varlen_attention_reference
 
@@ -51,7 +51,9 @@ def _rows_to_run(names) -> list[tuple[str, tuple, int]]:
 
 
 def sweep(players: int, sequences: int, names, on_row) -> list[dict]:
-    q, k, v, cu_seqlens, max_seqlen, _ = make_inputs(players, sequences, torch.bfloat16, torch.device("cuda"))
+    q, k, v, cu_seqlens, max_seqlen, _ = attention_inputs(
+        players, sequences, torch.bfloat16, torch.device("cuda")
+    )
     scale = HEAD_DIM**-0.5
     dout = torch.randn_like(q)
     reference = [x.float().requires_grad_() for x in (q, k, v)]

@@ -7,6 +7,10 @@ import torch
 
 # Helper modules of the tests (sm90_compile.py) import by name under --import-mode=importlib too.
 sys.path.insert(0, str(Path(__file__).parent))
+# The benchmarks package (benchmarks/, never installed) imports from the checkout. Appended, not
+# prepended: where shapkern is installed (the GPU session's `python -P -m pytest`), the installed
+# package with its compiled extension still wins over the source folder.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 # Triton kernels run in the interpreter when no GPU is present; must be set before triton.jit runs.
 if not torch.cuda.is_available():

@@ -1,5 +1,5 @@
-import importlib.util
 import json
+import runpy
 import subprocess
 import sys
 import time
@@ -7,19 +7,13 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmarks import harness
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def harness():
-    """benchmarks/harness.py, which is a script folder rather than a package."""
-    spec = importlib.util.spec_from_file_location("harness", BENCHMARKS / "harness.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_time_interleaved_round_robin(harness):
+def test_time_interleaved_round_robin():
     calls = []
 
     def make(name, seconds):
@@ -43,7 +37,7 @@ def test_time_interleaved_round_robin(harness):
     assert result["fast"]["median_ms"] < result["mid"]["median_ms"] < result["slow"]["median_ms"]
 
 
-def test_time_interleaved_failures(harness):
+def test_time_interleaved_failures():
     calls = []
 
     def broken():
@@ -62,7 +56,7 @@ def test_time_interleaved_failures(harness):
         harness.time_interleaved(fns, "cpu", repeats=0)
 
 
-def test_time_interleaved_process_clock(harness):
+def test_time_interleaved_process_clock():
     def spin():  # 5 ms of CPU work, however long the machine makes it take
         start = time.process_time()
         while time.process_time() - start < 0.005:
@@ -78,7 +72,7 @@ def test_time_interleaved_process_clock(harness):
         harness.time_interleaved({"spin": spin}, "cpu", clock="cpu")
 
 
-def test_markdown_table(harness):
+def test_markdown_table():
     table = harness.markdown_table(
         ["method", "a|b", "evals/s"], [["x", 0.012345, 24590.4], ["y", None], ["z|w", "text", 7]], align="lcr"
     )
@@ -95,7 +89,7 @@ def test_markdown_table(harness):
         harness.markdown_table(["a", "b"], [[1, 2, 3]])
 
 
-def test_results_dir_is_fresh_and_ignored(harness, tmp_path, monkeypatch):
+def test_results_dir_is_fresh_and_ignored(tmp_path, monkeypatch):
     # The default root is runs/benchmarks/ of the checkout, which .gitignore lists.
     assert harness.RUNS == BENCHMARKS.parent / "runs" / "benchmarks"
     assert "runs/" in (BENCHMARKS.parent / ".gitignore").read_text().split()
@@ -106,25 +100,72 @@ def test_results_dir_is_fresh_and_ignored(harness, tmp_path, monkeypatch):
     assert harness.results_dir(tmp_path / "chosen", "cpu") == tmp_path / "chosen"
 
 
-def _run(script: str, *args: str, out: Path) -> None:
-    cmd = [sys.executable, str(BENCHMARKS / script), "--device", "cpu", *args, "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+# Every benchmark's command, `python -m benchmarks.<module>` (the GPU session's included).
+COMMANDS = [
+    "bench_attention", "bench_engine", "bench_fused", "bench_reductions", "bench_scaling", "bench_train_step",
+    "estimators", "estimators_large", "explanation_quality", "fp8_error", "profile_engine", "recipe_epoch",
+    "throughput", "train_figures", "tune_attention", "experiments.peers", "experiments.train_sweeps",
+]  # fmt: skip
+
+
+def test_commands_are_every_benchmark():
+    """COMMANDS lists every module that runs as a command (a new benchmark joins the next test)."""
+    found = set()
+    for path in BENCHMARKS.rglob("*.py"):
+        if 'if __name__ == "__main__":' in path.read_text():
+            module = path.relative_to(BENCHMARKS).with_suffix("").parts
+            found.add(".".join(module[:-1] if module[-1] == "__main__" else module))
+    assert found == set(COMMANDS)
+
+
+@pytest.mark.parametrize("module", COMMANDS)
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy, for an imported module
+def test_help_of_every_benchmark(module, monkeypatch, capsys):
+    """`python -m benchmarks.<module> --help` parses its command line on the CPU (CUDA-only ones too)."""
+    monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / f"{module.replace('.', '/')}.py"), "--help"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module(f"benchmarks.{module}", run_name="__main__", alter_sys=True)
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: ")
+
+
+def test_command_line_is_the_module_command(monkeypatch):
+    """A result records the command to retype from the repository root: `python -m` for a benchmark."""
+    cases = {
+        BENCHMARKS
+        / "throughput.py": "python -m benchmarks.throughput --device cpu --methods 'key mask, SDPA'",
+        BENCHMARKS / "experiments" / "peers" / "__main__.py": (
+            "python -m benchmarks.experiments.peers --device cpu --methods 'key mask, SDPA'"
+        ),
+        ROOT / "examples" / "x.py": "python examples/x.py --device cpu --methods 'key mask, SDPA'",
+        Path("/elsewhere/x.py"): "python /elsewhere/x.py --device cpu --methods 'key mask, SDPA'",
+    }
+    for script, want in cases.items():
+        monkeypatch.setattr(sys, "argv", [str(script), "--device", "cpu", "--methods", "key mask, SDPA"])
+        assert harness.command_line() == want
+
+
+def _run(module: str, *args: str, out: Path) -> None:
+    """``python -m benchmarks.<module>`` from the repository root, on the CPU."""
+    cmd = [sys.executable, "-m", f"benchmarks.{module}", "--device", "cpu", *args, "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def test_help_shows_defaults():
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "throughput.py"), "--help"],
+        [sys.executable, "-m", "benchmarks.throughput", "--help"],
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=ROOT,
     )
     assert done.returncode == 0 and "(default: 32)" in done.stdout and "runs/benchmarks/" in done.stdout
 
 
 def test_throughput_smoke_on_cpu(tmp_path):
     _run(
-        "throughput.py",
+        "throughput",
         "--img-size",
         "64",
         "--images",
@@ -172,7 +213,7 @@ def test_throughput_smoke_on_cpu(tmp_path):
 
 def test_train_step_benchmark_smoke_on_cpu(tmp_path):
     _run(
-        "bench_train_step.py",
+        "bench_train_step",
         "--images",
         "2",
         "--coalitions",
@@ -214,14 +255,11 @@ def test_train_step_benchmark_smoke_on_cpu(tmp_path):
 
 
 @pytest.fixture
-def train_sweeps(monkeypatch):
-    """benchmarks/train_sweeps.py, which imports harness and train_figures as top-level modules."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("train_sweeps", BENCHMARKS / "train_sweeps.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "train_sweeps", module)  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+def train_sweeps():
+    """The package benchmarks/experiments/train_sweeps/."""
+    from benchmarks.experiments import train_sweeps
+
+    return train_sweeps
 
 
 def test_sweep_loss_normalisers(train_sweeps):
@@ -336,11 +374,11 @@ def test_train_sweeps_smoke_on_cpu(train_sweeps, tmp_path, capsys):
 
 def test_estimators_benchmark_smoke_on_cpu(tmp_path):
     cmd = [
-        sys.executable, str(BENCHMARKS / "estimators.py"), "--games", "quadratic", "threshold",
+        sys.executable, "-m", "benchmarks.estimators", "--games", "quadratic", "threshold",
         "--budgets", "128", "--images", "2", "--seeds", "2", "--cache", str(tmp_path / "cache"),
         "--out", str(tmp_path),
     ]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600, cwd=ROOT)
     result = json.loads((tmp_path / "estimators.json").read_text())
     cells = {(c["library"], c["method"]): c for c in result["results"]["threshold"]}
     assert {"bayes", "leverage", "kernel", "permutation"} <= {m for lib, m in cells if lib == "shapkern"}
@@ -360,10 +398,10 @@ def test_large_estimators_benchmark_smoke_on_cpu(tmp_path):
     ]  # fmt: skip
     subprocess.run(train, check=True, capture_output=True, text=True, timeout=600)
     cmd = [
-        sys.executable, str(BENCHMARKS / "estimators_large.py"), "--runs", str(run), "--budgets", "64",
+        sys.executable, "-m", "benchmarks.estimators_large", "--runs", str(run), "--budgets", "64",
         "--images", "2", "--seeds", "1", "--reference-budget", "4096", "--out", str(tmp_path),
     ]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600, cwd=ROOT)
     result = json.loads((tmp_path / "estimators_large.json").read_text())
     assert result["players"] == 16 and 0 <= result["test_acc"] <= 1
     assert 0 < result["reference_rel_se"] < 0.05  # reported, and small at 4,096 evaluations
@@ -371,3 +409,36 @@ def test_large_estimators_benchmark_smoke_on_cpu(tmp_path):
     assert {("shapkern", m) for m in ("bayes", "leverage", "kernel", "permutation")} <= methods
     assert all(0 <= c["rel_l2"] < 1 and 0 <= c["p_at_3"] <= 1 for c in result["cells"])
     assert "# Shapley estimators at N = 16" in (tmp_path / "estimators_large.md").read_text()
+
+
+def test_recipe_epoch_reports_evaluation_seconds():
+    """recipe_epoch's evaluation time is what its timed evaluators took, not the record's images_per_s."""
+    from types import SimpleNamespace
+
+    from benchmarks import recipe_epoch
+
+    class HeldOutLoss:
+        pass
+
+    class Faithfulness:
+        pass
+
+    record = {
+        "epoch": 1, "train_loss": 2.0, "test_acc": 0.5, "images_per_s": 132.2, "epoch_time_s": 0.06,
+        "HeldOutLoss_s": 0.011, "Faithfulness_s": 0.5,
+    }  # fmt: skip
+    trainer = SimpleNamespace(
+        cfg=SimpleNamespace(img_size=32, model="vit", num_coalitions=32, batch_size=4),
+        model=SimpleNamespace(num_players=4),
+        train_set=[None] * 8,
+        test_set=[None] * 4,
+        evaluators=[recipe_epoch.Timed(HeldOutLoss()), recipe_epoch.Timed(Faithfulness())],
+    )
+    result = {
+        "environment": {"cpu": "CPU", "cpu_threads": 1}, "epochs": [record], "peak_memory_gib": None,
+        "gemm_tflops": None, "achieved_tflops": 0.1, "step_gflop_per_image": 1.0,
+        "cifar10_epoch_one_gpu_s": {"train": 378.0, "evaluation": 28.0},
+    }  # fmt: skip
+    text = recipe_epoch.markdown(result, trainer)
+    assert "| 1 | 0.1 | 132 | 0.5 | 2.000 | 0.500 |" in text
+    assert "; evaluation 0.5 s;" in text

@@ -1,24 +1,19 @@
-import importlib
 import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # shap, at import
 TINY = ["--settings", "4", "--patch-size", "8", "--model-kwargs", "depth=1", "embed_dim=32", "num_heads=2"]
 
 
 @pytest.fixture(scope="module")
 def peers():
-    """benchmarks/peers.py, which imports harness from its own folder (a script folder, no package)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(BENCHMARKS))
-        yield importlib.import_module("peers")
-    sys.modules.pop("peers", None)
+    """The package benchmarks/experiments/peers/."""
+    from benchmarks.experiments import peers
+
+    return peers
 
 
 def run_and_check(peers, argv, tmp_path) -> dict:

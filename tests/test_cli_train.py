@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_module(path: Path):
-    """A module of a script folder (benchmarks/) or another test file, by path."""
+    """Another test file's module, by path."""
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -18,10 +18,11 @@ def load_module(path: Path):
 
 
 @pytest.fixture
-def recipe(monkeypatch):
+def recipe():
     """benchmarks/recipe_epoch.py, where the README's GPU recipe is defined."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports benchmarks/harness.py
-    return load_module(ROOT / "benchmarks" / "recipe_epoch.py")
+    from benchmarks import recipe_epoch
+
+    return recipe_epoch
 
 
 def read_jsonl(path) -> list[dict]:
