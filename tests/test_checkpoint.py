@@ -109,3 +109,122 @@ def test_rng_state_round_trips_through_the_safe_loader(tmp_path):
     set_rng_state(load_checkpoint(str(tmp_path / CHECKPOINT))["rng"])
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2] == want[2]
+
+
+def flip_a_bit_of_tensor_data(path):
+    """Flip one bit in the first tensor's bytes inside the checkpoint archive at ``path``."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        entry = next(e for e in archive.infolist() if "/data/" in e.filename and e.file_size > 0)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[entry.header_offset + 26 : entry.header_offset + 30])
+    data[entry.header_offset + 30 + name_len + extra_len + 5] ^= 0x08
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_fails_its_checksum_and_the_previous_checkpoint_is_used(tmp_path):
+    save_checkpoint({"epoch": 1, "w": torch.ones(64)}, str(tmp_path))
+    save_checkpoint({"epoch": 2, "w": torch.ones(64)}, str(tmp_path))
+    flip_a_bit_of_tensor_data(tmp_path / CHECKPOINT)
+    with pytest.raises(CheckpointError, match="CRC-32 checksum of its entry .*data/0.* does not match"):
+        load_checkpoint(str(tmp_path / CHECKPOINT))
+    loaded = newest_checkpoint(str(tmp_path))
+    assert loaded.state["epoch"] == 1 and torch.equal(loaded.state["w"], torch.ones(64))
+    assert "checksum" in loaded.skipped[0][1]
+
+
+def test_checkpoints_written_without_checksums_still_load(tmp_path):
+    import zipfile
+
+    from torch.utils.serialization import config
+
+    (tmp_path / "ours").mkdir()
+    previous, config.save.compute_crc32 = config.save.compute_crc32, False
+    try:
+        torch.save({"epoch": 3, "w": torch.ones(4)}, tmp_path / CHECKPOINT)  # CRC fields of 0
+        save_checkpoint({"epoch": 4, "w": torch.ones(4)}, str(tmp_path / "ours"))  # writes them regardless
+    finally:
+        config.save.compute_crc32 = previous
+    assert load_checkpoint(str(tmp_path / CHECKPOINT))["epoch"] == 3
+    with zipfile.ZipFile(tmp_path / "ours" / CHECKPOINT) as archive:
+        assert all(entry.CRC != 0 for entry in archive.infolist() if entry.file_size)
+
+
+def test_resume_refuses_a_folder_whose_checkpoints_all_fail(tmp_path):
+    from shapkern.checkpoint import checkpoint_to_resume
+
+    assert checkpoint_to_resume(str(tmp_path)).state is None  # nothing there: a new run may start
+    save_checkpoint({"epoch": 1}, str(tmp_path))
+    save_checkpoint({"epoch": 2}, str(tmp_path))
+    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[:-1])  # both truncated by one byte
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(CheckpointError, match="cannot resume") as info:
+        checkpoint_to_resume(str(tmp_path))
+    assert str(tmp_path / CHECKPOINT) in str(info.value) and str(tmp_path / PREVIOUS_CHECKPOINT) in str(
+        info.value
+    )
+    assert str(info.value).count("truncated or corrupt") == 2
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_memory_and_device_errors_are_not_called_corrupt(tmp_path, monkeypatch):
+    save_checkpoint({"epoch": 1, "w": torch.ones(4)}, str(tmp_path))
+    if not torch.cuda.is_available():  # moving to a missing device fails: the file itself is fine
+        with pytest.raises(Exception) as info:
+            load_checkpoint(str(tmp_path / CHECKPOINT), map_location="cuda")
+        assert not isinstance(info.value, CheckpointError)
+        with pytest.raises(Exception) as info:
+            newest_checkpoint(str(tmp_path), map_location="cuda")
+        assert not isinstance(info.value, CheckpointError)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("no memory for the checkpoint")
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(MemoryError):
+        newest_checkpoint(str(tmp_path))  # not skipped as corrupt, nor a fall back to an older file
+
+
+@pytest.mark.parametrize("content", ["random", "jsonl"])
+def test_files_that_are_not_checkpoints_say_so_without_unsafe_advice(tmp_path, capsys, content):
+    path = tmp_path / ("metrics.jsonl" if content == "jsonl" else "random.pt")
+    if content == "jsonl":
+        path.write_text('{"epoch": 1, "train_loss": 2.3}\n{"epoch": 2, "train_loss": 2.1}\n')
+    else:
+        path.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(4096)))
+    with pytest.raises(CheckpointError, match="is not a shapkern checkpoint") as info:
+        load_checkpoint(str(path))
+    assert "weights_only" not in str(info.value)
+    argv = ["explain", "--checkpoint", str(path), "--data", "digits", "--out", str(tmp_path / "e")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "not a shapkern checkpoint" in err and "weights_only" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(28, "No space left on device"),
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1792 vs 1690"),
+    ],
+    ids=["oserror", "torch-writer"],
+)
+def test_a_full_disk_is_named_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failure):
+    save_checkpoint({"epoch": 1}, str(tmp_path))
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)  # part of the file is written, then the disk is full
+        raise failure
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="no space left on device") as info:
+        save_checkpoint({"epoch": 2}, str(tmp_path))
+    assert info.value.errno == 28 and str(tmp_path / CHECKPOINT) in str(info.value)
+    assert "unchanged" in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == [CHECKPOINT]  # no temporary file, nothing rotated
+    assert load_checkpoint(str(tmp_path / CHECKPOINT))["epoch"] == 1

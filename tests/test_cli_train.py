@@ -234,3 +234,129 @@ def test_recipe_epoch_benchmark_runs_on_the_cpu(recipe, tmp_path):
     assert [r["epoch"] for r in result["epochs"]] == [1]
     assert result["cifar10_epoch_one_gpu_s"]["train"] > 0 and result["step_gflop_per_image"] > 0
     assert "Implied CIFAR-10 epoch" in (tmp_path / "recipe_epoch.md").read_text()
+
+
+QUICK = [*TINY, "--faith-images", "0", "--heatmap-images", "0"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--clip-grad", "-1"], "--clip-grad must be at least 0, got -1.0"),
+        (["--epochs", "-1"], "--epochs must be at least 1, got -1"),
+        (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+        (["--max-steps", "0"], "--max-steps must be at least 1 (leave it out for no limit), got 0"),
+        (["--max-steps", "-1"], "--max-steps must be at least 1"),
+        (["--limit-train", "0"], "--limit-train must be at least 1 (leave it out to use every image)"),
+        (["--num-heads", "3", "--embed-dim", "64"], "--num-heads 3 does not divide --embed-dim 64"),
+        (["--depth", "-1"], "--depth must be at least 1 (0 keeps the model's own), got -1"),
+        (["--lr", "nan"], "--lr must be a finite number"),
+        (["--lr", "0"], "--lr must be positive"),
+        (["--weight-decay", "-0.1"], "--weight-decay must be at least 0"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--num-coalitions", "3"], "num_coalitions must be a positive int (even"),
+        (["--skip-nonfinite", "-1"], "--skip-nonfinite must be at least 0"),
+        (["--faith-images", "-2"], "--faith-images must be at least 0"),
+        (["--seed", "-1"], "--seed must be at least 0"),
+        (["--resume", "--overwrite"], "give --resume or --overwrite, not both"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_is_read_or_written(
+    flags, message, tmp_path, capsys, monkeypatch
+):
+    def no_data(*args, **kwargs):
+        raise AssertionError("the settings must be checked before any data is read")
+
+    monkeypatch.setattr("shapkern.training.setup.load_dataset", no_data)
+    out = tmp_path / "run"
+    assert main(["train", *QUICK, "--epochs", "1", "--out", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() or "--resume" in flags  # a resumed run takes the folder's lock first
+
+
+def test_an_unknown_flag_is_reported_with_the_train_usage(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--lamda", "1"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "usage: shapkern train" in err
+    assert "shapkern train: error: unrecognized arguments: --lamda 1" in err
+
+
+def test_a_second_train_on_the_same_folder_is_refused_until_the_first_is_gone(tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "run")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "shapkern", "train", *QUICK, "--epochs", "1000", "--out", out]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert first.stdout.readline().startswith("shapkern train: digits")  # it holds the folder now
+        assert main(["train", *QUICK, "--epochs", "1", "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert f"{out} is in use by another shapkern process (pid {first.pid} on host" in err
+        assert main(["train", *QUICK, "--resume", "--out", out]) == 2  # nor may it resume meanwhile
+    finally:
+        first.send_signal(signal.SIGKILL)  # killed: its lock goes with it
+        first.wait()
+    assert main(["train", *QUICK, "--epochs", "1", "--overwrite", "--out", out]) == 0
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1]
+
+
+def test_resume_over_unreadable_checkpoints_fails_and_names_them(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *QUICK, "--epochs", "2", "--out", str(out)]) == 0
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        data = (out / name).read_bytes()
+        (out / name).write_bytes(data[:-1])
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".shapkern.lock"}
+    capsys.readouterr()
+    assert main(["train", "--resume", "--no-progress", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "starting a new run" not in captured.out and "cannot resume" in captured.err
+    assert f"{out}/checkpoint.pt:" in captured.err and f"{out}/checkpoint.prev.pt:" in captured.err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".shapkern.lock"} == before
+
+
+def test_a_folder_with_a_run_needs_resume_or_overwrite(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", *QUICK, "--epochs", "1", "--out", out]) == 0
+    assert main(["train", *QUICK, "--epochs", "1", "--out", out]) == 2
+    assert "already holds a run (checkpoint.pt): pass --resume" in capsys.readouterr().err
+
+
+def test_divergence_a_full_disk_and_an_unwritable_out_are_messages(tmp_path, capsys, monkeypatch):
+    import torch
+
+    assert main(["train", *QUICK, "--epochs", "2", "--lr", "1e9", "--out", str(tmp_path / "div")]) == 2
+    assert "training diverged: the loss or the gradient norm is not finite" in capsys.readouterr().err
+    assert not (tmp_path / "div" / "checkpoint.pt").exists()
+    (tmp_path / "file").write_text("x")
+    assert main(["train", *QUICK, "--out", str(tmp_path / "file" / "run")]) == 2
+    assert "cannot write in the output folder" in capsys.readouterr().err
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 7424 vs 7318")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert main(["train", *QUICK, "--epochs", "1", "--out", str(tmp_path / "full")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'full' / 'checkpoint.pt'}: no space left on device" in err
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random"])
+def test_a_damaged_safetensors_weights_file_is_a_message(tmp_path, capsys, damage):
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"pos_embed": torch.zeros(1, 17, 32)}, path)
+    data = {"empty": b"", "truncated": path.read_bytes()[:-10], "random": os.urandom(256)}[damage]
+    path.write_bytes(data)
+    argv = ["train", *QUICK, "--weights", str(path), "--depth", "1", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    assert f"cannot read weights from {path}: not a valid safetensors file" in capsys.readouterr().err

@@ -157,3 +157,22 @@ def test_hf_environment_variables_are_honoured(tmp_path):
     assert f"fc1 {float(source.blocks[0].mlp.fc1.weight.detach().sum())}" in run.stdout
     assert "'vit_tiny_patch16_224.augreg_in21k': HF_HUB_OFFLINE=1 is set" in run.stdout
     assert str(tmp_path / "home" / "hub") in run.stdout
+
+
+def test_damaged_or_non_finite_weights_files_are_clear_errors(tmp_path):
+    from shapkern.checkpoint import CheckpointError
+
+    state = timm.create_model(NAME, pretrained=False, **TINY).state_dict()
+    state["blocks.0.mlp.fc1.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    with pytest.raises(
+        ValueError, match=r"hold NaN or inf values, in 1 tensor\(s\): \['blocks.0.mlp.fc1.weight'\]"
+    ):
+        create_backbone(NAME, checkpoint=tmp_path / "nan.pth", **TINY)
+    (tmp_path / "random.pth").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CheckpointError, match="not a shapkern checkpoint") as info:
+        create_backbone(NAME, checkpoint=tmp_path / "random.pth", **TINY)
+    assert "weights_only" not in str(info.value)
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        create_backbone(NAME, checkpoint=tmp_path / "empty.safetensors", **TINY)

@@ -1,4 +1,6 @@
+import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -195,3 +197,156 @@ def test_the_same_batch_gives_bitwise_identical_gradients(tmp_path):
         grads.append([p.grad.clone() for p in trainer.model.parameters()])
     for trial in grads[1:]:
         assert all(torch.equal(a, b) for a, b in zip(trial, grads[0], strict=True))
+
+
+def files_of(folder) -> dict:
+    """Bytes and modification time of every run file in ``folder`` (the hidden lock file aside)."""
+    return {
+        p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir() if not p.name.startswith(".")
+    }
+
+
+def quick(out, **kw) -> TrainConfig:
+    """tiny_config without the per-epoch faithfulness and the heatmaps: 3 steps per epoch."""
+    return tiny_config(out, **({"faith_images": 0, "heatmap_images": 0} | kw))
+
+
+class NaNLoss:
+    """The trainer's loss, made NaN at the given optimiser steps (as a diverging run's)."""
+
+    def __init__(self, trainer: Trainer, steps):
+        self.trainer, self.loss, self.steps = trainer, trainer.loss, set(steps)
+
+    def __call__(self, *args):
+        out = self.loss(*args)
+        if self.trainer.step_count in self.steps:
+            out = dataclasses.replace(out, total=out.total * float("nan"))
+        return out
+
+
+def test_resume_stops_when_no_checkpoint_loads_and_changes_nothing(tmp_path):
+    from shapkern.checkpoint import CheckpointError
+    from shapkern.training import resumed_config
+
+    train(quick(tmp_path, epochs=2))
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[:-1])  # both cut by one byte
+    before = files_of(tmp_path)
+    for attempt in (
+        lambda: Trainer(quick(tmp_path, resume=True)),
+        lambda: resumed_config(quick(tmp_path), set()),
+    ):
+        with pytest.raises(CheckpointError, match="cannot resume") as info:
+            attempt()
+        assert "checkpoint.pt:" in str(info.value) and "checkpoint.prev.pt:" in str(info.value)
+    assert files_of(tmp_path) == before
+
+
+def test_a_diverging_run_stops_before_writing_and_keeps_the_last_good_checkpoint(tmp_path):
+    from shapkern.training.trainer import TrainingDiverged
+
+    train(quick(tmp_path, epochs=1))
+    before = files_of(tmp_path)
+    trainer = Trainer(quick(tmp_path, epochs=3, resume=True))
+    trainer.loss = NaNLoss(trainer, steps=[4])  # the second step of epoch 2
+    with pytest.raises(TrainingDiverged, match=r"not finite .* at step 5 \(epoch 2.*epoch 1 is kept"):
+        trainer.fit()
+    trainer.close()
+    assert files_of(tmp_path) == before  # no NaN checkpoint rotated the good one out, no metrics line
+
+
+def test_skip_nonfinite_skips_that_many_bad_steps_then_stops(tmp_path):
+    from shapkern.training.trainer import TrainingDiverged
+
+    trainer = Trainer(quick(tmp_path / "a", epochs=2, skip_nonfinite=1))
+    trainer.loss = NaNLoss(trainer, steps=[1])
+    trainer.fit()
+    assert trainer.skipped_steps == 1 and trainer.step_count == 6
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert load_checkpoint(tmp_path / "a" / "checkpoint.pt")["skipped_steps"] == 1
+    assert all(math.isfinite(r["train_loss"]) for r in read_jsonl(tmp_path / "a" / "metrics.jsonl"))
+    trainer = Trainer(quick(tmp_path / "b", epochs=2, skip_nonfinite=1))
+    trainer.loss = NaNLoss(trainer, steps=[1, 4])
+    with pytest.raises(TrainingDiverged, match="2 such steps"):
+        trainer.fit()
+    trainer.close()
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == [1]
+
+
+def test_a_resumed_lr_and_weight_decay_apply_to_the_optimizer_and_its_schedule(tmp_path):
+    from shapkern.training.setup import cosine_warmup
+
+    Trainer(quick(tmp_path, epochs=3, max_steps=3)).fit()  # epoch 1 saved, at lr 3e-3 and decay 0.05
+    trainer = Trainer(quick(tmp_path, epochs=3, lr=1e-2, weight_decay=0.2, resume=True))
+    factor = cosine_warmup(total_steps=9, warmup_steps=6)  # 3 steps per epoch, 2 warm-up epochs
+    decay, no_decay = trainer.optimizer.param_groups
+    assert trainer.step_count == 3 and trainer.scheduler.base_lrs == [1e-2, 1e-2]
+    assert decay["lr"] == no_decay["lr"] == pytest.approx(1e-2 * factor(3))
+    assert (decay["weight_decay"], no_decay["weight_decay"], decay["initial_lr"]) == (0.2, 0.0, 1e-2)
+    trainer.fit()
+    lrs = [r["lr"] for r in read_jsonl(tmp_path / "metrics.jsonl")]
+    assert lrs[1:] == [pytest.approx(1e-2 * factor(6)), pytest.approx(1e-2 * factor(9), abs=1e-12)]
+
+
+def test_metrics_start_at_the_epoch_the_run_continues_from(tmp_path):
+    for resume in (False, True):  # a run killed before its first checkpoint, restarted either way
+        out = tmp_path / str(resume)
+        out.mkdir()
+        (out / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 123.0}\n')
+        train(quick(out, epochs=1, resume=resume))
+        lines = read_jsonl(out / "metrics.jsonl")
+        assert [r["epoch"] for r in lines] == [1] and lines[0]["train_loss"] != 123.0
+
+
+def test_a_new_run_refuses_a_folder_that_holds_one_unless_told_to_overwrite(tmp_path):
+    train(quick(tmp_path, epochs=2))
+    before = files_of(tmp_path)
+    with pytest.raises(ValueError, match="already holds a run .*--resume .*--overwrite"):
+        Trainer(quick(tmp_path, epochs=1))
+    assert files_of(tmp_path) == before
+    train(quick(tmp_path, epochs=1, overwrite=True))
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "checkpoint.pt",
+        "metrics.jsonl",
+    ]  # the old run's checkpoint.prev.pt went with it
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1]
+
+
+def test_resuming_a_complete_run_writes_nothing(tmp_path, capsys):
+    train(quick(tmp_path, epochs=1, heatmap_images=2))
+    before = files_of(tmp_path)
+    assert "explanations.png" in before
+    assert train(quick(tmp_path, epochs=1, heatmap_images=2, resume=True)) == {}
+    assert "is complete (1 epochs done, --epochs 1); nothing to do" in capsys.readouterr().out
+    assert files_of(tmp_path) == before
+
+
+def test_a_resumed_run_needs_no_weights_file(tmp_path):
+    train(quick(tmp_path / "source", epochs=1))
+    weights = tmp_path / "weights.pt"
+    (tmp_path / "source" / "checkpoint.pt").rename(weights)
+    Trainer(quick(tmp_path / "run", epochs=2, weights=str(weights), max_steps=3)).fit()
+    weights.unlink()  # moved away or deleted: the run's checkpoint holds its weights
+    resumed = Trainer(quick(tmp_path / "run", epochs=2, weights=str(weights), resume=True))
+    assert resumed.epoch == 1
+    resumed.fit()
+
+
+def test_every_config_field_is_checked(tmp_path):
+    for f in dataclasses.fields(TrainConfig):
+        with pytest.raises(ValueError, match="--" + f.name.replace("_", "-")):
+            TrainConfig(**{f.name: object()}).validate()
+    with pytest.raises(ValueError, match="--num-heads 3 does not divide --embed-dim 64"):
+        TrainConfig(num_heads=3).validate()
+    with pytest.raises(ValueError, match="give --resume or --overwrite, not both"):
+        TrainConfig(resume=True, overwrite=True).validate()
+    with pytest.raises(ValueError, match="cannot be built"):  # the heads do not divide the model's own width
+        Trainer(quick(tmp_path, embed_dim=None, num_heads=5))
+
+
+def test_configs_of_older_runs_and_paths_are_read(tmp_path):
+    cfg = TrainConfig.from_dict({**TrainConfig().to_dict(), "limit_train": 0, "unknown_key": 1})
+    assert cfg.limit_train is None  # written before 0 was refused: it meant every image
+    cfg.validate()
+    assert TrainConfig(out=tmp_path).out == str(tmp_path)  # a Path would make the checkpoint unsafe to load

@@ -30,6 +30,7 @@ from shapkern.explainers.metrics import insertion_deletion, localization
 from shapkern.explainers.viz import plot_curves, plot_grid, plot_heatmap
 from shapkern.games import model_game
 from shapkern.models import ShapleyViT
+from shapkern.runlock import FolderLock
 from shapkern.training.distributed import DEVICES
 
 __all__ = ["add_parser", "earlier_outputs", "explain_to_dir", "load_images", "load_model", "run"]
@@ -214,7 +215,8 @@ def _output_folder(path: str, overwrite: bool) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``shapkern explain``: writes the outputs; user errors raise ValueError."""
-    explain_to_dir(args)
+    with FolderLock(args.out):  # one writer per output folder (a second process is refused)
+        explain_to_dir(args)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import time
@@ -12,6 +13,7 @@ from shapkern.data import DATASETS
 from shapkern.engine import PRECISIONS
 from shapkern.models import HEADS
 from shapkern.models.backbones import native_input
+from shapkern.runlock import FolderLock
 from shapkern.training import TrainConfig, resumed_config, train
 from shapkern.training.distributed import DEVICES
 from shapkern.training.losses import MASK_LOSSES, SV_SCALES
@@ -58,6 +60,12 @@ ARGS = (
     ("faith_images", "test images for the per-epoch faithfulness figure (0: off)", None),
     ("heatmap_images", "test images in the explanation grid (0: none)", None),
     ("max_steps", "stop after this many optimiser steps (smoke tests)", None),
+    (
+        "skip_nonfinite",
+        "steps with a non-finite loss or gradient to skip (update not applied) before the run stops; 0 "
+        "stops it at the first, before anything of its epoch is written. Above 0: a host sync per step",
+        None,
+    ),
 )
 OPTIONAL_INT = (
     "depth",
@@ -72,7 +80,13 @@ FLAGS = (  # booleans as --x / --no-x
     (
         "resume",
         "continue the run in --out from its newest good checkpoint, with its settings (flags given "
-        "here override them); starts fresh when --out has no checkpoint yet",
+        "here override them); starts fresh when --out has no checkpoint yet, and stops when its "
+        "checkpoints cannot be read",
+    ),
+    (
+        "overwrite",
+        "delete the run in --out (checkpoints, metrics.jsonl, explanations.png) and start a new one; "
+        "without it or --resume, a folder that holds a run is refused",
     ),
     (
         "stop_grad",
@@ -160,14 +174,19 @@ def _summary(cfg: TrainConfig, record: dict, seconds: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Handler of ``shapkern train``."""
+    """Handler of ``shapkern train``. The settings are checked before anything is read or written;
+    rank 0 holds the --out folder's lock from before the checkpoint is read until the end."""
     cfg, explicit = config_from_args(args)
-    if cfg.resume:
-        cfg, notes = resumed_config(cfg, explicit)
-        for note in notes:
-            print(f"resume: {note}", flush=True)
-    start = time.perf_counter()
-    record = train(cfg)
-    if record and int(os.environ.get("RANK", "0")) == 0:
+    if not cfg.resume:
+        cfg.validate()  # a resumed run's settings are known (and checked) once its checkpoint is read
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    with FolderLock(cfg.out) if main_rank else contextlib.nullcontext():
+        if cfg.resume:
+            cfg, notes = resumed_config(cfg, explicit)
+            for note in notes:
+                print(f"resume: {note}", flush=True)
+        start = time.perf_counter()
+        record = train(cfg)
+    if record and main_rank:
         print(_summary(cfg, record, time.perf_counter() - start), flush=True)
     return 0

@@ -14,21 +14,39 @@ import os
 import torch
 from torch import nn
 
+from shapkern.checkpoint import load_checkpoint
+
 __all__ = ["create_backbone", "load_backbone_weights", "native_input", "pretrained_normalization"]
 
 
 def _read_state_dict(path: str | os.PathLike) -> dict:
-    """A state dict from a local file: safetensors, or a torch checkpoint read with the safe loader."""
+    """A state dict from a local file: safetensors, or a torch checkpoint read with the safe loader
+    (checksums verified; CheckpointError, a ValueError, for a damaged or unsafe file)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path}")
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
+    if not str(path).endswith(".safetensors"):
+        return load_checkpoint(str(path))
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt, or objects the safe loader refuses
-        raise ValueError(f"cannot read weights from {path} with the safe loader: {exc}") from None
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, ValueError, OSError) as exc:  # empty, truncated or corrupt header or data
+        raise ValueError(
+            f"cannot read weights from {path}: not a valid safetensors file (empty, truncated or corrupt: "
+            f"{exc})"
+        ) from None
+
+
+def _check_finite(state: dict, path: str | os.PathLike) -> None:
+    bad = [
+        k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()
+    ]
+    if bad:
+        raise ValueError(
+            f"weights {path} hold NaN or inf values, in {len(bad)} tensor(s): {bad[:5]}"
+            f"{'...' if len(bad) > 5 else ''}; training from them would diverge at once"
+        )
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
@@ -40,6 +58,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
             state = state[key]
     if any(k.startswith("backbone.") for k in state):  # a shapkern ShapleyViT checkpoint
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    _check_finite(state, path)
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     try:

@@ -3,17 +3,38 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass
 
-from shapkern.checkpoint import newest_checkpoint
+from shapkern.checkpoint import checkpoint_to_resume
 from shapkern.data.catalog import DEFAULT_DATA_ROOT
+from shapkern.models import HEADS
+from shapkern.training.distributed import DEVICES
+from shapkern.training.losses import ShapleyLoss
 
 __all__ = ["SCHEDULE_FIELDS", "TrainConfig", "resumed_config"]
 
 # Fields that define the optimisation schedule: changing them on resume changes the run.
 SCHEDULE_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs")
 # Fields of one invocation, not of the run: a resumed run takes them from the command line.
-INVOCATION_FIELDS = ("out", "resume", "device", "num_workers", "progress", "max_steps")
+INVOCATION_FIELDS = ("out", "resume", "overwrite", "device", "num_workers", "progress", "max_steps")
+# Ranges of the numeric fields (their types come from the annotations); None passes where allowed.
+AT_LEAST_ONE = (
+    "img_size", "patch_size", "depth", "embed_dim", "num_heads", "epochs", "batch_size",
+    "limit_train", "limit_test", "faith_permutations", "max_steps",
+)  # fmt: skip
+AT_LEAST_ZERO = (
+    "weight_decay", "warmup_epochs", "clip_grad", "seed", "num_workers", "faith_images", "heatmap_images",
+    "skip_nonfinite",
+)  # fmt: skip
+HINTS = {  # what None means, for the fields that may be None
+    **dict.fromkeys(("depth", "embed_dim", "num_heads"), "0 keeps the model's own"),
+    **dict.fromkeys(("limit_train", "limit_test"), "leave it out to use every image"),
+    "max_steps": "leave it out for no limit",
+}
+# The types the field annotations name (strings here, by `from __future__ import annotations`).
+_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None)}
 
 
 @dataclass
@@ -29,8 +50,13 @@ class TrainConfig:
     ``grad_coalitions`` carry gradients, ``sv_scale`` (``raw`` or ``relative``), ``mask_loss`` (``kl``,
     ``ce`` or None), ``stop_grad``. Optimisation: AdamW ``lr``,
     ``weight_decay``, ``warmup_epochs`` of linear warm-up then cosine decay, ``clip_grad``.
-    Run: ``seed``, ``out`` folder, ``resume``, ``device`` (``auto``, ``cuda``, ``cpu``), ``max_steps``
-    (stop after that many optimiser steps, as a kill would: no checkpoint of the partial epoch).
+    Run: ``seed``, ``out`` folder, ``resume`` (continue the run there) or ``overwrite`` (delete it
+    and start anew; without either, a folder that holds a run is refused), ``device`` (``auto``,
+    ``cuda``, ``cpu``), ``max_steps`` (stop after that many optimiser steps, as a kill would: no
+    checkpoint of the partial epoch), ``skip_nonfinite`` (steps with a non-finite loss or gradient
+    that are skipped before the run stops; 0 stops it at the first).
+
+    :meth:`validate` checks every field; the Trainer calls it before it reads or writes anything.
     """
 
     data: str = "digits"
@@ -72,15 +98,79 @@ class TrainConfig:
     heatmap_images: int = 16
     progress: bool = True
     max_steps: int | None = None
+    skip_nonfinite: int = 0  # > 0 costs a host sync per step (the decision to skip is made on the host)
+    overwrite: bool = False
+
+    def __post_init__(self):
+        for name in ("out", "weights", "data_root"):  # paths are stored as str: the safe loader reads them
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
 
     @classmethod
     def from_dict(cls, record: dict) -> TrainConfig:
         """A config from a checkpoint's record; keys this version does not know are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in record.items() if k in names})
+        fields = {k: v for k, v in record.items() if k in names}
+        for name in ("limit_train", "limit_test"):  # before validation, 0 meant every image
+            if fields.get(name) == 0:
+                fields[name] = None
+        return cls(**fields)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """ValueError naming the flag, for a field of the wrong type or out of range, or a combination
+        the model or the loss cannot take. Reads nothing."""
+        for f in dataclasses.fields(self):
+            value, kinds = getattr(self, f.name), tuple(_TYPES[k] for k in f.type.split(" | "))
+            is_bool = isinstance(value, bool)
+            if not isinstance(value, kinds) or (is_bool and bool not in kinds):
+                raise ValueError(f"{_flag(f.name)} must be {f.type.replace(' | ', ' or ')}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{_flag(f.name)} must be a finite number, got {value!r}")
+            if value is None or is_bool:
+                continue
+            if isinstance(value, str) and not value:
+                raise ValueError(f"{_flag(f.name)} must not be empty")
+            for names, low in ((AT_LEAST_ONE, 1), (AT_LEAST_ZERO, 0)):
+                if f.name in names and value < low:
+                    hint = f" ({HINTS[f.name]})" if f.name in HINTS else ""
+                    raise ValueError(f"{_flag(f.name)} must be at least {low}{hint}, got {value!r}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr!r}")
+        if self.seed >= 2**32:
+            raise ValueError(f"--seed must be below 2**32 (numpy's seeds), got {self.seed}")
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"--patch-size {self.patch_size} does not divide --img-size {self.img_size}: the patches "
+                "must tile the image"
+            )
+        if self.embed_dim is not None and self.num_heads is not None and self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"--num-heads {self.num_heads} does not divide --embed-dim {self.embed_dim}: every head "
+                "gets embed_dim / num_heads channels"
+            )
+        for name, choices in (("head", HEADS), ("device", DEVICES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{_flag(name)} must be one of {choices}, got {getattr(self, name)!r}")
+        for first, second in (("weights", "pretrained"), ("resume", "overwrite")):
+            if getattr(self, first) and getattr(self, second):
+                raise ValueError(f"give {_flag(first)} or {_flag(second)}, not both")
+        ShapleyLoss(**self.loss_settings())  # checks λ, μ, the coalitions and their options
+
+    def loss_settings(self) -> dict:
+        """The ShapleyLoss keywords of this config."""
+        return {
+            "lam": self.lam,
+            "mu": self.mu,
+            "num_coalitions": self.num_coalitions,
+            "stop_grad": self.stop_grad,
+            "mask_loss": self.mask_loss,
+            "grad_coalitions": self.grad_coalitions,
+            "sv_scale": self.sv_scale,
+            "target_precision": self.target_precision,
+        }
 
     def arch(self) -> dict:
         """The ShapleyViT backbone keywords of this config (see ``ShapleyViT.arch``)."""
@@ -97,9 +187,10 @@ def resumed_config(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, l
     ``cfg``, as are the INVOCATION_FIELDS. Returns it and notes on what the explicit fields change
     in the schedule.
 
-    Without a usable checkpoint, ``cfg`` is returned unchanged (the run starts fresh).
+    Without a checkpoint, ``cfg`` is returned unchanged (the run starts fresh); with checkpoints that
+    all fail to load, CheckpointError (see ``checkpoint_to_resume``, which the Trainer uses too).
     """
-    saved = newest_checkpoint(cfg.out).state
+    saved = checkpoint_to_resume(cfg.out).state
     if saved is None or not isinstance(saved.get("config"), dict):
         return cfg, []
     base = TrainConfig.from_dict(saved["config"])
@@ -113,3 +204,7 @@ def resumed_config(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, l
         if getattr(base, name) != getattr(merged, name)
     ]
     return merged, notes
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")

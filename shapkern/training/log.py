@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from shapkern.checkpoint import atomic_write
+from shapkern.checkpoint import atomic_write, reported_write
 
 __all__ = ["LOSS_PARTS", "EpochMeter", "MetricsLog", "Progress"]
 
@@ -23,27 +23,32 @@ class MetricsLog:
         self.path = path
 
     def append(self, record: dict) -> None:
-        with open(self.path, "a") as f:
+        with reported_write(self.path), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def _lines(self) -> list[str]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return f.readlines()
 
     def records(self) -> list[dict]:
         """The complete records; a half-written last line (a kill during a write) is dropped."""
-        if not os.path.exists(self.path):
-            return []
         out = []
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
+        for line in self._lines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
         return out
 
     def truncate(self, epoch: int) -> None:
-        """Keep the records up to ``epoch`` (those a checkpoint of that epoch covers)."""
-        if not os.path.exists(self.path):
-            return
+        """Keep the records up to ``epoch`` (those a checkpoint of that epoch covers), dropping
+        half-written lines; the file is rewritten only when that changes it."""
+        lines = self._lines()
         kept = [r for r in self.records() if r.get("epoch", 0) <= epoch]
+        if len(kept) == len(lines) and all(line.endswith("\n") for line in lines):
+            return
 
         def write(tmp: str) -> None:
             with open(tmp, "w") as f:

@@ -63,7 +63,7 @@ class RunData:
 
 
 def _limited(dataset, limit: int | None):
-    return Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
+    return dataset if limit is None else Subset(dataset, range(min(limit, len(dataset))))
 
 
 def build_model(cfg: TrainConfig, bundle: DataBundle) -> ShapleyViT:
@@ -74,20 +74,13 @@ def build_model(cfg: TrainConfig, bundle: DataBundle) -> ShapleyViT:
         return ShapleyViT(cfg.model, bundle.num_classes, cfg.head, **weights, **kwargs)
     except TypeError as exc:  # a timm model that takes none of these keywords: not a ViT
         raise ValueError(f"model {cfg.model!r} cannot be built as a ViT with {kwargs}: {exc}") from exc
+    except AssertionError as exc:  # timm's own checks, e.g. heads that do not divide its width
+        raise ValueError(f"model {cfg.model!r} cannot be built with {kwargs}: {exc}") from exc
 
 
 def build_loss(cfg: TrainConfig) -> ShapleyLoss:
     """The ShapleyLoss of a config."""
-    return ShapleyLoss(
-        cfg.lam,
-        cfg.mu,
-        cfg.num_coalitions,
-        stop_grad=cfg.stop_grad,
-        mask_loss=cfg.mask_loss,
-        grad_coalitions=cfg.grad_coalitions,
-        sv_scale=cfg.sv_scale,
-        target_precision=cfg.target_precision,
-    )
+    return ShapleyLoss(**cfg.loss_settings())
 
 
 def cosine_warmup(total_steps: int, warmup_steps: int):
