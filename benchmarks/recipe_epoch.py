@@ -106,6 +106,7 @@ def train_timed(args, out) -> tuple[Trainer, list[dict]]:
         out=str(out / "run"),
         progress=False,
         heatmap_images=0,
+        overwrite=True,  # a rerun into the same --out replaces the previous run
     )
     trainer = Trainer(cfg, evaluators=[Timed(e) for e in default_evaluators(cfg)])
     if trainer.device.type == "cuda":

@@ -107,7 +107,8 @@ def main(argv=None) -> None:
     # Classification only (λ = μ = 0) first, then λ at the default μ and mask loss.
     runs = [(0.0, 0.0)] + [(lam, TrainConfig.mu) for lam in args.lams]
     for lam, mu in runs:
-        cfg = TrainConfig(lam=lam, mu=mu, out=os.path.join(args.runs, f"lam{lam:g}-mu{mu:g}"), progress=False)
+        out = os.path.join(args.runs, f"lam{lam:g}-mu{mu:g}")
+        cfg = TrainConfig(lam=lam, mu=mu, out=out, progress=False, overwrite=True)  # a rerun replaces it
         if args.epochs:
             cfg.epochs = args.epochs
         trainer = Trainer(cfg)

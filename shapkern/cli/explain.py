@@ -194,11 +194,16 @@ def earlier_outputs(out: Path) -> list[Path]:
     )
 
 
-def _output_folder(path: str, overwrite: bool) -> Path:
-    """``--out`` as an existing folder without an earlier run's outputs (unless ``overwrite``)."""
+def _not_a_file(path: str) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {path} is a file, not a folder: name a new or empty folder")
+    return out
+
+
+def _output_folder(path: str, overwrite: bool) -> Path:
+    """``--out`` as an existing folder without an earlier run's outputs (unless ``overwrite``)."""
+    out = _not_a_file(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -215,6 +220,7 @@ def _output_folder(path: str, overwrite: bool) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``shapkern explain``: writes the outputs; user errors raise ValueError."""
+    _not_a_file(args.out)  # before the lock, which creates the folder
     with FolderLock(args.out):  # one writer per output folder (a second process is refused)
         explain_to_dir(args)
     return 0
