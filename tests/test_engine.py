@@ -253,7 +253,7 @@ class TinyConvNet(nn.Module):
     "model, match",
     [
         (TinyConvNet(), "TinyConvNet.*not a timm VisionTransformer"),
-        (VisionTransformer(**SMALL, global_pool="map"), "VisionTransformer.*'map'"),
+        (VisionTransformer(**SMALL, global_pool="max"), "VisionTransformer.*'max'"),
     ],
 )
 def test_unsupported_models_raise(model, match):

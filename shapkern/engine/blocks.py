@@ -19,12 +19,14 @@ __all__ = [
     "compiled_block_forward",
     "fused_blocks_forward",
     "packed_block_forward",
+    "packed_drop_path",
     "residual_branch",
     "supports_fused_blocks",
 ]
 
 
-def _drop_path(module: nn.Module, x: torch.Tensor, plan: PackPlan) -> torch.Tensor:
+def packed_drop_path(module: nn.Module, x: torch.Tensor, plan: PackPlan) -> torch.Tensor:
+    """A timm DropPath module (or Identity) on packed tokens: per sequence, as timm drops per sample."""
     if not module.training or isinstance(module, nn.Identity):
         return x
     return drop_path_packed(x, module.drop_prob, plan, scale_by_keep=module.scale_by_keep)
@@ -52,8 +54,8 @@ def packed_block_forward(
     ``attention(q, k, v, cu_seqlens, max_seqlen, scale=...)`` maps (T, H, Dh) to (T, H, Dh).
     """
     attended = _attention(block.attn, block.norm1(x), plan, attention)
-    x = x + _drop_path(block.drop_path1, block.ls1(attended), plan)
-    return x + _drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), plan)
+    x = x + packed_drop_path(block.drop_path1, block.ls1(attended), plan)
+    return x + packed_drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), plan)
 
 
 @cache
@@ -90,7 +92,7 @@ def residual_branch(layer_scale: nn.Module, drop_path: nn.Module, branch: torch.
     """(branch, gamma) for add_layer_norm. An active drop path scales rows after LayerScale, so
     both are applied to the branch first; otherwise LayerScale's gamma goes into the fused add."""
     if drop_path.training and not isinstance(drop_path, nn.Identity):
-        return _drop_path(drop_path, layer_scale(branch), plan), None
+        return packed_drop_path(drop_path, layer_scale(branch), plan), None
     return branch, getattr(layer_scale, "gamma", None)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from torch import nn
 
 from shapkern.engine.adapters.base import BlockPath, ModelAdapter, Output, unsupported
+from shapkern.engine.adapters.timm_eva import TimmEva
+from shapkern.engine.adapters.timm_siglip import TimmViTLatentPool
 from shapkern.engine.adapters.timm_vit import TimmViT
 
 __all__ = [
@@ -21,7 +23,7 @@ __all__ = [
     "unsupported",
 ]
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (TimmViT,)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (TimmViT, TimmViTLatentPool, TimmEva)
 
 
 def supported_families() -> str:

@@ -16,42 +16,62 @@ from shapkern.engine.blocks import (
 from shapkern.engine.fp8 import check_fp8_blocks, fp8_blocks_forward
 from shapkern.packed import AttentionFn, PackPlan, first_tokens, segment_mean
 
-__all__ = ["TimmViT"]
+__all__ = ["TimmViT", "embed_prefix_and_patches"]
 
 SUPPORTED = (
-    "VisionTransformer and VisionTransformerDistilled (DeiT) with global_pool 'token' or 'avg', "
+    "VisionTransformer and VisionTransformerDistilled (DeiT) with global_pool 'token' or 'avg' ('map' "
+    "has its own adapter), "
     "class/register/distillation tokens, no_embed_class, qk_norm, LayerScale, any depth, width and "
     "patch size, built from timm's Block and Attention layers"
 )
+
+
+def embed_prefix_and_patches(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """timm's ``_pos_embed`` (VisionTransformer, Eva) without its dropout, which runs per coalition
+    after packing: (B, C, H, W) -> (B, P + N, D)."""
+    x = model.patch_embed(images)
+    # Prefix order as timm builds it: class, distillation (DeiT), register tokens.
+    names = ("cls_token", "dist_token", "reg_token")
+    prefix = [getattr(model, name) for name in names if getattr(model, name, None) is not None]
+    prefix = [token.expand(x.shape[0], -1, -1) for token in prefix]
+    if model.pos_embed is None:
+        return torch.cat(prefix + [x], dim=1)
+    if model.no_embed_class:
+        return torch.cat(prefix + [x + model.pos_embed], dim=1)
+    return torch.cat(prefix + [x], dim=1) + model.pos_embed
 
 
 class TimmViT(ModelAdapter):
     """timm ``VisionTransformer``: tokens of absent patches are dropped after the positional embedding."""
 
     family = "timm VisionTransformer"
+    supported = SUPPORTED
     block_paths = ("plain", "compiled", "fused", "fp8")
 
     @classmethod
     def claims(cls, model: nn.Module) -> bool:
         from timm.models.vision_transformer import VisionTransformer
 
-        return isinstance(model, VisionTransformer)
+        # Attention pooling 'map' is TimmViTLatentPool's (timm_siglip.py).
+        return isinstance(model, VisionTransformer) and model.global_pool != "map"
+
+    def _fail(self, why: str) -> NotImplementedError:
+        return unsupported(self.model, self.family, why, self.supported)
+
+    def check_pool(self) -> None:
+        """Raise for a pooling :meth:`pool_head` does not compute."""
+        model, fail = self.model, self._fail
+        if model.global_pool not in ("token", "avg") or model.attn_pool is not None:
+            raise fail(f"global_pool {model.global_pool!r}")
+        if model.global_pool == "avg" and model.pool_include_prefix:
+            raise fail("average pooling that includes prefix tokens")
 
     def check(self) -> None:
         from timm.layers import Attention
         from timm.models.vision_transformer import Block
 
-        model = self.model
-
-        def fail(why: str) -> NotImplementedError:
-            return unsupported(model, self.family, why, SUPPORTED)
-
-        if model.attn_pool is not None:
-            raise fail("attention pooling 'map'")
-        if model.global_pool not in ("token", "avg"):
-            raise fail(f"global_pool {model.global_pool!r}")
-        if model.global_pool == "avg" and model.pool_include_prefix:
-            raise fail("average pooling that includes prefix tokens")
+        model, fail = self.model, self._fail
+        self.check_pool()
         if model.dynamic_img_size:
             raise fail("dynamic_img_size")
         for block in model.blocks:
@@ -88,21 +108,8 @@ class TimmViT(ModelAdapter):
         if path == "fp8":
             check_fp8_blocks(self.model, images)
 
-    def _prefix_tokens(self) -> list[torch.Tensor]:
-        # Prefix order as timm builds it: class, distillation (DeiT), register tokens.
-        names = ("cls_token", "dist_token", "reg_token")
-        return [getattr(self.model, name) for name in names if getattr(self.model, name, None) is not None]
-
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Mirrors timm's ``_pos_embed`` without its dropout, which runs per coalition after packing."""
-        model = self.model
-        x = model.patch_embed(images)
-        prefix = [token.expand(x.shape[0], -1, -1) for token in self._prefix_tokens()]
-        if model.pos_embed is None:
-            return torch.cat(prefix + [x], dim=1)
-        if model.no_embed_class:
-            return torch.cat(prefix + [x + model.pos_embed], dim=1)
-        return torch.cat(prefix + [x], dim=1) + model.pos_embed
+        return embed_prefix_and_patches(self.model, images)
 
     def blocks(
         self, x: torch.Tensor, plan: PackPlan, attention: AttentionFn, path: BlockPath
