@@ -144,3 +144,25 @@ def test_forward_and_coalition_values_run_under_inference_mode(head):
         got = model(images, coalitions), model.coalition_values(images, coalitions)
     for a, b in zip((*got[0], got[1]), (*expected[0], expected[1]), strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        {"name": "vit_base_patch16_siglip_224"},  # attention pool 'map': dropped, Φ reads the tokens
+        {"name": "eva02_base_patch14_224", "patch_size": 4},  # rotary embedding, SwiGLU
+    ],
+    ids=["siglip", "eva02"],
+)
+def test_other_backbone_families_self_explain_with_one_value_function(backbone):
+    options = {**KW, "patch_size": 4, **{k: v for k, v in backbone.items() if k != "name"}}
+    torch.manual_seed(0)
+    model = ShapleyViT(backbone["name"], 3, **options).eval()
+    assert getattr(model.backbone, "attn_pool", None) is None
+    images = torch.randn(2, 3, 16, 16)
+    coalitions = torch.rand(2, 4, 16, generator=torch.Generator().manual_seed(0)) < 0.5
+    out = model(images, coalitions)
+    torch.testing.assert_close(out.phi, model(images).phi, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.values, model.coalition_values(images, coalitions), atol=1e-5, rtol=1e-4)
+    out.values.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -92,7 +92,12 @@ class ShapleyViT(nn.Module):
                 "checkpoint, pretrained and backbone kwargs apply only to a backbone given by name"
             )
         check_packed_model(backbone)
-        backbone.reset_classifier(0)
+        # Φ reads every patch token after the final norm: the backbone's pooling stage is unused, and
+        # its parameters would get no gradient (which DistributedDataParallel refuses), so it goes.
+        pool = "avg" if getattr(backbone, "global_pool", None) == "map" else None
+        backbone.reset_classifier(0, pool)
+        if isinstance(getattr(backbone, "fc_norm", None), nn.Module):
+            backbone.fc_norm = nn.Identity()
         self.backbone = backbone
         self.num_classes = num_classes
         self.head_type = head
@@ -126,7 +131,7 @@ class ShapleyViT(nn.Module):
             )
         try:
             model = cls(**{**arch, "pretrained": False})  # the checkpoint holds the weights: no download
-            model.load_state_dict(state["model"])
+            model.load_state_dict(_without_pooling_stage(state["model"]))
         except (TypeError, ValueError, RuntimeError, KeyError) as exc:
             raise CheckpointError(f"{source} does not describe a model this version builds: {exc}") from None
         return model.eval()
@@ -253,3 +258,12 @@ class ShapleyViT(nn.Module):
         return ShapleyOutput(
             phi=phi, logits=phi.sum(dim=1), values=values if coalitions is not None else None
         )
+
+
+POOLING_STAGE = ("backbone.fc_norm.", "backbone.attn_pool.")
+
+
+def _without_pooling_stage(weights: dict) -> dict:
+    """A checkpoint's weights without the backbone's pooling stage, which checkpoints written before
+    0.3 may hold although the model never used it."""
+    return {k: v for k, v in weights.items() if not k.startswith(POOLING_STAGE)}
