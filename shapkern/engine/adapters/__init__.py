@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from shapkern.engine.adapters.base import BlockPath, ModelAdapter, Output, unsupported
+from shapkern.engine.adapters.timm_beit import TimmBeit
 from shapkern.engine.adapters.timm_vit import TimmViT
 
 __all__ = [
@@ -21,7 +22,7 @@ __all__ = [
     "unsupported",
 ]
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (TimmViT,)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (TimmViT, TimmBeit)
 
 
 def supported_families() -> str:
