@@ -47,10 +47,16 @@ def planned_attention(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     scale: float | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    bias_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`varlen_attention` on a plan built by :func:`pack_plan`, which is valid by construction:
-    no value checks of ``cu_seqlens``, so no host sync. (T, H, D) -> (T, H, D)."""
-    return varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, validate=False)
+    no value checks of ``cu_seqlens`` (or of ``bias_index``, built with the plan), so no host sync.
+    (T, H, D) -> (T, H, D)."""
+    return varlen_attention(
+        q, k, v, cu_seqlens, max_seqlen, scale, bias=bias, bias_index=bias_index, validate=False
+    )
 
 
 @dataclass

@@ -42,14 +42,39 @@ def paired_lengths(players: int, prefix: int, first_sizes):
     return [n for s in first_sizes for n in (prefix + s, prefix + players - s)]
 
 
-def naive_attention(q, k, v, cu, scale):
-    """Per-sequence loop with an explicit softmax, float64."""
-    out = torch.zeros(q.shape, dtype=torch.float64)
+def naive_attention(q, k, v, cu, scale, bias=None, bias_index=None):
+    """Per-sequence loop with an explicit softmax, float64; with a bias (H, L, L), the scores of each
+    sequence gain bias[:, positions][:, :, positions] at its tokens' positions bias_index (T,).
+    Differentiable in every input."""
+    pieces = []
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
         qs, ks, vs = (x[s:e].double().cpu().transpose(0, 1) for x in (q, k, v))  # (H, L, D)
-        p = torch.softmax(qs @ ks.transpose(1, 2) * scale, dim=-1)
-        out[s:e] = (p @ vs).transpose(0, 1)
-    return out
+        scores = qs @ ks.transpose(1, 2) * scale
+        if bias is not None:
+            positions = bias_index[s:e].long().cpu()
+            scores = scores + bias.double().cpu()[:, positions][:, :, positions]
+        pieces.append((torch.softmax(scores, dim=-1) @ vs).transpose(0, 1))
+    return torch.cat(pieces) if pieces else torch.zeros(q.shape, dtype=torch.float64)
+
+
+def make_bias(lengths, H, dtype=torch.float64, device="cpu", seed=0, extra_positions=3):
+    """A random bias (H, L, L) and each token's position (T,) int32, as the engine packs coalitions:
+    every sequence holds position 0 (a class token) then a sorted random subset of 1 ... L - 1."""
+    gen = torch.Generator().manual_seed(seed + 100)
+    positions = max(lengths, default=0) + extra_positions
+    bias = torch.randn(H, positions, positions, generator=gen, dtype=torch.float64)
+    index = [
+        torch.cat(
+            [
+                torch.zeros(1, dtype=torch.long),
+                1 + torch.randperm(positions - 1, generator=gen)[: n - 1].sort()[0],
+            ]
+        )
+        for n in lengths
+        if n
+    ]
+    index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+    return bias.to(device=device, dtype=dtype), index.to(device=device, dtype=torch.int32)
 
 
 class _LaunchSpy:
@@ -116,6 +141,41 @@ def test_reference_gradcheck_and_empty_sequence(buckets, lengths):
     assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
 
 
+@pytest.mark.parametrize("buckets", [0, 1, 2, 4])
+@pytest.mark.parametrize("lengths", [[5], [0, 1, 7, 0, 17], [3, 9, 12, 0, 7, 5], [0, 6, 6, 0]])
+def test_reference_with_bias_matches_naive_forward_and_backward(lengths, buckets):
+    """Both CPU layouts (dense pair rows for [3, 9, 12, 0, 7, 5] and [0, 6, 6, 0], length buckets
+    otherwise) add the bias at the tokens' positions; gradients reach q, k, v and the bias."""
+    q, k, v, cu = make_inputs(lengths, 2, 8, torch.float64)
+    bias, index = make_bias(lengths, 2)
+    grads = []
+    reference = partial(varlen_attention_reference, max_seqlen=max(lengths) + 4, length_buckets=buckets)
+    for attend in (reference, naive_attention):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, bias)]
+        out = attend(*leaves[:3], cu, scale=0.3, bias=leaves[3], bias_index=index)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view(out.shape))
+        grads.append([out] + [x.grad for x in leaves])
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # The bias changes the result (the test can fail), and CPU dispatch takes the reference.
+    assert not torch.allclose(grads[0][0], naive_attention(q, k, v, cu, 0.3))
+    torch.testing.assert_close(
+        varlen_attention(q, k, v, cu, max(lengths), 0.3, bias=bias, bias_index=index.long()), grads[1][0]
+    )
+
+
+@pytest.mark.parametrize("buckets, lengths", [(0, [2, 0, 3]), (2, [2, 3, 5, 0]), (4, [2, 3, 4, 1])])
+def test_reference_with_bias_gradcheck(buckets, lengths):
+    q, k, v, cu = make_inputs(lengths, 2, 4, torch.float64)
+    bias, index = make_bias(lengths, 2)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, bias)]
+
+    def attend(q, k, v, bias):
+        return varlen_attention_reference(q, k, v, cu, 5, bias=bias, bias_index=index, length_buckets=buckets)
+
+    assert torch.autograd.gradcheck(attend, leaves)
+
+
 # -------------------------------------------------------------------------------------------- kernels
 
 
@@ -127,7 +187,8 @@ def run_kernels(lengths, H, D, dtype, max_seqlen, device="cpu", seed=0):
         device=device, dtype=dtype
     )
     out, lse = varlen_attention_forward(q, k, v, cu, max_seqlen, scale)
-    dq, dk, dv = varlen_attention_backward(dout, q, k, v, out, lse, cu, max_seqlen, scale)
+    dq, dk, dv, dbias = varlen_attention_backward(dout, q, k, v, out, lse, cu, max_seqlen, scale)
+    assert dbias is None
 
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     ref = varlen_attention_reference(q64, k64, v64, cu, max_seqlen, scale)
@@ -205,12 +266,70 @@ def test_kernels_very_negative_scores(schedule):
     q, k = q + 10, -(k.abs() + 10)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(KERNEL_DEVICE)
     out, lse = varlen_attention_forward(q, k, v, cu, 16, 0.2)
-    grads = varlen_attention_backward(dout, q, k, v, out, lse, cu, 16, 0.2)
+    *grads, _ = varlen_attention_backward(dout, q, k, v, out, lse, cu, 16, 0.2)
     leaves = [x.double().requires_grad_() for x in (q, k, v)]
     ref = varlen_attention_reference(*leaves, cu, 16, 0.2)
     ref.backward(dout.double())
     assert lse.max() < -100
     assert_matches([(out, ref)] + [(g, x.grad) for g, x in zip(grads, leaves, strict=True)], torch.float32)
+
+
+def run_bias_kernels(lengths, H, D, dtype, bias_dtype, max_seqlen, device="cpu", seed=0, extra_positions=3):
+    """Triton forward and backward with a bias, and the float64 naive reference: (got, want) pairs of
+    out, dq, dk, dv and d bias."""
+    q, k, v, cu = make_inputs(lengths, H, D, dtype, device, seed)
+    bias, index = make_bias(lengths, H, bias_dtype, device, seed, extra_positions)
+    scale = D**-0.5
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(
+        device=device, dtype=dtype
+    )
+    out, lse = varlen_attention_forward(q, k, v, cu, max_seqlen, scale, bias, index)
+    *grads, dbias = varlen_attention_backward(dout, q, k, v, out, lse, cu, max_seqlen, scale, bias, index)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, bias)]
+    ref = naive_attention(*leaves[:3], cu, scale, bias=leaves[3], bias_index=index)
+    ref.backward(dout.double().cpu())
+    return [(out, ref)] + list(zip([*grads, dbias], [x.grad for x in leaves], strict=True))
+
+
+def assert_bias_matches(pairs, dtype):
+    """out, dq, dk, dv as assert_matches; d bias in fp32, to the same tolerance."""
+    assert_matches(pairs[:4], dtype)
+    dbias, want = pairs[4]
+    assert dbias.dtype == torch.float32
+    tol = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 5e-3), torch.bfloat16: (2e-2, 2e-2)}[dtype]
+    torch.testing.assert_close(dbias.double().cpu(), want, rtol=tol[0], atol=tol[1])
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "lengths, D, dtype, bias_dtype",
+    [
+        ([1], 32, torch.float32, torch.float32),
+        ([7, 0, 17, 1, 33], 32, torch.float32, torch.float32),
+        ([7, 0, 17, 1, 33], 32, torch.float16, torch.float32),
+        # Complementary pairs (P = 1, N = 14), the empty and the full coalition among them.
+        (paired_lengths(14, 1, [0, 5, 14]), 32, torch.float32, torch.float16),
+        ([9, 20], 80, torch.float16, torch.bfloat16),
+    ],
+)
+def test_kernels_with_bias_match_reference(lengths, D, dtype, bias_dtype, schedule):
+    """The bias tile is gathered through the query and key blocks' positions, forward and backward;
+    d bias sums every sequence's score gradients at their positions (atomics), in fp32."""
+    pairs = run_bias_kernels(lengths, 2, D, dtype, bias_dtype, max(lengths) + 5, KERNEL_DEVICE)
+    name, launched = schedule
+    assert launched == SCHEDULE_KERNELS[name]
+    assert_bias_matches(pairs, dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("seqs_per_program", [1, 3])
+def test_short_schedule_with_bias_and_groups_of_sequences(seqs_per_program, monkeypatch):
+    """Sequences of 1-3 key blocks (the dQ partial sums) and empty ones, grouped per program."""
+    monkeypatch.setattr(kernels, "SEQS_PER_PROGRAM", seqs_per_program)
+    lengths = [0, 1, 33, 0, 16, 17]
+    assert kernels.short_schedule("bwd", max(lengths))
+    pairs = run_bias_kernels(lengths, 1, 32, torch.float32, torch.float32, max(lengths), KERNEL_DEVICE)
+    assert_bias_matches(pairs, torch.float32)
 
 
 # ------------------------------------------------------------------------------ custom op and autograd
@@ -264,6 +383,49 @@ def test_op_traces_under_torch_compile_fullgraph(schedule, monkeypatch):
     ref.backward(dout)
     pairs = [(out, ref)] + [(a.grad, b.grad) for a, b in zip(leaves, refs, strict=True)]
     assert_matches(pairs, torch.float32)
+
+
+@needs_kernels
+def test_custom_op_with_bias_autograd_and_compile(schedule, monkeypatch):
+    """The public op with a bias on the Triton path, eager and traced with fullgraph=True (aot_eager):
+    gradients reach q, k, v and the bias, in the bias's dtype; an int64 bias_index is accepted."""
+    monkeypatch.setattr(op_module, "_use_triton", lambda q: True)  # the interpreter's kernels on the CPU
+    lengths = [9, 20, 0, 3]
+    q, k, v, cu = make_inputs(lengths, 2, 32, torch.float32, KERNEL_DEVICE)
+    bias, index = make_bias(lengths, 2, torch.float16, KERNEL_DEVICE)
+    refs = [x.detach().double().requires_grad_() for x in (q, k, v, bias)]
+    ref = naive_attention(*refs[:3], cu, 0.2, bias=refs[3], bias_index=index)
+    dout = torch.randn(ref.shape, dtype=torch.float64)
+    ref.backward(dout)
+
+    def attend(q, k, v, bias):
+        return varlen_attention(q, k, v, cu, 24, 0.2, bias=bias, bias_index=index.long())
+
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    for fn in (attend, compiled):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, bias)]
+        out = fn(*leaves)
+        out.backward(dout.float().to(KERNEL_DEVICE))
+        assert leaves[3].grad.dtype == torch.float16
+        assert_matches(
+            [(out, ref)] + [(a.grad, b.grad) for a, b in zip(leaves[:3], refs[:3], strict=True)], q.dtype
+        )
+        torch.testing.assert_close(leaves[3].grad.double().cpu(), refs[3].grad, rtol=1e-2, atol=2e-3)
+
+
+@needs_kernels
+def test_custom_ops_with_bias_pass_opcheck():
+    q, k, v, cu = make_inputs([5, 0, 9], 1, 32, torch.float32, KERNEL_DEVICE)
+    q, k, v = (x.contiguous().requires_grad_() for x in (q, k, v))
+    bias, index = make_bias([5, 0, 9], 1, torch.float32, KERNEL_DEVICE)
+    bias.requires_grad_()
+    torch.library.opcheck(torch.ops.shapkern.varlen_attention_fwd, (q, k, v, cu, 12, 0.3, bias, index))
+    out, lse = triton_attention(q, k, v, cu, 12, 0.3, bias, index)
+    detached = [x.detach() for x in (q, k, v, out)]
+    torch.library.opcheck(
+        torch.ops.shapkern.varlen_attention_bwd,
+        (torch.randn_like(out), *detached[:3], detached[3], lse, cu, 12, 0.3, bias.detach(), index),
+    )
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -346,6 +508,18 @@ def test_cuda_vit_base_coalition_pairs(schedule):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_beit_base_coalition_pairs_with_bias(dtype, schedule):
+    """BEiT-B/16 at 224: complementary pairs of N = 196 patches + 1 class token, 12 heads x 64, an fp32
+    relative position bias over L = 197 positions (d bias sums 64 sequences at each position)."""
+    sizes = torch.randint(0, 197, (32,), generator=torch.Generator().manual_seed(1)).tolist()
+    sizes[:4] = [0, 1, 195, 196]
+    lengths = paired_lengths(196, 1, sizes)
+    pairs = run_bias_kernels(lengths, 12, 64, dtype, torch.float32, 197, "cuda", extra_positions=0)
+    assert_bias_matches(pairs, dtype)
+
+
+@pytest.mark.cuda
 def test_cuda_more_sequences_than_a_grid_y_dimension(schedule):
     """Sequences sit on the grid's x axis: more than 65535 of them must work."""
     lengths = [1, 2, 0] * 23000
@@ -391,6 +565,12 @@ def test_cuda_host_syncs():
     varlen_attention(q, k, v, cu, 197).sum().backward()  # compile the kernels first
     assert _count_syncs(lambda: varlen_attention(q, k, v, cu, 197)) == 1
     assert _count_syncs(lambda: varlen_attention(q, k, v, cu, 197, validate=False).sum().backward()) == 0
+    bias, index = make_bias([50, 197, 0, 120], 2, torch.float32, "cuda", extra_positions=0)
+    bias.requires_grad_()
+    attend = partial(varlen_attention, q, k, v, cu, 197, bias=bias, bias_index=index)
+    attend().sum().backward()  # compile the bias kernels first
+    assert _count_syncs(attend) == 1  # the plan and the positions' range in one read
+    assert _count_syncs(lambda: attend(validate=False).sum().backward()) == 0
 
 
 @pytest.mark.cuda
@@ -405,6 +585,40 @@ def test_bad_inputs_cuda():
         varlen_attention(q.double(), k.double(), v.double(), cu, 4)
     with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] must equal"):
         varlen_attention(q, k, v, cu[:-1], 4)
+
+
+def test_bad_bias_names_the_argument():
+    q, k, v, cu = make_inputs([3, 4], 2, 32, torch.float32)
+    bias, index = make_bias([3, 4], 2, torch.float32)  # L = 7
+    bad = [
+        ({"bias": bias}, "bias and bias_index go together"),
+        ({"bias_index": index}, "bias and bias_index go together"),
+        ({"bias": bias[:1], "bias_index": index}, r"bias must be a \(H, L, L\) = \(2, L, L\) tensor"),
+        ({"bias": bias[0], "bias_index": index}, r"bias must be a \(H, L, L\)"),
+        ({"bias": bias[:, :5], "bias_index": index}, r"bias must be square .* got \(2, 5, 7\)"),
+        ({"bias": bias.int(), "bias_index": index}, "bias dtype torch.int32 not supported"),
+        ({"bias": bias.to("meta"), "bias_index": index}, "bias device meta != q device cpu"),
+        ({"bias": bias, "bias_index": index[:-1]}, r"bias_index must be a \(T,\) = \(7,\) tensor"),
+        ({"bias": bias, "bias_index": index.float()}, "bias_index must be int32 or int64"),
+        ({"bias": bias, "bias_index": index.to("meta")}, "bias_index device meta != q device cpu"),
+    ]
+    for kwargs, match in bad:
+        with pytest.raises(ValueError, match=f"varlen_attention: {match}"):
+            varlen_attention(q, k, v, cu, 4, **kwargs)
+
+
+@pytest.mark.parametrize("token, position", [(3, 7), (0, -1), (6, 100)])
+def test_bias_index_out_of_range_is_a_value_error(token, position):
+    q, k, v, cu = make_inputs([3, 4], 2, 8, torch.float32)
+    bias, index = make_bias([3, 4], 2, torch.float32)
+    index[token] = position
+    with pytest.raises(
+        ValueError, match=rf"in \[0, L\) = \[0, 7\) .* got bias_index\[{token}\] = {position}"
+    ):
+        varlen_attention(q, k, v, cu, 4, bias=bias, bias_index=index)
+    # A bad plan is named first.
+    with pytest.raises(ValueError, match="max_seqlen = 3"):
+        varlen_attention(q, k, v, cu, 3, bias=bias, bias_index=index)
 
 
 @pytest.mark.parametrize("edit", ["data", "numpy"])

@@ -4,7 +4,15 @@ Layout (FlashAttention varlen convention): q, k, v are (T, H, D) with the tokens
 packed along T; ``cu_seqlens`` (R + 1,) int32 holds the sequence boundaries. Sequences sit on the
 grid's first axis (limit 2**31 - 1, not 65535); ``max_seqlen`` is only an upper bound, so programs
 past their sequence's end do nothing. No causal mask, no dropout, no N x N matrix in memory, no
-atomics: every program writes only its own rows, so results are deterministic.
+atomics for out, dq, dk, dv: every program writes only its own rows, so they are deterministic.
+
+An optional additive score bias (BEiT's relative position bias) is a (H, L, L) matrix over the
+positions of the model's full sequence, with ``bias_index`` (T,) int32 the position of every packed
+token: score(t, s) += bias[h, bias_index[t], bias_index[s]] for t, s in one sequence. The kernels
+load each bias tile through the index vectors of their query and key blocks (``HAS_BIAS``, a
+constexpr: without a bias the kernels compile to the instructions they had before the feature). Its
+gradient sums every sequence's score gradients into one fp32 (H, L, L) buffer with atomic adds,
+whose order varies from run to run: d bias is deterministic only up to fp32 rounding.
 
 Two schedules, picked from the static ``max_seqlen`` alone (no host sync):
 
@@ -50,13 +58,21 @@ def _sequence(CU_SEQLENS, seq, num_seqs):
 
 
 @triton.jit
+def _bias_tile(BIAS, pairs, mask):
+    """One head's bias at the offsets ``pairs`` (query position * L + key position) in base-2 units
+    (times log2(e)), fp32, 0 where masked."""
+    return tl.load(BIAS + pairs, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
 def _fwd_block(
-    Q, K, V, O, LSE, start_m, seqlen,
-    stride_qt, stride_kt, stride_vt, stride_ot, H, qk_scale,
+    Q, K, V, O, LSE, BIAS, BIAS_INDEX, row0, start_m, seqlen,
+    stride_qt, stride_kt, stride_vt, stride_ot, stride_bl, H, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Queries start_m ... start_m + BLOCK_M - 1 of one sequence and head (pointers at its first token)."""
+    """Queries start_m ... start_m + BLOCK_M - 1 of one sequence and head (pointers at its first token,
+    row0 in the packed layout; BIAS at the head's (L, L) matrix with row stride stride_bl)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -64,6 +80,8 @@ def _fwd_block(
     mask_m = offs_m < seqlen
     q_mask = mask_m[:, None] & mask_d[None, :]
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+    if HAS_BIAS:
+        pos_m = tl.load(BIAS_INDEX + row0 + offs_m, mask=mask_m, other=0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -75,6 +93,10 @@ def _fwd_block(
         k = tl.load(K + rows_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + rows_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if HAS_BIAS:
+            pos_n = tl.load(BIAS_INDEX + row0 + rows_n, mask=mask_n, other=0)
+            pairs = pos_m[:, None] * stride_bl + pos_n[None, :]
+            qk += _bias_tile(BIAS, pairs, mask_m[:, None] & mask_n[None, :])
         # Every block holds at least one valid key, so m_ij stays finite.
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
@@ -91,39 +113,44 @@ def _fwd_block(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, CU_SEQLENS,
+    Q, K, V, O, LSE, CU_SEQLENS, BIAS, BIAS_INDEX,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    num_seqs, H, qk_scale,
+    stride_bh, stride_bl, num_seqs, H, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Long schedule: program (r, m, h) runs query block m of sequence r at head h."""
     seq = tl.program_id(0)
     start_m = tl.program_id(1) * BLOCK_M
     head = tl.program_id(2)
     start, seqlen = _sequence(CU_SEQLENS, seq, num_seqs)
+    if HAS_BIAS:
+        BIAS += head.to(tl.int64) * stride_bh
     if start_m < seqlen:
         # 64-bit scalar base per (sequence, head): T * stride can pass 2**31; in-sequence offsets stay 32-bit.
         row0 = start.to(tl.int64)
         _fwd_block(
             Q + row0 * stride_qt + head * stride_qh, K + row0 * stride_kt + head * stride_kh,
             V + row0 * stride_vt + head * stride_vh, O + row0 * stride_ot + head * stride_oh,
-            LSE + row0 * H + head, start_m, seqlen, stride_qt, stride_kt, stride_vt, stride_ot, H, qk_scale,
-            D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION,
+            LSE + row0 * H + head, BIAS, BIAS_INDEX, row0, start_m, seqlen,
+            stride_qt, stride_kt, stride_vt, stride_ot, stride_bl, H, qk_scale,
+            D, BLOCK_D, BLOCK_M, BLOCK_N, HAS_BIAS, PRECISION,
         )  # fmt: skip
 
 
 @triton.jit
 def _fwd_short_kernel(
-    Q, K, V, O, LSE, CU_SEQLENS,
+    Q, K, V, O, LSE, CU_SEQLENS, BIAS, BIAS_INDEX,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    num_seqs, H, qk_scale,
+    stride_bh, stride_bl, num_seqs, H, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SEQS: tl.constexpr, PRECISION: tl.constexpr,
+    SEQS: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Short schedule: program (g, h) runs every query block of sequences g * SEQS ... g * SEQS + SEQS - 1
     at head h."""
     head = tl.program_id(1)
+    if HAS_BIAS:
+        BIAS += head.to(tl.int64) * stride_bh
     for s in range(SEQS):
         start, seqlen = _sequence(CU_SEQLENS, tl.program_id(0) * SEQS + s, num_seqs)
         row0 = start.to(tl.int64)
@@ -131,9 +158,9 @@ def _fwd_short_kernel(
             _fwd_block(
                 Q + row0 * stride_qt + head * stride_qh, K + row0 * stride_kt + head * stride_kh,
                 V + row0 * stride_vt + head * stride_vh, O + row0 * stride_ot + head * stride_oh,
-                LSE + row0 * H + head, start_m, seqlen,
-                stride_qt, stride_kt, stride_vt, stride_ot, H, qk_scale,
-                D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION,
+                LSE + row0 * H + head, BIAS, BIAS_INDEX, row0, start_m, seqlen,
+                stride_qt, stride_kt, stride_vt, stride_ot, stride_bl, H, qk_scale,
+                D, BLOCK_D, BLOCK_M, BLOCK_N, HAS_BIAS, PRECISION,
             )  # fmt: skip
 
 
@@ -163,14 +190,15 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS, BIAS, BIAS_INDEX, DBIAS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_bh, stride_bl,
     H, scale, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One block of BLOCK_N keys; loops over the sequence's query blocks (transposed formulation)."""
+    """One block of BLOCK_N keys; loops over the sequence's query blocks (transposed formulation). With a
+    bias, adds each score tile's gradient into DBIAS (fp32, BIAS's strides)."""
     seq = tl.program_id(0)
     pid_n = tl.program_id(1)
     head = tl.program_id(2)
@@ -196,6 +224,10 @@ def _bwd_dkdv_kernel(
     kv_mask = mask_n[:, None] & mask_d[None, :]
     k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    if HAS_BIAS:
+        BIAS += head.to(tl.int64) * stride_bh
+        DBIAS += head.to(tl.int64) * stride_bh
+        pos_n = tl.load(BIAS_INDEX + row0 + offs_n, mask=mask_n, other=0)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -207,13 +239,20 @@ def _bwd_dkdv_kernel(
         do = tl.load(DO + rows_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
         lse = tl.load(LSE + rows_m * H, mask=mask_m, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + rows_m * H, mask=mask_m, other=0.0)
-        qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+        qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        if HAS_BIAS:
+            pos_m = tl.load(BIAS_INDEX + row0 + rows_m, mask=mask_m, other=0)
+            pairs = pos_m[None, :] * stride_bl + pos_n[:, None]  # transposed: (BLOCK_N, BLOCK_M)
+            pair_mask = mask_n[:, None] & mask_m[None, :]
+            qkT += _bias_tile(BIAS, pairs, pair_mask)
         # Keys past the end (k = 0) would give exp2(-lse), which overflows when all real scores are very
         # negative. Queries past the end need no mask: they load q = dO = 0 and add nothing to dK, dV.
-        pT = tl.exp2(tl.where(mask_n[:, None], qkT * qk_scale - lse[None, :], float("-inf")))
+        pT = tl.exp2(tl.where(mask_n[:, None], qkT - lse[None, :], float("-inf")))
         dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
+        if HAS_BIAS:  # d score = d bias
+            tl.atomic_add(DBIAS + pairs, dsT, mask=pair_mask)
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
 
     tl.store(
@@ -226,12 +265,12 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS, BIAS, BIAS_INDEX,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dqt, stride_dqh,
+    stride_dqt, stride_dqh, stride_bh, stride_bl,
     H, scale, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One block of BLOCK_M queries; loops over the sequence's key blocks."""
     seq = tl.program_id(0)
@@ -260,6 +299,9 @@ def _bwd_dq_kernel(
     do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
     lse = tl.load(LSE + offs_m * H, mask=mask_m, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + offs_m * H, mask=mask_m, other=0.0)
+    if HAS_BIAS:
+        BIAS += head.to(tl.int64) * stride_bh
+        pos_m = tl.load(BIAS_INDEX + row0 + offs_m, mask=mask_m, other=0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, seqlen, BLOCK_N):
@@ -268,10 +310,14 @@ def _bwd_dq_kernel(
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(K + rows_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + rows_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if HAS_BIAS:
+            pos_n = tl.load(BIAS_INDEX + row0 + rows_n, mask=mask_n, other=0)
+            pairs = pos_m[:, None] * stride_bl + pos_n[None, :]
+            qk += _bias_tile(BIAS, pairs, mask_m[:, None] & mask_n[None, :])
         # Keys past the end (k = 0) would give exp2(-lse), which overflows when all real scores are very
         # negative.
-        p = tl.exp2(tl.where(mask_n[None, :], qk * qk_scale - lse[:, None], float("-inf")))
+        p = tl.exp2(tl.where(mask_n[None, :], qk - lse[:, None], float("-inf")))
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -283,21 +329,25 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_short_kernel(
-    Q, K, V, O, DO, LSE, DELTA, DQ_ACC, DQ, DK, DV, CU_SEQLENS,
+    Q, K, V, O, DO, LSE, DELTA, DQ_ACC, DQ, DK, DV, CU_SEQLENS, BIAS, BIAS_INDEX, DBIAS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_dot, stride_doh, stride_gt, stride_gh,
+    stride_dot, stride_doh, stride_gt, stride_gh, stride_bh, stride_bl,
     num_seqs, H, scale, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SEQS: tl.constexpr, PRECISION: tl.constexpr,
+    SEQS: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Program (g, h): the whole backward of sequences g * SEQS ... g * SEQS + SEQS - 1 at head h.
 
     Key blocks outside, query blocks inside (the transposed formulation of the long dK/dV kernel), so
     each score tile is computed once and feeds dK, dV and dQ. dQ sums over key blocks in DQ_ACC, fp32
     rows that only this program touches (plain loads and stores, no atomics, fixed order); the last
-    key block writes dQ itself. DQ, DK, DV and DQ_ACC share the strides (stride_gt, stride_gh).
+    key block writes dQ itself. DQ, DK, DV and DQ_ACC share the strides (stride_gt, stride_gh). With a
+    bias, each score tile's gradient is added into DBIAS (fp32, BIAS's strides).
     """
     head = tl.program_id(1)
+    if HAS_BIAS:
+        BIAS += head.to(tl.int64) * stride_bh
+        DBIAS += head.to(tl.int64) * stride_bh
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -329,6 +379,8 @@ def _bwd_short_kernel(
             kv_mask = mask_n[:, None] & mask_d[None, :]
             k = tl.load(Ks + rows_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(Vs + rows_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+            if HAS_BIAS:
+                pos_n = tl.load(BIAS_INDEX + row0 + rows_n, mask=mask_n, other=0)
             dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             for start_m in range(0, seqlen, BLOCK_M):
@@ -339,12 +391,20 @@ def _bwd_short_kernel(
                 do = tl.load(DOs + rows_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
                 lse = tl.load(LSEs + rows_m * H, mask=mask_m, other=0.0) * 1.4426950408889634
                 delta = tl.load(DELTAs + rows_m * H, mask=mask_m, other=0.0)
-                qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+                qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+                if HAS_BIAS:
+                    pos_m = tl.load(BIAS_INDEX + row0 + rows_m, mask=mask_m, other=0)
+                    pairs = pos_m[None, :] * stride_bl + pos_n[:, None]  # transposed: (BLOCK_N, BLOCK_M)
+                    pair_mask = mask_n[:, None] & mask_m[None, :]
+                    qkT += _bias_tile(BIAS, pairs, pair_mask)
                 # Padded keys masked as in the long kernels; padded queries load q = dO = 0 and add nothing.
-                pT = tl.exp2(tl.where(mask_n[:, None], qkT * qk_scale - lse[None, :], float("-inf")))
+                pT = tl.exp2(tl.where(mask_n[:, None], qkT - lse[None, :], float("-inf")))
                 dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
                 dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-                dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+                dsT = pT * (dpT - delta[None, :])
+                if HAS_BIAS:  # d score = d bias
+                    tl.atomic_add(DBIAS + pairs, dsT, mask=pair_mask)
+                dsT = dsT.to(q.dtype)
                 dk += tl.dot(dsT, q, input_precision=PRECISION)
                 dq = tl.dot(tl.trans(dsT), k, input_precision=PRECISION)
                 tile_m = rows_m[:, None] * stride_gt + offs_d[None, :]
@@ -371,6 +431,9 @@ _CONFIGS_16BIT = {
     "fwd_short": {32: (64, 32, 4, 3), 64: (64, 32, 4, 3), 128: (64, 32, 4, 2)},
     "bwd_short": {32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128: (16, 64, 8, 2)},
 }
+# With a bias, the score tiles also hold the bias and (backward) its gradient's addresses: the short
+# backward at D <= 64 needs twice the warps to stay free of spills; the rest keep their tiles.
+_BIAS_CONFIGS_16BIT = {"bwd_short": {32: (32, 64, 8, 2), 64: (32, 64, 8, 2)}}
 # fp32 uses exact IEEE dots, which run on FMA units, not tensor cores: small tiles, one per kernel.
 _CONFIGS_FP32 = {
     "fwd": (32, 32, 8, 2),
@@ -383,11 +446,18 @@ _CONFIGS_FP32 = {
 _INTERPRET_CONFIG = (16, 16, 1, 1)
 
 
-def block_config(kernel: str, dtype: torch.dtype, block_d: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel "fwd", "dkdv", "dq", "fwd_short", "bwd_short"."""
+def block_config(
+    kernel: str, dtype: torch.dtype, block_d: int, bias: bool = False
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel "fwd", "dkdv", "dq", "fwd_short", "bwd_short",
+    without or with an additive bias."""
     if _INTERPRET:
         return _INTERPRET_CONFIG
-    return _CONFIGS_FP32[kernel] if dtype == torch.float32 else _CONFIGS_16BIT[kernel][block_d]
+    if dtype == torch.float32:
+        return _CONFIGS_FP32[kernel]
+    if bias and block_d in _BIAS_CONFIGS_16BIT.get(kernel, {}):
+        return _BIAS_CONFIGS_16BIT[kernel][block_d]
+    return _CONFIGS_16BIT[kernel][block_d]
 
 
 def short_schedule(direction: str, max_seqlen: int) -> bool:
@@ -404,6 +474,16 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _bias_args(bias: torch.Tensor | None, bias_index: torch.Tensor | None) -> tuple:
+    """(BIAS, BIAS_INDEX, stride_bh, stride_bl) kernel arguments: the bias contiguous, so that its
+    fp32 gradient buffer shares its strides; None pointers without a bias (the HAS_BIAS=False
+    kernels never read them)."""
+    if bias is None:
+        return None, None, 0, 0
+    bias = bias.contiguous()
+    return bias, bias_index, bias.stride(0), bias.stride(1)
+
+
 def varlen_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -411,12 +491,16 @@ def varlen_attention_forward(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     scale: float,
+    bias: torch.Tensor | None = None,
+    bias_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward launcher.
 
     q, k, v: (T, H, D) with stride 1 along D (other strides free); cu_seqlens: (R + 1,) int32;
-    max_seqlen: upper bound on every sequence length. Returns out (T, H, D) in q's dtype and
-    lse (T, H) fp32, the natural log-sum-exp of each query's scaled scores.
+    max_seqlen: upper bound on every sequence length; bias: None or (H, L, L) float, added to the
+    scaled scores at the positions bias_index (T,) int32 in [0, L) of the query and key tokens.
+    Returns out (T, H, D) in q's dtype and lse (T, H) fp32, the natural log-sum-exp of each query's
+    scores.
     """
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     T, H, D = q.shape
@@ -426,23 +510,26 @@ def varlen_attention_forward(
     if T == 0 or num_seqs == 0 or max_seqlen <= 0:
         return out, lse
     block_d = triton.next_power_of_2(D)
+    bias, bias_index, stride_bh, stride_bl = _bias_args(bias, bias_index)
     args = (
-        q, k, v, out, lse, cu_seqlens,
+        q, k, v, out, lse, cu_seqlens, bias, bias_index,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), stride_bh, stride_bl,
         num_seqs, H, scale * LOG2E,
     )  # fmt: skip
+    meta = {"D": D, "BLOCK_D": block_d, "HAS_BIAS": bias is not None, "PRECISION": _precision(q.dtype)}
     if short_schedule("fwd", max_seqlen):
-        block_m, block_n, num_warps, num_stages = block_config("fwd_short", q.dtype, block_d)
+        block_m, block_n, num_warps, num_stages = block_config(
+            "fwd_short", q.dtype, block_d, bias is not None
+        )
         _fwd_short_kernel[(triton.cdiv(num_seqs, SEQS_PER_PROGRAM), H)](
-            *args, D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SEQS=SEQS_PER_PROGRAM,
-            PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+            *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, SEQS=SEQS_PER_PROGRAM,
+            num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     else:
-        block_m, block_n, num_warps, num_stages = block_config("fwd", q.dtype, block_d)
+        block_m, block_n, num_warps, num_stages = block_config("fwd", q.dtype, block_d, bias is not None)
         _fwd_kernel[(num_seqs, triton.cdiv(max_seqlen, block_m), H)](
-            *args, D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
-            num_warps=num_warps, num_stages=num_stages,
+            *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     return out, lse
 
@@ -457,35 +544,43 @@ def varlen_attention_backward(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    bias: torch.Tensor | None = None,
+    bias_index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Backward launcher.
 
-    dout, q, k, v, out: (T, H, D); lse: (T, H) fp32 from the forward; cu_seqlens: (R + 1,) int32.
-    Returns dq, dk, dv: (T, H, D) contiguous, in q's dtype. Deterministic (no atomics).
+    dout, q, k, v, out: (T, H, D); lse: (T, H) fp32 from the forward; cu_seqlens: (R + 1,) int32;
+    bias, bias_index: as the forward got them. Returns dq, dk, dv: (T, H, D) contiguous, in q's
+    dtype, deterministic (no atomics); and d bias: None without a bias, else (H, L, L) fp32, summed
+    over every sequence with atomic adds (deterministic up to fp32 rounding).
     """
     dout, q, k, v, out = (_last_dim_contiguous(x) for x in (dout, q, k, v, out))
     T, H, D = q.shape
     dq, dk, dv = (torch.empty((T, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    bias, bias_index, stride_bh, stride_bl = _bias_args(bias, bias_index)
+    dbias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=q.device)
     num_seqs = cu_seqlens.numel() - 1
     if T == 0 or num_seqs == 0 or max_seqlen <= 0:
-        return dq, dk, dv
+        return dq, dk, dv, dbias
     block_d = triton.next_power_of_2(D)
-    precision = _precision(q.dtype)
+    meta = {"D": D, "BLOCK_D": block_d, "HAS_BIAS": bias is not None, "PRECISION": _precision(q.dtype)}
 
     delta = torch.empty((T, H), dtype=torch.float32, device=q.device)
     if short_schedule("bwd", max_seqlen):
         # fp32 partial sums of dQ, for sequences longer than one key block.
         dq_acc = torch.empty((T, H, D), dtype=torch.float32, device=q.device)
-        block_m, block_n, num_warps, num_stages = block_config("bwd_short", q.dtype, block_d)
+        block_m, block_n, num_warps, num_stages = block_config(
+            "bwd_short", q.dtype, block_d, bias is not None
+        )
         _bwd_short_kernel[(triton.cdiv(num_seqs, SEQS_PER_PROGRAM), H)](
-            q, k, v, out, dout, lse, delta, dq_acc, dq, dk, dv, cu_seqlens,
+            q, k, v, out, dout, lse, delta, dq_acc, dq, dk, dv, cu_seqlens, bias, bias_index, dbias,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
-            num_seqs, H, scale, scale * LOG2E,
-            D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SEQS=SEQS_PER_PROGRAM,
-            PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+            stride_bh, stride_bl, num_seqs, H, scale, scale * LOG2E,
+            **meta, BLOCK_M=block_m, BLOCK_N=block_n, SEQS=SEQS_PER_PROGRAM,
+            num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
-        return dq, dk, dv
+        return dq, dk, dv, dbias
 
     block_t = 16 if _INTERPRET else 64
     _bwd_preprocess_kernel[(triton.cdiv(T, block_t), H)](
@@ -494,23 +589,21 @@ def varlen_attention_backward(
         D=D, BLOCK_D=block_d, BLOCK_M=block_t,
     )  # fmt: skip
 
-    block_m, block_n, num_warps, num_stages = block_config("dkdv", q.dtype, block_d)
+    block_m, block_n, num_warps, num_stages = block_config("dkdv", q.dtype, block_d, bias is not None)
     _bwd_dkdv_kernel[(num_seqs, triton.cdiv(max_seqlen, block_n), H)](
-        q, k, v, dout, lse, delta, dk, dv, cu_seqlens,
+        q, k, v, dout, lse, delta, dk, dv, cu_seqlens, bias, bias_index, dbias,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        H, scale, scale * LOG2E,
-        D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
+        stride_bh, stride_bl, H, scale, scale * LOG2E,
+        **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
 
-    block_m, block_n, num_warps, num_stages = block_config("dq", q.dtype, block_d)
+    block_m, block_n, num_warps, num_stages = block_config("dq", q.dtype, block_d, bias is not None)
     _bwd_dq_kernel[(num_seqs, triton.cdiv(max_seqlen, block_m), H)](
-        q, k, v, dout, lse, delta, dq, cu_seqlens,
+        q, k, v, dout, lse, delta, dq, cu_seqlens, bias, bias_index,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
+        dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), stride_bh, stride_bl,
         H, scale, scale * LOG2E,
-        D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
+        **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    return dq, dk, dv
+    return dq, dk, dv, dbias

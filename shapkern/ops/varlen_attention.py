@@ -3,6 +3,8 @@
 Tokens of R sequences are packed as (T, H, D) tensors; ``cu_seqlens`` (R + 1,) int32 holds the
 boundaries (cu_seqlens[0] = 0, non-decreasing, cu_seqlens[-1] = T), FlashAttention's varlen
 convention. Each token attends to every token of its own sequence (no causal mask, no dropout).
+An optional additive bias per (head, query position, key position), looked up through each token's
+position in the model's full sequence, carries BEiT's relative position bias.
 
 The Triton path is the custom op ``shapkern::varlen_attention_fwd`` (returns out and the log-sum-exp)
 with its autograd registered through ``torch.library.register_autograd``, whose backward is the
@@ -35,7 +37,9 @@ class AttentionFn(Protocol):
     """Attention within each packed sequence, as the engine calls it (see :func:`varlen_attention`).
 
     q, k, v: (T, H, D); cu_seqlens: (R + 1,) int32 on q's device; max_seqlen: a static upper bound on
-    the sequence lengths; scale: None for D ** -0.5. Returns out (T, H, D) in q's dtype.
+    the sequence lengths; scale: None for D ** -0.5; bias, bias_index: an additive score bias (H, L, L)
+    at each token's position (T,) in the model's full sequence, or None (only families with a
+    position-dependent bias pass them). Returns out (T, H, D) in q's dtype.
     """
 
     def __call__(
@@ -46,6 +50,9 @@ class AttentionFn(Protocol):
         cu_seqlens: torch.Tensor,
         max_seqlen: int,
         scale: float | None = None,
+        *,
+        bias: torch.Tensor | None = None,
+        bias_index: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -54,25 +61,34 @@ class AttentionFn(Protocol):
 CPU_LENGTH_BUCKETS = 4
 
 
-def _padded_attention(q, k, v, starts, lengths, width: int, scale):
+def _gathered_bias(bias: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The bias (H, L, L) between the tokens of G rows at ``positions`` (G, W): (G, H, W, W) in dtype."""
+    heads, length = bias.shape[0], bias.shape[-1]
+    pairs = positions[:, :, None] * length + positions[:, None, :]  # (G, W, W)
+    # index_select, not indexing: its backward (index_add) sums in a fixed order on the CPU.
+    picked = torch.index_select(bias.reshape(heads, -1), 1, pairs.reshape(-1))
+    return picked.view(heads, *pairs.shape).transpose(0, 1).to(dtype)
+
+
+def _padded_attention(q, k, v, starts, lengths, width: int, scale, bias=None, bias_index=None):
     """Attention over sequences padded to ``width``: starts, lengths (G,) -> (token index, out) of the
     real tokens."""
     pos = torch.arange(width, device=q.device)
     real = pos < lengths[:, None]  # (G, width)
     index = torch.where(real, starts[:, None] + pos, 0)
     # Empty sequences keep key 0 so that no softmax row is fully masked (NaN); their rows are dropped.
-    key_mask = pos < lengths.clamp(min=1)[:, None]
+    mask = (pos < lengths.clamp(min=1)[:, None])[:, None, None, :]
+    if bias is not None:
+        mask = _gathered_bias(bias, bias_index[index], q.dtype).masked_fill(~mask, float("-inf"))
     q, k, v = (x[index].transpose(1, 2) for x in (q, k, v))  # (G, H, width, D)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=key_mask[:, None, None, :], scale=scale
-    )
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return index[real], out.transpose(1, 2)[real]
 
 
 def _paired_rows_attention(q, k, v, first_lengths, width: int, mask: torch.Tensor, scale):
     """Sequences 2i and 2i+1 filling rows of ``width`` tokens (complementary coalitions): each row is
-    dense attention with the block-diagonal additive ``mask`` (rows, 1, width, width), read in place,
-    no gather: (T, H, D) -> (T, H, D)."""
+    dense attention with the block-diagonal additive ``mask`` (rows, 1 or H, width, width), read in
+    place, no gather: (T, H, D) -> (T, H, D)."""
     rows = first_lengths.shape[0]
     q, k, v = (x.view(rows, width, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -151,11 +167,16 @@ def varlen_attention_reference(
     max_seqlen: int,
     scale: float | None = None,
     *,
+    bias: torch.Tensor | None = None,
+    bias_index: torch.Tensor | None = None,
     length_buckets: int | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch varlen attention: pad sequences, masked SDPA, gather back.
 
     q, k, v: (T, H, D); cu_seqlens: (R + 1,) int; max_seqlen: upper bound on every length.
+    bias, bias_index: None, or a bias (H, L, L) (any float dtype, cast to q's) added to the scaled
+    score of every (query, key) pair at their positions bias_index (T,) int in [0, L); differentiable
+    in the bias too (deterministic on the CPU).
     length_buckets: sort the sequences by length into this many groups, each padded to its own
     longest (reads the lengths on the host, once per plan, compared by content); 0 pads all to
     ``max_seqlen`` with no host sync. Default: CPU_LENGTH_BUCKETS on the CPU, where host reads are
@@ -171,12 +192,18 @@ def varlen_attention_reference(
         layout = _host_layout(cu_seqlens, length_buckets)
         if layout.width:
             mask = layout.additive_mask(q.dtype)
+            if bias is not None:
+                positions = bias_index.view(-1, layout.width)
+                mask = mask + _gathered_bias(bias, positions, q.dtype)
             return _paired_rows_attention(q, k, v, layout.first_lengths, layout.width, mask, scale)
         starts, lengths, parts = layout.starts, layout.lengths, layout.parts
     else:
         cu = cu_seqlens.long()
         starts, lengths, parts = cu[:-1], cu[1:] - cu[:-1], [(slice(None), max_seqlen)]
-    pieces = [_padded_attention(q, k, v, starts[g], lengths[g], max(width, 1), scale) for g, width in parts]
+    pieces = [
+        _padded_attention(q, k, v, starts[g], lengths[g], max(width, 1), scale, bias, bias_index)
+        for g, width in parts
+    ]
     index = torch.cat([index for index, _ in pieces])
     return q.new_zeros(q.shape).index_put((index,), torch.cat([out for _, out in pieces]))
 
@@ -186,14 +213,21 @@ def varlen_attention_reference(
 
 @torch.library.custom_op("shapkern::varlen_attention_fwd", mutates_args=())
 def _fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    bias_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward: out (T, H, D) and the natural log-sum-exp (T, H) fp32 the backward needs."""
-    return varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale)
+    return varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale, bias, bias_index)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, scale):
+def _(q, k, v, cu_seqlens, max_seqlen, scale, bias=None, bias_index=None):
     T, H, D = q.shape
     return q.new_empty((T, H, D)), q.new_empty((T, H), dtype=torch.float32)
 
@@ -209,28 +243,37 @@ def _bwd_op(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton backward: dq, dk, dv (T, H, D) contiguous."""
-    return varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
+    bias: torch.Tensor | None = None,
+    bias_index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backward: dq, dk, dv (T, H, D) contiguous, and d bias in the bias's shape and dtype
+    (an empty tensor without a bias: a custom op returns no None)."""
+    *grads, dbias = varlen_attention_backward(
+        dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, bias, bias_index
+    )
+    return *grads, q.new_empty(0) if bias is None else dbias.to(bias.dtype)
 
 
 @_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, bias=None, bias_index=None):
+    dbias = q.new_empty(0) if bias is None else bias.new_empty(bias.shape)
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dbias
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_seqlens, max_seqlen, scale = inputs
+    q, k, v, cu_seqlens, max_seqlen, scale, bias, bias_index = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, bias, bias_index)
     ctx.max_seqlen, ctx.scale = max_seqlen, scale
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
-    return dq, dk, dv, None, None, None
+    q, k, v, out, lse, cu_seqlens, bias, bias_index = ctx.saved_tensors
+    dq, dk, dv, dbias = _bwd_op(
+        dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, bias, bias_index
+    )
+    return dq, dk, dv, None, None, None, None if bias is None else dbias, None
 
 
 torch.library.register_autograd("shapkern::varlen_attention_fwd", _backward, setup_context=_setup_context)
@@ -278,15 +321,52 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen, triton_path: bool) -> None:
         _fail(f"max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
 
 
-def _check_plan(cu_seqlens: torch.Tensor, num_tokens: int, max_seqlen: int) -> None:
-    """The values of cu_seqlens: one boolean reduced on the device and read once (one host sync); the
-    values themselves are read only to word the error."""
+def _check_bias(bias, bias_index, q: torch.Tensor, triton_path: bool) -> None:
+    """The bias and its index, like :func:`_check_inputs`: metadata only, no host sync."""
+    if (bias is None) != (bias_index is None):
+        _fail("bias and bias_index go together: pass both or neither")
+    if bias is None:
+        return
+    heads = q.shape[1]
+    if not isinstance(bias, torch.Tensor) or bias.dim() != 3 or bias.shape[0] != heads:
+        _fail(f"bias must be a (H, L, L) = ({heads}, L, L) tensor, got {getattr(bias, 'shape', bias)}")
+    if bias.shape[1] != bias.shape[2] or bias.shape[1] < 1:
+        _fail(f"bias must be square over L >= 1 positions, (H, L, L), got {tuple(bias.shape)}")
+    if bias.shape[1] ** 2 >= 2**31:
+        _fail(f"bias holds L = {bias.shape[1]} positions; L * L must be below 2**31")
+    dtypes = _TRITON_DTYPES if triton_path else (*_TRITON_DTYPES, torch.float64)
+    if bias.dtype not in dtypes:
+        _fail(f"bias dtype {bias.dtype} not supported on {q.device}; use one of {dtypes}")
+    if bias.device != q.device:
+        _fail(f"bias device {bias.device} != q device {q.device}")
+    tokens = q.shape[0]
+    if not isinstance(bias_index, torch.Tensor) or bias_index.shape != (tokens,):
+        _fail(
+            f"bias_index must be a (T,) = ({tokens},) tensor, got {getattr(bias_index, 'shape', bias_index)}"
+        )
+    if bias_index.dtype not in (torch.int32, torch.int64):
+        _fail(f"bias_index must be int32 or int64, got {bias_index.dtype}")
+    if bias_index.device != q.device:
+        _fail(f"bias_index device {bias_index.device} != q device {q.device}")
+
+
+def _check_plan(
+    cu_seqlens: torch.Tensor,
+    num_tokens: int,
+    max_seqlen: int,
+    bias_index: torch.Tensor | None = None,
+    positions: int = 0,
+) -> None:
+    """The values of cu_seqlens and of bias_index (each in [0, positions)): one boolean reduced on the
+    device and read once (one host sync); the values themselves are read only to word the error."""
     lengths = cu_seqlens.diff()
     valid = (
         (cu_seqlens[0] == 0)
         & (cu_seqlens[-1] == num_tokens)
         & ((lengths >= 0) & (lengths <= max_seqlen)).all()
     )
+    if bias_index is not None:
+        valid &= ((bias_index >= 0) & (bias_index < positions)).all()
     if bool(valid):
         return
     values = cu_seqlens.tolist()
@@ -303,10 +383,16 @@ def _check_plan(cu_seqlens: torch.Tensor, num_tokens: int, max_seqlen: int) -> N
                 f"cu_seqlens must be non-decreasing, got cu_seqlens[{i + 1}] = {values[i + 1]} < "
                 f"cu_seqlens[{i}] = {values[i]}"
             )
-    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    longest = max(range(len(lengths)), key=lengths.__getitem__, default=0)
+    if lengths and lengths[longest] > max_seqlen:
+        _fail(
+            f"max_seqlen = {max_seqlen} is less than the longest sequence: sequence {longest} holds "
+            f"{lengths[longest]} tokens"
+        )
+    token = int(((bias_index < 0) | (bias_index >= positions)).nonzero()[0, 0])
     _fail(
-        f"max_seqlen = {max_seqlen} is less than the longest sequence: sequence {longest} holds "
-        f"{lengths[longest]} tokens"
+        f"bias_index must hold positions in [0, L) = [0, {positions}) of the bias (H, L, L), got "
+        f"bias_index[{token}] = {int(bias_index[token])}"
     )
 
 
@@ -321,27 +407,42 @@ def varlen_attention(
     max_seqlen: int,
     scale: float | None = None,
     *,
+    bias: torch.Tensor | None = None,
+    bias_index: torch.Tensor | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
-    """Self-attention within each packed sequence.
+    """Self-attention within each packed sequence, with an optional additive bias of the scores.
 
     q, k, v: (T, H, D), any strides (e.g. views of a fused qkv); cu_seqlens: (R + 1,) int32 on
     q's device, cu_seqlens[0] = 0, non-decreasing, cu_seqlens[-1] = T; max_seqlen: a static upper
     bound on the sequence lengths (lengths may be smaller, even 0); it also picks the kernels'
     schedule, so pass the tightest static bound (P + N for coalition plans); scale: defaults to
     D ** -0.5.
-    validate: check the values of cu_seqlens and max_seqlen (a ValueError naming what is wrong), at
-    the cost of one host sync; skipped under torch.compile tracing. Pass False for plans valid by
-    construction (the engine's); a wrong plan then gives wrong results or, on CUDA, out-of-bounds reads.
+    bias, bias_index: None, or bias (H, L, L) float (any float dtype; fp32 math in the kernels) and
+    bias_index (T,) int32/int64, the position in [0, L) of every token in the model's full sequence
+    (prefix tokens then patches, say): the score of query t and key s of one sequence gains
+    bias[h, bias_index[t], bias_index[s]]. Gradients flow to q, k, v and the bias; on CUDA the bias
+    gradient is summed with atomic adds (run-to-run differences at fp32 rounding; dq, dk, dv and the
+    CPU reference are deterministic).
+    validate: check the values of cu_seqlens and max_seqlen, and that bias_index lies in [0, L) (a
+    ValueError naming what is wrong), at the cost of one host sync; skipped under torch.compile
+    tracing. Pass False for plans valid by construction (the engine's); a wrong plan then gives
+    wrong results or, on CUDA, out-of-bounds reads.
     Types, shapes, dtypes and devices are always checked (no sync).
     Returns out (T, H, D). CUDA tensors run the Triton kernels (fp16/bf16/fp32, D in
     SUPPORTED_HEAD_DIMS); other devices run ``varlen_attention_reference`` (also float64).
     """
     triton_path = isinstance(q, torch.Tensor) and _use_triton(q)
     _check_inputs(q, k, v, cu_seqlens, max_seqlen, triton_path)
+    _check_bias(bias, bias_index, q, triton_path)
     if validate and not torch.compiler.is_compiling():
-        _check_plan(cu_seqlens, q.shape[0], max_seqlen)
+        positions = 0 if bias is None else bias.shape[-1]
+        _check_plan(cu_seqlens, q.shape[0], max_seqlen, bias_index, positions)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if triton_path:
-        return _fwd_op(q, k, v, cu_seqlens, max_seqlen, scale)[0]
-    return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, scale)
+        if bias_index is not None:  # the kernels address the bias with 32-bit offsets
+            bias_index = bias_index.to(torch.int32)
+        return _fwd_op(q, k, v, cu_seqlens, max_seqlen, scale, bias, bias_index)[0]
+    return varlen_attention_reference(
+        q, k, v, cu_seqlens, max_seqlen, scale, bias=bias, bias_index=bias_index
+    )

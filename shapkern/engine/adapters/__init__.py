@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from shapkern.engine.adapters.base import BlockPath, ModelAdapter, Output, unsupported
+from shapkern.engine.adapters.timm_beit import TimmBeit
 from shapkern.engine.adapters.timm_eva import TimmEva
 from shapkern.engine.adapters.timm_siglip import TimmViTLatentPool
 from shapkern.engine.adapters.timm_vit import TimmViT
@@ -23,7 +24,7 @@ __all__ = [
     "unsupported",
 ]
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (TimmViT, TimmViTLatentPool, TimmEva)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (TimmViT, TimmViTLatentPool, TimmEva, TimmBeit)
 
 
 def supported_families() -> str:
