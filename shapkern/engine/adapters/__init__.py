@@ -9,6 +9,8 @@ from __future__ import annotations
 from torch import nn
 
 from shapkern.engine.adapters.base import BlockPath, ModelAdapter, Output, unsupported
+from shapkern.engine.adapters.hf_vit import HFVisionTransformer
+from shapkern.engine.adapters.open_clip_vit import OpenClipTimmModel, OpenClipVisionTransformer
 from shapkern.engine.adapters.timm_vit import TimmViT
 
 __all__ = [
@@ -21,7 +23,12 @@ __all__ = [
     "unsupported",
 ]
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (TimmViT,)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (
+    TimmViT,
+    HFVisionTransformer,
+    OpenClipVisionTransformer,
+    OpenClipTimmModel,
+)
 
 
 def supported_families() -> str:
