@@ -370,3 +370,21 @@ def test_qk_norm_under_autocast_runs_in_one_dtype():
         got = fused_coalition_forward(model, images, coalitions)
     want = key_masked_reference(model, images, coalitions)
     assert ((got.float() - want).norm() / want.norm()).item() < 5e-2
+
+
+def test_pixel_masking_reads_the_outputs_of_any_model_kind():
+    from types import SimpleNamespace
+
+    from shapkern.engine import model_output
+
+    t = torch.randn(2, 3)
+    for out in (
+        t,
+        SimpleNamespace(logits=t),
+        SimpleNamespace(image_embeds=t),
+        SimpleNamespace(pooler_output=t),
+    ):
+        assert model_output(out) is t
+    assert model_output((t, torch.randn(2, 5))) is t
+    with pytest.raises(TypeError, match="pixel masking needs a model whose forward returns"):
+        model_output({"last_hidden_state": t})

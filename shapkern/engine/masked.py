@@ -107,21 +107,26 @@ class MaskedInputForward:
         return torch.cat(run_chunks(run, coalitions, self.chunk_rows, paired=False), dim=1)
 
 
+MODEL_OUTPUT_FIELDS = ("logits", "image_embeds", "pooler_output")
+
+
 def model_output(out) -> torch.Tensor:
-    """A classifier's (R, K) output from what its forward returned: a tensor, an object with
-    ``logits`` (Hugging Face's ``ImageClassifierOutput``, a ShapleyOutput), or a tuple or list led by
-    a tensor."""
+    """A model's (R, K) output from what its forward returned: a tensor; an object with ``logits``
+    (Hugging Face's ``ImageClassifierOutput``, a ShapleyOutput), ``image_embeds`` (CLIP towers with
+    a projection) or ``pooler_output`` (bare Hugging Face models), in that order; or a tuple or list
+    led by a tensor."""
     if isinstance(out, torch.Tensor):
         return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
+    for field in MODEL_OUTPUT_FIELDS:
+        value = getattr(out, field, None)
+        if isinstance(value, torch.Tensor):
+            return value
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     raise TypeError(
         f"pixel masking needs a model whose forward returns its (B, K) outputs as a tensor, an object "
-        f"with .logits, or a tuple led by a tensor; {type(out).__name__} is none of these. Wrap the model "
-        "so that it returns the outputs to explain"
+        f"with one of {MODEL_OUTPUT_FIELDS}, or a tuple led by a tensor; {type(out).__name__} is none of "
+        "these. Wrap the model so that it returns the outputs to explain"
     )
 
 

@@ -106,9 +106,15 @@ class SelfExplainingGame(_ModelGame):
 
 
 def _players(model: nn.Module, players: int | None) -> int:
-    """N: the model's timm patch count, its ``num_players``, or ``players`` (which must agree)."""
+    """N: the patches of a self-explaining model, of a model the packed engine runs, of a timm patch
+    embedding inside any model, or ``players`` (which must agree with the model's N if it has one)."""
     embed = find_patch_embed(model)
-    num = embed.num_patches if embed is not None else getattr(model, "num_players", players)
+    if isinstance(model, SelfExplaining):
+        num = model.num_players
+    elif _packed(model):
+        num = adapter_for(model).num_players
+    else:
+        num = embed.num_patches if embed is not None else players
     if num is None:
         raise ValueError("the model has no timm patch embedding: pass players=N (a square patch grid)")
     if players is not None and players != num:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from torch import nn
 
 from shapkern.engine.adapters.base import BlockPath, ModelAdapter, Output, unsupported
+from shapkern.engine.adapters.hf_vit import HFVisionTransformer
+from shapkern.engine.adapters.open_clip_vit import OpenClipTimmModel, OpenClipVisionTransformer
 from shapkern.engine.adapters.timm_beit import TimmBeit
 from shapkern.engine.adapters.timm_eva import TimmEva
 from shapkern.engine.adapters.timm_siglip import TimmViTLatentPool
@@ -24,7 +26,15 @@ __all__ = [
     "unsupported",
 ]
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (TimmViT, TimmViTLatentPool, TimmEva, TimmBeit)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (
+    TimmViT,
+    TimmViTLatentPool,
+    TimmEva,
+    TimmBeit,
+    HFVisionTransformer,
+    OpenClipVisionTransformer,
+    OpenClipTimmModel,
+)
 
 
 def supported_families() -> str:
