@@ -1,19 +1,21 @@
 """Every way to evaluate coalitions that the benchmarks compare, and the packed-FLOP model.
 
 Each method maps (model, images (B, C, H, W), paired coalitions bool (B, M, N)) to logits
-(B, M, K) of a timm ViT with class-token pooling. All but ``zero_input`` compute the same value
-function: the model on the kept tokens only (docs/design.md, "The game").
+(B, M, K) of a timm VisionTransformer, Eva or Beit (benchmarks/families.py). All but ``zero_input``
+compute the same value function: the model on the kept tokens only (docs/design.md, "The game").
 
 - shapkern: the packed engine, plain, with compiled blocks, with its fused kernels, with fp8
   GEMMs (forward only), and with torch's varlen attention.
 - ``zero_input``: zero the pixels of absent patches, full forward (Captum / shap style).
-- ``key_mask``: the full sequence per coalition with a boolean key mask (ViT-Shapley style).
+- ``key_mask``: the full sequence per coalition with the absent keys masked (ViT-Shapley style).
 - complementary pairs: coalitions 2i and 2i+1 split the patches, so one row
   [prefix, prefix, N patches] holds both with a block-diagonal mask; dense SDPA mask (eager and
-  under torch.compile) or a FlexAttention document mask. :func:`pair_features` gives the rows'
-  token features for users of the same layout (the ShapleyViT training-step benchmark).
+  under torch.compile) or a FlexAttention document mask (timm's ViT Block only).
+  :func:`pair_features` gives the rows' token features for users of the same layout (the
+  ShapleyViT training-step benchmark).
 
-:data:`METHODS` lists them in run order; :func:`unavailable_reason` says why one cannot run here.
+:data:`METHODS` lists them in run order; :func:`unavailable_reason` says why one cannot run a
+model here.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import torch
 from torch import nn
 
 import shapkern
-from shapkern.engine import embed_tokens
+from benchmarks import families
+from shapkern.engine import adapter_for
 
 __all__ = [
     "METHODS",
@@ -98,25 +101,27 @@ def zero_input(model, images, coalitions):
 
 
 def key_mask(model, images, coalitions):
-    """Full sequence per coalition with a boolean key mask, SDPA (ViT-Shapley style)."""
+    """Full sequence per coalition, absent patches masked out of attention's keys and the pooling, SDPA
+    (ViT-Shapley style)."""
     batch, num, players = coalitions.shape
-    rows = coalitions.reshape(batch * num, players)
-    keep = torch.cat([rows.new_ones(batch * num, model.num_prefix_tokens), rows], dim=1)
-    feats = model.forward_features(images.repeat_interleave(num, 0), attn_mask=keep[:, None, None, :])
-    return model.forward_head(feats).view(batch, num, -1)
+    kept = coalitions.reshape(batch * num, players)
+    keep = torch.cat([kept.new_ones(batch * num, model.num_prefix_tokens), kept], dim=1)
+    feats = families.key_masked_features(model, images.repeat_interleave(num, 0), keep)
+    return families.masked_head(model, feats, kept, slice(0, model.num_prefix_tokens)).view(batch, num, -1)
 
 
 # -- complementary pairs -----------------------------------------------------------------------
 
 
 def _pair_rows(model, images, coalitions):
-    """One row per complementary pair: tokens (B·M/2, 2P + N, D) and the group of each token.
+    """One row per complementary pair: tokens (B·M/2, 2P + N, D), the group of each token and Eva's rope.
 
     Row layout [prefix of coalition 2i, prefix of coalition 2i+1, N patches]; group 0 holds the
     first prefix and the patches of coalition 2i, group 1 the rest. Returns (tokens, group bool
-    (B·M/2, 2P + N)).
+    (B·M/2, 2P + N), the rope of the N patches or None), from timm's own ``_pos_embed``.
     """
-    tokens = embed_tokens(model, images)
+    embedded = model._pos_embed(model.patch_embed(images))
+    tokens, rope = embedded if isinstance(embedded, tuple) else (embedded, None)  # Eva: (tokens, rope)
     prefix = model.num_prefix_tokens
     _, num, players = coalitions.shape
     rows = torch.cat([tokens[:, :prefix], tokens], dim=1).unsqueeze(1).expand(-1, num // 2, -1, -1)
@@ -124,7 +129,7 @@ def _pair_rows(model, images, coalitions):
     group = torch.cat(
         [first.new_zeros(first.shape[0], prefix), first.new_ones(first.shape[0], prefix), ~first], 1
     )
-    return model.norm_pre(rows.reshape(-1, *rows.shape[2:])), group
+    return model.norm_pre(rows.reshape(-1, *rows.shape[2:])), group, rope
 
 
 def _dense_mask(group: torch.Tensor) -> torch.Tensor:
@@ -138,7 +143,7 @@ def pair_features(
     """Final-norm token features of complementary-pair rows, dense block mask, SDPA.
 
     Args:
-        model: a timm VisionTransformer.
+        model: a timm VisionTransformer or Eva.
         images: (B, C, H, W).
         coalitions: bool (B, M, N), coalitions 2i and 2i+1 complements.
         extra_block: a timm Block run after the final norm with the same mask (a ShapleyViT's
@@ -148,24 +153,29 @@ def pair_features(
         (B·M/2, 2P + N, D): per row the prefix tokens of coalition 2i, those of coalition 2i+1,
         then the N patch tokens, each seen only by the tokens of its own coalition.
     """
-    x, group = _pair_rows(model, images, coalitions)
+    x, group, rope = _pair_rows(model, images, coalitions)
     mask = _dense_mask(group)
-    for block in model.blocks:
-        x = block(x, attn_mask=mask)
-    x = model.norm(x)
+    x = model.norm(families.pair_blocks(model, x, rope, mask))
     return x if extra_block is None else extra_block(x, attn_mask=mask)
 
 
-def _pair_heads(model, x, batch, num):
-    """Class-token heads of both coalitions of each pair row: (B·M/2, L, D) -> (B, M, K)."""
-    prefix = model.num_prefix_tokens
-    out = torch.stack([model.forward_head(x[:, :prefix]), model.forward_head(x[:, prefix : 2 * prefix])], 1)
+def _pair_heads(model, x, coalitions):
+    """The heads of both coalitions of each pair row: (B·M/2, 2P + N, D) -> (B, M, K)."""
+    prefix, (batch, num, players) = model.num_prefix_tokens, coalitions.shape
+    first = coalitions[:, 0::2].reshape(-1, players)
+    out = torch.stack(
+        [
+            families.masked_head(model, x, first, slice(0, prefix)),
+            families.masked_head(model, x, ~first, slice(prefix, 2 * prefix)),
+        ],
+        dim=1,
+    )
     return out.view(batch, num, -1)
 
 
 def pairs_dense_mask(model, images, coalitions):
     """Complementary pairs packed in one row, dense block-diagonal mask, SDPA."""
-    return _pair_heads(model, pair_features(model, images, coalitions), *coalitions.shape[:2])
+    return _pair_heads(model, pair_features(model, images, coalitions), coalitions)
 
 
 def _block_with_attention(block, x, attend):
@@ -188,14 +198,14 @@ def pairs_flex(model, images, coalitions):
     global _compiled_flex
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    x, group = _pair_rows(model, images, coalitions)
+    x, group, _ = _pair_rows(model, images, coalitions)
     rows, length = group.shape
     block_mask = create_block_mask(
         lambda b, h, q, kv: group[b, q] == group[b, kv], rows, None, length, length, device=x.device
     )
     for block in model.blocks:
         x = _block_with_attention(block, x, lambda q, k, v: _compiled_flex(q, k, v, block_mask=block_mask))
-    return _pair_heads(model, model.norm(x), *coalitions.shape[:2])
+    return _pair_heads(model, model.norm(x), coalitions)
 
 
 _compiled_pairs = None
@@ -212,6 +222,16 @@ def pairs_dense_mask_compiled(model, images, coalitions):
 # -- the method table --------------------------------------------------------------------------
 
 
+def _no_score_bias(model: nn.Module) -> str | None:
+    """Why torch's varlen_attn cannot run ``model``'s attention, or None."""
+    if families.family(model) == "beit" and (
+        model.rel_pos_bias is not None
+        or any(block.attn.relative_position_bias_table is not None for block in model.blocks)
+    ):
+        return "torch's varlen_attn takes no score bias (Beit's relative position bias)"
+    return None
+
+
 @dataclass(frozen=True)
 class Method:
     """One way to evaluate coalitions.
@@ -224,6 +244,9 @@ class Method:
         forward_only: has no backward (fp8 evaluation).
         tolerance: relative error it is held to against the fp32 reference, when not the
             model dtype's own (fp8 quantises every GEMM operand).
+        block_path: the engine's block path it runs (``blocks=`` or fp8), for the adapter's
+            ``block_paths``; None for the alternatives.
+        model_unavailable: model -> why the method cannot run that model's family, or None.
     """
 
     fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -232,6 +255,8 @@ class Method:
     game: str = "token dropping"
     forward_only: bool = False
     tolerance: float | None = None
+    block_path: str | None = None
+    model_unavailable: Callable[[nn.Module], str | None] | None = None
 
     @property
     def doc(self) -> str:
@@ -240,41 +265,69 @@ class Method:
 
 # Methods that compile come last, so that a run cut short keeps the others.
 METHODS = {
-    "shapkern engine": Method(engine, shapkern=True),
-    "shapkern engine, compiled": Method(engine_compiled, shapkern=True, cuda_only=True),
-    "shapkern engine, fused kernels": Method(engine_fused, shapkern=True, cuda_only=True),
+    "shapkern engine": Method(engine, shapkern=True, block_path="plain"),
+    "shapkern engine, compiled": Method(
+        engine_compiled, shapkern=True, cuda_only=True, block_path="compiled"
+    ),
+    "shapkern engine, fused kernels": Method(engine_fused, shapkern=True, cuda_only=True, block_path="fused"),
     # e4m3 rounds each operand by up to 2^-4 relative: a few percent over a 12-block model.
     "shapkern engine, fp8": Method(
-        engine_fp8, shapkern=True, cuda_only=True, forward_only=True, tolerance=0.15
+        engine_fp8, shapkern=True, cuda_only=True, forward_only=True, tolerance=0.15, block_path="fp8"
     ),
     "zero-input full forward": Method(zero_input, game="zero input"),
     "key mask, SDPA": Method(key_mask),
-    "pairs + dense mask, SDPA": Method(pairs_dense_mask),
-    "packed, torch varlen_attn": Method(engine_torch_varlen, cuda_only=True),
-    "pairs, FlexAttention": Method(pairs_flex, cuda_only=True),
-    "pairs + dense mask, torch.compile": Method(pairs_dense_mask_compiled, cuda_only=True),
+    "pairs + dense mask, SDPA": Method(pairs_dense_mask, model_unavailable=families.pairs_unavailable),
+    "packed, torch varlen_attn": Method(
+        engine_torch_varlen, cuda_only=True, block_path="plain", model_unavailable=_no_score_bias
+    ),
+    "pairs, FlexAttention": Method(
+        pairs_flex, cuda_only=True, model_unavailable=families.timm_block_unavailable
+    ),
+    "pairs + dense mask, torch.compile": Method(
+        pairs_dense_mask_compiled, cuda_only=True, model_unavailable=families.pairs_unavailable
+    ),
 }
 
 
-def unavailable_reason(name: str, device: torch.device | str) -> str | None:
-    """Why method ``name`` cannot run on ``device``, or None."""
-    if METHODS[name].cuda_only and torch.device(device).type != "cuda":
+def _device_unavailable(method: Method, device: torch.device) -> str | None:
+    """Why ``method`` cannot run on ``device`` or with this torch and shapkern, or None."""
+    if method.cuda_only and device.type != "cuda":
         return "needs CUDA"
     parameters = inspect.signature(shapkern.fused_coalition_forward).parameters
-    if METHODS[name].fn is engine_fused and "blocks" not in parameters:
+    if method.fn is engine_fused and "blocks" not in parameters:
         return "this shapkern has no blocks='fused'"
-    if METHODS[name].fn is engine_fp8:
+    if method.fn is engine_fp8:
         if "precision" not in parameters:
             return "this shapkern has no precision='fp8'"
-        device = torch.device(device)
         if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
             return "fp8 needs compute capability 8.9 or newer"
-    if METHODS[name].fn is engine_torch_varlen:
+    if method.fn is engine_torch_varlen:
         try:
             from torch.nn.attention.varlen import varlen_attn  # noqa: F401
         except ImportError:
             return f"torch {torch.__version__} has no torch.nn.attention.varlen"
     return None
+
+
+def unavailable_reason(name: str, device: torch.device | str, model: nn.Module | None = None) -> str | None:
+    """Why method ``name`` cannot run on ``device`` (and, given ``model``, that model), or None.
+
+    The model's checks: the block paths its engine adapter runs, and the method's own
+    ``model_unavailable``. A method can still raise NotImplementedError for a variant these checks
+    do not see (say, blocks the fused kernels do not compute); benchmarks report that as unavailable.
+    """
+    method = METHODS[name]
+    reason = _device_unavailable(method, torch.device(device))
+    if reason is not None or model is None:
+        return reason
+    if method.block_path is not None:
+        try:
+            adapter = adapter_for(model)
+        except NotImplementedError as error:
+            return str(error)
+        if method.block_path not in adapter.block_paths:
+            return f"the engine runs {adapter.family} models with blocks {adapter.block_paths}"
+    return method.model_unavailable(model) if method.model_unavailable else None
 
 
 # -- FLOPs -------------------------------------------------------------------------------------
@@ -283,9 +336,14 @@ def unavailable_reason(name: str, device: torch.device | str) -> str | None:
 def packed_flops(model: nn.Module, coalitions: torch.Tensor) -> float:
     """Forward FLOPs of the blocks on the kept tokens only (docs/design.md, "Performance model").
 
-    depth · (24 D² s + 4 D s²) per coalition with s = P + |S| kept tokens: the four GEMMs (qkv,
-    proj, fc1, fc2 with MLP ratio 4) and attention's two. coalitions: bool (B, M, N).
+    Per coalition with s = P + |S| kept tokens, each block costs 2 · (weights of its Linear
+    layers) · s for the GEMMs plus 4 D s² for attention's two products (D the model width). For
+    timm's ViT Block (qkv, proj, fc1, fc2 with MLP ratio 4) that is depth · (24 D² s + 4 D s²);
+    for SwiGLU blocks (EVA-02) it counts the gate's GEMM too. coalitions: bool (B, M, N).
     """
-    dim, depth = model.embed_dim, len(model.blocks)
     kept = coalitions.sum(-1).double() + model.num_prefix_tokens
-    return float((depth * (24 * dim**2 * kept + 4 * dim * kept**2)).sum())
+    total = torch.zeros_like(kept)
+    for block in model.blocks:
+        gemm = sum(2 * m.in_features * m.out_features for m in block.modules() if isinstance(m, nn.Linear))
+        total += gemm * kept + 4 * model.embed_dim * kept**2
+    return float(total.sum())

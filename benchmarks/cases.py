@@ -1,6 +1,7 @@
 """The models and inputs that several benchmarks measure on.
 
-- :func:`timm_vit`: a random-weight timm ViT, random images and paired coalitions (throughput,
+- :func:`timm_vit`: a random-weight timm model of a family the benchmarks know (ViT, SigLIP,
+  EVA-02, BEiT: benchmarks/families.py), random images and paired coalitions (throughput,
   profile_engine, and through them bench_engine and bench_scaling).
 - :func:`attention_inputs`: packed q, k, v of paired Shapley-kernel coalitions at ViT shapes
   (bench_attention, tune_attention).
@@ -20,26 +21,35 @@ import torch
 import torch.nn.functional as F
 
 import shapkern
-from benchmarks import harness
+from benchmarks import families, harness
 
 HEADS, HEAD_DIM = 12, 64  # ViT-B's attention
 
 
+# throughput.py's options that go to timm.create_model when given.
+MODEL_OPTIONS = ("img_size", "patch_size", "depth", "embed_dim", "num_heads")
+
+
 def timm_vit(args):
     """device, the fp32 reference model, the model in ``args.dtype``, images (B, C, H, W), coalitions
-    (B, M, N), from throughput.py's options (model, img_size, patch_size, images, coalitions, dtype)."""
+    (B, M, N), from throughput.py's options (model, :data:`MODEL_OPTIONS`, images, coalitions, dtype).
+
+    Every model gets a 1000-class head: SigLIP and EVA-02 configs have none (num_classes 0), and
+    the benchmarks time the logits.
+    """
     device = torch.device(args.device)
-    kwargs = {key: getattr(args, key) for key in ("img_size", "patch_size") if getattr(args, key)}
-    reference_model = timm.create_model(args.model, pretrained=False, **kwargs).eval().to(device)
-    if reference_model.global_pool != "token":
-        raise SystemExit(
-            f"benchmarks need a class-token ViT; {args.model} pools with {reference_model.global_pool!r}"
-        )
+    kwargs = {key: getattr(args, key) for key in MODEL_OPTIONS if getattr(args, key, None)}
+    reference_model = timm.create_model(args.model, pretrained=False, num_classes=1000, **kwargs)
+    try:
+        families.family(reference_model)
+    except ValueError as error:
+        raise SystemExit(f"--model {args.model}: {error}") from None
+    reference_model = reference_model.eval().to(device)
     model = copy.deepcopy(reference_model).to(harness.DTYPES[args.dtype])
     size = reference_model.patch_embed.img_size
     gen = torch.Generator(device=device).manual_seed(0)
     images = torch.randn(args.images, 3, *size, device=device, generator=gen)
-    players = shapkern.engine.num_players(model)
+    players = reference_model.patch_embed.num_patches
     coalitions = shapkern.sample_coalitions(args.images, args.coalitions, players, generator=gen)
     return device, reference_model, model, images, coalitions
 

@@ -8,12 +8,14 @@
 # machine: the second call (say BUDGET_S=150) skips the install and every step already done
 # (markers in $WORK, which lies in the git-ignored runs/ so that it survives between calls) and
 # runs what the first call left out. $OUT/results.tgz always holds the steps of both calls.
-# Delete $WORK to start over.
+# Delete $WORK to start over. DRY_RUN=1 prints each step's command instead of running it (and
+# skips the install): tests/test_benchmarks.py parses every one of them.
 #
 # Priority: install + CUDA tests; throughput at vit_base 32 images x 32 paired coalitions
 # (forward and forward+backward, every alternative, one run); the ShapleyViT training step at
-# 32 x 32; the profile; reductions; attention (micro-benchmark, tile sweep); fused ops; then
-# throughput at other sizes.
+# 32 x 32; throughput of the other model families at 224 px, bf16, 32 x 32 (EVA-02-B, SigLIP-B/16,
+# BEiT-B, a step each, time-boxed to 90-120 s); the profile; reductions; attention
+# (micro-benchmark, tile sweep); fused ops; then throughput at other sizes.
 set -u
 OUT="${OUT:-gpu-out}" WORK="${WORK:-runs/gpu-session}"
 mkdir -p "$OUT" "$WORK/results" "$WORK/done"
@@ -28,6 +30,11 @@ step() { # step NAME SECONDS COMMAND...: run under min(SECONDS, time left), log 
   local name=$1 limit=$2 left t0 rc
   shift 2
   if [[ -e "$WORK/done/$name" ]]; then
+    return
+  fi
+  if [[ -n "${DRY_RUN:-}" ]]; then
+    printf '%q ' "$@"
+    echo
     return
   fi
   left=$((DEADLINE - $(date +%s) - 10))
@@ -58,14 +65,20 @@ BENCH=(env PYTHONPATH="$WORK/import" "$PY" -P -m)
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4" || echo "")
 FAST=("shapkern engine" "shapkern engine, compiled" "shapkern engine, fused kernels" "zero-input full forward"
   "packed, torch varlen_attn")
+# The model families: every method but FlexAttention (the slowest alternative on vit_base, and it
+# compiles); a method a family cannot run gets a row saying why.
+FAMILY=("shapkern engine" "shapkern engine, compiled" "shapkern engine, fused kernels" "shapkern engine, fp8"
+  "zero-input full forward" "key mask, SDPA" "pairs + dense mask, SDPA" "packed, torch varlen_attn"
+  "pairs + dense mask, torch.compile")
 # CUDA tests that need only Triton and the source tree: they run while the extension builds.
 TRITON_TESTS=()
 for t in tests/test_ops_varlen_attention.py tests/test_ops_layer_norm.py tests/test_ops_linear_gelu.py \
-  tests/test_engine.py; do
+  tests/test_engine.py tests/test_engine_adapters_eva.py tests/test_engine_adapters_siglip.py \
+  tests/test_engine_adapters_beit.py; do
   [[ -e $t ]] && TRITON_TESTS+=("$t")
 done
 
-if [[ ! -e "$WORK/done/install" ]]; then
+if [[ -z "${DRY_RUN:-}" && ! -e "$WORK/done/install" ]]; then
   { nvidia-smi; "$PY" -c "import torch, triton, timm; print(torch.__version__, triton.__version__, timm.__version__)"; } \
     >"$R/machine.log" 2>&1
   head -n 20 "$R/machine.log"
@@ -83,7 +96,7 @@ if [[ ! -e "$WORK/done/install" ]]; then
     warm 120 "$PY" -m benchmarks.bench_train_step
   } >"$R/warmup.log" 2>&1 &
   WARMUP=$!
-  step cuda-tests-triton 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda $XDIST "${TRITON_TESTS[@]}"
+  step cuda-tests-triton 180 "$PY" -m pytest -q -p no:cacheprovider -m cuda $XDIST "${TRITON_TESTS[@]}"
   wait $BUILD
   rc=$?
   echo "== install: rc=$rc" | tee -a "$SUMMARY"
@@ -101,6 +114,13 @@ for t in "${TRITON_TESTS[@]}"; do IGNORE+=("--ignore=$t"); done
 step cuda-tests 120 "$PY" -P -m pytest -q -p no:cacheprovider -m cuda $XDIST tests "${IGNORE[@]}"
 step throughput 240 "${BENCH[@]}" benchmarks.throughput --device cuda --out "$R" --stem throughput
 step train-step 120 "${BENCH[@]}" benchmarks.bench_train_step --device cuda --out "$R"
+family() { # family STEM LIMIT MODEL: throughput of one model family at its 224 px, bf16, 32 x 32
+  step "throughput-$1" "$2" "${BENCH[@]}" benchmarks.throughput --device cuda --model "$3" --images 32 \
+    --coalitions 32 --dtype bf16 --repeats 5 --methods "${FAMILY[@]}" --out "$R" --stem "throughput-$1"
+}
+family eva02 120 eva02_base_patch14_224
+family siglip 120 vit_base_patch16_siglip_224
+family beit 90 beit_base_patch16_224 # no pairs (Beit's bias table): nothing to compile but the engine
 step profile 60 "${BENCH[@]}" benchmarks.profile_engine --device cuda --out "$R"
 step reductions 90 "${BENCH[@]}" benchmarks.bench_reductions --device cuda --sweep --out "$(out_of bench_reductions)"
 # The reduction ops' Triton kernels carry no cuda marker (they also run in the CPU interpreter).
@@ -120,6 +140,7 @@ step fp8-error 90 "${BENCH[@]}" benchmarks.fp8_error --device cuda --out "$R"
 step peers 150 "${BENCH[@]}" benchmarks.experiments.peers --device cuda --model vit_base_patch16_224 --settings 196 \
   --reference-budget 100000 --budgets 512 2048 8192 --out "$R"
 step recipe-epoch 180 "${BENCH[@]}" benchmarks.recipe_epoch --device cuda --out "$(out_of recipe_epoch)"
+[[ -n "${DRY_RUN:-}" ]] && exit 0
 pack
 cat "$SUMMARY"
 cat "$R"/throughput.md "$R"/train_step.md 2>/dev/null | grep -v "^$"

@@ -3,10 +3,18 @@
     python -m benchmarks.throughput [--device cuda|cpu] [--model vit_base_patch16_224] [--images 32]
                                     [--coalitions 32] [--dtype bf16|fp16|fp32] [--out DIR]
 
+--model takes a timm VisionTransformer (class-token, average or SigLIP's latent attention pooling),
+Eva (EVA-02, RoPE ViTs) or Beit name, with random weights and a 1000-class head; --img-size,
+--patch-size, --depth, --embed-dim and --num-heads override its config (small CPU runs). A method
+that cannot run the model's family (say, complementary pairs under Beit's fixed-size relative
+position bias, or the fused kernels outside timm's ViT Block) gets a row saying why.
+
 Reports evaluations per second (one evaluation = one image under one coalition), forward and
 forward+backward, with the ratio to the best alternative (fastest method outside shapkern) and to
 the FLOP floor (packed FLOPs over a GEMM rate measured in the same run), peak GPU memory, and the
-error of every method against an fp32 reference on the same coalitions, logits and gradients.
+error of every method against an fp32 reference on the same coalitions, logits and gradients: the
+model's own forward with the absent patch tokens removed (benchmarks/families.py), one coalition
+at a time on the first images.
 Methods are timed round-robin (benchmarks/harness.py): one slow moment of the machine lands on
 all methods of that round, not on one row. Writes throughput.{json,md,png}.
 
@@ -22,10 +30,11 @@ from functools import partial
 import torch
 from torch import nn
 
-from benchmarks import baselines, cases, harness
+from benchmarks import baselines, cases, families, harness
 from benchmarks.throughput_render import CHECK_IMAGES, GRADIENT_CHECK_IMAGES, PHASES, bar_chart, markdown
 
 TOLERANCE = {"bf16": 1e-2, "fp16": 1e-2, "fp32": 1e-4}
+FLOP_MODEL = "per block 2·(Linear weights)·s + 4·D·s² per coalition of s kept tokens (ViT: 24 D² s + 4 D s²)"
 RATIO_BASELINES = {"vs_zero_input": "zero-input full forward", "vs_varlen_attn": "packed, torch varlen_attn"}
 DEFAULTS = {  # per device, for the options the command line leaves open
     "cuda": {
@@ -61,6 +70,9 @@ def parse_args(argv=None, *, description=__doc__, stem="throughput", device_defa
     parser.add_argument("--model", help="timm model name, random weights (default: per device, see above)")
     parser.add_argument("--img-size", type=int, help="image size (default: the model's)")
     parser.add_argument("--patch-size", type=int, help="patch size (default: the model's)")
+    parser.add_argument("--depth", type=int, help="number of blocks (default: the model's)")
+    parser.add_argument("--embed-dim", type=int, help="token width (default: the model's)")
+    parser.add_argument("--num-heads", type=int, help="attention heads (default: the model's)")
     parser.add_argument("--images", type=int, help="images per batch (default: per device)")
     parser.add_argument("--coalitions", type=int, default=32, help="paired coalitions per image")
     parser.add_argument("--dtype", choices=list(harness.DTYPES), help="model dtype (default: per device)")
@@ -133,7 +145,7 @@ def _check(row, method, model, images, coalitions, oracle, backward) -> None:
 def _oracles(reference_model, images, coalitions, backward: bool) -> dict:
     """fp32 logits (and gradients) of both games on the first images only, so that they stay cheap."""
     check, grad_check = slice(0, CHECK_IMAGES), slice(0, GRADIENT_CHECK_IMAGES)
-    games = {"token dropping": baselines.key_mask, "zero input": baselines.zero_input}
+    games = {"token dropping": families.dropped_reference, "zero input": baselines.zero_input}
     with torch.no_grad():
         values = {game: fn(reference_model, images[check], coalitions[check]) for game, fn in games.items()}
     oracle = {"values": values}
@@ -176,6 +188,7 @@ def _header(args, model, coalitions, device) -> dict:
         "command": harness.command_line(),
         "config": {
             "model": args.model,
+            "family": type(model).__name__,
             "images": coalitions.shape[0],
             "coalitions": coalitions.shape[1],
             "players": coalitions.shape[2],
@@ -189,6 +202,7 @@ def _header(args, model, coalitions, device) -> dict:
         },
         "gemm_tflops": gemm,
         "packed_gflops_forward": flops / 1e9,
+        "flop_model": FLOP_MODEL,
         "floor_evals_per_s": floor,
         "tolerance": TOLERANCE[args.dtype],
         "methods": [],
@@ -210,7 +224,7 @@ def _check_methods(args, setup: _Setup, result: dict, on_update) -> dict:
             "tolerance": method.tolerance or TOLERANCE[args.dtype],
         }
         result["methods"].append(row)
-        reason = baselines.unavailable_reason(name, setup.device)
+        reason = baselines.unavailable_reason(name, setup.device, setup.model)
         if reason:
             row["unavailable"] = reason
             print(f"{name:<36} unavailable: {reason}", flush=True)
@@ -219,6 +233,10 @@ def _check_methods(args, setup: _Setup, result: dict, on_update) -> dict:
             _check(row, method, setup.model, setup.images, setup.coalitions, setup.oracle, setup.backward)
             ready[name] = method
             print(f"{name:<36} error {row['relative_error']:.1e}, correct: {row['correct']}", flush=True)
+        except NotImplementedError as error:  # a variant of the family the method does not run
+            row["unavailable"] = str(error)
+            print(f"{name:<36} unavailable: {error}", flush=True)
+            setup.model.zero_grad(set_to_none=True)
         except Exception as error:  # noqa: BLE001 - one failing method must not hide the others
             row["failed"] = harness.failure(error)
         if "failed" in row:  # after the except clause, which holds the failed call's tensors

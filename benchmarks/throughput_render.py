@@ -24,6 +24,10 @@ def _clock_note(config: dict, env: dict) -> str:
     return f"; time = CPU time of the process on {harness.hardware_name(env)}, not wall time"
 
 
+def _family(config: dict) -> str:
+    return f" ({config['family']})" if "family" in config else ""
+
+
 def _error(value: float | None) -> str:
     return "—" if value is None else f"{value:.1e}"
 
@@ -31,8 +35,9 @@ def _error(value: float | None) -> str:
 def _error_note(result: dict) -> str:
     """What the error columns compare, and the error of timm's own forward in the same dtype."""
     note = (
-        f"Errors: relative to an fp32 run of timm's own forward on the first {CHECK_IMAGES} images (logits) "
-        f"and {GRADIENT_CHECK_IMAGES} images (gradients of parameters and images); correct = both ≤ "
+        "Errors: relative to an fp32 run of the model's own forward with the absent patch tokens removed, "
+        f"on the first {CHECK_IMAGES} images (logits) and {GRADIENT_CHECK_IMAGES} images (gradients of "
+        "parameters and images); correct = both ≤ "
         f"{result['tolerance']:g}"
     )
     looser = {r["method"]: r["tolerance"] for r in result["methods"] if r["tolerance"] != result["tolerance"]}
@@ -100,9 +105,10 @@ def markdown(result: dict) -> str:
         f"# Coalition throughput on {harness.hardware_name(env)}",
         "",
         (
-            f"{config['model']}, {config['dtype']}, {config['images']} images × {config['coalitions']} "
-            f"paired coalitions ({config['players']} players); torch {env['torch']}, triton {env['triton']}, "
-            f"timm {env['timm']}, {env['date']}, {env['cpu']} ({env['cpu_threads']} threads). "
+            f"{config['model']}{_family(config)}, {config['dtype']}, {config['images']} images × "
+            f"{config['coalitions']} paired coalitions ({config['players']} players); torch {env['torch']}, "
+            f"triton {env['triton']}, timm {env['timm']}, {env['date']}, {env['cpu']} "
+            f"({env['cpu_threads']} threads). "
             f"Command: `{result['command']}`"
         ),
         "",
@@ -112,7 +118,9 @@ def markdown(result: dict) -> str:
             "× best alt.: over the fastest correct "
             "method outside shapkern ("
             + "; ".join(f"{p}: {name}" for p, name in best.items() if name)
-            + "). Floor: packed FLOPs at the GEMM rate measured in this run, "
+            + "). Floor: packed FLOPs"
+            + (f" ({result['flop_model']})" if "flop_model" in result else "")
+            + " at the GEMM rate measured in this run, "
             f"{result['gemm_tflops']:.2f} TFLOP/s = {_rate(result['floor_evals_per_s']['forward'])} "
             "evaluations/s forward, a third of that with backward."
         ),

@@ -1,5 +1,8 @@
+import functools
 import json
+import os
 import runpy
+import shlex
 import subprocess
 import sys
 import time
@@ -209,6 +212,115 @@ def test_throughput_smoke_on_cpu(tmp_path):
     markdown = (tmp_path / "throughput.md").read_text()
     assert markdown.startswith("# Coalition throughput") and "| shapkern engine |" in markdown
     assert (tmp_path / "throughput.png").stat().st_size > 1000
+
+
+# Each family of the packed engine (benchmarks/families.py), a tiny config of the GPU session's model.
+FAMILY_SMOKE = {
+    "vit_tiny_patch16_224": None,
+    "vit_base_patch16_siglip_224": None,  # latent attention pooling, no class token, no head in timm's config
+    "eva02_base_patch14_224": None,  # rope, SwiGLU, average pooling, no head in timm's config
+    "beit_base_patch16_224": "pairs + dense mask, SDPA",  # a relative position bias per block
+}
+TINY = ["--img-size", "32", "--patch-size", "8", "--depth", "2", "--embed-dim", "64", "--num-heads", "2"]
+ONE_ROUND = ["--device", "cpu", "--images", "2", "--coalitions", "4", "--repeats", "1", "--warmup", "0"]
+
+
+@pytest.mark.parametrize("model", list(FAMILY_SMOKE))
+def test_throughput_runs_every_family_on_cpu(model):
+    """Every row is correct against the family's own forward on the kept tokens (fp32, forward and
+    gradients), or says why the method cannot run here; none is skipped silently."""
+    from benchmarks import throughput
+
+    result = throughput.measure(throughput.parse_args(["--model", model, *TINY, *ONE_ROUND]))
+    assert result["config"]["players"] == 16 and result["config"]["model"] == model
+    rows = {row["method"]: row for row in result["methods"]}
+    assert list(rows) == list(throughput.baselines.METHODS)
+    unavailable = {name: row["unavailable"] for name, row in rows.items() if "unavailable" in row}
+    cuda_only = {name for name, method in throughput.baselines.METHODS.items() if method.cuda_only}
+    assert {name for name, why in unavailable.items() if why == "needs CUDA"} == cuda_only
+    family_reasons = {name: why for name, why in unavailable.items() if why != "needs CUDA"}
+    expected = FAMILY_SMOKE[model]
+    assert list(family_reasons) == ([expected] if expected else [])
+    for name, row in rows.items():
+        if name in unavailable:
+            continue
+        assert "failed" not in row and row["correct"], row
+        assert row["relative_error"] < 1e-5 and row["gradient_relative_error"] < 1e-5, row
+        assert row["forward"]["evals_per_s"] > 0 and row["forward+backward"]["evals_per_s"] > 0
+    assert result["packed_gflops_forward"] > 0 and "Linear" in result["flop_model"]
+
+
+def test_throughput_reports_a_variant_the_methods_do_not_run_as_unavailable(monkeypatch):
+    """A ViT pooling the engine and the masked alternatives do not compute ('avgmax') gets rows that
+    say so (their NotImplementedError), while the oracle and zero-input still run."""
+    import timm
+
+    from benchmarks import cases, throughput
+
+    monkeypatch.setattr(
+        cases.timm, "create_model", functools.partial(timm.create_model, global_pool="avgmax")
+    )
+    result = throughput.measure(throughput.parse_args(["--model", "vit_tiny_patch16_224", *TINY, *ONE_ROUND]))
+    rows = {row["method"]: row for row in result["methods"]}
+    for name in ("shapkern engine", "key mask, SDPA", "pairs + dense mask, SDPA"):
+        assert "avgmax" in rows[name]["unavailable"], rows[name]
+    assert rows["zero-input full forward"]["correct"]
+
+
+def test_throughput_refuses_a_model_of_no_known_family():
+    from benchmarks import throughput
+
+    with pytest.raises(SystemExit, match="--model resnet18: benchmarks know timm VisionTransformer"):
+        throughput.measure(throughput.parse_args(["--model", "resnet18", *ONE_ROUND]))
+
+
+def _gpu_session_commands(tmp_path) -> list[list[str]]:
+    """The commands of benchmarks/gpu_session.sh's steps, from a dry run (DRY_RUN=1)."""
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work")}
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_session.sh"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+    )
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    return [shlex.split(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy, for an imported module
+def test_gpu_session_steps_parse(tmp_path, monkeypatch, capsys):
+    """Every benchmark step of the GPU session parses its options (throughput fully, the others up
+    to --help), and the model families each run in a step of their own."""
+    from benchmarks import throughput
+
+    assert subprocess.run(["bash", "-n", "benchmarks/gpu_session.sh"], cwd=ROOT).returncode == 0
+    commands = [c[c.index("-m") + 1 :] for c in _gpu_session_commands(tmp_path) if "-m" in c]
+    modules = [command[0] for command in commands]
+    assert "pytest" in modules and modules.count("benchmarks.throughput") >= 5
+    families = {}
+    for module, *args in commands:
+        if module == "benchmarks.throughput":
+            parsed = throughput.parse_args(args)
+            families[parsed.stem] = parsed
+            continue
+        if module.startswith("benchmarks."):
+            path = BENCHMARKS.joinpath(*module.split(".")[1:])
+            script = path / "__main__.py" if path.is_dir() else path.with_suffix(".py")
+            monkeypatch.setattr(sys, "argv", [str(script), *args, "--help"])
+            with pytest.raises(SystemExit) as exited:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            assert exited.value.code == 0, (module, args, capsys.readouterr().err)
+    for stem, model in {
+        "throughput-eva02": "eva02_base_patch14_224",
+        "throughput-siglip": "vit_base_patch16_siglip_224",
+        "throughput-beit": "beit_base_patch16_224",
+    }.items():
+        args = families[stem]
+        assert (args.model, args.images, args.coalitions, args.dtype, args.img_size) == (
+            model,
+            32,
+            32,
+            "bf16",
+            None,
+        )
+        assert "key mask, SDPA" in args.methods and "shapkern engine, compiled" in args.methods
 
 
 def test_train_step_benchmark_smoke_on_cpu(tmp_path):

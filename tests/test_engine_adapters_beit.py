@@ -1,15 +1,17 @@
-"""timm Beit on the packed engine, against Beit's own forward on each coalition's kept tokens."""
+"""timm Beit on the packed engine, against Beit's own forward on each coalition's kept tokens (the
+oracle of benchmarks/families.py: tokens dropped after the positional embedding, every relative
+position bias sliced to the kept positions)."""
 
 import functools
 import importlib
 import os
-from contextlib import ExitStack, contextmanager
 
 import pytest
 import torch
 from timm.models.beit import Beit
 
 import shapkern
+from benchmarks.families import dropped_reference, kept_patches
 from shapkern import coalition_tokens, fused_coalition_forward, sample_coalitions
 
 # The module (the attribute shapkern.ops.varlen_attention is the op function).
@@ -36,43 +38,6 @@ def make_model(name: str, seed: int = 0, **overrides) -> Beit:
     return model
 
 
-@contextmanager
-def kept_tokens(model: Beit, keep: torch.Tensor):
-    """While timm's own ``Beit.forward`` runs, keep only the tokens at positions ``keep`` (class token
-    0, patch n at 1 + n): they are selected right after the positional embedding (the output of
-    ``pos_drop``), and every relative position bias (L, L) is sliced to those positions, the shared
-    one (the output of ``rel_pos_bias``) and each block's (``Attention._get_rel_pos_bias``)."""
-    with ExitStack() as stack:
-        stack.callback(model.pos_drop.register_forward_hook(lambda m, i, out: out[:, keep]).remove)
-        if model.rel_pos_bias is not None:
-            hook = model.rel_pos_bias.register_forward_hook(lambda m, i, out: out[:, keep][:, :, keep])
-            stack.callback(hook.remove)
-        for block in model.blocks:
-            attn = block.attn
-            if attn.relative_position_bias_table is not None:
-                full = type(attn)._get_rel_pos_bias.__get__(attn)
-                attn._get_rel_pos_bias = lambda full=full: full()[:, :, keep][:, :, :, keep]
-                stack.callback(delattr, attn, "_get_rel_pos_bias")
-        yield
-
-
-def coalition_reference(model: Beit, images, coalitions, output="logits"):
-    """Beit's own forward on every (image, coalition) with the absent patch tokens removed (see
-    :func:`kept_tokens`). A coalition without patches under 'avg' pooling pools zeros, the engine's
-    convention where timm's mean over no token is NaN."""
-    pre_logits = output == "pre_logits"
-    outs = []
-    for image, rows in zip(images, coalitions, strict=True):
-        for row in rows:
-            keep = torch.cat([torch.zeros(1, dtype=torch.long), 1 + row.nonzero().view(-1)])
-            with kept_tokens(model, keep):
-                feats = model.forward_features(image[None])
-            if not row.any() and model.global_pool == "avg":
-                feats = torch.cat([feats, feats.new_zeros(1, 1, feats.shape[-1])], dim=1)
-            outs.append(model.forward_head(feats, pre_logits=pre_logits))
-    return torch.cat(outs).view(*coalitions.shape[:2], -1)
-
-
 def random_coalitions(batch, num, players, seed):
     """Random coalitions of varied sizes, the full and the empty one among them."""
     gen = torch.Generator().manual_seed(seed)
@@ -85,15 +50,15 @@ def test_the_oracle_is_beit_itself_on_the_full_coalition_and_slices_the_bias():
     model = make_model("both_biases")
     images = torch.randn(2, 3, 32, 32)
     full = torch.ones(2, 1, 16, dtype=torch.bool)
-    torch.testing.assert_close(coalition_reference(model, images, full), model(images).unsqueeze(1))
+    torch.testing.assert_close(dropped_reference(model, images, full), model(images).unsqueeze(1))
     # Dropping patches changes the output, and so does the bias at the kept positions.
     part = random_coalitions(2, 3, 16, seed=0)[:, 2:]
-    dropped = coalition_reference(model, images, part)
+    dropped = dropped_reference(model, images, part)
     assert not torch.allclose(dropped, model(images).unsqueeze(1), atol=1e-3)
     with torch.no_grad():
         table = model.blocks[1].attn.relative_position_bias_table
         table.add_(torch.randn_like(table))  # (not a constant: softmax ignores that)
-    assert not torch.allclose(coalition_reference(model, images, part), dropped, atol=1e-4)
+    assert not torch.allclose(dropped_reference(model, images, part), dropped, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -103,7 +68,7 @@ def test_engine_equals_beit_on_kept_tokens(name, output):
     images = torch.randn(2, 3, 32, 32)
     coalitions = random_coalitions(2, 5, 16, seed=len(name))
     got = fused_coalition_forward(model, images, coalitions, output=output)
-    want = coalition_reference(model, images, coalitions, output=output)
+    want = dropped_reference(model, images, coalitions, output=output)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -112,10 +77,10 @@ def test_timm_attention_without_fused_sdpa_gives_the_same_oracle():
     model = make_model("both_biases")
     images = torch.randn(1, 3, 32, 32)
     coalitions = random_coalitions(1, 4, 16, seed=1)
-    fused = coalition_reference(model, images, coalitions)
+    fused = dropped_reference(model, images, coalitions)
     for block in model.blocks:
         block.attn.fused_attn = False  # timm's explicit softmax path
-    torch.testing.assert_close(coalition_reference(model, images, coalitions), fused, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dropped_reference(model, images, coalitions), fused, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(
         fused_coalition_forward(model, images, coalitions), fused, rtol=1e-5, atol=1e-6
     )
@@ -134,7 +99,7 @@ def test_engine_gradients_equal_beit_on_kept_tokens(name, paired):
         coalitions = random_coalitions(2, 4, 16, seed=7)
     weights = torch.randn(2, 4, 5)
     grads = []
-    for fn in (functools.partial(fused_coalition_forward, paired=paired), coalition_reference):
+    for fn in (functools.partial(fused_coalition_forward, paired=paired), dropped_reference):
         model.zero_grad()
         x = images.clone().requires_grad_()
         (fn(model, x, coalitions) * weights).sum().backward()
@@ -157,7 +122,7 @@ def test_engine_on_the_triton_kernels_equals_beit(paired, monkeypatch):
         coalitions[:, 1] = coalitions[:, 0]
     weights = torch.randn(1, 4, 5)
     results = []
-    for fn in (fused_coalition_forward, coalition_reference):
+    for fn in (fused_coalition_forward, dropped_reference):
         model.zero_grad()
         x = images.clone().requires_grad_()
         out = fn(model, x, coalitions)
@@ -175,9 +140,7 @@ def test_token_features_are_beits_on_kept_tokens():
     want = []
     for image, rows in zip(images, coalitions, strict=True):
         for row in rows:
-            with kept_tokens(
-                model, torch.cat([torch.zeros(1, dtype=torch.long), 1 + row.nonzero().view(-1)])
-            ):
+            with kept_patches(model, row.nonzero().view(-1)):
                 want.append(model.forward_features(image[None])[0])
     torch.testing.assert_close(packed.tokens, torch.cat(want), rtol=1e-5, atol=1e-6)
 
@@ -206,7 +169,7 @@ def test_explain_needs_no_arguments_and_its_values_add_up():
     assert attribution.method == "exact" and attribution.values.shape == (1, 16, 1)
     ends = torch.stack([torch.ones(16, dtype=torch.bool), torch.zeros(16, dtype=torch.bool)])[None]
     with torch.no_grad():
-        full, empty = coalition_reference(model, images, ends)[0]
+        full, empty = dropped_reference(model, images, ends)[0]
     target = int(full.argmax())
     torch.testing.assert_close(
         attribution.values.sum(),
@@ -223,7 +186,7 @@ def test_train_mode_drop_path_per_coalition_matches_beit():
     images = torch.randn(2, 3, 32, 32)
     coalitions = random_coalitions(2, 3, 16, seed=8)
     got = fused_coalition_forward(model, images, coalitions)
-    torch.testing.assert_close(got, coalition_reference(model, images, coalitions), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, dropped_reference(model, images, coalitions), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -278,7 +241,7 @@ def test_cuda_engine_matches_fp32_beit_on_kept_tokens(dtype, compiled):
         fused_coalition_forward, paired=True, blocks="compiled" if compiled else "plain"
     )
     results = []
-    for fn, autocast in ((engine, dtype != torch.float32), (coalition_reference, False)):
+    for fn, autocast in ((engine, dtype != torch.float32), (dropped_reference, False)):
         model.zero_grad()
         x = images.clone().requires_grad_()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):

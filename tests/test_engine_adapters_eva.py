@@ -4,8 +4,8 @@ absent patches removed: its patch dropout path, which gathers the kept tokens an
 import pytest
 import torch
 from timm.models.eva import Eva, EvaBlock
-from torch import nn
 
+from benchmarks.families import dropped_reference, kept_patches
 from shapkern import explain, fused_coalition_forward
 from shapkern.engine import adapter_for, coalition_tokens
 from shapkern.games import model_game
@@ -86,39 +86,6 @@ def make_model(name: str, seed: int = 0, **extra) -> Eva:
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model
-
-
-class KeepPatches(nn.Module):
-    """Stands in for Eva's patch dropout: keeps the prefix tokens and the ``keep`` patches and returns
-    their indices, so that Eva's own ``_pos_embed`` gathers the kept patches' rope."""
-
-    def __init__(self, keep: torch.Tensor, prefix: int):
-        super().__init__()
-        self.keep, self.prefix = keep, prefix
-
-    def forward(self, x):
-        kept = torch.cat([x[:, : self.prefix], x[:, self.prefix + self.keep]], dim=1)
-        return kept, self.keep.expand(x.shape[0], -1)
-
-
-def dropped_reference(model, images, coalitions, output="logits"):
-    """Eva's own forward on each (image, coalition) with the absent patch tokens removed."""
-    batch, num, _ = coalitions.shape
-    rows = []
-    try:
-        for b in range(batch):
-            for m in range(num):
-                keep = coalitions[b, m].nonzero().view(-1)
-                model.patch_drop = KeepPatches(keep, model.num_prefix_tokens)
-                feats = model.forward_features(images[b : b + 1])
-                if keep.numel() == 0 and model.global_pool == "avg":  # the engine pools zeros, timm NaN
-                    pooled = model.fc_norm(feats.new_zeros(1, feats.shape[-1]))
-                    rows.append(pooled if output == "pre_logits" else model.head(pooled))
-                else:
-                    rows.append(model.forward_head(feats, pre_logits=output == "pre_logits"))
-    finally:
-        model.patch_drop = None
-    return torch.cat(rows).view(batch, num, -1)
 
 
 def random_coalitions(batch, num, players, seed, *, allow_empty=True):
@@ -207,9 +174,8 @@ def test_tokens_output_is_eva_features_of_kept_tokens():
     packed = coalition_tokens(model, images, coalitions)
     for m in range(3):
         keep = coalitions[0, m].nonzero().view(-1)
-        model.patch_drop = KeepPatches(keep, model.num_prefix_tokens)
-        want = model.forward_features(images)[0]
-        model.patch_drop = None
+        with kept_patches(model, keep):
+            want = model.forward_features(images)[0]
         start, end = packed.plan.cu_seqlens[m : m + 2].tolist()
         torch.testing.assert_close(packed.tokens[start:end], want, rtol=1e-5, atol=1e-5)
 

@@ -6,6 +6,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from benchmarks.families import dropped_reference
 from shapkern import explain, fused_coalition_forward
 from shapkern.engine import adapter_for
 from shapkern.engine.adapters.latent_pool import segment_softmax
@@ -31,32 +32,6 @@ def make_model(name: str, seed: int = 0, **extra) -> VisionTransformer:
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model
-
-
-class KeepPatches(nn.Module):
-    """Stands in for timm's patch dropout: keeps the prefix tokens and the ``keep`` patches."""
-
-    def __init__(self, keep: torch.Tensor, prefix: int):
-        super().__init__()
-        self.keep, self.prefix = keep, prefix
-
-    def forward(self, x):
-        return torch.cat([x[:, : self.prefix], x[:, self.prefix + self.keep]], dim=1)
-
-
-def dropped_reference(model, images, coalitions, output="logits"):
-    """timm's own forward on each (image, coalition) with the absent patch tokens removed."""
-    batch, num, _ = coalitions.shape
-    saved, rows = model.patch_drop, []
-    try:
-        for b in range(batch):
-            for m in range(num):
-                model.patch_drop = KeepPatches(coalitions[b, m].nonzero().view(-1), model.num_prefix_tokens)
-                feats = model.forward_features(images[b : b + 1])
-                rows.append(model.forward_head(feats, pre_logits=output == "pre_logits"))
-    finally:
-        model.patch_drop = saved
-    return torch.cat(rows).view(batch, num, -1)
 
 
 def random_coalitions(batch, num, players, seed):
