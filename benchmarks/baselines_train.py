@@ -1,5 +1,6 @@
-"""The alternatives to ``ShapleyViT`` in a training step (benchmarks/bench_train_step.py): modules that
-``ShapleyLoss`` calls like a ShapleyViT, computing Φ(x), f(x) and v_x(S) another way.
+"""The alternatives to ``ShapleyViT`` in a training step (benchmarks/bench_train_step.py): self-explaining
+models (``shapkern.games.SelfExplaining``) that ``shapley_step`` runs like a ShapleyViT, computing
+Φ(x), f(x) and v_x(S) another way.
 
 - :class:`PairsShapleyViT`: complementary coalitions share one row [prefix, prefix, N patches]
   with a block-diagonal mask (:func:`benchmarks.baselines.pair_features`), the same game as the
@@ -9,6 +10,8 @@
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import nn
@@ -59,11 +62,11 @@ class PairsShapleyViT(nn.Module):
         phi = phi_tokens.view(batch, num // 2 + 1, players, -1)[:, 0]
         return ShapleyOutput(phi=phi, logits=phi.sum(dim=1), values=values[:, 2:])
 
-    forward_coalitions = forward
-
-    def coalition_values(self, images, coalitions, paired=True):
-        """v_x(S) (B, M, K): ShapleyLoss's forward-only ℓ_sv targets when grad_coalitions < M."""
-        return self._evaluate(images, coalitions)[1]
+    def coalition_forward(self, images, *, chunk_size=None, precision="auto", sync_checks=False):
+        """v_x(S) (B, M, K) of any paired coalitions of ``images``: the forward-only ℓ_sv targets
+        when grad_coalitions < M."""
+        _model_dtype_only(precision)
+        return lambda coalitions, paired=True: self._evaluate(images, coalitions)[1]
 
 
 class FlatPhi(nn.Module):
@@ -88,12 +91,20 @@ class ZeroInputShapleyViT(nn.Module):
 
     def forward(self, images, coalitions, paired=True):
         phi, logits, _ = self.model(images)
-        return ShapleyOutput(phi, logits, self.coalition_values(images, coalitions))
+        return ShapleyOutput(phi, logits, self._values(images, coalitions))
 
-    forward_coalitions = forward
-
-    def coalition_values(self, images, coalitions, paired=True):
+    def _values(self, images, coalitions, paired=True):
         """v(S) = Σ_{n∈S} Φ(x_S)_n with x_S the image whose absent patches are zeros: (B, M, K)."""
         batch, num, players = coalitions.shape
         masked_phi = shapkern.masked_input_forward(self.flat_phi, images, coalitions, chunk_size=1 << 30)
         return (masked_phi.view(batch, num, players, -1) * coalitions.unsqueeze(-1)).sum(2)
+
+    def coalition_forward(self, images, *, chunk_size=None, precision="auto", sync_checks=False):
+        """v(S) (B, M, K) of any coalitions of ``images``, as in :meth:`forward`."""
+        _model_dtype_only(precision)
+        return partial(self._values, images)
+
+
+def _model_dtype_only(precision: str) -> None:
+    if precision != "auto":
+        raise NotImplementedError(f"precision={precision!r}: the baselines run in the model's dtype only")

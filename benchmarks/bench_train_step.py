@@ -2,10 +2,11 @@
 
     python -m benchmarks.bench_train_step [--device cuda|cpu] [--images B] [--coalitions M] [--out DIR]
 
-Every method runs the same step: ShapleyLoss (its defaults: λ = 1, μ = 1, KL mask loss, ℓ_sv's
-gradient through its targets, so every coalition carries gradients; ``--stop-grad`` with
-``--grad-coalitions`` for the stop-gradient form) on B images × M paired coalitions, backward,
-AdamW. They differ in how Φ(x), f(x) and v_x(S) = Σ_{n∈S} Φ(x_S)_n are computed:
+Every method runs the same step: ``shapley_step`` with ShapleyLoss (its defaults: λ = 1, μ = 1, KL
+mask loss, ℓ_sv's gradient through its targets, so every coalition carries gradients;
+``--stop-grad`` with ``--grad-coalitions`` for the stop-gradient form) on B images × M paired
+coalitions, backward, AdamW. They differ in how Φ(x), f(x) and v_x(S) = Σ_{n∈S} Φ(x_S)_n are
+computed:
 
 - shapkern: ``ShapleyViT`` itself, one packed engine pass (compiled blocks by default on CUDA).
 - pairs + dense mask: complementary coalitions share one row [prefix, prefix, N patches] with a
@@ -32,6 +33,7 @@ from torch import nn
 import shapkern
 from benchmarks import harness
 from benchmarks.baselines_train import PairsShapleyViT, ZeroInputShapleyViT
+from shapkern.training import shapley_step
 
 LOSS = {"lam": 1.0, "mu": 1.0, "mask_loss": "kl"}
 TOLERANCE = {"bf16": 2e-2, "fp32": 1e-4}  # least relative difference allowed between two methods
@@ -59,7 +61,7 @@ def build(args):
 
 
 def methods(model: shapkern.ShapleyViT, device: torch.device) -> dict[str, tuple[nn.Module, bool]]:
-    """name -> (module called by ShapleyLoss, whether it computes the token-dropping game)."""
+    """name -> (module run by shapley_step, whether it computes the token-dropping game)."""
     table = {
         "shapkern ShapleyViT": (model, True),
         "pairs + dense mask, SDPA": (PairsShapleyViT(model), True),
@@ -75,7 +77,7 @@ def loss_and_grads(model, module, loss_fn, images, labels, coalitions, autocast:
     ShapleyViT that ``module`` runs), flat in float64, without an optimiser step."""
     model.zero_grad(set_to_none=True)
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
-        loss = loss_fn(module, images, labels, coalitions).total
+        loss = shapley_step(module, loss_fn, images, labels, coalitions).total
     loss.backward()
     grads = torch.cat([p.grad.double().flatten() for p in model.parameters() if p.grad is not None])
     model.zero_grad(set_to_none=True)
@@ -93,22 +95,16 @@ def _errors(got: tuple[float, torch.Tensor], want: tuple[float, torch.Tensor], l
 def step(module, loss_fn, optimizer, images, labels, coalitions, autocast: bool) -> None:
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
-        loss = loss_fn(module, images, labels, coalitions).total
+        loss = shapley_step(module, loss_fn, images, labels, coalitions).total
     loss.backward()
     optimizer.step()
 
 
 def _loss(args, coalitions: int) -> tuple[shapkern.ShapleyLoss, dict]:
     """The ShapleyLoss every method runs, and its settings for the result."""
-    options = {"stop_grad": args.stop_grad}
-    if args.grad_coalitions is not None:
-        options["grad_coalitions"] = args.grad_coalitions
-    loss_fn = shapkern.ShapleyLoss(num_coalitions=coalitions, **LOSS, **options)
-    loss_config = {
-        key: getattr(loss_fn, key)
-        for key in ("lam", "mu", "mask_loss", "num_coalitions", "grad_coalitions", "sv_scale", "stop_grad")
-        if hasattr(loss_fn, key)
-    }
+    loss_fn = shapkern.ShapleyLoss(**LOSS, stop_grad=args.stop_grad, grad_coalitions=args.grad_coalitions)
+    loss_config = {key: getattr(loss_fn, key) for key in ("lam", "mu", "mask_loss", "sv_scale", "stop_grad")}
+    loss_config.update(num_coalitions=coalitions, grad_coalitions=loss_fn.graded(coalitions))
     return loss_fn, loss_config
 
 

@@ -11,11 +11,11 @@ import torch
 from torch.utils.data import DataLoader
 
 import shapkern
-from shapkern.coalitions import seeded_coalitions
+from shapkern.coalitions import CoalitionSampler
 from shapkern.data import load_dataset
 from shapkern.explainers.metrics import relative_l2
 from shapkern.models import ShapleyViT
-from shapkern.training import ShapleyLoss
+from shapkern.training import ShapleyLoss, shapley_step
 
 
 def main(argv=None) -> dict:
@@ -41,7 +41,9 @@ def main(argv=None) -> dict:
         embed_dim=64,
         num_heads=2,
     )
-    loss_fn = ShapleyLoss(lam=1.0, mu=1.0, num_coalitions=8, mask_loss="kl")  # L = ℓ_cls + λ ℓ_sv + μ ℓ_mask
+    loss_fn = ShapleyLoss(lam=1.0, mu=1.0, mask_loss="kl")  # L = ℓ_cls + λ ℓ_sv + μ ℓ_mask
+    # 8 coalitions per image from the Shapley kernel, in complementary pairs, seeded per sample and epoch.
+    sampler = CoalitionSampler(num=8, sampler="shapley", paired=True, seed=0)
     loader = DataLoader(train, batch_size=64, shuffle=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -52,9 +54,9 @@ def main(argv=None) -> dict:
     for epoch in range(args.epochs):
         model.train()
         for images, labels, index in loader:
-            # Coalitions seeded per (seed, epoch, sample): one packed engine pass gives Φ(x), f(x), v_x(S).
-            coalitions = seeded_coalitions(index, seed=0, epoch=epoch, num=8, players=model.num_players)
-            out = loss_fn(model, images, labels, coalitions)
+            coalitions = sampler(index, epoch, model.num_players)
+            # One packed engine pass gives Φ(x), f(x) and v_x(S); the loss takes those outputs.
+            out = shapley_step(model, loss_fn, images, labels, coalitions, paired=sampler.paired)
             optimizer.zero_grad()
             out.total.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

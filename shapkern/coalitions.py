@@ -7,11 +7,14 @@ The packed layout that the engine runs coalitions in is in :mod:`shapkern.packed
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 __all__ = [
     "MAX_EXACT_PLAYERS",
+    "SAMPLERS",
+    "CoalitionSampler",
     "all_coalitions",
     "permutation_chain",
     "sample_coalitions",
@@ -21,6 +24,7 @@ __all__ = [
 ]
 
 MAX_EXACT_PLAYERS = 20  # 2^20 ≈ 1M coalitions per image: the most that enumeration (``exact``) takes
+SAMPLERS = ("shapley", "uniform", "bernoulli")  # how coalitions are drawn (see sample_coalitions)
 
 
 def shapley_size_distribution(players: int, dtype=torch.float64) -> torch.Tensor:
@@ -188,3 +192,44 @@ def seeded_coalitions(
     if not out:
         return torch.zeros(0, num, players, dtype=torch.bool, device=device)
     return torch.cat(out).to(device)
+
+
+@dataclass(frozen=True)
+class CoalitionSampler:
+    """The coalitions of a training run: ``num`` per sample, drawn by ``sampler`` (``"shapley"``,
+    ``"uniform"`` or ``"bernoulli"``, see :func:`sample_coalitions`), in complementary pairs when
+    ``paired``, seeded per sample by (``seed``, epoch, sample index) as :func:`seeded_coalitions`.
+
+    ``sampler(indices, epoch, players)`` gives bool (B, M, N); the same seed gives the same
+    coalitions whatever the batching and the number of processes.
+    """
+
+    num: int = 8
+    sampler: str = "shapley"
+    paired: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if not isinstance(self.num, int) or isinstance(self.num, bool) or self.num < 1:
+            raise ValueError(f"num must be a positive int (coalitions per sample), got {self.num!r}")
+        if self.paired and self.num % 2:
+            raise ValueError(f"num must be even when paired=True (complementary pairs), got {self.num}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an int in 0..2**63 - 1, got {self.seed!r}")
+
+    def __call__(
+        self, indices: torch.Tensor, epoch: int, players: int, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """The coalitions of the samples ``indices`` (B,) in ``epoch``: bool (B, M, N) on ``device``."""
+        return seeded_coalitions(
+            indices,
+            seed=self.seed,
+            epoch=epoch,
+            num=self.num,
+            players=players,
+            method=self.sampler,
+            paired=self.paired,
+            device=device,
+        )

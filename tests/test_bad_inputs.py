@@ -6,6 +6,8 @@ import torch
 
 import shapkern
 from shapkern import ShapleyLoss, ShapleyViT, explain, fused_coalition_forward, sample_coalitions
+from shapkern.coalitions import CoalitionSampler
+from shapkern.training import shapley_step
 
 SMALL = {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2}
 
@@ -77,24 +79,28 @@ def test_engine_errors_name_what_to_fix(vit):
 
 def test_shapley_loss_errors_name_what_to_fix(shapley_vit, vit):
     images, labels = torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
-    loss = ShapleyLoss(num_coalitions=4)
+    loss, coalitions = ShapleyLoss(), sample_coalitions(2, 4, 16)
     with pytest.raises(ValueError, match=r"coalitions must be \(B, M, N\) = \(2, M, 16\)"):
-        loss(shapley_vit, images, labels, sample_coalitions(2, 4, 9))
+        shapley_step(shapley_vit, loss, images, labels, sample_coalitions(2, 4, 9))
     with pytest.raises(ValueError, match="targets must lie in 0..2"):
-        loss(shapley_vit, images, torch.tensor([0, 3]))
+        shapley_step(shapley_vit, loss, images, torch.tensor([0, 3]), coalitions)
     with pytest.raises(ValueError, match="targets must be int64"):
-        loss(shapley_vit, images, torch.tensor([0.0, 1.0]))
+        shapley_step(shapley_vit, loss, images, torch.tensor([0.0, 1.0]), coalitions)
     with pytest.raises(TypeError, match="needs a self-explaining model .*VisionTransformer"):
-        loss(vit, images, labels)
+        shapley_step(vit, loss, images, labels, coalitions)
     for kwargs, message in (
         ({"lam": float("nan")}, "lam must be a finite number"),
         ({"mu": -1.0}, "mu must be a finite number >= 0"),
-        ({"method": "bogus"}, "method must be one of"),
         ({"mask_loss": "mse"}, "mask_loss must be one of"),
-        ({"num_coalitions": 3}, "even when paired"),
     ):
         with pytest.raises(ValueError, match=message):
             ShapleyLoss(**kwargs)
+    for kwargs, message in (  # the coalitions are the sampler's
+        ({"sampler": "bogus"}, "sampler must be one of"),
+        ({"num": 3}, "even when paired"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            CoalitionSampler(**kwargs)
 
 
 def test_sampler_device_must_match_its_generator():

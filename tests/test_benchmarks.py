@@ -374,46 +374,6 @@ def train_sweeps():
     return train_sweeps
 
 
-def test_sweep_loss_normalisers(train_sweeps):
-    import torch
-
-    from shapkern import ShapleyLoss, ShapleyViT
-
-    torch.manual_seed(0)
-    model = ShapleyViT(
-        "vit_tiny_patch16_224", 3, img_size=16, patch_size=8, depth=1, embed_dim=16, num_heads=1
-    )
-    images, targets = torch.randn(3, 3, 16, 16), torch.tensor([0, 2, 1])
-    base = ShapleyLoss(0.0, 1.0, 8, grad_coalitions=8)
-    coalitions = base.sample(3, model.num_players, torch.Generator().manual_seed(1))
-    want = base(model, images, targets, coalitions)
-    error = (want.values - torch.bmm(coalitions.float(), want.phi)).square().sum(-1).mean(1)
-    phi = want.phi.detach()
-    scales = {  # stop-gradient normalisers
-        "player": phi.square().mean(1).sum(-1) + 1e-3,
-        "centered": (phi - phi.mean(-1, keepdim=True)).square().mean(1).sum(-1) + 1e-3,
-    }
-    assert set(scales) == set(train_sweeps.EXTRA_SCALES)
-    for name, scale in scales.items():
-        got = train_sweeps.SweepLoss(2.0, name, mu=1.0, num_coalitions=8)(model, images, targets, coalitions)
-        sv = (error / scale).mean()
-        assert torch.allclose(got.sv, sv, rtol=1e-5) and torch.allclose(
-            got.total, want.total + 2 * sv, rtol=1e-5
-        )
-        # The normaliser is a stop-gradient: ℓ_sv's gradient is the raw one divided per image.
-        params = [p for p in model.parameters() if p.requires_grad]
-        g_got = torch.autograd.grad(got.total, params)
-        out = base(model, images, targets, coalitions)
-        raw = (out.values.detach() - torch.bmm(coalitions.float(), out.phi)).square().sum(-1).mean(1)
-        g_want = torch.autograd.grad(out.total + 2 * (raw / scale).mean(), params)
-        for a, b in zip(g_got, g_want, strict=True):
-            assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-7, (a - b).abs().max()
-    with pytest.raises(ValueError, match="scale"):
-        train_sweeps.SweepLoss(1.0, "relative")
-    with pytest.raises(ValueError, match="grad_coalitions"):
-        train_sweeps.SweepLoss(1.0, "player", num_coalitions=8, grad_coalitions=4)
-
-
 def test_train_sweeps_smoke_on_cpu(train_sweeps, tmp_path, capsys):
     import torch
 

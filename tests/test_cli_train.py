@@ -360,3 +360,21 @@ def test_a_damaged_safetensors_weights_file_is_a_message(tmp_path, capsys, damag
     argv = ["train", *QUICK, "--weights", str(path), "--depth", "1", "--out", str(tmp_path / "run")]
     assert main(argv) == 2
     assert f"cannot read weights from {path}: not a valid safetensors file" in capsys.readouterr().err
+
+
+def test_the_sampler_flags_reach_the_run(tmp_path, capsys):
+    from shapkern.checkpoint import load_checkpoint
+    from shapkern.cli.train import config_from_args
+
+    flags = ["--sampler", "uniform", "--no-paired", "--num-coalitions", "3"]
+    cfg, explicit = config_from_args(build_parser().parse_args(["train", *flags]))
+    assert (cfg.sampler, cfg.paired, cfg.num_coalitions) == ("uniform", False, 3)
+    assert explicit == {"sampler", "paired", "num_coalitions"}
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--sampler {shapley,uniform,bernoulli}" in text and "--paired, --no-paired" in text
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--out", str(out), *TINY, *flags]) == 0  # the last flag wins
+    config = load_checkpoint(out / "checkpoint.pt")["config"]
+    assert (config["sampler"], config["paired"], config["num_coalitions"]) == ("uniform", False, 3)

@@ -5,6 +5,7 @@ import torch
 from scipy import stats
 
 from shapkern.coalitions import (
+    CoalitionSampler,
     all_coalitions,
     permutation_chain,
     sample_coalitions,
@@ -125,3 +126,32 @@ def test_seeded_coalitions_depend_only_on_seed_epoch_and_index():
     assert torch.equal(both[1], seeded_coalitions(torch.tensor([9]), **kw)[0])
     assert not torch.equal(both[0], seeded_coalitions(torch.tensor([5]), **(kw | {"epoch": 3}))[0])
     assert torch.equal(both[:, 0], ~both[:, 1])  # paired
+
+
+def test_coalition_sampler_draws_the_seeded_coalitions_of_its_settings():
+    indices = torch.tensor([4, 0, 7])
+    default = CoalitionSampler()
+    assert (default.num, default.sampler, default.paired, default.seed) == (8, "shapley", True, 0)
+    want = seeded_coalitions(indices, seed=0, epoch=2, num=8, players=16)
+    assert torch.equal(default(indices, 2, 16), want)  # what the trainer drew before the sampler existed
+    unpaired = CoalitionSampler(num=3, sampler="uniform", paired=False, seed=5)(indices, 1, 16)
+    want = seeded_coalitions(indices, seed=5, epoch=1, num=3, players=16, method="uniform", paired=False)
+    assert torch.equal(unpaired, want) and unpaired.shape == (3, 3, 16)
+    sizes = unpaired.sum(-1)
+    assert (sizes >= 1).all() and (sizes <= 15).all()
+    with pytest.raises(AttributeError):
+        default.num = 4  # frozen: a run's sampler does not change under it
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num": 3}, "num must be even when paired=True"),
+        ({"num": 0}, "num must be a positive int"),
+        ({"sampler": "sobol"}, "sampler must be one of"),
+        ({"seed": -1}, "seed must be an int"),
+    ],
+)
+def test_coalition_sampler_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CoalitionSampler(**kwargs)

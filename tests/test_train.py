@@ -217,8 +217,11 @@ class NaNLoss:
     def __init__(self, trainer: Trainer, steps):
         self.trainer, self.loss, self.steps = trainer, trainer.loss, set(steps)
 
-    def __call__(self, *args):
-        out = self.loss(*args)
+    def __getattr__(self, name):  # the step reads the loss's options
+        return getattr(self.loss, name)
+
+    def __call__(self, *args, **kwargs):
+        out = self.loss(*args, **kwargs)
         if self.trainer.step_count in self.steps:
             out = dataclasses.replace(out, total=out.total * float("nan"))
         return out
@@ -350,3 +353,68 @@ def test_configs_of_older_runs_and_paths_are_read(tmp_path):
     assert cfg.limit_train is None  # written before 0 was refused: it meant every image
     cfg.validate()
     assert TrainConfig(out=tmp_path).out == str(tmp_path)  # a Path would make the checkpoint unsafe to load
+
+
+class SeenCoalitions:
+    """The trainer's loss, keeping the coalitions of every call."""
+
+    def __init__(self, loss):
+        self.loss, self.seen = loss, []
+
+    def __getattr__(self, name):
+        return getattr(self.loss, name)
+
+    def __call__(self, outputs, targets, coalitions, **kwargs):
+        self.seen.append(coalitions)
+        return self.loss(outputs, targets, coalitions, **kwargs)
+
+
+@pytest.mark.parametrize("sampler, paired, num", [("uniform", False, 3), ("bernoulli", True, 4)])
+def test_the_trainer_draws_coalitions_with_the_configs_sampler(tmp_path, sampler, paired, num):
+    from shapkern.coalitions import CoalitionSampler
+
+    cfg = quick(tmp_path, epochs=1, sampler=sampler, paired=paired, num_coalitions=num)
+    trainer = Trainer(cfg)
+    drawn = CoalitionSampler(num, sampler, paired, cfg.seed)
+    assert trainer.coalition_sampler == drawn
+    trainer.loss = SeenCoalitions(trainer.loss)
+    images, labels, indices = next(iter(trainer.loader))
+    trainer.backward(images, labels, indices, epoch=0)
+    (seen,) = trainer.loss.seen
+    assert torch.equal(seen, drawn(indices, 0, trainer.model.num_players))
+    assert seen.shape[1] == num and bool((seen[:, 0::2] ^ seen[:, 1::2]).all()) == paired
+    trainer.loss = trainer.loss.loss
+    trainer.fit()
+    trainer.close()
+    assert TrainConfig.from_dict(load_checkpoint(tmp_path / "checkpoint.pt")["config"]) == cfg
+    with pytest.raises(ValueError, match=r"--num-coalitions 3: .*\(even with --paired"):
+        TrainConfig(num_coalitions=3).validate()
+    with pytest.raises(ValueError, match="--sampler must be one of"):
+        TrainConfig(sampler="sobol").validate()
+
+
+def test_a_checkpoint_from_before_the_sampler_settings_resumes_with_the_shapley_kernel(tmp_path):
+    from shapkern.checkpoint import save_checkpoint
+    from shapkern.training import resumed_config
+
+    train(quick(tmp_path, epochs=1))
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    for name in ("sampler", "paired"):
+        del state["config"][name]
+    save_checkpoint(state, str(tmp_path))
+    cfg, _ = resumed_config(quick(tmp_path, epochs=2, resume=True), {"epochs"})
+    assert (cfg.sampler, cfg.paired) == ("shapley", True)
+    trainer = Trainer(cfg)
+    assert trainer.epoch == 1
+    trainer.fit()
+    trainer.close()
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_importing_shapkern_imports_no_plotting_library():
+    code = "import shapkern, sys; assert 'matplotlib' not in sys.modules, 'matplotlib was imported'"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -9,6 +9,7 @@ import os
 import time
 
 from shapkern.checkpoint import CHECKPOINT, PREVIOUS_CHECKPOINT
+from shapkern.coalitions import SAMPLERS
 from shapkern.data import DATASETS
 from shapkern.engine import PRECISIONS
 from shapkern.models import HEADS
@@ -41,14 +42,25 @@ ARGS = (
     ("clip_grad", "gradient norm clipping (0: off)", None),
     ("lam", "λ, weight of the Shapley loss ℓ_sv", None),
     ("mu", "μ, weight of the masked-input loss ℓ_mask", None),
-    ("num_coalitions", "coalitions per image and step (paired, so even)", None),
+    ("num_coalitions", "coalitions per image and step (even with --paired)", None),
+    (
+        "sampler",
+        "how coalitions are drawn: shapley (sizes from the Shapley kernel), uniform (uniform sizes), "
+        "bernoulli (each patch kept with probability 1/2)",
+        SAMPLERS,
+    ),
     (
         "grad_coalitions",
         "of those, how many carry gradients (default all; M/4 with --stop-grad, which the rest need: "
         "they run forward-only)",
         None,
     ),
-    ("sv_scale", "ℓ_sv as the raw squared error, or relative to sg(‖f(x)‖²) + 1", SV_SCALES),
+    (
+        "sv_scale",
+        "ℓ_sv's normaliser: raw squared error, relative to sg(‖f(x)‖²) + 1, or (experimental) to "
+        "sg(‖Φ(x)‖²)/N (player) or the same with Φ centred over classes (centered)",
+        SV_SCALES,
+    ),
     ("target_precision", "forward-only ℓ_sv targets in the model's dtype, or e4m3 GEMMs", PRECISIONS),
     ("mask_loss", "ℓ_mask", tuple("none" if m is None else m for m in MASK_LOSSES)),
     ("seed", "random seed; CPU runs with the same seed are bitwise identical", None),
@@ -93,6 +105,7 @@ FLAGS = (  # booleans as --x / --no-x
         "stop gradients through the ℓ_sv target v_x(S) (the earlier form, which loses accuracy at λ ≥ 1; "
         "then --grad-coalitions defaults to M/4 and --target-precision fp8 applies)",
     ),
+    ("paired", "draw coalitions in complementary pairs (S and its complement)"),
     ("progress", "show progress (a bar on a terminal, periodic lines in a log)"),
     ("skip_bad_images", "imagefolder: skip unreadable image files (counted in the log) instead of failing"),
     (

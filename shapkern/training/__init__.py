@@ -1,14 +1,18 @@
 """Training self-explaining ViTs: the loss, the trainer, its configuration and evaluation.
 
-- :mod:`~shapkern.training.losses`: ``ShapleyLoss``, L = ℓ_cls + λ ℓ_sv + μ ℓ_mask.
+- :mod:`~shapkern.training.losses`: ``ShapleyLoss``, L = ℓ_cls + λ ℓ_sv + μ ℓ_mask, from the
+  model's outputs (a pure loss: it calls no model).
+- :mod:`~shapkern.training.step`: ``shapley_step``, the model's passes and the loss in one call.
 - :mod:`~shapkern.training.config`: ``TrainConfig``, stored in every checkpoint.
-- :mod:`~shapkern.training.trainer`: ``Trainer`` and ``train`` (resumable, DDP-ready).
+- :mod:`~shapkern.training.trainer`: ``Trainer`` and ``train`` (resumable, DDP-ready), with
+  :mod:`~shapkern.training.guard` (divergence) and :mod:`~shapkern.training.resume` (the run folder).
 - :mod:`~shapkern.training.evaluation`: held-out metrics and heatmaps, as callbacks.
 """
 
 from shapkern.training.config import TrainConfig, resumed_config
 from shapkern.training.losses import LossOutput, ShapleyLoss, shapley_regression_loss
 from shapkern.training.setup import build_model
+from shapkern.training.step import shapley_step
 from shapkern.training.trainer import Trainer, train
 
 __all__ = [
@@ -19,5 +23,6 @@ __all__ = [
     "build_model",
     "resumed_config",
     "shapley_regression_loss",
+    "shapley_step",
     "train",
 ]

@@ -8,10 +8,11 @@ import os
 from dataclasses import dataclass
 
 from shapkern.checkpoint import checkpoint_to_resume
+from shapkern.coalitions import SAMPLERS, CoalitionSampler
 from shapkern.data.catalog import DEFAULT_DATA_ROOT
 from shapkern.models import HEADS
 from shapkern.training.distributed import DEVICES
-from shapkern.training.losses import ShapleyLoss
+from shapkern.training.losses import ShapleyLoss, graded_coalitions
 
 __all__ = ["SCHEDULE_FIELDS", "TrainConfig", "resumed_config"]
 
@@ -21,7 +22,7 @@ SCHEDULE_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs"
 INVOCATION_FIELDS = ("out", "resume", "overwrite", "device", "num_workers", "progress", "max_steps")
 # Ranges of the numeric fields (their types come from the annotations); None passes where allowed.
 AT_LEAST_ONE = (
-    "img_size", "patch_size", "depth", "embed_dim", "num_heads", "epochs", "batch_size",
+    "img_size", "patch_size", "depth", "embed_dim", "num_heads", "epochs", "batch_size", "num_coalitions",
     "limit_train", "limit_test", "faith_permutations", "max_steps",
 )  # fmt: skip
 AT_LEAST_ZERO = (
@@ -34,7 +35,9 @@ HINTS = {  # what None means, for the fields that may be None
     "max_steps": "leave it out for no limit",
 }
 # The types the field annotations name (strings here, by `from __future__ import annotations`).
-_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None)}
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None),
+}  # fmt: skip
 
 
 @dataclass
@@ -46,9 +49,11 @@ class TrainConfig:
     ``model`` (``arch`` or ``arch.tag``) with ``img_size``/``patch_size`` and the optional size
     overrides ``depth``, ``embed_dim``, ``num_heads`` (None keeps timm's), the Shapley ``head``, and
     the backbone's weights: timm's ``pretrained`` ones (hub or local cache) or a local ``weights`` file.
-    Loss: λ = ``lam`` (ℓ_sv), μ = ``mu`` (ℓ_mask), ``num_coalitions`` paired per image of which
-    ``grad_coalitions`` carry gradients, ``sv_scale`` (``raw`` or ``relative``), ``mask_loss`` (``kl``,
-    ``ce`` or None), ``stop_grad``. Optimisation: AdamW ``lr``,
+    Loss: λ = ``lam`` (ℓ_sv), μ = ``mu`` (ℓ_mask), ``num_coalitions`` per image drawn by ``sampler``
+    (``shapley``, ``uniform``, ``bernoulli``), in complementary pairs when ``paired``, of which
+    ``grad_coalitions`` carry gradients, ``sv_scale`` (ℓ_sv's normaliser: ``raw``, ``relative``, or
+    the experimental ``player`` and ``centered``), ``mask_loss`` (``kl``, ``ce`` or None),
+    ``stop_grad``, ``target_precision``. Optimisation: AdamW ``lr``,
     ``weight_decay``, ``warmup_epochs`` of linear warm-up then cosine decay, ``clip_grad``.
     Run: ``seed``, ``out`` folder, ``resume`` (continue the run there) or ``overwrite`` (delete it
     and start anew; without either, a folder that holds a run is refused), ``device`` (``auto``,
@@ -80,6 +85,8 @@ class TrainConfig:
     lam: float = 1.0  # digits: at 1 and 10 the accuracy of λ = 0, error < 0.01 (train_sweeps.py)
     mu: float = 1.0
     num_coalitions: int = 8
+    sampler: str = "shapley"  # how coalitions are drawn (SAMPLERS); configs from before it: shapley
+    paired: bool = True  # complementary pairs
     grad_coalitions: int | None = None  # of those, the ones with gradients (None: all; M/4 with stop_grad)
     sv_scale: str = "raw"
     target_precision: str = "auto"  # fp8: e4m3 GEMMs for the forward-only ℓ_sv targets
@@ -123,20 +130,7 @@ class TrainConfig:
         """ValueError naming the flag, for a field of the wrong type or out of range, or a combination
         the model or the loss cannot take. Reads nothing."""
         for f in dataclasses.fields(self):
-            value, kinds = getattr(self, f.name), tuple(_TYPES[k] for k in f.type.split(" | "))
-            is_bool = isinstance(value, bool)
-            if not isinstance(value, kinds) or (is_bool and bool not in kinds):
-                raise ValueError(f"{_flag(f.name)} must be {f.type.replace(' | ', ' or ')}, got {value!r}")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{_flag(f.name)} must be a finite number, got {value!r}")
-            if value is None or is_bool:
-                continue
-            if isinstance(value, str) and not value:
-                raise ValueError(f"{_flag(f.name)} must not be empty")
-            for names, low in ((AT_LEAST_ONE, 1), (AT_LEAST_ZERO, 0)):
-                if f.name in names and value < low:
-                    hint = f" ({HINTS[f.name]})" if f.name in HINTS else ""
-                    raise ValueError(f"{_flag(f.name)} must be at least {low}{hint}, got {value!r}")
+            _check_field(f.name, str(f.type), getattr(self, f.name))
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr!r}")
         if self.seed >= 2**32:
@@ -151,26 +145,42 @@ class TrainConfig:
                 f"--num-heads {self.num_heads} does not divide --embed-dim {self.embed_dim}: every head "
                 "gets embed_dim / num_heads channels"
             )
-        for name, choices in (("head", HEADS), ("device", DEVICES)):
+        for name, choices in (("head", HEADS), ("device", DEVICES), ("sampler", SAMPLERS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{_flag(name)} must be one of {choices}, got {getattr(self, name)!r}")
         for first, second in (("weights", "pretrained"), ("resume", "overwrite")):
             if getattr(self, first) and getattr(self, second):
                 raise ValueError(f"give {_flag(first)} or {_flag(second)}, not both")
-        ShapleyLoss(**self.loss_settings())  # checks λ, μ, the coalitions and their options
+        if self.paired and self.num_coalitions % 2:
+            raise ValueError(
+                f"--num-coalitions {self.num_coalitions}: num_coalitions must be a positive int (even with "
+                "--paired, which draws complementary pairs); --no-paired draws unpaired coalitions"
+            )
+        ShapleyLoss(**self.loss_settings())  # checks λ, μ, the graded coalitions and their options
 
     def loss_settings(self) -> dict:
-        """The ShapleyLoss keywords of this config."""
+        """The ShapleyLoss keywords of this config, ``grad_coalitions`` resolved for its coalitions
+        (ValueError when they cannot take it)."""
+        graded = graded_coalitions(
+            self.num_coalitions,
+            paired=self.paired,
+            stop_grad=self.stop_grad,
+            grad_coalitions=self.grad_coalitions,
+            target_precision=self.target_precision,
+        )
         return {
             "lam": self.lam,
             "mu": self.mu,
-            "num_coalitions": self.num_coalitions,
             "stop_grad": self.stop_grad,
             "mask_loss": self.mask_loss,
-            "grad_coalitions": self.grad_coalitions,
             "sv_scale": self.sv_scale,
+            "grad_coalitions": graded,
             "target_precision": self.target_precision,
         }
+
+    def coalition_sampler(self) -> CoalitionSampler:
+        """The coalitions of this run, seeded per sample by ``seed``."""
+        return CoalitionSampler(self.num_coalitions, self.sampler, self.paired, self.seed)
 
     def arch(self) -> dict:
         """The ShapleyViT backbone keywords of this config (see ``ShapleyViT.arch``)."""
@@ -204,6 +214,23 @@ def resumed_config(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, l
         if getattr(base, name) != getattr(merged, name)
     ]
     return merged, notes
+
+
+def _check_field(name: str, annotation: str, value) -> None:
+    """ValueError naming the flag of field ``name`` when ``value`` is not of the types its
+    ``annotation`` names, not finite, empty, or below its range (AT_LEAST_ONE, AT_LEAST_ZERO)."""
+    kinds = tuple(_TYPES[k] for k in annotation.split(" | "))
+    is_bool = isinstance(value, bool)
+    if not isinstance(value, kinds) or (is_bool and bool not in kinds):
+        raise ValueError(f"{_flag(name)} must be {annotation.replace(' | ', ' or ')}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{_flag(name)} must be a finite number, got {value!r}")
+    if isinstance(value, str) and not value:
+        raise ValueError(f"{_flag(name)} must not be empty")
+    for names, low in ((AT_LEAST_ONE, 1), (AT_LEAST_ZERO, 0)):
+        if name in names and isinstance(value, (int, float)) and not is_bool and value < low:
+            hint = f" ({HINTS[name]})" if name in HINTS else ""
+            raise ValueError(f"{_flag(name)} must be at least {low}{hint}, got {value!r}")
 
 
 def _flag(name: str) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 __all__ = ["DEVICES", "Distributed", "autocast"]
 
@@ -47,6 +48,13 @@ class Distributed:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """``model`` in DistributedDataParallel when there are several processes, as is otherwise."""
+        if self.world == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -7,17 +7,18 @@ draws the final picture of a run.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from shapkern.checkpoint import atomic_write
-from shapkern.coalitions import seeded_coalitions
-from shapkern.explainers import explain
+from shapkern.coalitions import CoalitionSampler
+from shapkern.engine import patch_grid
+from shapkern.explainers.explain import explain  # the function (the package also names its module)
 from shapkern.explainers.metrics import relative_l2
-from shapkern.explainers.viz import plot_grid
 from shapkern.models import ShapleyViT
 from shapkern.training.config import TrainConfig
 from shapkern.training.distributed import autocast
@@ -31,28 +32,25 @@ EVAL_EPOCH = -1  # coalition seed "epoch" of the held-out ℓ_sv, the same at ev
 
 @dataclass
 class HeldOutLoss:
-    """Test accuracy and ℓ_sv on fixed coalitions (the same at every evaluation)."""
+    """Test accuracy and raw ℓ_sv on fixed coalitions (the same at every evaluation), drawn as the
+    run draws its own (``sampler``, ``paired``)."""
 
     num_coalitions: int
     seed: int
     batch_size: int = 64
+    sampler: str = "shapley"
+    paired: bool = True
 
     @torch.no_grad()
     def __call__(self, model: ShapleyViT, test_set: Dataset, device: torch.device) -> dict:
         correct = count = 0
         sv = 0.0
+        draw = CoalitionSampler(self.num_coalitions, self.sampler, self.paired, self.seed)
         for images, labels, indices in DataLoader(test_set, batch_size=self.batch_size):
             images, labels = images.to(device), labels.to(device)
-            coalitions = seeded_coalitions(
-                indices,
-                seed=self.seed,
-                epoch=EVAL_EPOCH,
-                num=self.num_coalitions,
-                players=model.num_players,
-                device=device,
-            )
+            coalitions = draw(indices, EVAL_EPOCH, model.num_players, device)
             with autocast(device):
-                out = model.forward_coalitions(images, coalitions, paired=True)
+                out = model(images, coalitions, paired=self.paired)
             correct += int((out.logits.argmax(-1) == labels).sum())
             sv += float(shapley_regression_loss(out.phi, out.values, coalitions)) * labels.shape[0]
             count += labels.shape[0]
@@ -70,7 +68,7 @@ class Faithfulness:
 
     @torch.no_grad()
     def __call__(self, model: ShapleyViT, test_set: Dataset, device: torch.device) -> dict:
-        count = min(self.images, len(test_set))
+        count = min(self.images, len(cast(Sized, test_set)))  # map-style datasets have a length
         images = torch.stack([test_set[i][0] for i in range(count)]).to(device)
         pairs = max(2, self.permutations // 2)  # antithetic pairs of orderings
         budget = 2 + 2 * pairs * (model.num_players - 1)  # ∅ and N once, N - 1 per ordering
@@ -90,7 +88,8 @@ class Faithfulness:
 
 def default_evaluators(cfg: TrainConfig) -> list[Evaluator]:
     """Held-out accuracy and ℓ_sv, plus faithfulness when ``cfg.faith_images`` > 0."""
-    evaluators: list[Evaluator] = [HeldOutLoss(cfg.num_coalitions, cfg.seed, max(64, cfg.batch_size))]
+    held_out = HeldOutLoss(cfg.num_coalitions, cfg.seed, max(64, cfg.batch_size), cfg.sampler, cfg.paired)
+    evaluators: list[Evaluator] = [held_out]
     if cfg.faith_images > 0:
         evaluators.append(Faithfulness(cfg.faith_images, cfg.faith_permutations, cfg.seed))
     return evaluators
@@ -99,7 +98,9 @@ def default_evaluators(cfg: TrainConfig) -> list[Evaluator]:
 @torch.no_grad()
 def save_heatmaps(model: ShapleyViT, test_set: Dataset, path: str, *, count: int, classes=None) -> None:
     """A PNG grid of the first ``count`` test images, each overlaid with Φ of its predicted class."""
-    count = min(count, len(test_set))
+    from shapkern.explainers.viz import plot_grid  # matplotlib: imported where a figure is drawn
+
+    count = min(count, len(cast(Sized, test_set)))
     device = next(model.parameters()).device
     images = torch.stack([test_set[i][0] for i in range(count)]).to(device)
     labels = [int(test_set[i][1]) for i in range(count)]
@@ -109,6 +110,6 @@ def save_heatmaps(model: ShapleyViT, test_set: Dataset, path: str, *, count: int
     name = (lambda c: classes[c]) if classes else str
     titles = [f"pred {name(int(p))}, true {name(y)}" for p, y in zip(pred, labels, strict=False)]
     maps = out.phi[torch.arange(count), :, pred].float().cpu()
-    grid = tuple(model.backbone.patch_embed.grid_size)
+    grid = patch_grid(model, model.num_players)
     fig = plot_grid(images.float().cpu(), maps, titles=titles, grid=grid, dpi=110)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import random
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -16,7 +18,7 @@ from shapkern.training.config import TrainConfig
 from shapkern.training.distributed import Distributed
 from shapkern.training.losses import ShapleyLoss
 
-__all__ = ["RunData", "build_loss", "build_model", "build_optimizer", "cosine_warmup"]
+__all__ = ["RunData", "build_loss", "build_model", "build_optimizer", "cosine_warmup", "seed_everything"]
 
 
 class RunData:
@@ -53,7 +55,9 @@ class RunData:
                 f"{cfg.data} has {len(self.train_set)} training images, fewer than one batch of "
                 f"{cfg.batch_size}; add images or lower --batch-size"
             )
-        self.sampler = DistributedSampler(self.train_set, dist.world, dist.rank, shuffle=True, seed=cfg.seed)
+        self.sampler: DistributedSampler = DistributedSampler(
+            self.train_set, dist.world, dist.rank, shuffle=True, seed=cfg.seed
+        )
         self.loader = DataLoader(
             self.train_set,
             batch_size=cfg.batch_size // dist.world,
@@ -66,12 +70,25 @@ def _limited(dataset, limit: int | None):
     return dataset if limit is None else Subset(dataset, range(min(limit, len(dataset))))
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch, Python's and numpy's random number generators."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def build_model(cfg: TrainConfig, bundle: DataBundle) -> ShapleyViT:
     """The ShapleyViT of a config: timm ``cfg.model`` at the data's image size and channels."""
     kwargs = {**cfg.arch(), "in_chans": bundle.in_chans}
     try:
-        weights = {"checkpoint": cfg.weights, "pretrained": cfg.pretrained}
-        return ShapleyViT(cfg.model, bundle.num_classes, cfg.head, **weights, **kwargs)
+        return ShapleyViT(
+            cfg.model,
+            bundle.num_classes,
+            cfg.head,
+            checkpoint=cfg.weights,
+            pretrained=cfg.pretrained,
+            **kwargs,
+        )
     except TypeError as exc:  # a timm model that takes none of these keywords: not a ViT
         raise ValueError(f"model {cfg.model!r} cannot be built as a ViT with {kwargs}: {exc}") from exc
     except AssertionError as exc:  # timm's own checks, e.g. heads that do not divide its width
@@ -98,7 +115,8 @@ def cosine_warmup(total_steps: int, warmup_steps: int):
 def build_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
     """AdamW (no weight decay on biases, norms and position embeddings) and its warm-up + cosine
     schedule, stepped once per optimiser step: (optimizer, scheduler)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         (decay if p.ndim > 1 and "pos_embed" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

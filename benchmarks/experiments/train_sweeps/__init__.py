@@ -8,13 +8,14 @@ coalitions, first --exact-images test images), held-out ℓ_sv; ``timing``: the 
 (2) ``lam``: digits, λ ∈ --lams with μ = 1 and each ℓ_sv scale of --lam-scales, classification only
 (λ = μ = 0) as the accuracy reference, the raw form at --raw-lams (first seed), the raw form with
 ℓ_sv's gradient through its targets (``stop_grad=False``, the default since 0.2.0) at
---gradient-lams, and the experimental normalisers of --variants at --variant-lams (defined here
-only, see SweepLoss). (3) ``evidence``: the same λ with --evidence-scale, and --gradient-lams, on the
-evidence data, with the pointing game, AUROC and mIoU of the self-explanations Φ(x)[:, :, y] against
-the ground-truth evidence patches. (4) ``fp8``: the stop-gradient form with G = M/4 and its
-forward-only ℓ_sv targets in e4m3 (``target_precision="fp8"``) against the same runs in the model's
-dtype. The error against exact values is also given with Φ and φ_exact centred over classes (the
-part that softmax sees). Mean ± std over seeds everywhere.
+--gradient-lams, and the experimental normalisers of --variants at --variant-lams (ShapleyLoss's
+``sv_scale`` "player" and "centered"). (3) ``evidence``: the same λ with --evidence-scale, and
+--gradient-lams, on the evidence data, with the pointing game, AUROC and mIoU of the
+self-explanations Φ(x)[:, :, y] against the ground-truth evidence patches. (4) ``fp8``: the
+stop-gradient form with G = M/4 and its forward-only ℓ_sv targets in e4m3
+(``target_precision="fp8"``) against the same runs in the model's dtype. The error against exact
+values is also given with Φ and φ_exact centred over classes (the part that softmax sees). Mean ±
+std over seeds everywhere.
 
 Every run is kept in --runs/<name>/result.json with its settings; an invocation with the same settings
 reuses it, so the sweeps can be run part by part and the tables assembled by the full command.
@@ -30,11 +31,10 @@ import torch
 
 from benchmarks import harness
 from benchmarks.experiments.train_sweeps import config, runner
-from benchmarks.experiments.train_sweeps.config import Run
-from benchmarks.experiments.train_sweeps.loss import EXTRA_SCALES, SweepLoss
+from benchmarks.experiments.train_sweeps.config import VARIANTS, Run
 from benchmarks.experiments.train_sweeps.render import markdown
 
-__all__ = ["EXTRA_SCALES", "Run", "SweepLoss", "main", "markdown"]
+__all__ = ["VARIANTS", "Run", "main", "markdown"]
 
 
 def main(argv=None) -> None:

@@ -8,7 +8,6 @@ import dataclasses
 import torch
 
 from benchmarks import harness
-from benchmarks.experiments.train_sweeps.loss import EXTRA_SCALES
 from shapkern.engine import PRECISIONS
 from shapkern.training import TrainConfig
 from shapkern.training.losses import SV_SCALES, default_grad_coalitions
@@ -18,6 +17,7 @@ TARGET_ACC_GAP = 0.01  # issue 17: accuracy within 1 point of classification onl
 TARGET_REL_ERR = 0.05  # and ‖Φ − φ_exact‖/‖φ_exact‖ <= 0.05
 TARGET_POINTING = 0.9
 STOP_GRAD_DEFAULT = (0.1, 1.0)  # λ, μ of the stop-gradient form (the default before 0.2.0)
+VARIANTS = ("player", "centered")  # the experimental ℓ_sv normalisers (ShapleyLoss's sv_scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,13 +90,13 @@ def parse_args(argv, description: str):
         default=[],
         help="raw ℓ_sv without stop-gradient, at these λ",
     )
-    parser.add_argument("--variants", nargs="*", default=[], choices=list(EXTRA_SCALES), help="extra scales")
+    parser.add_argument(
+        "--variants", nargs="*", default=[], choices=VARIANTS, help="experimental ℓ_sv scales"
+    )
     parser.add_argument("--variant-lams", type=float, nargs="+", default=[1.0, 10.0], help="λ of variants")
     parser.add_argument("--variant-seeds", type=int, nargs="+", help="seeds of variants (default: first)")
     parser.add_argument("--target-lams", type=float, nargs="+", default=[1.0, 10.0], help="λ with targets")
-    parser.add_argument(
-        "--evidence-scale", default="relative", choices=[*SV_SCALES, *EXTRA_SCALES], help="evidence ℓ_sv"
-    )
+    parser.add_argument("--evidence-scale", default="relative", choices=SV_SCALES, help="evidence ℓ_sv")
     parser.add_argument("--evidence-seeds", type=int, nargs="+", default=[0], help="seeds of evidence runs")
     parser.add_argument("--exact-images", type=int, default=16, help="test images scored against exact")
     parser.add_argument("--timing-steps", type=int, default=20, help="training steps per timed call")

@@ -17,11 +17,9 @@ from benchmarks import harness
 from benchmarks.experiments.train_sweeps import config
 from benchmarks.experiments.train_sweeps.analysis import aggregate, check_targets, decide_grad, find
 from benchmarks.experiments.train_sweeps.config import STOP_GRAD_DEFAULT, Run
-from benchmarks.experiments.train_sweeps.loss import EXTRA_SCALES, SweepLoss
 from benchmarks.train_figures import exact_faithfulness
 from shapkern.explainers.metrics import localization
 from shapkern.training import TrainConfig, Trainer
-from shapkern.training.losses import SV_SCALES
 
 
 def _train_config(run: Run, args, out: Path) -> TrainConfig:
@@ -29,7 +27,7 @@ def _train_config(run: Run, args, out: Path) -> TrainConfig:
         data=run.data,
         lam=run.lam,
         mu=run.mu,
-        sv_scale=run.sv_scale if run.sv_scale in SV_SCALES else "raw",
+        sv_scale=run.sv_scale,
         grad_coalitions=run.grad_coalitions,
         target_precision=run.target_precision,
         stop_grad=run.stop_grad,
@@ -48,18 +46,7 @@ def _train_config(run: Run, args, out: Path) -> TrainConfig:
 
 
 def _trainer(run: Run, args, out: Path, **overrides) -> Trainer:
-    cfg = dataclasses.replace(_train_config(run, args, out), **overrides)
-    trainer = Trainer(cfg)
-    if run.sv_scale in EXTRA_SCALES:
-        trainer.loss = SweepLoss(
-            run.lam,
-            run.sv_scale,
-            mu=cfg.mu,
-            num_coalitions=cfg.num_coalitions,
-            mask_loss=cfg.mask_loss,
-            stop_grad=cfg.stop_grad,
-        )
-    return trainer
+    return Trainer(dataclasses.replace(_train_config(run, args, out), **overrides))
 
 
 @torch.no_grad()
