@@ -50,7 +50,7 @@ class SelfExplaining(Protocol):
         chunk_size: int | None = None,
         precision: str = "auto",
         sync_checks=False,
-    ) -> Callable[[torch.Tensor], torch.Tensor]: ...
+    ) -> Callable[..., torch.Tensor]: ...
 
 
 class Restrictable:

@@ -8,9 +8,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import cast
-
 import torch
 from torch import nn
 
@@ -64,9 +61,6 @@ def shapley_step(
     sv_targets = None
     if graded < coalitions.shape[1]:  # forward-only ℓ_sv targets: no activations kept
         with torch.no_grad():
-            values = cast(
-                Callable[..., torch.Tensor],  # the engine's CoalitionForward, which takes paired=
-                inner.coalition_forward(images, precision=loss.target_precision),
-            )
+            values = inner.coalition_forward(images, precision=loss.target_precision)
             sv_targets = values(coalitions[:, graded:], paired=paired)
     return loss(outputs, targets, coalitions, sv_targets=sv_targets)
