@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import shapkern
-from shapkern.engine import embed_tokens
+from shapkern.engine import embed_tokens, masked_input_forward
 
 __all__ = [
     "METHODS",
@@ -94,7 +94,7 @@ def engine_torch_varlen(model, images, coalitions):
 
 def zero_input(model, images, coalitions):
     """Zero the pixels of absent patches, full forward (Captum/shap style)."""
-    return shapkern.masked_input_forward(model, images, coalitions, baseline="zeros", chunk_size=1 << 30)
+    return masked_input_forward(model, images, coalitions, baseline="zeros", chunk_rows=1 << 30)
 
 
 def key_mask(model, images, coalitions):

@@ -15,6 +15,7 @@ from torch import nn
 
 import shapkern
 from benchmarks import baselines
+from shapkern.engine import masked_input_forward
 from shapkern.models import ShapleyOutput
 
 __all__ = ["FlatPhi", "PairsShapleyViT", "ZeroInputShapleyViT"]
@@ -95,5 +96,5 @@ class ZeroInputShapleyViT(nn.Module):
     def coalition_values(self, images, coalitions, paired=True):
         """v(S) = Σ_{n∈S} Φ(x_S)_n with x_S the image whose absent patches are zeros: (B, M, K)."""
         batch, num, players = coalitions.shape
-        masked_phi = shapkern.masked_input_forward(self.flat_phi, images, coalitions, chunk_size=1 << 30)
+        masked_phi = masked_input_forward(self.flat_phi, images, coalitions, chunk_rows=1 << 30)
         return (masked_phi.view(batch, num, players, -1) * coalitions.unsqueeze(-1)).sum(2)

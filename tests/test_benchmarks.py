@@ -264,13 +264,11 @@ def train_sweeps():
 
 def test_sweep_loss_normalisers(train_sweeps):
     import torch
+    from tiny_models import tiny_shapley_vit
 
-    from shapkern import ShapleyLoss, ShapleyViT
+    from shapkern import ShapleyLoss
 
-    torch.manual_seed(0)
-    model = ShapleyViT(
-        "vit_tiny_patch16_224", 3, img_size=16, patch_size=8, depth=1, embed_dim=16, num_heads=1
-    )
+    model = tiny_shapley_vit(3, patch_size=8, num_heads=1).train()
     images, targets = torch.randn(3, 3, 16, 16), torch.tensor([0, 2, 1])
     base = ShapleyLoss(0.0, 1.0, 8, grad_coalitions=8)
     coalitions = base.sample(3, model.num_players, torch.Generator().manual_seed(1))
