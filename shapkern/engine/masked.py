@@ -27,12 +27,12 @@ CUDA_CHUNK_IMAGES = 1024
 def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     radius = max(1, int(3 * sigma))
     taps = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
-    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
-    kernel = kernel / kernel.sum()
+    gauss = torch.exp(-0.5 * (taps / sigma) ** 2)
+    gauss = gauss / gauss.sum()
     channels = images.shape[1]
     x = F.pad(images, (radius, radius, radius, radius), mode="reflect")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    x = F.conv2d(x, gauss.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(x, gauss.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
 
 
 def _baseline_images(images: torch.Tensor, baseline: Baseline, patch: tuple[int, int]) -> torch.Tensor:

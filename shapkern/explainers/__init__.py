@@ -69,7 +69,6 @@ __all__ = [
     "relative_l2",
     "resolve_method",
     "sensitivity_n",
-    "value_function",
 ]
 
 # Deprecated name (removed in 0.4).

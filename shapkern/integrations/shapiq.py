@@ -19,6 +19,8 @@ Run it under ``torch.autocast`` for bf16 on a GPU: the game is evaluated inside 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 from torch import nn
@@ -72,7 +74,7 @@ class ShapkernGame(shapiq.Game):
         model: nn.Module,
         image: torch.Tensor,
         *,
-        target: str | int = "pred",
+        target: Literal["pred"] | int = "pred",
         normalize: bool = True,
         coalitions_per_call: int = DEFAULT_COALITIONS_PER_CALL,
         mode: Mode | None = None,
