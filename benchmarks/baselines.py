@@ -29,7 +29,7 @@ from torch import nn
 
 import shapkern
 from benchmarks import families
-from shapkern.engine import adapter_for
+from shapkern.engine import adapter_for, masked_input_forward
 
 __all__ = [
     "METHODS",
@@ -97,7 +97,7 @@ def engine_torch_varlen(model, images, coalitions):
 
 def zero_input(model, images, coalitions):
     """Zero the pixels of absent patches, full forward (Captum/shap style)."""
-    return shapkern.masked_input_forward(model, images, coalitions, baseline="zeros", chunk_size=1 << 30)
+    return masked_input_forward(model, images, coalitions, baseline="zeros", chunk_rows=1 << 30)
 
 
 def key_mask(model, images, coalitions):

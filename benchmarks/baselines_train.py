@@ -18,6 +18,7 @@ from torch import nn
 
 import shapkern
 from benchmarks import baselines
+from shapkern.engine import masked_input_forward
 from shapkern.models import ShapleyOutput
 
 __all__ = ["FlatPhi", "PairsShapleyViT", "ZeroInputShapleyViT"]
@@ -62,7 +63,7 @@ class PairsShapleyViT(nn.Module):
         phi = phi_tokens.view(batch, num // 2 + 1, players, -1)[:, 0]
         return ShapleyOutput(phi=phi, logits=phi.sum(dim=1), values=values[:, 2:])
 
-    def coalition_forward(self, images, *, chunk_size=None, precision="auto", sync_checks=False):
+    def coalition_forward(self, images, *, chunk_rows=None, precision="auto", sync_checks=False):
         """v_x(S) (B, M, K) of any paired coalitions of ``images``: the forward-only ℓ_sv targets
         when grad_coalitions < M."""
         _model_dtype_only(precision)
@@ -96,10 +97,10 @@ class ZeroInputShapleyViT(nn.Module):
     def _values(self, images, coalitions, paired=True):
         """v(S) = Σ_{n∈S} Φ(x_S)_n with x_S the image whose absent patches are zeros: (B, M, K)."""
         batch, num, players = coalitions.shape
-        masked_phi = shapkern.masked_input_forward(self.flat_phi, images, coalitions, chunk_size=1 << 30)
+        masked_phi = masked_input_forward(self.flat_phi, images, coalitions, chunk_rows=1 << 30)
         return (masked_phi.view(batch, num, players, -1) * coalitions.unsqueeze(-1)).sum(2)
 
-    def coalition_forward(self, images, *, chunk_size=None, precision="auto", sync_checks=False):
+    def coalition_forward(self, images, *, chunk_rows=None, precision="auto", sync_checks=False):
         """v(S) (B, M, K) of any coalitions of ``images``, as in :meth:`forward`."""
         _model_dtype_only(precision)
         return partial(self._values, images)

@@ -13,7 +13,7 @@ largest output; fp32 tolerance 1e-5):
   ``torch.einsum("bmi,bm,bmj->bij")`` over the bool masks.
 - segment_sum: ``index_add_`` over a repeat_interleave'd sequence index; segment_expand:
   ``repeat_interleave``; both on --segments sequences of random length in [0, N].
-- pack_masks / unpack_masks: their PyTorch references.
+- pack_coalitions / unpack_coalitions: their PyTorch references.
 
 Defaults are the sizes of issue 15 (B = 32, M = 1024, N = 196, K = 1000, fp32). ``--sweep`` also
 times a few tile configurations of the Triton kernels (CUDA only) and reports them apart.
@@ -26,6 +26,7 @@ import torch
 
 from benchmarks import harness
 from shapkern.ops import _extension as ext
+from shapkern.ops import bitpack as B
 from shapkern.ops import gram as G
 from shapkern.ops import reduce as R
 
@@ -71,15 +72,20 @@ def cases(args, device: torch.device):
     values = torch.randn(b, m, k, generator=g).to(device, dtype)
     weights = torch.rand(b, m, generator=g).to(device, dtype)
     grad = torch.randn(b, n, k, generator=g).to(device, dtype)
-    packed = R.pack_masks(mask)
+    packed = B.pack_coalitions(mask)
     yield from _reduce_cases(mask, packed, values, weights, grad)
     yield from _gram_cases(mask, packed, weights)
     yield from _segment_cases(args, g, dtype, device)
-    yield "pack_masks", lambda: R.pack_masks(mask), lambda: R.pack_masks_reference(mask), lambda: packed
     yield (
-        "unpack_masks",
-        lambda: R.unpack_masks(packed, n),
-        lambda: R.unpack_masks_reference(packed, n),
+        "pack_coalitions",
+        lambda: B.pack_coalitions(mask),
+        lambda: B.pack_coalitions_reference(mask),
+        lambda: packed,
+    )
+    yield (
+        "unpack_coalitions",
+        lambda: B.unpack_coalitions(packed, n),
+        lambda: B.unpack_coalitions_reference(packed, n),
         lambda: mask,
     )
 
@@ -220,7 +226,7 @@ def sweep(args, device: torch.device) -> list[dict]:
     g = torch.Generator().manual_seed(1)
     b, m, n, k = args.batch, args.coalitions, args.players, args.classes
     mask = (torch.rand(b, m, n, generator=g) < 0.5).to(device)
-    packed = R.pack_masks(mask)
+    packed = B.pack_coalitions(mask)
     values = torch.randn(b, m, k, generator=g).to(device)
     weights = torch.rand(b, m, generator=g).to(device)
     calls = {

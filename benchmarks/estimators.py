@@ -78,7 +78,7 @@ def checkpoint(name: str, runs: Path) -> Path:
 
 def model_table(name: str, args) -> torch.Tensor:
     """(B, 2^N) the predicted class's logit on every coalition of the first test images."""
-    from shapkern.cli.explain import load_model
+    from shapkern.cli.explain_inputs import load_model
     from shapkern.data import load_dataset
     from shapkern.games import model_game
 
@@ -95,7 +95,7 @@ def model_table(name: str, args) -> torch.Tensor:
         table = torch.cat(
             [
                 game(z.expand(args.images, -1, -1))[..., 0].double()
-                for z in all_coalitions(PLAYERS, chunk_size=4096)
+                for z in all_coalitions(PLAYERS, coalitions_per_chunk=4096)
             ],
             1,
         )
@@ -146,7 +146,7 @@ def load_game(name: str, args) -> dict:
         if cached["key"] == key:
             return cached
     table = model_table(name, args) if name in TRAIN_FLAGS else synthetic_table(name, args.images)
-    exact = estimate(table_game(table), method="exact", progress=False).values[..., 0].double()
+    exact = estimate(table_game(table), method="exact", target="all", progress=False).values[..., 0].double()
     game = {"key": key, "table": table, "exact": exact}
     args.cache.mkdir(parents=True, exist_ok=True)
     torch.save(game, path)
@@ -159,7 +159,9 @@ def run_shapkern(method: str, table: torch.Tensor, budget: int, seeds: int) -> d
     phis, ses, ms, evals = [], [], [], set()
     for seed in [*range(seeds), 0]:
         start = time.perf_counter()
-        att = estimate(table_game(table), method=method, budget=budget, seed=seed, progress=False)
+        att = estimate(
+            table_game(table), method=method, budget=budget, seed=seed, target="all", progress=False
+        )
         ms.append(1e3 * (time.perf_counter() - start) / table.shape[0])
         phis.append(att.values[..., 0].double())
         ses.append(att.std_error[..., 0].double())

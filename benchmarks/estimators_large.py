@@ -45,7 +45,7 @@ TOP = 3
 def load_game(args):
     """The model, its first test images (B, C, H, W), their predicted classes (B,) and the game of
     those classes (a ValueFunction)."""
-    from shapkern.cli.explain import load_model
+    from shapkern.cli.explain_inputs import load_model
     from shapkern.data import load_dataset
 
     path = cases.trained_checkpoint(args.runs, TRAIN_FLAGS)
@@ -62,7 +62,11 @@ def run_shapkern(game, method: str, budget: int, seeds: int) -> tuple[torch.Tens
     """(S, B, N) estimates and wall ms per image."""
     phis, start = [], time.perf_counter()
     for seed in range(seeds):
-        phis.append(estimate(game, method=method, budget=budget, seed=seed, progress=False).values[..., 0])
+        phis.append(
+            estimate(game, method=method, budget=budget, seed=seed, target="all", progress=False).values[
+                ..., 0
+            ]
+        )
     return torch.stack(phis).double(), 1e3 * (time.perf_counter() - start) / (seeds * game.batch)
 
 
@@ -143,7 +147,7 @@ def main(argv=None) -> dict:
     harness.configure_cpu_threads()
     model, images, targets, game = load_game(args)
     reference = estimate(
-        game, method="kernel", budget=args.reference_budget, seed=REFERENCE_SEED, progress=False
+        game, method="kernel", budget=args.reference_budget, seed=REFERENCE_SEED, target="all", progress=False
     )
     ref = reference.values[..., 0].double()
     use_shapiq = args.shapiq and importlib.util.find_spec("shapiq") is not None

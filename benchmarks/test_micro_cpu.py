@@ -11,6 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import shapkern
 from benchmarks import harness
+from shapkern.ops import coalition_reduce, pack_coalitions, segment_sum
 from shapkern.ops.varlen_attention import varlen_attention_reference
 
 
@@ -39,20 +40,20 @@ def test_sample_coalitions(benchmark):
     benchmark(shapkern.sample_coalitions, 32, 32, 196)
 
 
-def test_pack_masks(benchmark, packed):
-    benchmark(shapkern.pack_masks, packed[0])
+def test_pack_coalitions(benchmark, packed):
+    benchmark(pack_coalitions, packed[0])
 
 
 def test_segment_sum(benchmark, packed):
     _, cu_seqlens, total = packed
     values = torch.randn(total, 100)
-    benchmark(shapkern.segment_sum, values, cu_seqlens)
+    benchmark(segment_sum, values, cu_seqlens)
 
 
 def test_coalition_reduce(benchmark, packed):
-    masks = shapkern.pack_masks(packed[0])
+    coalitions = pack_coalitions(packed[0])
     values, weights = torch.randn(8, 32, 100), torch.randn(8, 32)
-    benchmark(shapkern.coalition_reduce, masks, values, weights, num_players=196)
+    benchmark(coalition_reduce, coalitions, values, weights, num_players=196)
 
 
 def test_varlen_attention_reference(benchmark, packed):

@@ -23,24 +23,20 @@
 
 from __future__ import annotations
 
-import errno
-import glob
 import os
 import pickle
 import random
-import shutil
 import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
 
-try:
-    from torch.utils.serialization import config as _serialization_config
-except ImportError:  # a torch without the switch, which always computes the checksums
-    _serialization_config = None
+# The atomic writes live in shapkern.files; atomic_write, clean_temporary_files and reported_write
+# stay importable from here, where the training code finds them with the checkpoint files.
+from shapkern.files import atomic_write, clean_temporary_files, fsync_dir, reported_write, write_synced
 
 __all__ = [
     "CHECKPOINT",
@@ -60,7 +56,6 @@ __all__ = [
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
-_TMP_MARK = ".tmp-"
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
 
 
@@ -68,116 +63,34 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: corrupt, truncated, unsafe or of another kind."""
 
 
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _temporary_path(path: str) -> str:
-    folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}{_TMP_MARK}{os.getpid()}")
-
-
-def _free_space(folder: str) -> str:
-    try:
-        return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB"
-    except OSError:
-        return "unknown"
-
-
-def _write_failure(path: str, exc: BaseException) -> OSError | None:
-    """The error for a failed write of ``path``, naming it and the cause; None when ``exc`` is not a
-    failed write. torch.save reports a full disk as a RuntimeError of its zip writer ("unexpected
-    pos", "file write failed"), without the errno."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if isinstance(exc, OSError):
-        code, cause = exc.errno, exc.strerror or str(exc)
-        if code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            cause = f"no space left on device ({cause}; {_free_space(folder)} free in {folder})"
-    elif isinstance(exc, RuntimeError) and (
-        "unexpected pos" in str(exc) or "PytorchStreamWriter" in str(exc)
-    ):
-        code = errno.ENOSPC
-        cause = (
-            f"no space left on device, or the write failed otherwise ({_free_space(folder)} free in "
-            f"{folder}; PyTorch: {str(exc).splitlines()[0]})"
-        )
-    else:
-        return None
-    return OSError(code or errno.EIO, f"cannot write {path}: {cause}")
-
-
-@contextmanager
-def reported_write(path: str, *, replaces: bool = False) -> Iterator[None]:
-    """Turn a failed write of ``path`` in the block (a full disk, a read-only folder) into an
-    OSError that names the file and the cause; ``replaces``: the block writes a temporary file that
-    would replace ``path``, so the message says the files there are unchanged."""
-    try:
-        yield
-    except (OSError, RuntimeError) as exc:
-        failure = _write_failure(path, exc)
-        if failure is None:
-            raise
-        if replaces:
-            failure = OSError(failure.errno, f"{failure.strerror}; the files already there are unchanged")
-        raise failure from exc
-
-
-def _write_synced(path: str, write: Callable[[str], None]) -> str:
-    """Write to a temporary file next to ``path`` and fsync it; returns the temporary path. On any
-    failure the temporary file is removed (a full disk names itself, see reported_write)."""
-    tmp = _temporary_path(path)
-    try:
-        with reported_write(path, replaces=True):
-            write(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return tmp
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Write ``path`` through ``write(tmp_path)`` and a rename: a kill leaves the old file or the new."""
-    tmp = _write_synced(path, write)
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def clean_temporary_files(folder: str) -> list[str]:
-    """Remove temporary files that a killed save left in ``folder``; returns their paths."""
-    stale = glob.glob(os.path.join(glob.escape(folder), f".*{_TMP_MARK}*"))
-    for path in stale:
-        os.remove(path)
-    return stale
-
-
 def save_checkpoint(state: dict, folder: str) -> str:
     """Atomically write ``state`` as ``folder/checkpoint.pt``, keeping the last one as
     ``checkpoint.prev.pt``. Returns the path written."""
     path = os.path.join(folder, CHECKPOINT)
-    tmp = _write_synced(path, lambda p: _save_with_checksums(state, p))
+    tmp = write_synced(path, lambda p: _save_with_checksums(state, p))
     if os.path.exists(path):
         os.replace(path, os.path.join(folder, PREVIOUS_CHECKPOINT))
     os.replace(tmp, path)
-    _fsync_dir(os.path.abspath(folder))
+    fsync_dir(os.path.abspath(folder))
     return path
+
+
+def _crc32_switch():
+    """torch.save's settings holding ``compute_crc32``, or None for a torch without the switch (which
+    always computes the checksums)."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:
+        return None
+    return config.save
 
 
 def _save_with_checksums(state: dict, path: str) -> None:
     """torch.save with the CRC-32 of every archive entry computed (torch can be told to skip them)."""
-    if _serialization_config is None:
+    switch = _crc32_switch()
+    if switch is None:
         torch.save(state, path)
         return
-    switch = _serialization_config.save
     previous, switch.compute_crc32 = switch.compute_crc32, True
     try:
         torch.save(state, path)
@@ -336,7 +249,8 @@ def checkpoint_to_resume(folder: str, map_location="cpu") -> LoadedCheckpoint:
 
 def rng_state() -> dict:
     """The torch, CUDA, numpy and Python RNG states as tensors and numbers (safe-loader readable)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
+    kind, keys, pos, has_gauss, cached = legacy
     version, internal, gauss_next = random.getstate()
     state = {
         "torch": torch.get_rng_state(),

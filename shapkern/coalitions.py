@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
+
+from shapkern._deprecation import renamed_arguments
 
 __all__ = [
     "MAX_EXACT_PLAYERS",
     "SAMPLERS",
     "CoalitionSampler",
+    "Sampler",
     "all_coalitions",
     "permutation_chain",
     "sample_coalitions",
@@ -24,7 +28,9 @@ __all__ = [
 ]
 
 MAX_EXACT_PLAYERS = 20  # 2^20 ≈ 1M coalitions per image: the most that enumeration (``exact``) takes
-SAMPLERS = ("shapley", "uniform", "bernoulli")  # how coalitions are drawn (see sample_coalitions)
+# How coalitions are drawn (see sample_coalitions).
+Sampler = Literal["shapley", "uniform", "bernoulli"]
+SAMPLERS: tuple[Sampler, ...] = get_args(Sampler)
 
 
 def shapley_size_distribution(players: int, dtype=torch.float64) -> torch.Tensor:
@@ -63,19 +69,20 @@ def _subsets_of_size(sizes: torch.Tensor, players: int, generator, device) -> to
     return ranks < sizes.unsqueeze(-1)
 
 
+@renamed_arguments(method="sampler")
 def sample_coalitions(
     batch: int,
     num: int,
     players: int,
     *,
-    method: str = "shapley",
+    sampler: Sampler = "shapley",
     paired: bool = True,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Sample ``num`` coalitions of ``players`` patches for each of ``batch`` images.
 
-    Methods:
+    Samplers:
         - ``"shapley"``: size s drawn exactly from the Shapley kernel p(s) ∝ (N-1)/(s(N-s)),
           0 < s < N, then a uniformly random subset of that size.
         - ``"uniform"``: size uniform on 1..N-1, then a uniformly random subset of that size.
@@ -94,59 +101,62 @@ def sample_coalitions(
         raise ValueError(f"num must be even when paired=True, got {num}")
     device = _sampling_device(generator, device)
     drawn = num // 2 if paired else num
-    if method == "shapley":
+    if sampler == "shapley":
         # On the generator's device: multinomial takes a generator of its input's device only.
         probs = shapley_size_distribution(players).float().to(device)
         sizes = torch.multinomial(probs, batch * drawn, replacement=True, generator=generator)
         masks = _subsets_of_size(sizes.view(batch, drawn), players, generator, device)
-    elif method == "uniform":
+    elif sampler == "uniform":
         if players < 2:
-            raise ValueError(f"players must be >= 2 for method='uniform', got {players}")
+            raise ValueError(f"players must be >= 2 for sampler='uniform', got {players}")
         sizes = torch.randint(1, players, (batch, drawn), generator=generator, device=device)
         masks = _subsets_of_size(sizes, players, generator, device)
-    elif method == "bernoulli":
+    elif sampler == "bernoulli":
         masks = torch.rand(batch, drawn, players, generator=generator, device=device) < 0.5
     else:
-        raise ValueError(f"method must be 'shapley', 'uniform' or 'bernoulli', got {method!r}")
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if paired:
         masks = torch.stack([masks, ~masks], dim=2).view(batch, num, players)
     return masks
 
 
+@renamed_arguments(chunk_size="coalitions_per_chunk")
 def all_coalitions(
-    players: int, *, chunk_size: int = 1 << 16, device: torch.device | str | None = None
+    players: int, *, coalitions_per_chunk: int = 1 << 16, device: torch.device | str | None = None
 ) -> Iterator[torch.Tensor]:
-    """All 2^N coalitions in integer order (bit n of i is player n), as bool (chunk, N) chunks."""
+    """All 2^N coalitions in integer order (bit n of i is player n), as bool (C, N) chunks of
+    C = ``coalitions_per_chunk`` coalitions (the last one shorter)."""
     if not 1 <= players <= MAX_EXACT_PLAYERS:
         raise ValueError(f"players must be in 1..{MAX_EXACT_PLAYERS} for enumeration, got {players}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if coalitions_per_chunk < 1:
+        raise ValueError(f"coalitions_per_chunk must be positive, got {coalitions_per_chunk}")
     bits = torch.arange(players, device=device)
     total = 1 << players
-    for start in range(0, total, chunk_size):
-        ids = torch.arange(start, min(start + chunk_size, total), device=device)
+    for start in range(0, total, coalitions_per_chunk):
+        ids = torch.arange(start, min(start + coalitions_per_chunk, total), device=device)
         yield (ids.unsqueeze(-1) >> bits) & 1 == 1
 
 
+@renamed_arguments(antithetic="paired")
 def sample_permutations(
     batch: int,
     num: int,
     players: int,
     *,
-    antithetic: bool = False,
+    paired: bool = True,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Uniform random orderings of the players: int64 (B, M, N).
 
-    With ``antithetic=True`` (``num`` even) ordering 2i+1 is ordering 2i reversed.
+    With ``paired=True`` (antithetic; ``num`` even) ordering 2i+1 is ordering 2i reversed.
     """
-    if antithetic and num % 2:
-        raise ValueError(f"num must be even when antithetic=True, got {num}")
+    if paired and num % 2:
+        raise ValueError(f"num must be even when paired=True, got {num}")
     device = _sampling_device(generator, device)
-    drawn = num // 2 if antithetic else num
+    drawn = num // 2 if paired else num
     perms = torch.rand(batch, drawn, players, generator=generator, device=device).argsort(dim=-1)
-    if antithetic:
+    if paired:
         perms = torch.stack([perms, perms.flip(-1)], dim=2).view(batch, num, players)
     return perms
 
@@ -163,6 +173,7 @@ def permutation_chain(perms: torch.Tensor) -> torch.Tensor:
     return rank.unsqueeze(-2) < steps
 
 
+@renamed_arguments(method="sampler")
 def seeded_coalitions(
     indices: torch.Tensor,
     *,
@@ -170,7 +181,7 @@ def seeded_coalitions(
     epoch: int,
     num: int,
     players: int,
-    method: str = "shapley",
+    sampler: Sampler = "shapley",
     paired: bool = True,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
@@ -188,7 +199,7 @@ def seeded_coalitions(
     out = []
     for index in indices.tolist():  # B small generators: sampling only, no coalition evaluation
         gen.manual_seed(((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63 - 1))
-        out.append(sample_coalitions(1, num, players, method=method, paired=paired, generator=gen))
+        out.append(sample_coalitions(1, num, players, sampler=sampler, paired=paired, generator=gen))
     if not out:
         return torch.zeros(0, num, players, dtype=torch.bool, device=device)
     return torch.cat(out).to(device)
@@ -205,7 +216,7 @@ class CoalitionSampler:
     """
 
     num: int = 8
-    sampler: str = "shapley"
+    sampler: Sampler = "shapley"
     paired: bool = True
     seed: int = 0
 
@@ -229,7 +240,7 @@ class CoalitionSampler:
             epoch=epoch,
             num=self.num,
             players=players,
-            method=self.sampler,
+            sampler=self.sampler,
             paired=self.paired,
             device=device,
         )

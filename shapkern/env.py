@@ -42,8 +42,9 @@ def environment() -> dict[str, str]:
         "extension CUDA kernels": "compiled in" if _extension.has_cuda_kernels() else "not compiled in",
         "triton mode": triton_mode(),
     }
-    if _extension.extension_error():
-        info["extension error"] = _extension.extension_error()
+    error = _extension.extension_error()
+    if error:
+        info["extension error"] = error
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         info["gpu"] = f"{torch.cuda.get_device_name()} (compute capability {major}.{minor})"

@@ -18,6 +18,7 @@ from functools import cached_property
 
 import torch
 
+from shapkern._deprecation import renamed_arguments
 from shapkern.ops import segment_sum, varlen_attention
 from shapkern.ops.varlen_attention import AttentionFn
 
@@ -94,34 +95,47 @@ class PackPlan:
         )
 
 
+def _complementary(coalitions: torch.Tensor) -> torch.Tensor:
+    """Whether rows 2i and 2i+1 of bool (R, N), R even, are complements: a bool scalar tensor."""
+    pairs = coalitions.view(coalitions.shape[0] // 2, 2, coalitions.shape[1])
+    return (pairs[:, 0] ^ pairs[:, 1]).all()
+
+
+@renamed_arguments(masks="coalitions")
 def pack_plan(
-    masks: torch.Tensor, row_image: torch.Tensor, num_prefix_tokens: int, *, paired: bool = False
+    coalitions: torch.Tensor,
+    row_image: torch.Tensor,
+    num_prefix_tokens: int,
+    *,
+    paired: bool | None = None,
 ) -> PackPlan:
     """Plan the packed layout of R coalition rows.
 
     Args:
-        masks: bool (R, N), the kept patches of each row.
+        coalitions: bool (R, N), the kept patches of each row.
         row_image: int64 (R,), the image each row belongs to.
         num_prefix_tokens: P, tokens kept in every row ahead of its patches.
-        paired: rows 2i and 2i+1 are complements. Then T is known, R*P + (R/2)*N, and the plan
-            makes no host sync on CUDA, where the pairing is checked asynchronously on the device
-            (on the CPU it is checked at once). Otherwise T is read back once.
+        paired: rows 2i and 2i+1 are complements (True), are not (False), or detect it (None, one
+            host read). Paired, T is known, R*P + (R/2)*N, and the plan makes no host sync on CUDA,
+            where the pairing is checked asynchronously on the device (on the CPU it is checked at
+            once). Otherwise T is read back once. The layout is the same either way.
 
     Each row's sequence is its P prefix tokens followed by its kept patches in patch order.
     """
-    rows, players = masks.shape
+    rows, players = coalitions.shape
     width = num_prefix_tokens + players
+    if paired is None:
+        paired = rows > 0 and rows % 2 == 0 and bool(_complementary(coalitions))
     if paired:
         if rows % 2:
             raise ValueError(f"paired=True needs an even number of coalition rows, got {rows}")
-        pairs = masks.view(rows // 2, 2, players)
-        complementary = (pairs[:, 0] ^ pairs[:, 1]).all()
-        if masks.device.type == "cpu" and not complementary:
+        complementary = _complementary(coalitions)
+        if coalitions.device.type == "cpu" and not complementary:
             raise ValueError(NOT_COMPLEMENTS)
         torch._assert_async(complementary, NOT_COMPLEMENTS)
         total = rows * num_prefix_tokens + rows // 2 * players
-    patch_counts = masks.sum(-1)
-    keep = torch.cat([masks.new_ones(rows, num_prefix_tokens), masks], dim=1).view(-1)
+    patch_counts = coalitions.sum(-1)
+    keep = torch.cat([coalitions.new_ones(rows, num_prefix_tokens), coalitions], dim=1).view(-1)
     if paired:
         flat = torch.nonzero_static(keep, size=total).view(-1)
     else:
@@ -141,7 +155,7 @@ def pack_plan(
 
 
 def pack_tokens(
-    tokens: torch.Tensor, coalitions: torch.Tensor, num_prefix_tokens: int, *, paired: bool = False
+    tokens: torch.Tensor, coalitions: torch.Tensor, num_prefix_tokens: int, *, paired: bool | None = None
 ) -> tuple[torch.Tensor, PackPlan]:
     """Gather the kept tokens of every (image, coalition) pair into one flat tensor.
 
@@ -149,7 +163,8 @@ def pack_tokens(
         tokens: (B, P + N, D) embedded tokens, prefix tokens first.
         coalitions: bool (B, M, N) kept patches.
         num_prefix_tokens: P.
-        paired: coalitions 2i and 2i+1 are complements (no host sync, see :func:`pack_plan`).
+        paired: coalitions 2i and 2i+1 are complements (no host sync), are not, or None: detect
+            it (see :func:`pack_plan`).
 
     Returns:
         packed (T, D) and the plan; row r = b * M + m holds image b under coalition m.

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# Helper modules of the tests (sm90_compile.py) import by name under --import-mode=importlib too.
+# Helper modules of the tests import by name under --import-mode=importlib too: tiny_models.py (the
+# tiny ViTs and self-explaining ViTs every test builds), sm90_compile.py, image_folders.py.
 sys.path.insert(0, str(Path(__file__).parent))
 # The benchmarks package (benchmarks/, never installed) imports from the checkout. Appended, not
 # prepended: where shapkern is installed (the GPU session's `python -P -m pytest`), the installed

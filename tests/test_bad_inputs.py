@@ -3,27 +3,22 @@ answer or a traceback from deep inside timm (CPU here; the CUDA variants carry t
 
 import pytest
 import torch
+from tiny_models import SHAPLEY_SIZES, tiny_shapley_vit, tiny_vit
 
 import shapkern
 from shapkern import ShapleyLoss, ShapleyViT, explain, fused_coalition_forward, sample_coalitions
 from shapkern.coalitions import CoalitionSampler
 from shapkern.training import shapley_step
 
-SMALL = {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2}
-
 
 @pytest.fixture(scope="module")
 def shapley_vit():
-    torch.manual_seed(0)
-    return ShapleyViT("vit_tiny_patch16_224", 3, **SMALL).eval()
+    return tiny_shapley_vit(3)
 
 
 @pytest.fixture(scope="module")
 def vit():
-    import timm
-
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", num_classes=3, **SMALL).eval()
+    return tiny_vit(sizes=SHAPLEY_SIZES | {"num_classes": 3})
 
 
 def nan_images(batch=2):
@@ -113,7 +108,7 @@ def test_sampler_device_must_match_its_generator():
 
 def test_shapley_vit_rejects_a_bad_number_of_classes():
     with pytest.raises(ValueError, match="num_classes must be a positive int"):
-        ShapleyViT("vit_tiny_patch16_224", 0, **SMALL)
+        ShapleyViT("vit_tiny_patch16_224", 0, **SHAPLEY_SIZES)
 
 
 @pytest.mark.cuda

@@ -53,14 +53,14 @@ def test_paired_interleaves_complements():
     assert torch.equal(masks[:, 1::2], ~masks[:, 0::2])
 
 
-@pytest.mark.parametrize("method", ["uniform", "bernoulli"])
-def test_other_methods(method):
+@pytest.mark.parametrize("sampler", ["uniform", "bernoulli"])
+def test_other_samplers(sampler):
     masks = sample_coalitions(
-        4, 2000, 10, method=method, paired=False, generator=torch.Generator().manual_seed(2)
+        4, 2000, 10, sampler=sampler, paired=False, generator=torch.Generator().manual_seed(2)
     )
     sizes = masks.sum(-1).double()
     assert abs(sizes.mean().item() - 5) < 0.1
-    if method == "uniform":
+    if sampler == "uniform":
         assert sizes.min() >= 1 and sizes.max() <= 9
 
 
@@ -74,7 +74,7 @@ def test_sampling_is_seeded():
     "kwargs, match",
     [
         ({"batch": 1, "num": 3, "players": 4}, "even"),
-        ({"batch": 1, "num": 2, "players": 4, "method": "nope"}, "method"),
+        ({"batch": 1, "num": 2, "players": 4, "sampler": "nope"}, "sampler"),
         ({"batch": 1, "num": 2, "players": 1}, "players"),
         ({"batch": 0, "num": 2, "players": 4}, "positive"),
     ],
@@ -85,7 +85,7 @@ def test_sample_coalitions_bad_input(kwargs, match):
 
 
 def test_all_coalitions_enumerates_every_subset_once():
-    chunks = list(all_coalitions(10, chunk_size=300))
+    chunks = list(all_coalitions(10, coalitions_per_chunk=300))
     masks = torch.cat(chunks)
     assert masks.shape == (1024, 10) and len(chunks) == 4
     ids = (masks.long() << torch.arange(10)).sum(-1)
@@ -95,12 +95,21 @@ def test_all_coalitions_enumerates_every_subset_once():
 def test_all_coalitions_limits():
     with pytest.raises(ValueError, match="players"):
         next(all_coalitions(21))
-    first = next(all_coalitions(20, chunk_size=8))
+    first = next(all_coalitions(20, coalitions_per_chunk=8))
     assert first.shape == (8, 20)
 
 
+def test_permutations_are_paired_by_default():
+    """One default per option: samplers pair (antithetic orderings) unless told not to."""
+    perms = sample_permutations(2, 6, 7, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(perms[:, 1::2], perms[:, 0::2].flip(-1))
+    with pytest.raises(ValueError, match="even"):
+        sample_permutations(1, 3, 7)
+    assert sample_permutations(1, 3, 7, paired=False).shape == (1, 3, 7)
+
+
 def test_permutations_and_chain():
-    perms = sample_permutations(2, 6, 7, antithetic=True, generator=torch.Generator().manual_seed(3))
+    perms = sample_permutations(2, 6, 7, paired=True, generator=torch.Generator().manual_seed(3))
     assert torch.equal(perms.sort(-1).values, torch.arange(7).expand(2, 6, 7))
     assert torch.equal(perms[:, 1::2], perms[:, 0::2].flip(-1))
     chain = permutation_chain(perms)
@@ -112,10 +121,10 @@ def test_permutations_and_chain():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("method", ["shapley", "uniform", "bernoulli"])
-def test_cuda_generator_samples_on_the_gpu(method):
+@pytest.mark.parametrize("sampler", ["shapley", "uniform", "bernoulli"])
+def test_cuda_generator_samples_on_the_gpu(sampler):
     gen = torch.Generator(device="cuda").manual_seed(0)
-    masks = sample_coalitions(3, 4, 196, method=method, generator=gen)
+    masks = sample_coalitions(3, 4, 196, sampler=sampler, generator=gen)
     assert masks.is_cuda and masks.shape == (3, 4, 196)
     assert (masks[:, 0::2] ^ masks[:, 1::2]).all()
 
@@ -135,7 +144,7 @@ def test_coalition_sampler_draws_the_seeded_coalitions_of_its_settings():
     want = seeded_coalitions(indices, seed=0, epoch=2, num=8, players=16)
     assert torch.equal(default(indices, 2, 16), want)  # what the trainer drew before the sampler existed
     unpaired = CoalitionSampler(num=3, sampler="uniform", paired=False, seed=5)(indices, 1, 16)
-    want = seeded_coalitions(indices, seed=5, epoch=1, num=3, players=16, method="uniform", paired=False)
+    want = seeded_coalitions(indices, seed=5, epoch=1, num=3, players=16, sampler="uniform", paired=False)
     assert torch.equal(unpaired, want) and unpaired.shape == (3, 3, 16)
     sizes = unpaired.sum(-1)
     assert (sizes >= 1).all() and (sizes <= 15).all()

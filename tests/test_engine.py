@@ -2,35 +2,12 @@ import functools
 
 import pytest
 import torch
-from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
+from tiny_models import SMALL, VARIANTS, tiny_vit
 from torch import nn
 
-from shapkern import PackedTokens, coalition_tokens, fused_coalition_forward, sample_coalitions
-
-SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 5}
-VARIANTS = {
-    "cls_token": {},
-    "cls_avg": {"global_pool": "avg"},
-    "no_prefix_avg": {"class_token": False, "global_pool": "avg"},
-    "registers": {"reg_tokens": 2},
-    "no_embed_class": {"reg_tokens": 1, "no_embed_class": True},
-    "qk_norm": {"qk_norm": True},
-    "layer_scale": {"init_values": 0.1},
-    "deep_small_patch": {"patch_size": 4, "depth": 3, "embed_dim": 48, "num_heads": 3, "mlp_ratio": 2.0},
-    "distilled": {"distilled": True},
-}
-
-
-def make_model(name: str, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    kwargs = {**SMALL, **VARIANTS[name]}
-    cls = VisionTransformerDistilled if kwargs.pop("distilled", False) else VisionTransformer
-    model = cls(**kwargs).eval()
-    with torch.no_grad():  # timm zero-inits some parameters; make every one of them matter
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+from shapkern import fused_coalition_forward, sample_coalitions
+from shapkern.engine import PackedTokens, coalition_tokens
 
 
 def key_masked_reference(model, images, coalitions, output="logits"):
@@ -64,7 +41,7 @@ def random_coalitions(batch, num, players, seed, *, allow_empty=True):
 @pytest.mark.parametrize("name", list(VARIANTS))
 @pytest.mark.parametrize("output", ["logits", "pre_logits"])
 def test_engine_equals_key_masked_timm(name, output):
-    model = make_model(name)
+    model = tiny_vit(name)
     players = model.patch_embed.num_patches
     num = 3 + len(name) % 5
     images = torch.randn(2, 3, 32, 32)
@@ -77,7 +54,7 @@ def test_engine_equals_key_masked_timm(name, output):
 
 @pytest.mark.parametrize("name", ["cls_token", "cls_avg", "registers", "distilled", "layer_scale"])
 def test_engine_gradients_equal_key_masked_timm(name):
-    model = make_model(name)
+    model = tiny_vit(name)
     images = torch.randn(2, 3, 32, 32)
     coalitions = random_coalitions(2, 4, model.patch_embed.num_patches, seed=7)
     weights = torch.randn(2, 4, 5)
@@ -92,7 +69,7 @@ def test_engine_gradients_equal_key_masked_timm(name):
 
 
 def test_full_coalition_equals_plain_forward_and_broadcast_masks():
-    model = make_model("registers")
+    model = tiny_vit("registers")
     images = torch.randn(3, 3, 32, 32)
     full = torch.ones(2, model.patch_embed.num_patches, dtype=torch.bool)
     got = fused_coalition_forward(model, images, full)
@@ -101,7 +78,7 @@ def test_full_coalition_equals_plain_forward_and_broadcast_masks():
 
 
 def test_empty_coalition_keeps_only_prefix_tokens():
-    model = make_model("cls_token")
+    model = tiny_vit("cls_token")
     images = torch.randn(2, 3, 32, 32)
     empty = torch.zeros(2, 1, 16, dtype=torch.bool)
     got = fused_coalition_forward(model, images, empty)
@@ -112,7 +89,7 @@ def test_empty_coalition_keeps_only_prefix_tokens():
 
 
 def test_empty_coalition_without_prefix_pools_zeros():
-    model = make_model("no_prefix_avg")
+    model = tiny_vit("no_prefix_avg")
     images = torch.randn(2, 3, 32, 32)
     got = fused_coalition_forward(model, images, torch.zeros(2, 1, 16, dtype=torch.bool))
     want = model.head(model.fc_norm(torch.zeros(1, 32)))
@@ -120,7 +97,7 @@ def test_empty_coalition_without_prefix_pools_zeros():
 
 
 def test_patches_outside_coalition_have_no_influence():
-    model = make_model("cls_avg")
+    model = tiny_vit("cls_avg")
     images = torch.randn(2, 3, 32, 32)
     coalitions = random_coalitions(2, 6, 16, seed=3)
     changed = images.clone()
@@ -134,11 +111,11 @@ def test_patches_outside_coalition_have_no_influence():
 
 @pytest.mark.parametrize("paired", [False, True])
 def test_chunking_and_pairing_give_the_same_answer(paired):
-    model = make_model("cls_token")
+    model = tiny_vit("cls_token")
     images = torch.randn(2, 3, 32, 32)
     coalitions = sample_coalitions(2, 10, 16, generator=torch.Generator().manual_seed(4))
     whole = fused_coalition_forward(model, images, coalitions)
-    chunked = fused_coalition_forward(model, images, coalitions, chunk_size=4, paired=paired)
+    chunked = fused_coalition_forward(model, images, coalitions, chunk_rows=4, paired=paired)
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
 
 
@@ -146,7 +123,7 @@ def test_chunking_and_pairing_give_the_same_answer(paired):
     "options",
     [
         {"paired": True},
-        {"paired": False, "chunk_size": 4},
+        {"paired": False, "chunk_rows": 4},
         {"blocks": "fused"},
         {"precision": "fp8"},
         {"mode": "input"},
@@ -154,7 +131,7 @@ def test_chunking_and_pairing_give_the_same_answer(paired):
     ids=["paired", "chunked", "fused", "fp8", "input"],
 )
 def test_every_path_runs_under_inference_mode(options):
-    model = make_model("cls_token")
+    model = tiny_vit("cls_token")
     images = torch.randn(2, 3, 32, 32)
     coalitions = sample_coalitions(2, 8, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -165,14 +142,14 @@ def test_every_path_runs_under_inference_mode(options):
 
 
 def test_chunked_backward_matches_single_pass():
-    model = make_model("cls_token")
+    model = tiny_vit("cls_token")
     images = torch.randn(2, 3, 32, 32)
     coalitions = random_coalitions(2, 6, 16, seed=5)
     grads = []
-    for chunk_size in (None, 4):
+    for chunk_rows in (None, 4):
         model.zero_grad()
         x = images.clone().requires_grad_()
-        fused_coalition_forward(model, x, coalitions, chunk_size=chunk_size).square().sum().backward()
+        fused_coalition_forward(model, x, coalitions, chunk_rows=chunk_rows).square().sum().backward()
         grads.append([x.grad] + [p.grad.clone() for p in model.parameters()])
     for got, want in zip(*grads, strict=False):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
@@ -180,14 +157,14 @@ def test_chunked_backward_matches_single_pass():
 
 def test_compiled_blocks_match_plain_path_forward_and_backward():
     """blocks="compiled" (torch.compile of the blocks) computes what the plain path does, chunked too."""
-    model = make_model("layer_scale")
+    model = tiny_vit("layer_scale")
     images = torch.randn(2, 3, 32, 32)
     coalitions = sample_coalitions(2, 8, 16, generator=torch.Generator().manual_seed(6))
     results = []
     for blocks in ("plain", "compiled"):
         model.zero_grad()
         x = images.clone().requires_grad_()
-        out = fused_coalition_forward(model, x, coalitions, paired=True, chunk_size=8, blocks=blocks)
+        out = fused_coalition_forward(model, x, coalitions, paired=True, chunk_rows=8, blocks=blocks)
         out.square().sum().backward()
         results.append([out.detach(), x.grad] + [p.grad.clone() for p in model.parameters()])
     for got, want in zip(*results, strict=False):
@@ -198,7 +175,7 @@ def test_row_activation_estimate_counts_kept_tokens():
     from shapkern.engine import adapter_for
     from shapkern.engine.forward import _row_activation_bytes
 
-    model = make_model("registers")  # 3 prefix tokens, 16 patches, D = 32, depth 2, fp32
+    model = tiny_vit("registers")  # 3 prefix tokens, 16 patches, D = 32, depth 2, fp32
     cpu = torch.device("cpu")
     with torch.no_grad():
         assert _row_activation_bytes(adapter_for(model), cpu, paired=False) == 19 * 32 * 4 * 16
@@ -207,7 +184,7 @@ def test_row_activation_estimate_counts_kept_tokens():
 
 
 def test_tokens_output_is_packed_features():
-    model = make_model("registers")
+    model = tiny_vit("registers")
     images = torch.randn(2, 3, 32, 32)
     coalitions = random_coalitions(2, 3, 16, seed=6)
     packed = coalition_tokens(model, images, coalitions)
@@ -269,7 +246,7 @@ def test_input_mode_masks_pixels_for_any_model(baseline):
     model = TinyConvNet()
     images = torch.randn(2, 3, 32, 32)
     coalitions = random_coalitions(2, 5, 16, seed=10)
-    got = fused_coalition_forward(model, images, coalitions, mode="input", baseline=baseline, chunk_size=3)
+    got = fused_coalition_forward(model, images, coalitions, mode="input", baseline=baseline, chunk_rows=3)
     assert got.shape == (2, 5, 5)
     fill = (
         torch.zeros_like(images)
@@ -294,7 +271,7 @@ def test_input_mode_blur_baseline_is_a_smoothed_image():
 
 
 def test_bad_inputs_raise():
-    model = make_model("cls_token")
+    model = tiny_vit("cls_token")
     images = torch.randn(2, 3, 32, 32)
     ok = torch.ones(2, 3, 16, dtype=torch.bool)
     with pytest.raises(TypeError, match="bool"):
@@ -311,8 +288,8 @@ def test_bad_inputs_raise():
         fused_coalition_forward(model, images, ok, output="probs")
     with pytest.raises(ValueError, match="mode"):
         fused_coalition_forward(model, images, ok, mode="pixels")
-    with pytest.raises(ValueError, match="chunk_size"):
-        fused_coalition_forward(model, images, ok, chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        fused_coalition_forward(model, images, ok, chunk_rows=0)
     with pytest.raises(ValueError, match="images must be"):
         fused_coalition_forward(model, images[0], ok)
     with pytest.raises(ValueError, match="not complements"):
@@ -321,7 +298,7 @@ def test_bad_inputs_raise():
 
 @pytest.mark.cuda
 def test_devices_must_match():
-    model = make_model("cls_token")
+    model = tiny_vit("cls_token")
     with pytest.raises(ValueError, match="model is on cpu"):
         fused_coalition_forward(
             model, torch.randn(1, 3, 32, 32, device="cuda"), torch.ones(1, 2, 16, dtype=torch.bool)
@@ -363,7 +340,7 @@ def test_cuda_engine_matches_fp32_key_masked_timm(dtype, compiled):
 
 
 def test_qk_norm_under_autocast_runs_in_one_dtype():
-    model = make_model("qk_norm")
+    model = tiny_vit("qk_norm")
     images = torch.randn(2, 3, 32, 32)
     coalitions = random_coalitions(2, 3, 16, seed=11)
     with torch.autocast("cpu", dtype=torch.bfloat16):

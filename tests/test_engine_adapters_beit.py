@@ -12,7 +12,8 @@ from timm.models.beit import Beit
 
 import shapkern
 from benchmarks.families import dropped_reference, kept_patches
-from shapkern import coalition_tokens, fused_coalition_forward, sample_coalitions
+from shapkern import fused_coalition_forward, sample_coalitions
+from shapkern.engine import coalition_tokens
 
 # The module (the attribute shapkern.ops.varlen_attention is the op function).
 varlen_attention_module = importlib.import_module("shapkern.ops.varlen_attention")

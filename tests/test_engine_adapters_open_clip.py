@@ -169,7 +169,7 @@ def test_paired_chunked_and_compiled_paths_agree():
     images = torch.randn(2, 3, 32, 32)
     coalitions = sample_coalitions(2, 8, 16, generator=torch.Generator().manual_seed(2))
     plain = fused_coalition_forward(tower, images, coalitions, blocks="plain", paired=False)
-    for options in ({"paired": True, "chunk_size": 4}, {"blocks": "compiled", "paired": True}):
+    for options in ({"paired": True, "chunk_rows": 4}, {"blocks": "compiled", "paired": True}):
         torch.testing.assert_close(fused_coalition_forward(tower, images, coalitions, **options), plain)
 
 

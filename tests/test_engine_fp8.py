@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
-from small_vit import VARIANTS, make_model
+from tiny_models import BLOCK_VARIANTS, tiny_shapley_vit, tiny_vit
 
-from shapkern import coalition_tokens, fused_coalition_forward, sample_coalitions
+from shapkern import fused_coalition_forward, sample_coalitions
+from shapkern.engine import coalition_tokens
 from shapkern.engine.fp8 import clear_fp8_weights, fp8_weight, supports_fp8, supports_fp8_blocks
 from shapkern.explainers import explain
 from shapkern.games import model_game
@@ -48,10 +49,10 @@ def relative_error(got, want):
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", BLOCK_VARIANTS)
 @torch.no_grad()
 def test_fp8_path_is_the_plain_path_with_quantised_gemms(variant):
-    model = make_model(variant)
+    model = tiny_vit(variant)
     assert supports_fp8_blocks(model)
     images, coalitions = inputs()
     got = fused_coalition_forward(model, images, coalitions, paired=True, precision="fp8")
@@ -63,7 +64,7 @@ def test_fp8_path_is_the_plain_path_with_quantised_gemms(variant):
 
 @torch.no_grad()
 def test_coalition_tokens_and_unpaired_coalitions():
-    model = make_model("registers")
+    model = tiny_vit("registers")
     images, coalitions = inputs()
     coalitions[:, 0] = True  # unpaired: a full coalition next to a random one
     got = coalition_tokens(model, images, coalitions, precision="fp8")
@@ -75,7 +76,7 @@ def test_coalition_tokens_and_unpaired_coalitions():
 @torch.no_grad()
 def test_fp8_drops_paths_like_the_plain_path_in_train_mode():
     # Drop rates linspace(0, 1) over 2 blocks: block 0 never drops, block 1 always does.
-    model = make_model("layer_scale", drop_path_rate=1.0).train()
+    model = tiny_vit("layer_scale", drop_path_rate=1.0).train()
     images, coalitions = inputs()
     got = fused_coalition_forward(model, images, coalitions, paired=True, precision="fp8")
     fake = fused_coalition_forward(fake_quantized(model), images, coalitions, paired=True, blocks="plain")
@@ -84,7 +85,7 @@ def test_fp8_drops_paths_like_the_plain_path_in_train_mode():
 
 @torch.no_grad()
 def test_fp8_under_cpu_autocast_writes_bf16_gemm_outputs():
-    model = make_model("layer_scale")
+    model = tiny_vit("layer_scale")
     images, coalitions = inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = fused_coalition_forward(model, images, coalitions, paired=True, precision="fp8")
@@ -98,7 +99,7 @@ def test_fp8_under_cpu_autocast_writes_bf16_gemm_outputs():
 @torch.no_grad()
 def test_fp8_on_a_bf16_model():
     # A bf16 model without autocast (the GPU benchmarks' setting): bf16 GEMM outputs and residual stream.
-    model = make_model("layer_scale")
+    model = tiny_vit("layer_scale")
     images, coalitions = inputs()
     fp32 = fused_coalition_forward(model, images, coalitions, paired=True, blocks="plain")
     model = model.to(torch.bfloat16)
@@ -108,7 +109,7 @@ def test_fp8_on_a_bf16_model():
 
 
 def test_weight_cache_follows_the_weights():
-    model = make_model()
+    model = tiny_vit()
     qkv = model.blocks[0].attn.qkv
     clear_fp8_weights()
     first = fp8_weight(qkv)
@@ -131,7 +132,7 @@ def test_weight_cache_follows_the_weights():
     torch.testing.assert_close(got, fake, rtol=1e-5, atol=1e-6)
 
     # load_state_dict copies in place; a replaced Parameter has a new address.
-    state = {k: v.clone() for k, v in make_model("cls_token").state_dict().items()}
+    state = {k: v.clone() for k, v in tiny_vit("cls_token").state_dict().items()}
     model.load_state_dict(state)
     torch.testing.assert_close(fp8_weight(qkv)[1], quantize_weight(qkv.weight)[1], rtol=0, atol=0)
     qkv.weight = torch.nn.Parameter(qkv.weight.detach() * 2)
@@ -155,7 +156,7 @@ def test_inference_tensors_are_quantised_but_never_cached():
 
 
 def test_explain_with_fp8_is_close_to_fp32_at_the_same_seed():
-    model = make_model()
+    model = tiny_vit()
     images = inputs()[0]
     kwargs = {"method": "kernel", "budget": 256, "seed": 3, "progress": False, "target": "all"}
     fp32 = explain(model, images, **kwargs)
@@ -166,7 +167,7 @@ def test_explain_with_fp8_is_close_to_fp32_at_the_same_seed():
 
 
 def test_precision_errors():
-    model = make_model()
+    model = tiny_vit()
     images, coalitions = inputs()
     with pytest.raises(ValueError, match="precision must be one of \\('auto', 'fp8'\\), got 'bf16'"):
         fused_coalition_forward(model, images, coalitions, precision="bf16")
@@ -195,11 +196,11 @@ def test_unsupported_blocks_are_errors():
     from timm.layers import SwiGLU
 
     images, coalitions = inputs()
-    model = make_model(mlp_layer=SwiGLU)
+    model = tiny_vit(mlp_layer=SwiGLU)
     assert not supports_fp8_blocks(model)
     with torch.no_grad(), pytest.raises(NotImplementedError, match="precision='fp8' needs timm Blocks"):
         fused_coalition_forward(model, images, coalitions, precision="fp8")
-    gated = make_model()
+    gated = tiny_vit()
     gated.blocks[1].attn.gate = torch.nn.Linear(32, 32)
     assert not supports_fp8_blocks(gated)
     assert supports_fp8("cpu")
@@ -213,7 +214,7 @@ def test_unsupported_blocks_are_errors():
 def test_cuda_fp8_path_matches_fake_quantisation_and_bf16():
     if not supports_fp8("cuda"):
         pytest.skip("needs compute capability 8.9+")
-    model = make_model("layer_scale").cuda()
+    model = tiny_vit("layer_scale").cuda()
     images, coalitions = (t.cuda() for t in inputs(batch=4, coalitions=8))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         got = fused_coalition_forward(model, images, coalitions, paired=True, precision="fp8")
@@ -232,19 +233,14 @@ def test_cuda_fp8_path_matches_fake_quantisation_and_bf16():
 def test_cuda_before_sm89_is_an_error():
     if supports_fp8("cuda"):
         pytest.skip("this GPU runs fp8")
-    model = make_model().cuda()
+    model = tiny_vit().cuda()
     images, coalitions = (t.cuda() for t in inputs())
     with torch.no_grad(), pytest.raises(RuntimeError, match="compute capability 8.9 or newer"):
         fused_coalition_forward(model, images, coalitions, precision="fp8")
 
 
 def test_shapley_vit_values_and_explanations_take_fp8():
-    from shapkern.models import ShapleyViT
-
-    torch.manual_seed(0)
-    model = ShapleyViT(
-        "vit_tiny_patch16_224", 5, img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2
-    )
+    model = tiny_shapley_vit(5, img_size=32, patch_size=8, depth=2, embed_dim=32)
     images = inputs()[0]
     coalitions = sample_coalitions(2, 4, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

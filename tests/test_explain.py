@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from tiny_models import TINY, tiny_shapley_vit, tiny_vit
 from torch import nn
 
 from shapkern.explainers import Attribution, estimate, explain
@@ -69,7 +69,7 @@ DESIGNED = ["kernel", "leverage", "bayes"]  # distinct coalitions from a design 
 @pytest.mark.parametrize("players", [1, 2, 5, 8])
 def test_exact_matches_brute_force(players):
     table = random_table(2, players, 3, seed=players)
-    att = estimate(table_game(table), method="exact", progress=False)
+    att = estimate(table_game(table), method="exact", target="all", progress=False)
     assert att.values.shape == (2, players, 3)
     assert att.evaluations == 1 << players
     torch.testing.assert_close(att.values, brute_force_shapley(table), rtol=0, atol=1e-12)
@@ -80,15 +80,17 @@ def test_exact_matches_brute_force(players):
 
 def test_exact_chunking_does_not_change_the_result():
     table = random_table(1, 6, 2, seed=1)
-    whole = estimate(table_game(table), method="exact", progress=False).values
-    chunked = estimate(table_game(table), method="exact", coalitions_per_call=5, progress=False).values
+    whole = estimate(table_game(table), method="exact", target="all", progress=False).values
+    chunked = estimate(
+        table_game(table), method="exact", coalitions_per_call=5, target="all", progress=False
+    ).values
     torch.testing.assert_close(whole, chunked, rtol=0, atol=1e-12)
 
 
 def test_exact_additive_game_gives_the_weights_and_symmetric_players_tie():
     weights = torch.tensor([[0.5, -1.0, 2.0, 0.0, 3.0]], dtype=torch.float64)
     additive = ValueFunction(lambda z: (z.double() * weights.unsqueeze(1)).sum(-1, keepdim=True) + 7.0, 1, 5)
-    att = estimate(additive, method="exact", progress=False)
+    att = estimate(additive, method="exact", target="all", progress=False)
     torch.testing.assert_close(att.values[..., 0], weights, rtol=0, atol=1e-12)
     # Players 0 and 1 enter only through z_0 + z_1, players 2 and 3 only through z_2 z_3.
     symmetric = ValueFunction(
@@ -98,7 +100,7 @@ def test_exact_additive_game_gives_the_weights_and_symmetric_players_tie():
         1,
         5,
     )
-    phi = estimate(symmetric, method="exact", progress=False).values[0, :, 0]
+    phi = estimate(symmetric, method="exact", target="all", progress=False).values[0, :, 0]
     torch.testing.assert_close(phi[0], phi[1])
     torch.testing.assert_close(phi[2], phi[3])
     assert abs(phi[4]) < 1e-12  # a null player
@@ -107,7 +109,7 @@ def test_exact_additive_game_gives_the_weights_and_symmetric_players_tie():
 def test_exact_refuses_more_than_20_players():
     game = ValueFunction(lambda z: z.double().sum(-1, keepdim=True), 1, 21)
     with pytest.raises(ValueError, match=r"N <= 20 players; this model has N = 21"):
-        estimate(game, method="exact", progress=False)
+        estimate(game, method="exact", target="all", progress=False)
 
 
 def test_permutation_converges_to_exact():
@@ -115,7 +117,9 @@ def test_permutation_converges_to_exact():
     exact = brute_force_shapley(table)
     errors = []
     for budget in (64, 256, 1024, 4096):
-        att = estimate(table_game(table), method="permutation", budget=budget, seed=0, progress=False)
+        att = estimate(
+            table_game(table), method="permutation", budget=budget, seed=0, target="all", progress=False
+        )
         assert att.evaluations <= budget
         errors.append(relative_error(att, exact))
     assert errors[-1] < 0.2 and errors[-1] < errors[0] / 3, errors
@@ -127,7 +131,7 @@ def test_designed_estimators_converge_and_are_exact_once_the_budget_covers_every
     exact = brute_force_shapley(table)
     errors = []
     for budget in (40, 100, 200, 1000):
-        att = estimate(table_game(table), method=method, budget=budget, seed=0, progress=False)
+        att = estimate(table_game(table), method=method, budget=budget, seed=0, target="all", progress=False)
         assert att.evaluations == min(budget, 256)
         errors.append(relative_error(att, exact))
     assert errors[2] < errors[0] / 2 and errors[-1] < 1e-10, errors
@@ -139,39 +143,45 @@ def test_designed_estimators_converge_and_are_exact_once_the_budget_covers_every
 def test_designed_estimators_evaluate_distinct_coalitions_and_count_them(method):
     calls = []
     game = table_game(smooth_table(3, 10, 2, seed=2), calls)
-    att = estimate(game, method=method, budget=300, seed=2, coalitions_per_call=64, progress=False)
+    att = estimate(
+        game, method=method, budget=300, seed=2, coalitions_per_call=64, target="all", progress=False
+    )
     rows = torch.cat(calls, 1)
     assert rows.shape[1] == att.evaluations == 300
     assert max(call.shape[1] for call in calls) <= 64
     assert torch.unique(rows[0], dim=0).shape[0] == 300
     assert all(torch.equal(rows[0], rows[b]) for b in range(1, 3))  # one design for the batch
-    odd = estimate(game, method=method, budget=301, seed=2, progress=False)  # pairs: one left over
+    odd = estimate(
+        game, method=method, budget=301, seed=2, target="all", progress=False
+    )  # pairs: one left over
     assert odd.evaluations == 300
 
 
 @pytest.mark.parametrize("method", DESIGNED)
 def test_designed_estimators_are_deterministic_and_batch_invariant(method):
     table = smooth_table(3, 11, 2, seed=5)  # bayes: at N <= 9 its greedy pool is every pair, seed or not
-    a = estimate(table_game(table), method=method, budget=200, seed=5, progress=False)
-    b = estimate(table_game(table), method=method, budget=200, seed=5, progress=False)
+    a = estimate(table_game(table), method=method, budget=200, seed=5, target="all", progress=False)
+    b = estimate(table_game(table), method=method, budget=200, seed=5, target="all", progress=False)
     torch.testing.assert_close(a.values, b.values, rtol=0, atol=0)
-    alone = estimate(table_game(table[1:2]), method=method, budget=200, seed=5, progress=False)
+    alone = estimate(table_game(table[1:2]), method=method, budget=200, seed=5, target="all", progress=False)
     torch.testing.assert_close(alone.values, a.values[1:2], rtol=0, atol=1e-10)
-    other = estimate(table_game(table), method=method, budget=200, seed=6, progress=False)
+    other = estimate(table_game(table), method=method, budget=200, seed=6, target="all", progress=False)
     assert not torch.equal(other.values, a.values)
 
 
 def test_seed_none_draws_a_fresh_design_but_bayes_reuses_its_cached_greedy_pairs():
     table = smooth_table(1, 11, 1, seed=3)
     first, second = (
-        estimate(table_game(table), method="kernel", budget=200, progress=False) for _ in range(2)
+        estimate(table_game(table), method="kernel", budget=200, target="all", progress=False)
+        for _ in range(2)
     )
     assert not torch.equal(first.values, second.values)
     first, second = (
-        estimate(table_game(table), method="bayes", budget=200, progress=False) for _ in range(2)
+        estimate(table_game(table), method="bayes", budget=200, target="all", progress=False)
+        for _ in range(2)
     )
     torch.testing.assert_close(first.values, second.values, rtol=0, atol=0)
-    seeded = estimate(table_game(table), method="bayes", budget=200, seed=0, progress=False)
+    seeded = estimate(table_game(table), method="bayes", budget=200, seed=0, target="all", progress=False)
     torch.testing.assert_close(first.values, seeded.values, rtol=0, atol=0)
 
 
@@ -181,8 +191,8 @@ def test_designed_estimators_on_cuda_match_the_cpu(method):
     """The design is drawn on the CPU; A, b (packed ops), the solve and the Gaussian process run on
     the game's device."""
     table = smooth_table(2, 11, 2, seed=7)
-    cpu = estimate(table_game(table), method=method, budget=300, seed=0, progress=False)
-    gpu = estimate(table_game(table.cuda()), method=method, budget=300, seed=0, progress=False)
+    cpu = estimate(table_game(table), method=method, budget=300, seed=0, target="all", progress=False)
+    gpu = estimate(table_game(table.cuda()), method=method, budget=300, seed=0, target="all", progress=False)
     assert gpu.values.is_cuda and gpu.evaluations == cpu.evaluations == 300
     torch.testing.assert_close(gpu.values.cpu(), cpu.values, rtol=0, atol=1e-9)
     torch.testing.assert_close(gpu.std_error.cpu(), cpu.std_error, rtol=1e-6, atol=1e-9)
@@ -196,7 +206,8 @@ def test_bayes_is_the_most_accurate_per_evaluation_on_a_smooth_game():
     error = {}
     for method in DESIGNED:
         runs = [
-            estimate(table_game(table), method=method, budget=200, seed=s, progress=False) for s in range(4)
+            estimate(table_game(table), method=method, budget=200, seed=s, target="all", progress=False)
+            for s in range(4)
         ]
         error[method] = sum(relative_error(run, exact) for run in runs) / len(runs)
     assert error["bayes"] < 0.8 * min(error["kernel"], error["leverage"]), error
@@ -215,7 +226,7 @@ def test_bayes_turns_into_a_control_variate_past_max_pairs():
     rows = torch.cat(calls, 1)[0]
     assert evals == rows.shape[0] == 1200 and torch.unique(rows, dim=0).shape[0] == 1200
     assert (phi.sum(1) - (full - base)).abs().max() < 1e-10
-    plain = estimate(table_game(table), method="leverage", budget=1200, seed=0, progress=False)
+    plain = estimate(table_game(table), method="leverage", budget=1200, seed=0, target="all", progress=False)
     assert float((phi - exact).norm()) < float((plain.values - exact).norm())
     assert se.shape == phi.shape and (se > 0).all()
 
@@ -225,7 +236,10 @@ def test_standard_errors_are_roughly_calibrated(method):
     """RMS of (φ̂ - φ) / SE over seeds, players and images near 1 on a smooth game."""
     table = smooth_table(4, 10, 1, seed=4)
     exact = brute_force_shapley(table)
-    runs = [estimate(table_game(table), method=method, budget=200, seed=s, progress=False) for s in range(4)]
+    runs = [
+        estimate(table_game(table), method=method, budget=200, seed=s, target="all", progress=False)
+        for s in range(4)
+    ]
     z = torch.cat([(run.values - exact) / run.std_error for run in runs])
     rms = float(z.square().mean().sqrt())
     assert 0.5 < rms < 2.0, rms
@@ -242,7 +256,15 @@ def test_sampling_mean_over_seeds_lies_within_the_standard_error(method, paired)
     table = random_table(1, players, 2, seed=4)
     exact = brute_force_shapley(table)
     runs = [
-        estimate(table_game(table), method=method, budget=budget, paired=paired, seed=s, progress=False)
+        estimate(
+            table_game(table),
+            method=method,
+            budget=budget,
+            paired=paired,
+            seed=s,
+            target="all",
+            progress=False,
+        )
         for s in range(seeds)
     ]
     values = torch.stack([r.values for r in runs])
@@ -256,7 +278,7 @@ def test_efficiency_holds_for_every_estimator():
     table = random_table(2, 7, 3, seed=5)
     for method in ("exact", "kernel", "leverage", "bayes", "permutation"):
         budget = None if method == "exact" else 60  # exact refuses a budget below 2^N
-        att = estimate(table_game(table), method=method, budget=budget, seed=0, progress=False)
+        att = estimate(table_game(table), method=method, budget=budget, seed=0, target="all", progress=False)
         # regressions: the exact constraint; bayes: the pair (∅, N) is exact; permutation: every
         # ordering telescopes.
         assert att.efficiency_gap().abs().max() < 1e-10, method
@@ -268,7 +290,9 @@ def test_kernel_stops_early_at_tol_on_a_design_drawn_in_rounds(method):
     exact = brute_force_shapley(table)
     calls = []
     tol = float(
-        estimate(table_game(table), method=method, budget=400, seed=1, progress=False).std_error.max()
+        estimate(
+            table_game(table), method=method, budget=400, seed=1, target="all", progress=False
+        ).std_error.max()
     )
     att = estimate(
         table_game(table, calls),
@@ -277,6 +301,7 @@ def test_kernel_stops_early_at_tol_on_a_design_drawn_in_rounds(method):
         tol=tol,
         coalitions_per_call=32,
         seed=0,
+        target="all",
         progress=False,
     )
     rows = torch.cat(calls, 1)[0]
@@ -285,7 +310,7 @@ def test_kernel_stops_early_at_tol_on_a_design_drawn_in_rounds(method):
     assert relative_error(att, exact) < 2 * tol * exact.shape[1] ** 0.5 / exact.norm()
     # The rounds are prefixes of the whole design: every coalition evaluated belongs to it.
     design = []
-    estimate(table_game(table, design), method=method, budget=1000, seed=0, progress=False)
+    estimate(table_game(table, design), method=method, budget=1000, seed=0, target="all", progress=False)
     assert torch.isin(index_of(rows), index_of(torch.cat(design, 1)[0])).all()
 
 
@@ -306,15 +331,15 @@ def test_auto_picks_exact_then_bayes_then_leverage():
     assert resolve_method("auto", SoftVoting(), 4, mode="input") == "exact"  # its pixel game
     assert resolve_method("kernel", vit, 196) == "kernel"
     game = table_game(smooth_table(1, 17, 1, seed=0))
-    att = estimate(game, budget=100, seed=0, progress=False)
+    att = estimate(game, budget=100, seed=0, target="all", progress=False)
     assert att.method == "bayes" and att.evaluations == 100
-    assert estimate(game, budget=30, seed=0, progress=False).method == "leverage"
+    assert estimate(game, budget=30, seed=0, target="all", progress=False).method == "leverage"
 
 
 @pytest.mark.parametrize("budget", [512, 6])
 def test_auto_keeps_an_explicit_budget_at_16_players(budget):
     game = table_game(smooth_table(1, 16, 1, seed=0))
-    att = estimate(game, budget=budget, seed=0, progress=False)
+    att = estimate(game, budget=budget, seed=0, target="all", progress=False)
     assert att.method in ("bayes", "leverage") and att.evaluations <= budget
 
 
@@ -322,7 +347,7 @@ def test_auto_keeps_an_explicit_budget_at_16_players(budget):
 def test_a_budget_that_is_not_a_positive_int_is_refused(budget):
     game = table_game(smooth_table(1, 16, 1, seed=0))
     with pytest.raises(ValueError, match="budget must be a positive int"):
-        estimate(game, budget=budget, progress=False)
+        estimate(game, budget=budget, target="all", progress=False)
     with pytest.raises(ValueError, match="budget must be a positive int"):
         classifier = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
         explain(classifier, torch.randn(1, 1, 4, 4), budget=budget, players=16, progress=False)
@@ -332,28 +357,28 @@ def test_a_budget_that_is_not_a_positive_int_is_refused(budget):
 def test_auto_refuses_a_budget_below_the_smallest_design(budget):
     game = table_game(smooth_table(1, 16, 1, seed=0))
     with pytest.raises(ValueError, match=rf"budget={budget} is too small for method='leverage'"):
-        estimate(game, budget=budget, progress=False)
+        estimate(game, budget=budget, target="all", progress=False)
 
 
 def test_batch_size_is_a_deprecated_spelling_of_coalitions_per_call():
     game = table_game(random_table(1, 6, 1, seed=3))
-    want = estimate(game, method="exact", coalitions_per_call=7, progress=False)
+    want = estimate(game, method="exact", coalitions_per_call=7, target="all", progress=False)
     with pytest.warns(DeprecationWarning, match="coalitions_per_call"):
-        got = estimate(game, method="exact", batch_size=7, progress=False)
+        got = estimate(game, method="exact", batch_size=7, target="all", progress=False)
     torch.testing.assert_close(got.values, want.values)
 
 
 def test_exact_refuses_an_explicit_budget_below_2_to_the_n():
     game = table_game(smooth_table(1, 8, 1, seed=0))
-    assert estimate(game, method="exact", progress=False).evaluations == 256
-    assert estimate(game, method="exact", budget=256, progress=False).evaluations == 256
+    assert estimate(game, method="exact", target="all", progress=False).evaluations == 256
+    assert estimate(game, method="exact", budget=256, target="all", progress=False).evaluations == 256
     too_small = r"budget=255 is too small for method='exact': it needs at least 256 "
     with pytest.raises(ValueError, match=too_small):
-        estimate(game, method="exact", budget=255, progress=False)
+        estimate(game, method="exact", budget=255, target="all", progress=False)
 
 
 def test_explain_runs_under_inference_mode():
-    vit = tiny_vit(img_size=32)
+    vit = tiny_vit(sizes=TINY, noise=0.1, img_size=32)
     images = torch.randn(2, 3, 32, 32)
     expected = explain(vit, images, method="kernel", budget=64, seed=0, progress=False).values
     with torch.inference_mode():
@@ -364,13 +389,33 @@ def test_explain_runs_under_inference_mode():
 def test_bayes_refuses_tol_unpaired_and_small_budgets():
     game = table_game(smooth_table(1, 8, 1, seed=0))
     with pytest.raises(ValueError, match="method='bayes' is paired .*tol=0.1"):
-        estimate(game, method="bayes", tol=0.1, progress=False)
+        estimate(game, method="bayes", tol=0.1, target="all", progress=False)
     with pytest.raises(ValueError, match="paired=False"):
-        estimate(game, method="bayes", paired=False, progress=False)
+        estimate(game, method="bayes", paired=False, target="all", progress=False)
     with pytest.raises(ValueError, match=r"budget=17 is too small for method='bayes': it needs at least 18"):
-        estimate(game, method="bayes", budget=17, progress=False)
+        estimate(game, method="bayes", budget=17, target="all", progress=False)
     with pytest.raises(ValueError, match=r"budget=5 is too small for method='leverage'"):
-        estimate(game, method="leverage", budget=5, progress=False)
+        estimate(game, method="leverage", budget=5, target="all", progress=False)
+
+
+def test_estimate_and_explain_default_to_the_predicted_class():
+    """One default per option: estimate's target is "pred", as explain's."""
+    table = random_table(3, 4, 5, seed=7)
+    default = estimate(table_game(table), method="exact", progress=False)
+    pred = estimate(table_game(table), method="exact", target="pred", progress=False)
+    assert default.values.shape == (3, 4, 1)
+    torch.testing.assert_close(default.values, pred.values)
+    torch.testing.assert_close(default.target, pred.target)
+
+
+def test_the_estimator_names_are_the_registry():
+    """The Literal type of ``method`` and the registry cannot drift apart."""
+    from typing import get_args
+
+    from shapkern.explainers import ESTIMATORS, GAME_METHODS, METHODS, EstimatorName
+
+    assert tuple(ESTIMATORS) == get_args(EstimatorName)
+    assert GAME_METHODS == ("auto", *ESTIMATORS) and METHODS == (*GAME_METHODS, "self")
 
 
 def test_targets():
@@ -390,22 +435,11 @@ def test_targets():
     with pytest.raises(ValueError, match="3 images"):
         estimate(game, method="exact", target=torch.tensor([0, 1]), progress=False)
     with pytest.raises(ValueError, match="budget=4 is too small"):
-        estimate(game, method="permutation", budget=4, progress=False)
-
-
-def tiny_vit(img_size=24, seed=0):
-    torch.manual_seed(seed)
-    model = VisionTransformer(
-        img_size=img_size, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=4
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
+        estimate(game, method="permutation", budget=4, target="all", progress=False)
 
 
 def test_explain_a_timm_vit_through_the_engine():
-    model = tiny_vit()
+    model = tiny_vit(sizes=TINY, noise=0.1)
     images = torch.randn(2, 3, 24, 24)
     att = explain(model, images, method="exact", progress=False)
     assert isinstance(att, Attribution) and att.values.shape == (2, 9, 1)
@@ -439,7 +473,7 @@ def test_explain_any_classifier_by_pixel_masking():
 
 
 def test_bad_images_fail_clearly():
-    model = tiny_vit()
+    model = tiny_vit(sizes=TINY, noise=0.1)
     with pytest.raises(ValueError, match=r"takes 3x24x24 images .*got 3x32x32"):
         explain(model, torch.randn(1, 3, 32, 32), method="kernel", progress=False)
     with pytest.raises(ValueError, match="floating"):
@@ -484,11 +518,7 @@ def test_self_explanation_is_one_forward_and_matches_exact_on_an_additive_model(
 
 
 def test_shapley_vit_is_explained_through_its_own_value_function():
-    from shapkern.models import ShapleyViT
-
-    torch.manual_seed(0)
-    kwargs = {"img_size": 24, "patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2}
-    model = ShapleyViT("vit_tiny_patch16_224", 4, **kwargs).eval()
+    model = tiny_shapley_vit(4, img_size=24, patch_size=8)
     images = torch.randn(2, 3, 24, 24)
     own = explain(model, images, method="self")
     exact = explain(model, images, method="exact", progress=False)
@@ -501,11 +531,7 @@ def test_shapley_vit_is_explained_through_its_own_value_function():
 def test_shapley_vit_in_input_mode_is_its_logits_on_pixel_masked_images():
     """mode="input" on a self-explaining model: f(x) = Σ Φ of the image with absent patches
     zeroed; mode="packed" is its own coalition_values."""
-    from shapkern.models import ShapleyViT
-
-    torch.manual_seed(0)
-    kwargs = {"img_size": 24, "patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2}
-    model = ShapleyViT("vit_tiny_patch16_224", 4, **kwargs).eval()
+    model = tiny_shapley_vit(4, img_size=24, patch_size=8)
     images = torch.randn(2, 3, 24, 24)
     coalitions = torch.rand(2, 5, 9) < 0.5
     pixels = coalitions.view(2, 5, 3, 3).repeat_interleave(8, 2).repeat_interleave(8, 3).unsqueeze(2)

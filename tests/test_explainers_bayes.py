@@ -4,14 +4,14 @@ import math
 import torch
 
 from shapkern.coalitions import all_coalitions
-from shapkern.explainers.estimators.bayes import greedy_pairs, odd_walsh_kernel
+from shapkern.explainers.estimators.bayes import greedy_pairs, odd_walsh_covariance
 
 
-def test_odd_walsh_kernel_matches_its_definition():
+def test_odd_walsh_covariance_matches_its_definition():
     """k(d), the Shapley covariances and the prior variance of φ_i, against the explicit sum over odd
     Walsh functions χ_T (|T| >= 3) with variance ρ^|T| / C(N, |T|)."""
     n, rho = 7, 0.4
-    k, sv, var_phi = odd_walsh_kernel(n, rho)
+    k, sv, var_phi = odd_walsh_covariance(n, rho)
     x = 2 * torch.cat(list(all_coalitions(n))).double() - 1
     subsets = [c for t in range(3, n + 1, 2) for c in itertools.combinations(range(n), t)]
     chi = torch.stack([x[:, list(c)].prod(-1) for c in subsets], 1)  # (2^N, T)
@@ -43,7 +43,7 @@ def test_greedy_pairs_are_distinct_representatives_with_every_singleton_first():
 def test_greedy_pairs_lower_the_posterior_variance_of_a_random_design():
     """The point of the greedy design: Σ_i Var(φ_i | pairs) under the prior is below a random design's."""
     n, units = 10, 40
-    k, sv, var_phi = odd_walsh_kernel(n, 0.3)
+    k, sv, var_phi = odd_walsh_covariance(n, 0.3)
 
     def posterior_variance(reps):
         x = 2 * reps.double() - 1

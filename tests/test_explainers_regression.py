@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from shapkern.explainers.regression import constrained_solve, fit, kernel_weight
+from shapkern.explainers.regression import constrained_solve, fit, shapley_kernel_weight
 from shapkern.explainers.sampling import sample_design
 
 
@@ -11,7 +11,7 @@ def test_kernel_weight_is_the_normalised_shapley_kernel():
     players = 7
     sizes = torch.arange(1, players)
     counts = torch.tensor([math.comb(players, s) for s in range(1, players)], dtype=torch.float64)
-    mass = kernel_weight(players, sizes) * counts
+    mass = shapley_kernel_weight(players, sizes) * counts
     inverse = 1 / (sizes * (players - sizes)).double()
     torch.testing.assert_close(mass, inverse / inverse.sum())
 
@@ -49,7 +49,7 @@ def test_fit_uses_the_packed_sums_and_recovers_an_additive_game():
     assert se.abs().max() < 1e-10
     # A non-additive game: the same φ as the dense normal equations.
     y = y + torch.randn(batch, z.shape[0], 2, generator=gen, dtype=torch.float64)
-    w = kernel_weight(players, sample.coalitions.sum(-1)) * sample.expansion
+    w = shapley_kernel_weight(players, sample.coalitions.sum(-1)) * sample.expansion
     a = torch.einsum("mi,m,mj->ij", z, w, z)
     b = torch.einsum("mi,m,bmk->bik", z, w, y)
     delta = torch.randn(batch, 2, generator=gen, dtype=torch.float64)

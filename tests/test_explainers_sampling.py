@@ -30,7 +30,7 @@ def test_designs_hold_distinct_coalitions_within_the_budget(players, budget, pai
 
 def test_border_trick_enumerates_the_small_sizes_and_weights_sum_to_the_population():
     players = 12
-    design = sample_design(players, 600, allocation="kernel", paired=True, seed=0)
+    design = sample_design(players, 600, allocation="shapley", paired=True, seed=0)
     sizes = design.coalitions.sum(-1)
     assert (sizes == 1).sum() == 12 and (sizes == 11).sum() == 12
     assert design.drawn[0] == design.population[0] == 12
@@ -46,7 +46,7 @@ def test_border_trick_enumerates_the_small_sizes_and_weights_sum_to_the_populati
     assert sample.factor[0] == 0 and sample.factor[-1] > 0
 
 
-@pytest.mark.parametrize("allocation", ["kernel", "leverage"])
+@pytest.mark.parametrize("allocation", ["shapley", "uniform"])
 def test_expansion_weights_are_unbiased(allocation):
     """Σ_j e_j h(S_j) averages to Σ_S h(S) over 0 < |S| < N across seeds (within 4 standard errors)."""
     players, seeds = 10, 300
@@ -63,14 +63,14 @@ def test_expansion_weights_are_unbiased(allocation):
 
 
 def test_allocation_shares_follow_the_kernel_or_are_uniform():
-    kernel = size_mass(8, "kernel")
+    kernel = size_mass(8, "shapley")
     s = torch.arange(1, 8, dtype=torch.float64)
     torch.testing.assert_close(kernel[1:-1], (1 / (s * (8 - s))) / (1 / (s * (8 - s))).sum())
     assert kernel[0] == kernel[-1] == 0
-    torch.testing.assert_close(size_mass(8, "leverage")[1:-1], torch.full((7,), 1 / 7, dtype=torch.float64))
+    torch.testing.assert_close(size_mass(8, "uniform")[1:-1], torch.full((7,), 1 / 7, dtype=torch.float64))
     with pytest.raises(ValueError, match="allocation must be one of"):
         size_mass(8, "sqrt")
-    sizes, population, drawn, expected = allocate(16, 2048, allocation="kernel")
+    sizes, population, drawn, expected = allocate(16, 2048, allocation="shapley")
     assert int(drawn.sum()) == (2048 - 2) // 2
     assert (drawn <= population).all() and ((drawn - expected).abs() < 1 + 1e-9).all()
     with pytest.raises(ValueError, match="budget=3 leaves no coalition"):
@@ -79,7 +79,7 @@ def test_allocation_shares_follow_the_kernel_or_are_uniform():
 
 def test_a_prefix_of_every_stratum_is_a_stratified_design():
     """The rounds of ``tol``: the first k units of each stratum, reweighted by C/k."""
-    design = sample_design(14, 1000, allocation="leverage", seed=2)
+    design = sample_design(14, 1000, allocation="uniform", seed=2)
     counts = torch.minimum(torch.ceil(design.drawn * 0.3).long(), design.drawn)
     sample = design.sample(counts)
     assert sample.coalitions.shape[0] == 2 * int(counts.sum())

@@ -4,7 +4,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from tiny_models import TINY, tiny_shapley_vit, tiny_vit
 from torch import nn
 
 import shapkern
@@ -22,22 +22,13 @@ def integration(sq):
     return importlib.import_module("shapkern.integrations.shapiq")
 
 
-def tiny_vit(seed=0):
+def vit9(seed=0):
     """A timm ViT on 24x24 images in 8x8 patches: N = 9 players, 4 classes."""
-    torch.manual_seed(seed)
-    model = VisionTransformer(img_size=24, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=4)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
+    return tiny_vit(seed=seed, noise=0.1, sizes=TINY)
 
 
-def tiny_shapley_vit(seed=0):
-    from shapkern.models import ShapleyViT
-
-    torch.manual_seed(seed)
-    kwargs = {"img_size": 24, "patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2}
-    return ShapleyViT("vit_tiny_patch16_224", 4, **kwargs).eval()
+def shapley_vit9(seed=0):
+    return tiny_shapley_vit(4, seed=seed, img_size=24, patch_size=8)
 
 
 def tiny_cnn(seed=0):
@@ -49,10 +40,10 @@ def tiny_cnn(seed=0):
 
 
 CASES = {
-    "timm vit (packed engine)": (tiny_vit, (3, 24, 24), {}),
-    "shapley vit (coalition_values)": (tiny_shapley_vit, (3, 24, 24), {}),
+    "timm vit (packed engine)": (vit9, (3, 24, 24), {}),
+    "shapley vit (coalition_values)": (shapley_vit9, (3, 24, 24), {}),
     "cnn (pixel masking)": (tiny_cnn, (3, 8, 8), {"players": 4}),
-    "timm vit, mode='input'": (tiny_vit, (3, 24, 24), {"mode": "input", "baseline": "mean"}),
+    "timm vit, mode='input'": (vit9, (3, 24, 24), {"mode": "input", "baseline": "mean"}),
 }
 
 
@@ -72,7 +63,7 @@ def test_game_values_equal_the_value_function(integration, case):
     with torch.no_grad():
         want = model_game(model, image[None], **options)(torch.from_numpy(coalitions)[None])[0].double()
     target = int(want[-1].argmax())
-    game = integration.ShapkernGame(model, image, batch_size=7, **options)  # 7: several calls per batch
+    game = integration.ShapkernGame(model, image, coalitions_per_call=7, **options)  # 7: several calls
     assert game.n_players == players and game.target == target
     assert game.evaluations == 2  # v(∅) and v(N), for the target and the normalization
     np.testing.assert_allclose(
@@ -90,11 +81,11 @@ def test_game_values_equal_the_value_function(integration, case):
 
 
 def test_shapley_vit_needs_no_normalization(integration):
-    game = integration.ShapkernGame(tiny_shapley_vit(), torch.randn(3, 24, 24))
+    game = integration.ShapkernGame(shapley_vit9(), torch.randn(3, 24, 24))
     assert game.empty_value == 0.0 and not game.normalize  # soft voting: v(∅) = 0 by construction
 
 
-@pytest.mark.parametrize("build", [tiny_vit, tiny_shapley_vit])
+@pytest.mark.parametrize("build", [vit9, shapley_vit9])
 def test_shapiq_values_equal_shapkern_exact(sq, integration, build):
     model, image = build(), torch.randn(3, 24, 24)
     want = (
@@ -140,7 +131,7 @@ def oracle_game(sq, model, image, target, mode):
 def test_shapiq_approximators_match_the_same_game_written_for_shapiq(sq, integration, mode):
     """The issue's target: shapiq's estimates on ShapkernGame equal shapiq's own on the same game
     (same approximator, same random_state, budget below 2^N so they are estimates) to 1e-6."""
-    model, image = tiny_vit(), torch.randn(3, 24, 24)
+    model, image = vit9(), torch.randn(3, 24, 24)
     game = integration.ShapkernGame(model, image, mode=mode)
     oracle = oracle_game(sq, model, image, game.target, mode)
     assert game.normalization_value == pytest.approx(oracle.normalization_value, abs=1e-6)
@@ -159,8 +150,8 @@ def test_shapiq_approximators_match_the_same_game_written_for_shapiq(sq, integra
 
 @pytest.mark.filterwarnings("ignore:Not all budget is required")  # 2048 > 2^9 coalitions
 def test_readme_example(sq):
-    model, image = tiny_vit(), torch.randn(3, 24, 24)
-    # --- README, "shapiq on shapkern's engine" (verbatim) ---
+    model, image = vit9(), torch.randn(3, 24, 24)
+    # --- docs/api.md, "Explaining" (verbatim) ---
     import shapiq
 
     from shapkern.integrations.shapiq import ShapkernGame
@@ -175,7 +166,7 @@ def test_readme_example(sq):
 
 
 def test_bad_inputs(integration):
-    model = tiny_vit()
+    model = vit9()
     with pytest.raises(ValueError, match="build one game per image"):
         integration.ShapkernGame(model, torch.randn(2, 3, 24, 24))
     with pytest.raises(ValueError, match=r"image must be one \(C, H, W\)"):
@@ -188,8 +179,8 @@ def test_bad_inputs(integration):
         integration.ShapkernGame(model, torch.randn(3, 24, 24), target="all")
     with pytest.raises(ValueError, match="target class 4 is out of range: the model has 4 classes"):
         integration.ShapkernGame(model, torch.randn(3, 24, 24), target=4)
-    with pytest.raises(ValueError, match="batch_size must be a positive int"):
-        integration.ShapkernGame(model, torch.randn(3, 24, 24), batch_size=0)
+    with pytest.raises(ValueError, match="coalitions_per_call must be a positive int"):
+        integration.ShapkernGame(model, torch.randn(3, 24, 24), coalitions_per_call=0)
     with pytest.raises(ValueError, match="the model takes 3x24x24 images"):
         integration.ShapkernGame(model, torch.randn(3, 32, 32))
 

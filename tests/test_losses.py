@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import tiny_shapley_vit
 
 from shapkern import sample_coalitions
 from shapkern.models import ShapleyOutput, ShapleyViT
@@ -8,10 +9,8 @@ from shapkern.training import ShapleyLoss, shapley_regression_loss, shapley_step
 from shapkern.training.losses import SV_SCALES, default_grad_coalitions
 
 
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    kw = {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}
-    return ShapleyViT("vit_tiny_patch16_224", 3, **kw).train()
+def tiny():
+    return tiny_shapley_vit(3, embed_dim=32).train()
 
 
 def test_sv_loss_is_zero_at_the_shapley_values_of_an_additive_game():

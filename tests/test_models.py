@@ -1,15 +1,15 @@
 import pytest
 import timm
 import torch
+from tiny_models import SHAPLEY_SIZES, tiny_shapley_vit
 
 from shapkern.models import ShapleyViT
 
-KW = {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2}
+KW = SHAPLEY_SIZES | {"depth": 2, "embed_dim": 32}
 
 
-def tiny(head="linear", seed=0, **kw):
-    torch.manual_seed(seed)
-    return ShapleyViT("vit_tiny_patch16_224", 3, head, **(KW | kw)).eval()
+def tiny(head="linear"):
+    return tiny_shapley_vit(3, head, **KW)
 
 
 def reference_values(model: ShapleyViT, images: torch.Tensor, coalitions: torch.Tensor) -> torch.Tensor:
@@ -57,11 +57,11 @@ def test_coalition_values_in_chunks_equal_one_pass(monkeypatch):
     images = torch.randn(3, 3, 16, 16)
     coalitions = sample_coalitions(3, 10, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        whole = model.coalition_values(images, coalitions, paired=True, chunk_size=10**6)
+        whole = model.coalition_values(images, coalitions, paired=True, chunk_rows=10**6)
         for rows in (1, 6, 9):  # 1 and 9 round to whole pairs per image
-            chunked = model.coalition_values(images, coalitions, paired=True, chunk_size=rows)
+            chunked = model.coalition_values(images, coalitions, paired=True, chunk_rows=rows)
             torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
-        shared = model.coalition_values(images, coalitions[0], chunk_size=4)  # (M, N) for all images
+        shared = model.coalition_values(images, coalitions[0], chunk_rows=4)  # (M, N) for all images
         torch.testing.assert_close(shared, model.coalition_values(images, coalitions[:1].expand(3, -1, -1)))
     assert 2 <= coalition_chunk_rows(model.backbone, images, paired=True) <= CPU_MAX_CHUNK_ROWS
     passes = []  # the CPU default splits 3 x 200 rows into passes of at most 256 rows
@@ -72,8 +72,8 @@ def test_coalition_values_in_chunks_equal_one_pass(monkeypatch):
     with torch.no_grad():
         model.coalition_values(images, torch.rand(3, 200, 16) < 0.5)
     assert len(passes) == 3 and all(rows <= CPU_MAX_CHUNK_ROWS for rows in passes)
-    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
-        model.coalition_values(images, coalitions, chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_rows must be a positive int"):
+        model.coalition_values(images, coalitions, chunk_rows=0)
     with pytest.raises(ValueError, match="at least one coalition"):
         model.coalition_values(images, coalitions[:, :0])
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from shapkern.ops import _extension as ext
+from shapkern.ops import bitpack as B
 from shapkern.ops import gram as G
 from shapkern.ops import reduce as R
 
@@ -85,17 +86,17 @@ def test_gradcheck_segment_expand():
 @pytest.mark.parametrize("n", [1, 31, 32, 33, 196])
 def test_pack_unpack_roundtrip(n):
     mask = torch.rand(3, 5, n) < 0.5
-    packed = R.pack_masks(mask)
+    packed = B.pack_coalitions(mask)
     assert packed.dtype == torch.int32 and packed.shape == (3, 5, (n + 31) // 32)
-    assert torch.equal(packed, R.pack_masks_reference(mask))
-    assert torch.equal(R.unpack_masks(packed, n), mask)
-    assert torch.equal(R.unpack_masks_reference(packed, n), mask)
+    assert torch.equal(packed, B.pack_coalitions_reference(mask))
+    assert torch.equal(B.unpack_coalitions(packed, n), mask)
+    assert torch.equal(B.unpack_coalitions_reference(packed, n), mask)
 
 
-def test_pack_masks_bit_order():
+def test_pack_coalitions_bit_order():
     mask = torch.zeros(64, dtype=torch.bool)
     mask[[0, 5, 31, 32]] = True
-    assert R.pack_masks(mask).tolist() == [1 + 2**5 - 2**31, 1]
+    assert B.pack_coalitions(mask).tolist() == [1 + 2**5 - 2**31, 1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
@@ -106,7 +107,7 @@ def test_coalition_reduce_matches_reference(b, m, n, k, dtype):
     mask, values, weights = random_coalitions(b, m, n, k, dtype)
     z, w, v = mask.double(), weights.double(), values.double()
     expected = torch.einsum("bmn,bm,bmk->bnk", z, w, v).to(dtype), torch.einsum("bmn,bm->bn", z, w).to(dtype)
-    packed = R.pack_masks(mask)
+    packed = B.pack_coalitions(mask)
     for actual in (
         R.coalition_reduce(packed, values, weights, n),
         R.coalition_reduce_reference(packed, values, weights, n),
@@ -118,7 +119,7 @@ def test_coalition_reduce_matches_reference(b, m, n, k, dtype):
 def test_coalition_reduce_extra_words_and_no_coalitions():
     mask, values, weights = random_coalitions(2, 9, 20, 4, torch.float64)
     packed = torch.cat(
-        [R.pack_masks(mask), torch.randint(-(2**31), 2**31 - 1, (2, 9, 1), dtype=torch.int32)], -1
+        [B.pack_coalitions(mask), torch.randint(-(2**31), 2**31 - 1, (2, 9, 1), dtype=torch.int32)], -1
     )
     sums, wsums = R.coalition_reduce(packed, values, weights, num_players=20)
     close(sums, torch.einsum("bmn,bm,bmk->bnk", mask.double(), weights, values), torch.float64)
@@ -135,7 +136,7 @@ def test_gradcheck_segment_sum():
 
 def test_gradcheck_coalition_reduce():
     mask, values, weights = random_coalitions(2, 5, 35, 3, torch.float64)
-    packed = R.pack_masks(mask)
+    packed = B.pack_coalitions(mask)
     values.requires_grad_(True)
     weights.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda v, w: R.coalition_reduce(packed, v, w, 35), (values, weights))
@@ -150,7 +151,7 @@ def test_gradcheck_coalition_reduce():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backward_matches_reference(dtype):
     mask, values, weights = random_coalitions(2, 40, 50, 6, dtype)
-    packed = R.pack_masks(mask)
+    packed = B.pack_coalitions(mask)
     grads = []
     for fn in (R.coalition_reduce, R.coalition_reduce_reference):
         v, w = values.clone().requires_grad_(True), weights.clone().requires_grad_(True)
@@ -168,13 +169,13 @@ def test_torch_compile_fullgraph():
 
     def f(values, cu, packed, weights):
         seq = R.segment_sum(values, cu)  # (R, K) with R = B * M
-        mask = R.unpack_masks(R.pack_masks(R.unpack_masks(packed, 40)), 40)
-        return R.coalition_reduce(R.pack_masks(mask), seq.view(2, 3, 4), weights, 40)
+        mask = B.unpack_coalitions(B.pack_coalitions(B.unpack_coalitions(packed, 40)), 40)
+        return R.coalition_reduce(B.pack_coalitions(mask), seq.view(2, 3, 4), weights, 40)
 
     cu = random_cu_seqlens([2, 0, 3, 1, 4, 2])
     values = torch.randn(12, 4, requires_grad=True)
     mask, _, weights = random_coalitions(2, 3, 40, 4, torch.float32)
-    args = (values, cu, R.pack_masks(mask), weights)
+    args = (values, cu, B.pack_coalitions(mask), weights)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     for a, e in zip(compiled(*args), f(*args), strict=True):
         torch.testing.assert_close(a, e)
@@ -189,10 +190,10 @@ def test_fallback_matches_extension(monkeypatch):
     tokens = torch.randn(14, 9)
 
     def run():
-        packed = R.pack_masks(mask)
+        packed = B.pack_coalitions(mask)
         return (
             packed,
-            R.unpack_masks(packed, 70),
+            B.unpack_coalitions(packed, 70),
             R.segment_sum(tokens, cu),
             R.segment_expand(tokens[:4], cu, 14),
             *R.coalition_reduce(packed, values, weights, 70),
@@ -210,7 +211,7 @@ def test_fallback_matches_extension(monkeypatch):
 def test_opcheck_extension_ops():
     """Schemas, fake kernels (shapes and strides), autograd registration, AOT dispatch."""
     mask = torch.rand(2, 20, 37) < 0.5
-    packed = R.pack_masks(mask)
+    packed = B.pack_coalitions(mask)
     values, weights = torch.randn(2, 20, 5, requires_grad=True), torch.rand(2, 20, requires_grad=True)
     cu = random_cu_seqlens([2, 0, 3])
     ops = torch.ops.shapkern
@@ -228,7 +229,7 @@ def test_opcheck_extension_ops():
 @needs_triton
 def test_opcheck_triton_ops():
     mask, values, weights = random_coalitions(2, 20, 37, 5, torch.float32, device=KERNEL_DEVICE)
-    packed = R.pack_masks(mask)
+    packed = B.pack_coalitions(mask)
     grads = torch.randn(2, 37, 5, device=KERNEL_DEVICE), torch.randn(2, 37, device=KERNEL_DEVICE)
     ops = torch.ops.shapkern
     torch.library.opcheck(
@@ -271,10 +272,10 @@ def test_extension_status():
             lambda: R.segment_expand(torch.randn(1, 2).int(), random_cu_seqlens([5]), 5),
             "values must be float32",
         ),
-        (lambda: R.pack_masks(torch.ones(3, 4)), "mask must be bool"),
-        (lambda: R.unpack_masks(torch.ones(3, 1, dtype=torch.int32), 33), "packed has W=1"),
-        (lambda: R.unpack_masks(torch.ones(3, 1), 3), "packed must be int32"),
-        (lambda: R.unpack_masks(torch.ones(3, 1, dtype=torch.int32), 5.0), "num_players must be an int"),
+        (lambda: B.pack_coalitions(torch.ones(3, 4)), "coalitions must be bool"),
+        (lambda: B.unpack_coalitions(torch.ones(3, 1, dtype=torch.int32), 33), "packed has W=1"),
+        (lambda: B.unpack_coalitions(torch.ones(3, 1), 3), "packed must be int32"),
+        (lambda: B.unpack_coalitions(torch.ones(3, 1, dtype=torch.int32), 5.0), "num_players must be an int"),
         (
             lambda: R.coalition_reduce(
                 torch.ones(1, 2, 1, dtype=torch.int32), torch.randn(1, 2, 3), torch.ones(1, 2), 5.0
@@ -291,12 +292,12 @@ def test_bad_inputs_name_the_argument(call, match):
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        (lambda p, v, w: (p[..., :1], v, w), "masks has W=1"),
-        (lambda p, v, w: (p.long(), v, w), "masks must be int32"),
+        (lambda p, v, w: (p[..., :1], v, w), "packed has W=1"),
+        (lambda p, v, w: (p.long(), v, w), "packed must be int32"),
         (lambda p, v, w: (p, v.int(), w), "values must be float32"),
         (lambda p, v, w: (p, v, w.double()), "weights must have the dtype"),
         (lambda p, v, w: (p, v, w[:, :-1]), "weights shape"),
-        (lambda p, v, w: (p[:, :-1], v, w), "masks shape"),
+        (lambda p, v, w: (p[:, :-1], v, w), "packed shape"),
         (lambda p, v, w: (p, v[0], w), "values must be 3-D"),
         (lambda p, v, w: (p, v, w.to("meta")), "weights is on meta"),
     ],
@@ -304,7 +305,7 @@ def test_bad_inputs_name_the_argument(call, match):
 def test_coalition_reduce_bad_inputs(change, match):
     mask, values, weights = random_coalitions(2, 4, 40, 3, torch.float32)
     with pytest.raises(ValueError, match=match):
-        R.coalition_reduce(*change(R.pack_masks(mask), values, weights), num_players=40)
+        R.coalition_reduce(*change(B.pack_coalitions(mask), values, weights), num_players=40)
 
 
 @pytest.mark.cuda
@@ -312,10 +313,10 @@ def test_coalition_reduce_bad_inputs(change, match):
 def test_cuda_matches_cpu(dtype):
     assert ext.has_cuda_kernels(), f"CUDA kernels not compiled in: {ext.extension_error()}"
     mask, values, weights = random_coalitions(3, 257, 196, 130, dtype)
-    packed = R.pack_masks(mask)
+    packed = B.pack_coalitions(mask)
     cuda = [t.cuda() for t in (mask, packed, values, weights)]
-    assert torch.equal(R.pack_masks(cuda[0]).cpu(), packed)
-    assert torch.equal(R.unpack_masks(cuda[1], 196).cpu(), mask)
+    assert torch.equal(B.pack_coalitions(cuda[0]).cpu(), packed)
+    assert torch.equal(B.unpack_coalitions(cuda[1], 196).cpu(), mask)
     for a, e in zip(
         R.coalition_reduce(*cuda[1:], 196), R.coalition_reduce(packed, values, weights, 196), strict=True
     ):
@@ -328,7 +329,7 @@ def test_cuda_matches_cpu(dtype):
 @pytest.mark.cuda
 def test_cuda_backward_and_determinism():
     mask, values, weights = random_coalitions(2, 64, 50, 7, torch.float64, device="cuda")
-    packed = R.pack_masks(mask)
+    packed = B.pack_coalitions(mask)
     values.requires_grad_(True)
     weights.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda v, w: R.coalition_reduce(packed, v, w, 50), (values, weights))
@@ -365,7 +366,7 @@ def test_coalition_gram_matches_reference(b, m, n, kind, dtype):
     mask = torch.rand(b, m, n) < 0.5
     weights = gram_weights(b, m, dtype, kind)
     expected = dense_gram(mask, weights).to(dtype)
-    packed = R.pack_masks(mask)
+    packed = B.pack_coalitions(mask)
     actual = G.coalition_gram(packed, weights, n)
     close(actual, expected, dtype, m)
     assert torch.equal(actual, actual.mT)
@@ -376,8 +377,8 @@ def test_coalition_gram_matches_reference(b, m, n, kind, dtype):
 def test_coalition_gram_equal_weights_are_exact_counts():
     mask = torch.rand(3, 1000, 70) < 0.5
     counts = dense_gram(mask, torch.ones(3, 1000)).float()
-    assert torch.equal(G.coalition_gram(R.pack_masks(mask), torch.ones(3, 1000), 70), counts)
-    assert torch.equal(G.coalition_gram(R.pack_masks(mask), torch.full((3, 1000), 0.5), 70), counts / 2)
+    assert torch.equal(G.coalition_gram(B.pack_coalitions(mask), torch.ones(3, 1000), 70), counts)
+    assert torch.equal(G.coalition_gram(B.pack_coalitions(mask), torch.full((3, 1000), 0.5), 70), counts / 2)
 
 
 def test_coalition_gram_extra_words_no_coalitions_no_players():
@@ -385,7 +386,7 @@ def test_coalition_gram_extra_words_no_coalitions_no_players():
     weights = gram_weights(2, 9, torch.float64, "mixed")
     garbage = torch.randint(-(2**31), 2**31 - 1, (2, 9, 1), dtype=torch.int32)
     # Bits past N in the last used word and whole extra words are ignored.
-    packed = torch.cat([R.pack_masks(mask) | (-1 << 20), garbage], -1)
+    packed = torch.cat([B.pack_coalitions(mask) | (-1 << 20), garbage], -1)
     close(G.coalition_gram(packed, weights, 20), dense_gram(mask, weights), torch.float64)
     empty = G.coalition_gram(packed[:, :0], weights[:, :0], 20)
     assert empty.shape == (2, 20, 20) and not empty.any()
@@ -396,7 +397,7 @@ def test_coalition_gram_extra_words_no_coalitions_no_players():
 def test_gradcheck_coalition_gram(kind):
     mask = torch.rand(2, 6, 35) < 0.5
     weights = gram_weights(2, 6, torch.float64, kind).requires_grad_(True)
-    packed = R.pack_masks(mask)
+    packed = B.pack_coalitions(mask)
     # fast mode (random projections): the slow mode runs one backward per entry of the (B, N, N) output
     assert torch.autograd.gradcheck(lambda w: G.coalition_gram(packed, w, 35), (weights,), fast_mode=True)
     assert torch.autograd.gradgradcheck(lambda w: G.coalition_gram(packed, w, 35), (weights,), fast_mode=True)
@@ -405,24 +406,24 @@ def test_gradcheck_coalition_gram(kind):
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        (lambda p, w: (p[..., :1], w), "masks has W=1"),
-        (lambda p, w: (p.long(), w), "masks must be int32"),
-        (lambda p, w: (p[0], w), "masks must be 3-D"),
+        (lambda p, w: (p[..., :1], w), "packed has W=1"),
+        (lambda p, w: (p.long(), w), "packed must be int32"),
+        (lambda p, w: (p[0], w), "packed must be 3-D"),
         (lambda p, w: (p, w.int()), "weights must be float32"),
         (lambda p, w: (p, w[:, :-1]), "does not match weights shape"),
         (lambda p, w: (p, w[0]), "weights must be 2-D"),
-        (lambda p, w: (p, w.to("meta")), "masks is on cpu but weights is on meta"),
+        (lambda p, w: (p, w.to("meta")), "packed is on cpu but weights is on meta"),
     ],
 )
 def test_coalition_gram_bad_inputs(change, match):
-    packed = R.pack_masks(torch.rand(2, 4, 40) < 0.5)
+    packed = B.pack_coalitions(torch.rand(2, 4, 40) < 0.5)
     with pytest.raises(ValueError, match=match):
         G.coalition_gram(*change(packed, torch.rand(2, 4)), num_players=40)
 
 
 def test_coalition_gram_torch_compile_fullgraph():
     torch._dynamo.reset()
-    packed = R.pack_masks(torch.rand(2, 16, 40) < 0.5)
+    packed = B.pack_coalitions(torch.rand(2, 16, 40) < 0.5)
     weights = torch.rand(2, 16, requires_grad=True)
     compiled = torch.compile(lambda p, w: G.coalition_gram(p, w, 40), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(packed, weights), G.coalition_gram(packed, weights, 40))
@@ -442,7 +443,7 @@ def test_triton_coalition_reduce_matches_reference(b, m, n, k, dtype):
         torch.randn(b, n, k, dtype=torch.float64).to(dtype),
         torch.randn(b, n, dtype=torch.float64).to(dtype),
     )
-    packed = R.pack_masks(mask)
+    packed = B.pack_coalitions(mask)
     z, w, v = mask.double(), weights.double(), values.double()
     zg = z @ grads[0].double()
     expected = (
@@ -468,7 +469,7 @@ def test_triton_coalition_reduce_matches_reference(b, m, n, k, dtype):
 def test_triton_coalition_gram_matches_reference(b, m, n, dtype):
     mask = torch.rand(b, m, n) < 0.5
     weights = gram_weights(b, m, dtype, "random")
-    actual = K.coalition_gram(R.pack_masks(mask).to(KERNEL_DEVICE), weights.to(KERNEL_DEVICE), n).cpu()
+    actual = K.coalition_gram(B.pack_coalitions(mask).to(KERNEL_DEVICE), weights.to(KERNEL_DEVICE), n).cpu()
     close(actual, dense_gram(mask, weights).to(dtype), dtype, m)
     assert torch.equal(actual, actual.mT)
 
@@ -481,7 +482,7 @@ def test_triton_coalition_gram_matches_reference(b, m, n, dtype):
 def test_cuda_gemm_precision_and_determinism(dtype):
     """fp32 outputs within 1e-5 of the largest output: a plain tf32 dot (~3e-4) fails this."""
     mask, values, weights = random_coalitions(4, 1024, 196, 300, dtype, device="cuda")
-    packed = R.pack_masks(mask)
+    packed = B.pack_coalitions(mask)
     z, w, v = mask.double(), weights.double(), values.double()
     tol = 1e-5 if dtype == torch.float32 else TOL[dtype]
     values.requires_grad_(True)
@@ -512,14 +513,14 @@ def test_cuda_gemm_precision_and_determinism(dtype):
 @pytest.mark.cuda
 def test_cuda_gram_float64_and_backward():
     mask = torch.rand(3, 300, 70, device="cuda") < 0.5
-    packed = R.pack_masks(mask)
+    packed = B.pack_coalitions(mask)
     weights = gram_weights(3, 300, torch.float64, "mixed").cuda()
     gram = G.coalition_gram(packed, weights, 70)
     close(gram, dense_gram(mask, weights), torch.float64, 300)
     assert torch.equal(gram, gram.mT)
     ones = torch.ones(3, 300, device="cuda")
     assert torch.equal(G.coalition_gram(packed, ones, 70), dense_gram(mask, ones).float())
-    small = R.pack_masks(mask[:, :6, :35])
+    small = B.pack_coalitions(mask[:, :6, :35])
     w = weights[:, :6].clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda w: G.coalition_gram(small, w, 35), (w,), fast_mode=True)
 

@@ -36,3 +36,12 @@ def test_pack_plan_rejects_unpaired_rows_marked_paired():
     masks = torch.tensor([[True, False], [True, False]])
     with pytest.raises(ValueError, match="not complements"):
         pack_plan(masks, torch.zeros(2, dtype=torch.long), 1, paired=True)
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_pack_plan_detects_pairs_by_default(paired):
+    masks = sample_coalitions(2, 6, 9, paired=paired, generator=torch.Generator().manual_seed(1))
+    rows, row_image = masks.view(-1, 9), torch.arange(2).repeat_interleave(6)
+    detected, given = pack_plan(rows, row_image, 1), pack_plan(rows, row_image, 1, paired=paired)
+    for field in ("gather_index", "cu_seqlens", "token_patch", "patch_counts"):
+        assert torch.equal(getattr(detected, field), getattr(given, field))

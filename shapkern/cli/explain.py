@@ -13,29 +13,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
 
-from shapkern.checkpoint import load_checkpoint
+from shapkern.cli.explain_inputs import BUILTIN, Inputs, load_model, read_inputs
 from shapkern.coalitions import MAX_EXACT_PLAYERS
-from shapkern.data import PixelLimitError, Preprocessing, load_dataset, open_image, preprocess_image
 from shapkern.engine import patch_grid
-from shapkern.explainers import METHODS, explain, resolve_method
-from shapkern.explainers.estimators import DEFAULT_COALITIONS_PER_CALL
-from shapkern.explainers.explain import DEFAULT_BUDGET, GAME_METHODS
-from shapkern.explainers.metrics import insertion_deletion, localization
-from shapkern.explainers.viz import plot_curves, plot_grid, plot_heatmap
+from shapkern.explainers import (
+    DEFAULT_BUDGET,
+    DEFAULT_COALITIONS_PER_CALL,
+    GAME_METHODS,
+    METHODS,
+    TARGETS,
+    Target,
+    explain,
+    insertion_deletion,
+    localization,
+    plot_curves,
+    plot_grid,
+    plot_heatmap,
+    resolve_method,
+)
 from shapkern.games import model_game
-from shapkern.models import ShapleyViT
 from shapkern.runlock import FolderLock
-from shapkern.training.distributed import DEVICES
+from shapkern.training import DEVICES
 
-__all__ = ["add_parser", "earlier_outputs", "explain_to_dir", "load_images", "load_model", "run"]
+__all__ = ["add_parser", "earlier_outputs", "explain_to_dir", "run"]
 
-BUILTIN = ("digits", "evidence")
 SAMPLING_METHODS = tuple(m for m in GAME_METHODS if m not in ("auto", "exact"))  # they spend --budget
 TOL_METHODS = tuple(m for m in SAMPLING_METHODS if m != "bayes")  # bayes spends its whole budget
 OUTPUT_FILES = ("explanations.json", "grid.png", "curves.png")  # and heatmap_name(b) per image
@@ -67,6 +73,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--data", choices=BUILTIN, help="explain the first --num-images test images of a built-in set"
     )
     p.add_argument("--num-images", type=int, default=8, help="images taken from --data")
+    p.add_argument("--resize", action="store_true", help="resize --images to the model's input size")
+    _add_estimator_arguments(p)
+    p.add_argument("--device", default="auto", choices=DEVICES, help="where the model runs")
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars"
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder: new, or without an earlier run's outputs (see --overwrite)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="reuse an --out folder holding an earlier explain run's outputs: they are removed first "
+        f"({', '.join(OUTPUT_FILES)}, heatmap_NNN.png; no other file)",
+    )
+    p.set_defaults(func=run)
+    return p
+
+
+def _add_estimator_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of the estimator: method, budget, tol, target, coalitions per call, seed."""
     p.add_argument(
         "--method",
         choices=METHODS,
@@ -88,7 +117,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help=f"{', '.join(TOL_METHODS)}: stop when every standard error < tol",
     )
     p.add_argument("--target", default="pred", help="'pred', 'all' or a class index")
-    p.add_argument("--resize", action="store_true", help="resize --images to the model's input size")
     p.add_argument(
         "--coalitions-per-call",
         "--batch-size",  # its name before 0.3
@@ -98,23 +126,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help=f"coalitions per image per model call ({DEFAULT_COALITIONS_PER_CALL} when not given)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling estimators")
-    p.add_argument("--device", default="auto", choices=DEVICES, help="where the model runs")
-    p.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars"
-    )
-    p.add_argument(
-        "--out",
-        required=True,
-        help="output folder: new, or without an earlier run's outputs (see --overwrite)",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="reuse an --out folder holding an earlier explain run's outputs: they are removed first "
-        f"({', '.join(OUTPUT_FILES)}, heatmap_NNN.png; no other file)",
-    )
-    p.set_defaults(func=run)
-    return p
 
 
 def _device(name: str) -> torch.device:
@@ -123,63 +134,8 @@ def _device(name: str) -> torch.device:
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def load_model(path: str, device: torch.device) -> tuple[ShapleyViT, dict]:
-    """A trained ShapleyViT and the checkpoint's data record (name, classes, preprocessing)."""
-    state = load_checkpoint(path)
-    model = ShapleyViT.from_state(state, path).to(device)
-    data = state.get("data")
-    if not isinstance(data, dict) or "preprocessing" not in data:
-        raise ValueError(
-            f"{path} records no data preprocessing; it was not written by this version of `shapkern train`"
-        )
-    Preprocessing.from_dict(data["preprocessing"], source=path)  # a record this version can follow
-    return model, data
-
-
-def load_images(
-    files: list[str], prep: Preprocessing, size: tuple[int, int], *, resize: bool
-) -> torch.Tensor:
-    """Image files -> (B, C, H, W), preprocessed like the training data; wrong sizes need ``resize``."""
-    from PIL import UnidentifiedImageError
-
-    out = []
-    for file in files:
-        if not os.path.isfile(file):
-            raise ValueError(f"image file not found: {file}")
-        try:
-            image = open_image(file)  # as imagefolder reads its files
-        except PixelLimitError:
-            raise  # names the file and says what to do
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise ValueError(f"cannot read {file} as an image (PNG, JPEG, ...): {exc}") from exc
-        try:
-            out.append(preprocess_image(image, prep, size, resize=resize))
-        except ValueError as exc:
-            raise ValueError(f"{file}: {exc}") from None
-    return torch.stack(out)
-
-
-def _builtin(data: dict, arch: dict, name: str, count: int, grid: tuple[int, int]):
-    """The first ``count`` test images of a built-in set: images, labels, patch masks (B, N) or None,
-    class names (None when the set is not the one the model was trained on)."""
-    if count < 1:
-        raise ValueError(f"--num-images must be positive, got {count}")
-    prep = Preprocessing.from_dict(data["preprocessing"])  # as trained; the built-in sets have their own
-    bundle = load_dataset(
-        name, img_size=arch["img_size"], patch_size=arch["patch_size"], mean=prep.mean, std=prep.std
-    )
-    if name != data["name"]:
-        print(f"note: the checkpoint was trained on {data['name']!r}, explaining {name!r} images")
-    test = bundle.test
-    count = min(count, len(test))
-    images = torch.stack([test[i][0] for i in range(count)])
-    labels = [int(test[i][1]) for i in range(count)]
-    masks = test.patch_masks(grid)[:count] >= 0.5 if hasattr(test, "patch_masks") else None
-    return images, labels, masks, bundle.classes if name == data["name"] else None
-
-
-def _target(text: str):
-    if text in ("pred", "all"):
+def _target(text: str) -> Target:
+    if text in TARGETS:
         return text
     try:
         return int(text)
@@ -226,27 +182,46 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_pictures(out: Path, inputs: Inputs, att, predictions: list[int], curves: dict, grid, method: str):
+    """A heatmap per image, grid.png and curves.png; returns the per-image records of the JSON file."""
+    phi, name, records = att.values[..., 0], inputs.class_name, []
+    for b in range(inputs.images.shape[0]):
+        target, label = att.target[b].tolist(), inputs.labels[b]
+        truth = "" if label is None else f", true {name(label)}"
+        title = f"{Path(inputs.sources[b]).name}: φ for class {name(target[0])}{truth}"
+        plot_heatmap(inputs.images[b].cpu(), phi[b].cpu(), out / heatmap_name(b), grid=grid, title=title)
+        records.append(
+            {
+                "source": inputs.sources[b],
+                "label": label,
+                "prediction": predictions[b],
+                "target": target,
+                "base": att.base[b].tolist(),
+                "full": att.full[b].tolist(),
+                "values": att.values[b].tolist(),
+                "std_error": None if att.std_error is None else att.std_error[b].tolist(),
+                "insertion_auc": float(curves["insertion_auc"][b]),
+                "deletion_auc": float(curves["deletion_auc"][b]),
+                "heatmap": heatmap_name(b),
+            }
+        )
+    titles = [
+        f"pred {name(p)}" + ("" if y is None else f", true {name(y)}")
+        for p, y in zip(predictions, inputs.labels, strict=False)
+    ]
+    plot_grid(inputs.images.cpu(), phi.cpu(), out / "grid.png", titles=titles, grid=grid)
+    plot_curves({method: curves["insertion"]}, {method: curves["deletion"]}, out / "curves.png")
+    return records
+
+
 def explain_to_dir(args: argparse.Namespace) -> dict:
     """Explain the images named by ``args`` and write the outputs to ``args.out``; returns the JSON record."""
     out = _output_folder(args.out, args.overwrite)
     device = _device(args.device)
     model, data = load_model(args.checkpoint, device)
     grid = patch_grid(model.backbone, model.num_players)
-    if args.data:
-        images, labels, masks, classes = _builtin(data, model.arch, args.data, args.num_images, grid)
-        sources = [f"{args.data}:test[{i}]" for i in range(images.shape[0])]
-    else:
-        prep = Preprocessing.from_dict(data["preprocessing"])
-        images = load_images(
-            args.images, prep, tuple(model.backbone.patch_embed.img_size), resize=args.resize
-        )
-        labels, masks, sources, classes = (
-            [None] * images.shape[0],
-            None,
-            list(args.images),
-            data.get("classes"),
-        )
-    images = images.to(device)
+    inputs = read_inputs(args, model, data, grid)
+    images = inputs.images = inputs.images.to(device)
     method = resolve_method(args.method, model, model.num_players, args.budget, args.tol)
     att = explain(
         model,
@@ -260,45 +235,11 @@ def explain_to_dir(args: argparse.Namespace) -> dict:
         progress=args.progress,
     )
     phi = att.values[..., 0]
-    game = model_game(model, images)
-    curves = insertion_deletion(game, phi, att.target[:, 0])
+    curves = insertion_deletion(model_game(model, images), phi, att.target[:, 0])
     with torch.no_grad():
         predictions = model(images).logits.argmax(-1).tolist()
-
     for path in earlier_outputs(out):  # refused above unless --overwrite
         path.unlink()
-
-    def name(k: int) -> str:
-        return classes[k] if classes and k < len(classes) else str(k)
-
-    records = []
-    for b in range(images.shape[0]):
-        target = att.target[b].tolist()
-        heatmap = heatmap_name(b)
-        truth = "" if labels[b] is None else f", true {name(labels[b])}"
-        title = f"{Path(sources[b]).name}: φ for class {name(target[0])}{truth}"
-        plot_heatmap(images[b].cpu(), phi[b].cpu(), out / heatmap, grid=grid, title=title)
-        records.append(
-            {
-                "source": sources[b],
-                "label": labels[b],
-                "prediction": predictions[b],
-                "target": target,
-                "base": att.base[b].tolist(),
-                "full": att.full[b].tolist(),
-                "values": att.values[b].tolist(),
-                "std_error": None if att.std_error is None else att.std_error[b].tolist(),
-                "insertion_auc": float(curves["insertion_auc"][b]),
-                "deletion_auc": float(curves["deletion_auc"][b]),
-                "heatmap": heatmap,
-            }
-        )
-    titles = [
-        f"pred {name(p)}" + ("" if y is None else f", true {name(y)}")
-        for p, y in zip(predictions, labels, strict=False)
-    ]
-    plot_grid(images.cpu(), phi.cpu(), out / "grid.png", titles=titles, grid=grid)
-    plot_curves({method: curves["insertion"]}, {method: curves["deletion"]}, out / "curves.png")
     result = {
         "checkpoint": str(args.checkpoint),
         "method": method,
@@ -308,15 +249,15 @@ def explain_to_dir(args: argparse.Namespace) -> dict:
         "device": str(device),
         "num_players": model.num_players,
         "grid": list(grid),
-        "classes": classes,
+        "classes": inputs.classes,
         "values_layout": "values[image] is N x K_t: patch n (row-major on the grid), target class column",
         "efficiency_gap_max": float(att.efficiency_gap().abs().max()),
         "insertion_auc": float(curves["insertion_auc"].mean()),
         "deletion_auc": float(curves["deletion_auc"].mean()),
-        "images": records,
+        "images": _write_pictures(out, inputs, att, predictions, curves, grid, method),
     }
-    if masks is not None:
-        result["localization"] = localization(phi.cpu(), masks)
+    if inputs.masks is not None:
+        result["localization"] = localization(phi.cpu(), inputs.masks)
     (out / "explanations.json").write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"shapkern explain: {images.shape[0]} image(s), method {method}, "

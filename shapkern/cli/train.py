@@ -12,13 +12,18 @@ from shapkern.checkpoint import CHECKPOINT, PREVIOUS_CHECKPOINT
 from shapkern.coalitions import SAMPLERS
 from shapkern.data import DATASETS
 from shapkern.engine import PRECISIONS
-from shapkern.models import HEADS
-from shapkern.models.backbones import native_input
+from shapkern.models import HEADS, native_input
 from shapkern.runlock import FolderLock
-from shapkern.training import TrainConfig, resumed_config, train
-from shapkern.training.distributed import DEVICES
-from shapkern.training.losses import MASK_LOSSES, SV_SCALES
-from shapkern.training.trainer import HEATMAPS, METRICS
+from shapkern.training import (
+    DEVICES,
+    HEATMAPS,
+    MASK_LOSSES,
+    METRICS,
+    SV_SCALES,
+    TrainConfig,
+    resumed_config,
+    train,
+)
 
 __all__ = ["add_parser", "run"]
 

@@ -148,7 +148,7 @@ def catalog_dataset(
         raise ValueError(f"unknown dataset {name!r}; the catalog has {', '.join(CATALOG)}")
     if (mean is None) != (std is None):
         raise ValueError(f"give both mean and std or neither, got mean={mean} and std={std}")
-    if mean is None:
+    if mean is None or std is None:  # both, as checked above
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
         mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -160,7 +160,7 @@ def catalog_dataset(
     # Photos: resize to size / 0.875 and centre-crop; small images (CIFAR, STL-10): resize whole.
     prep = Preprocessing(color="RGB", mean=mean, std=std, crop_pct=None if entry.low_res else TEST_CROP_PCT)
     train_tf, test_tf = _transforms(img_size, prep)
-    lock = contextlib.nullcontext()
+    lock: contextlib.AbstractContextManager = contextlib.nullcontext()
     if download:  # torchrun: the processes of a machine take turns, the first one downloads
         from filelock import FileLock
 

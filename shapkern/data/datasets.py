@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +53,7 @@ class IndexedDataset(Dataset):
         self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(cast(Sized, self.dataset))  # torch's Dataset declares no __len__; these have one
 
     def __getitem__(self, index: int):
         image, label = self.dataset[index][:2]

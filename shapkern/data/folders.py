@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -107,7 +108,7 @@ def _class_files(class_dir: str, home: str, homes: set[str], extensions: tuple[s
                         continue
                     found.append((entry.path, real))
     found.sort(key=lambda item: (os.path.dirname(item[0]), os.path.basename(item[0])))
-    unique = {}
+    unique: dict[str, str] = {}
     for path, real in found:
         skipped += real in unique
         unique.setdefault(real, path)
@@ -128,7 +129,9 @@ def _list_images(root: str, splits: list[str], classes: list[str]) -> list[list[
     if len(set(homes)) < len(homes):
         same = [folder for (_, _, folder), home in zip(folders, homes, strict=True) if homes.count(home) > 1]
         raise ValueError(f"imagefolder: the class folders {', '.join(same)} are one folder (symbolic links)")
-    samples, claimed, skipped = [[] for _ in splits], {}, 0
+    samples: list[list[tuple[str, int]]] = [[] for _ in splits]
+    claimed: dict[str, str] = {}
+    skipped = 0
     for (s, label, folder), home in zip(folders, homes, strict=True):
         files, skips = _class_files(folder, home, set(homes), IMG_EXTENSIONS)
         if not files:
@@ -210,25 +213,28 @@ def imagefolder(
     std = tuple(IMAGENET_DEFAULT_STD if std is None else std)
     prep = Preprocessing(color="RGB", mean=mean, std=std, crop_pct=TEST_CROP_PCT)
     # Decoded as explain decodes (16 bits kept), then timm's crop and flip act on the [0, 1] tensor.
-    crop_flip = create_transform(input_size=img_size, is_training=True, color_jitter=None, mean=mean, std=std)
+    no_jitter: Any = None  # timm takes None for no colour jitter, though its type hint leaves None out
+    crop_flip = create_transform(
+        input_size=img_size, is_training=True, color_jitter=no_jitter, mean=mean, std=std
+    )
     train_tf = T.Compose([partial(decode_image, color=prep.color), crop_flip])
     test_tf = partial(preprocess_image, prep=prep, size=(img_size, img_size))
     test_dir = next(
         (os.path.join(path, d) for d in ("val", "test") if os.path.isdir(os.path.join(path, d))), None
     )
     split_layout = os.path.isdir(os.path.join(path, "train")) and test_dir is not None
-    splits = [os.path.join(path, "train"), test_dir] if split_layout else [path]
+    splits = [os.path.join(path, "train"), test_dir] if test_dir is not None and split_layout else [path]
     classes = _class_names(splits[0])
     if len(classes) < 2:
         raise ValueError(
             f"imagefolder: {path} has {len(classes)} class folder(s); classification needs at least 2"
         )
-    if split_layout:
+    if test_dir is not None and split_layout:
         if (test_classes := _class_names(test_dir)) != classes:
             raise ValueError(f"imagefolder: {test_dir} has classes {test_classes}, train has {classes}")
         train_samples, test_samples = _list_images(path, splits, classes)
-        train = ImageFiles(_readable_only(splits[0], train_samples, skip_bad_images), train_tf)
-        test = ImageFiles(_readable_only(test_dir, test_samples, skip_bad_images), test_tf)
+        train: Dataset = ImageFiles(_readable_only(splits[0], train_samples, skip_bad_images), train_tf)
+        test: Dataset = ImageFiles(_readable_only(test_dir, test_samples, skip_bad_images), test_tf)
     else:
         (samples,) = _list_images(path, splits, classes)
         samples = _readable_only(path, samples, skip_bad_images)

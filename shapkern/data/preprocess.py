@@ -16,6 +16,7 @@ import math
 import re
 import warnings
 from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -91,8 +92,9 @@ class Preprocessing:
             raise ValueError(
                 f"{source}: the preprocessing record is missing key {', '.join(map(repr, missing))}"
             )
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
         try:
-            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
+            return cls(**values)
         except ValueError as exc:
             raise ValueError(f"{source}: {exc}") from None
 
@@ -132,7 +134,8 @@ def open_image(path: str):
                 return image.copy()
     except Image.DecompressionBombError as exc:  # over twice the limit: PIL refuses before we see the size
         pixels = re.search(r"\((\d+) pixels\)", str(exc))
-        raise _pixel_limit_error(path, int(pixels[1]) if pixels else None, limit) from None
+        # PIL raises it only under a limit (MAX_IMAGE_PIXELS not None).
+        raise _pixel_limit_error(path, int(pixels[1]) if pixels else None, cast(int, limit)) from None
 
 
 def pixels_to_unit(image) -> np.ndarray:

@@ -8,19 +8,14 @@
 - :mod:`~shapkern.engine.blocks`, :mod:`~shapkern.engine.fp8`: timm Blocks on packed tokens.
 """
 
+from shapkern._deprecation import renamed_function
 from shapkern.engine.adapters import ModelAdapter, adapter_for
 from shapkern.engine.blocks import packed_block_forward
-from shapkern.engine.chunking import check_chunk_size, run_chunks
+from shapkern.engine.chunking import check_chunk_rows, run_chunks
 from shapkern.engine.forward import (
-    BLOCKS,
-    OUTPUTS,
-    PRECISIONS,
-    Blocks,
     CoalitionForward,
     PackedTokens,
-    Precision,
     check_packed_model,
-    check_precision,
     coalition_chunk_rows,
     coalition_tokens,
     embed_tokens,
@@ -30,21 +25,36 @@ from shapkern.engine.forward import (
 )
 from shapkern.engine.fp8 import clear_fp8_weights
 from shapkern.engine.inputs import check_coalitions, check_images, find_patch_embed, patch_grid
-from shapkern.engine.masked import BASELINES, MaskedInputForward, masked_input_forward, model_output
+from shapkern.engine.masked import BASELINES, Baseline, MaskedInputForward, masked_input_forward, model_output
+from shapkern.engine.options import (
+    BLOCKS,
+    MODES,
+    OUTPUTS,
+    PRECISIONS,
+    Blocks,
+    Mode,
+    Output,
+    Precision,
+    check_precision,
+)
 
 __all__ = [
     "BASELINES",
     "BLOCKS",
+    "MODES",
     "OUTPUTS",
     "PRECISIONS",
+    "Baseline",
     "Blocks",
     "CoalitionForward",
     "MaskedInputForward",
+    "Mode",
     "ModelAdapter",
+    "Output",
     "PackedTokens",
     "Precision",
     "adapter_for",
-    "check_chunk_size",
+    "check_chunk_rows",
     "check_coalitions",
     "check_images",
     "check_packed_model",
@@ -63,3 +73,6 @@ __all__ = [
     "resolve_paired",
     "run_chunks",
 ]
+
+# Deprecated name (removed in the next release): rows per pass are "chunk_rows".
+check_chunk_size = renamed_function("check_chunk_size", "shapkern.engine.check_chunk_rows", check_chunk_rows)

@@ -8,6 +8,7 @@ LayerNorm (``ops.add_layer_norm``) and fc1's bias and GELU into its GEMM (``ops.
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,15 +25,19 @@ __all__ = [
     "supports_fused_blocks",
 ]
 
+# timm's modules are read here by attribute (block.attn.qkv, mlp.fc1, ...), which nn.Module types as
+# Tensor | Module: the blocks and their parts are typed Any (the model's adapter checks what they hold).
+TimmModule = Any
 
-def packed_drop_path(module: nn.Module, x: torch.Tensor, plan: PackPlan) -> torch.Tensor:
+
+def packed_drop_path(module: TimmModule, x: torch.Tensor, plan: PackPlan) -> torch.Tensor:
     """A timm DropPath module (or Identity) on packed tokens: per sequence, as timm drops per sample."""
     if not module.training or isinstance(module, nn.Identity):
         return x
     return drop_path_packed(x, module.drop_prob, plan, scale_by_keep=module.scale_by_keep)
 
 
-def _attention(attn: nn.Module, x: torch.Tensor, plan: PackPlan, attention) -> torch.Tensor:
+def _attention(attn: TimmModule, x: torch.Tensor, plan: PackPlan, attention) -> torch.Tensor:
     """timm Attention on packed tokens: (T, D) -> (T, D)."""
     tokens = x.shape[0]
     q, k, v = attn.qkv(x).view(tokens, 3, attn.num_heads, attn.head_dim).unbind(1)
@@ -47,7 +52,7 @@ def _attention(attn: nn.Module, x: torch.Tensor, plan: PackPlan, attention) -> t
 
 
 def packed_block_forward(
-    block: nn.Module, x: torch.Tensor, plan: PackPlan, attention: AttentionFn = planned_attention
+    block: TimmModule, x: torch.Tensor, plan: PackPlan, attention: AttentionFn = planned_attention
 ) -> torch.Tensor:
     """One timm Block on packed tokens: (T, D) -> (T, D).
 
@@ -70,7 +75,7 @@ def _fusable_norm(norm: nn.Module) -> bool:
     return isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None
 
 
-def supports_fused_blocks(model: nn.Module) -> bool:
+def supports_fused_blocks(model: TimmModule) -> bool:
     """Whether every Block is plain timm pre-norm with affine LayerNorms, an ``Mlp`` whose fc1 is a
     biased Linear followed by exact GELU, and LayerScale or nothing: what the fused path computes."""
     from timm.layers import LayerScale, Mlp
@@ -88,7 +93,7 @@ def supports_fused_blocks(model: nn.Module) -> bool:
     return True
 
 
-def residual_branch(layer_scale: nn.Module, drop_path: nn.Module, branch: torch.Tensor, plan: PackPlan):
+def residual_branch(layer_scale: TimmModule, drop_path: TimmModule, branch: torch.Tensor, plan: PackPlan):
     """(branch, gamma) for add_layer_norm. An active drop path scales rows after LayerScale, so
     both are applied to the branch first; otherwise LayerScale's gamma goes into the fused add."""
     if drop_path.training and not isinstance(drop_path, nn.Identity):
@@ -97,7 +102,7 @@ def residual_branch(layer_scale: nn.Module, drop_path: nn.Module, branch: torch.
 
 
 def fused_blocks_forward(
-    model: nn.Module, x: torch.Tensor, plan: PackPlan, attention: AttentionFn
+    model: TimmModule, x: torch.Tensor, plan: PackPlan, attention: AttentionFn
 ) -> torch.Tensor:
     """All of ``model.blocks`` on packed tokens with fused kernels: (T, D) -> (T, D), the residual
     stream after the last block (as the plain path returns it). Needs :func:`supports_fused_blocks`."""

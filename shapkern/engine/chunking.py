@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["CPU_MAX_CHUNK_ROWS", "check_chunk_size", "free_memory_bytes", "run_chunks"]
+__all__ = ["CPU_MAX_CHUNK_ROWS", "check_chunk_rows", "free_memory_bytes", "run_chunks"]
 
 CPU_MAX_CHUNK_ROWS = 256  # beyond this, larger CPU GEMMs gain nothing measurable
 MEMORY_FRACTION = 0.5  # of the free memory that one chunk's activations may take
@@ -40,10 +40,10 @@ def free_memory_bytes(device: torch.device) -> int:
     return _available_host_bytes()
 
 
-def check_chunk_size(chunk_size: int | None) -> None:
-    """A clear error for a ``chunk_size`` (rows per pass) that is neither None nor a positive int."""
-    if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+def check_chunk_rows(chunk_rows: int | None) -> None:
+    """A clear error for a ``chunk_rows`` (rows per pass) that is neither None nor a positive int."""
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
 
 
 def default_chunk_rows(device: torch.device, row_bytes: int) -> int:

@@ -10,46 +10,33 @@ to a model family (embedding, blocks, pooling, head) sits in its adapter (``engi
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
+from shapkern._deprecation import renamed_arguments
 from shapkern.engine.adapters import BlockPath, ModelAdapter, Output, adapter_for
-from shapkern.engine.chunking import check_chunk_size, default_chunk_rows, run_chunks
+from shapkern.engine.chunking import check_chunk_rows, default_chunk_rows, run_chunks
 from shapkern.engine.fp8 import check_fp8_forward_only
 from shapkern.engine.inputs import check_coalitions, check_images
-from shapkern.engine.masked import MaskedInputForward
+from shapkern.engine.masked import Baseline, MaskedInputForward
+from shapkern.engine.options import OUTPUTS, Blocks, Mode, Precision, block_path, legacy_blocks
 from shapkern.packed import AttentionFn, PackPlan, pack_tokens, planned_attention
 
 __all__ = [
-    "BLOCKS",
-    "OUTPUTS",
-    "PRECISIONS",
-    "Blocks",
     "CoalitionForward",
     "PackedTokens",
-    "Precision",
     "check_packed_model",
-    "check_precision",
     "coalition_chunk_rows",
     "coalition_tokens",
     "embed_tokens",
     "fused_coalition_forward",
-    "legacy_blocks",
     "num_players",
     "resolve_paired",
 ]
 
-OUTPUTS: tuple[Output, ...] = ("logits", "pre_logits")
-Precision = Literal["auto", "fp8"]
-# "auto": the model's dtype under the current autocast; "fp8": e4m3 GEMMs, forward only (engine/fp8.py).
-PRECISIONS: tuple[Precision, ...] = ("auto", "fp8")
-Blocks = Literal["auto", "plain", "compiled", "fused"]
-BLOCKS: tuple[Blocks, ...] = ("auto", "plain", "compiled", "fused")
 # blocks="auto" compiles the blocks on CUDA with paired coalitions (static shapes); SHAPKERN_COMPILE=0
 # turns that off for a whole program.
 COMPILE_BY_DEFAULT = os.environ.get("SHAPKERN_COMPILE", "1") != "0"
@@ -86,12 +73,6 @@ def num_players(model: nn.Module) -> int:
     return adapter_for(model).num_players
 
 
-def check_precision(precision: str) -> None:
-    """A clear error for a ``precision`` that is not one of PRECISIONS."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-
-
 def resolve_paired(coalitions: torch.Tensor, paired: bool | None) -> bool:
     """``paired`` as given, or for None whether coalitions (B, M, N) come in complementary pairs
     2i, 2i+1 (one host read on CUDA, the cost the unpaired layout pays anyway)."""
@@ -119,36 +100,6 @@ def coalition_chunk_rows(model: nn.Module, images: torch.Tensor, paired: bool) -
     (engine/chunking.py)."""
     row_bytes = _row_activation_bytes(adapter_for(model), images.device, paired)
     return default_chunk_rows(images.device, row_bytes)
-
-
-def _block_path(blocks: str, precision: str) -> str | None:
-    """The block path fixed by ``blocks`` and ``precision``; None: decided per call (blocks="auto")."""
-    check_precision(precision)
-    if blocks not in BLOCKS:
-        raise ValueError(f"blocks must be one of {BLOCKS}, got {blocks!r}")
-    if precision == "fp8":
-        if blocks not in ("auto", "plain"):
-            raise ValueError(f"precision='fp8' runs its own block path: it excludes blocks={blocks!r}")
-        return "fp8"
-    return None if blocks == "auto" else blocks
-
-
-def legacy_blocks(blocks: str, compiled: bool | None, fused: bool | None) -> str:
-    """``blocks`` from the keywords it replaces (``compiled=``, ``fused=``; deprecated in 0.3)."""
-    if compiled is None and fused is None:
-        return blocks
-    warnings.warn(
-        "compiled= and fused= are deprecated: pass blocks='compiled', 'fused' or 'plain'",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    if compiled and fused:
-        raise ValueError("compiled=True and fused=True exclude each other: pick one way to fuse the blocks")
-    if fused:
-        return "fused"
-    if compiled is not None:
-        return "compiled" if compiled else "plain"
-    return blocks
 
 
 class CoalitionForward:
@@ -186,10 +137,10 @@ class CoalitionForward:
     ):
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        check_chunk_size(chunk_rows)
+        check_chunk_rows(chunk_rows)
         self.adapter = adapter_for(model)
         check_images(images, model, sync=sync_checks)
-        self.path = _block_path(blocks, precision)
+        self.path = block_path(blocks, precision)
         if self.path is not None:
             self.adapter.check_block_path(self.path, images)
         self.images, self.output, self.head = images, output, head
@@ -221,7 +172,9 @@ class CoalitionForward:
         every row): coalitions bool (B, M, N) or (M, N) -> PackedTokens with tokens (T, D)."""
         coalitions, paired, path = self._prepare(coalitions, paired)
         x, plan = self._blocks(self.adapter.embed(self.images), coalitions, paired, path)
-        return PackedTokens(tokens=self.adapter.final_norm(x), plan=plan, shape=tuple(coalitions.shape[:2]))
+        return PackedTokens(
+            tokens=self.adapter.final_norm(x), plan=plan, shape=(coalitions.shape[0], coalitions.shape[1])
+        )
 
     def __call__(self, coalitions: torch.Tensor, *, paired: bool | None = None) -> torch.Tensor:
         """The outputs on every image and coalition: bool (B, M, N) or (M, N) -> (B, M, K).
@@ -269,16 +222,17 @@ def coalition_tokens(
     return forward.tokens(coalitions, paired=paired)
 
 
+@renamed_arguments(chunk_size="chunk_rows")
 def fused_coalition_forward(
     model: nn.Module,
     images: torch.Tensor,
     coalitions: torch.Tensor,
     *,
     output: Output = "logits",
-    chunk_size: int | None = None,
+    chunk_rows: int | None = None,
     paired: bool | None = None,
-    mode: Literal["packed", "input"] = "packed",
-    baseline: str = "zeros",
+    mode: Mode = "packed",
+    baseline: Baseline = "zeros",
     attention: AttentionFn = planned_attention,
     blocks: Blocks = "auto",
     precision: Precision = "auto",
@@ -295,7 +249,7 @@ def fused_coalition_forward(
         coalitions: bool (B, M, N), or (M, N) shared by all images; N = the model's patch count.
         output: ``"logits"`` (B, M, K) or ``"pre_logits"`` (B, M, D). For the token features use
             :func:`coalition_tokens`.
-        chunk_size: (image, coalition) rows per pass; bounds peak memory. Default: sized from the
+        chunk_rows: (image, coalition) rows per pass; bounds peak memory. Default: sized from the
             model and the free memory of the device (GPU memory on CUDA, available RAM on the CPU,
             at most 256 rows there). With autograd and several chunks, each chunk is recomputed
             in backward.
@@ -334,8 +288,7 @@ def fused_coalition_forward(
             raise ValueError(
                 f"precision={precision!r} needs mode='packed': pixel masking runs the model as is"
             )
-        forward = MaskedInputForward(model, images, baseline=baseline, chunk_rows=chunk_size)
-        return forward(coalitions)
+        return MaskedInputForward(model, images, baseline=baseline, chunk_rows=chunk_rows)(coalitions)
     if mode != "packed":
         raise ValueError(f"mode must be 'packed' or 'input', got {mode!r}")
     forward = CoalitionForward(
@@ -345,6 +298,6 @@ def fused_coalition_forward(
         blocks=blocks,
         precision=precision,
         attention=attention,
-        chunk_rows=chunk_size,
+        chunk_rows=chunk_rows,
     )
     return forward(coalitions, paired=paired)

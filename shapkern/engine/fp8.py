@@ -22,12 +22,13 @@ quantised on every call, never cached.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from shapkern.engine.blocks import residual_branch, supports_fused_blocks
+from shapkern.engine.blocks import TimmModule, residual_branch, supports_fused_blocks
 from shapkern.ops import (
     add_layer_norm_quantize,
     check_fp8_device,
@@ -59,7 +60,7 @@ class _CachedWeight:
     scale: torch.Tensor  # (1, N) fp32
 
 
-_WEIGHTS: weakref.WeakKeyDictionary[nn.Linear, _CachedWeight] = weakref.WeakKeyDictionary()
+_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, _CachedWeight] = weakref.WeakKeyDictionary()
 
 
 def _weight_key(weight: torch.Tensor) -> tuple | None:
@@ -91,7 +92,7 @@ def clear_fp8_weights(model: nn.Module | None = None) -> None:
         _WEIGHTS.pop(module, None)
 
 
-def supports_fp8_blocks(model: nn.Module) -> bool:
+def supports_fp8_blocks(model: TimmModule) -> bool:
     """Whether the fp8 path computes ``model``'s blocks: those :func:`supports_fused_blocks` accepts, with
     nn.Linear qkv, proj and fc2 and no gated attention (its gate reads the unquantised LayerNorm output)."""
     if not supports_fused_blocks(model):
@@ -130,11 +131,11 @@ def _linear(linear: nn.Linear, x: torch.Tensor, dtype: torch.dtype, x_scale: tor
     return fp8_linear(x, weight, scale, linear.bias, out_dtype=dtype, x_scale=x_scale)
 
 
-def _active(dropout: nn.Module) -> bool:
+def _active(dropout: TimmModule) -> bool:
     return dropout.training and dropout.p > 0
 
 
-def _attention(attn: nn.Module, h, plan: PackPlan, attention: AttentionFn, dtype: torch.dtype):
+def _attention(attn: TimmModule, h, plan: PackPlan, attention: AttentionFn, dtype: torch.dtype):
     """timm Attention on the quantised LayerNorm output h = (q (T, D) e4m3, scale (T, 1)): (T, D)."""
     tokens = h[0].shape[0]
     qkv = _linear(attn.qkv, h[0], dtype, h[1])
@@ -146,7 +147,7 @@ def _attention(attn: nn.Module, h, plan: PackPlan, attention: AttentionFn, dtype
     return attn.proj_drop(_linear(attn.proj, out, dtype))
 
 
-def _mlp(mlp: nn.Module, h, dtype: torch.dtype) -> torch.Tensor:
+def _mlp(mlp: TimmModule, h, dtype: torch.dtype) -> torch.Tensor:
     """timm Mlp on the quantised LayerNorm output h: fc1, then GELU fused into fc2's input quantisation
     (unless a dropout or norm sits between them), fc2. (T, D) -> (T, D)."""
     z = _linear(mlp.fc1, h[0], dtype, h[1])
@@ -158,7 +159,7 @@ def _mlp(mlp: nn.Module, h, dtype: torch.dtype) -> torch.Tensor:
 
 
 def fp8_blocks_forward(
-    model: nn.Module, x: torch.Tensor, plan: PackPlan, attention: AttentionFn
+    model: TimmModule, x: torch.Tensor, plan: PackPlan, attention: AttentionFn
 ) -> torch.Tensor:
     """All of ``model.blocks`` on packed tokens with e4m3 GEMMs: (T, D) -> (T, D), the residual stream
     after the last block (as the plain path returns it). Needs :func:`check_fp8_blocks`; forward only."""
@@ -166,7 +167,7 @@ def fp8_blocks_forward(
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     blocks = list(model.blocks)
     norm = blocks[0].norm1
-    h = layer_norm_quantize(x, norm.weight, norm.bias, norm.eps)
+    h: Sequence[torch.Tensor] = layer_norm_quantize(x, norm.weight, norm.bias, norm.eps)  # q, scale
     for index, block in enumerate(blocks):
         attended = _attention(block.attn, h, plan, attention, dtype)
         branch, gamma = residual_branch(block.ls1, block.drop_path1, attended, plan)

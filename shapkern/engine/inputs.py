@@ -7,13 +7,18 @@ everywhere instead of a traceback from deep inside timm or a silent NaN.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from timm.layers import PatchEmbed
 
 __all__ = ["check_coalitions", "check_images", "find_patch_embed", "patch_grid"]
 
 
-def find_patch_embed(model: nn.Module) -> nn.Module | None:
+def find_patch_embed(model: nn.Module) -> PatchEmbed | None:
     """The first timm ``PatchEmbed`` inside model (its grid, image size and N), or None."""
     from timm.layers import PatchEmbed
 

@@ -6,31 +6,36 @@ the full model on every masked image, unlike the packed path, which drops tokens
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shapkern.engine.chunking import CPU_MAX_CHUNK_ROWS, check_chunk_size, run_chunks
+from shapkern._deprecation import renamed_arguments
+from shapkern.engine.chunking import CPU_MAX_CHUNK_ROWS, check_chunk_rows, run_chunks
 from shapkern.engine.inputs import check_coalitions, check_images, patch_grid
 
-__all__ = ["BASELINES", "MaskedInputForward", "masked_input_forward", "model_output"]
+__all__ = ["BASELINES", "Baseline", "MaskedInputForward", "masked_input_forward", "model_output"]
 
-BASELINES = ("zeros", "mean", "blur")
+# What replaces the pixels of absent patches: zeros, each image's mean per channel, or a blur.
+Baseline = Literal["zeros", "mean", "blur"]
+BASELINES: tuple[Baseline, ...] = get_args(Baseline)
 CUDA_CHUNK_IMAGES = 1024
 
 
 def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     radius = max(1, int(3 * sigma))
     taps = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
-    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
-    kernel = kernel / kernel.sum()
+    gauss = torch.exp(-0.5 * (taps / sigma) ** 2)
+    gauss = gauss / gauss.sum()
     channels = images.shape[1]
     x = F.pad(images, (radius, radius, radius, radius), mode="reflect")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    x = F.conv2d(x, gauss.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(x, gauss.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
 
 
-def _baseline_images(images: torch.Tensor, baseline: str, patch: tuple[int, int]) -> torch.Tensor:
+def _baseline_images(images: torch.Tensor, baseline: Baseline, patch: tuple[int, int]) -> torch.Tensor:
     if baseline == "zeros":
         return torch.zeros_like(images)
     if baseline == "mean":
@@ -58,14 +63,14 @@ class MaskedInputForward:
         model: nn.Module,
         images: torch.Tensor,
         *,
-        baseline: str = "zeros",
-        chunk_rows=None,
-        sync_checks=False,
+        baseline: Baseline = "zeros",
+        chunk_rows: int | None = None,
+        sync_checks: bool = False,
     ):
         check_images(images, model, sync=sync_checks)
         if baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
-        check_chunk_size(chunk_rows)
+        check_chunk_rows(chunk_rows)
         self.model, self.images, self.baseline = model, images, baseline
         self.chunk_rows = chunk_rows or (
             CUDA_CHUNK_IMAGES if images.device.type == "cuda" else CPU_MAX_CHUNK_ROWS
@@ -130,13 +135,14 @@ def model_output(out) -> torch.Tensor:
     )
 
 
+@renamed_arguments(chunk_size="chunk_rows")
 def masked_input_forward(
     model: nn.Module,
     images: torch.Tensor,
     coalitions: torch.Tensor,
     *,
-    baseline: str = "zeros",
-    chunk_size: int | None = None,
+    baseline: Baseline = "zeros",
+    chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """Any image classifier on pixel-masked images: :class:`MaskedInputForward` in one call.
 
@@ -146,9 +152,10 @@ def masked_input_forward(
         images: (B, C, H, W).
         coalitions: bool (B, M, N) or (M, N).
         baseline: ``"zeros"``, ``"mean"`` or ``"blur"``.
-        chunk_size: masked images per model call (default 256 on CPU, 1024 on CUDA).
+        chunk_rows: masked images, (image, coalition) rows, per model call (default 256 on CPU,
+            1024 on CUDA).
 
     Returns:
         (B, M, K).
     """
-    return MaskedInputForward(model, images, baseline=baseline, chunk_rows=chunk_size)(coalitions)
+    return MaskedInputForward(model, images, baseline=baseline, chunk_rows=chunk_rows)(coalitions)

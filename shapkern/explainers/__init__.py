@@ -3,35 +3,83 @@
 - :mod:`~shapkern.explainers.estimators`: one module per estimator behind one interface.
 - :mod:`~shapkern.explainers.explain`: ``explain`` (a model) and ``estimate`` (any game).
 - :mod:`~shapkern.explainers.metrics`: faithfulness, error against a reference, localisation.
-- :mod:`~shapkern.explainers.viz`: heatmaps, grids and insertion/deletion curves (matplotlib,
-  imported on use).
+- :mod:`~shapkern.explainers.viz`: heatmaps, grids and insertion/deletion curves (matplotlib).
 
 The games themselves live in :mod:`shapkern.games`.
 """
 
-import warnings
-
+from shapkern._deprecation import renamed_function
 from shapkern.explainers.attribution import Attribution
-from shapkern.explainers.estimators import ESTIMATORS, Estimate, Estimator
-from shapkern.explainers.explain import AUTO_RULE, METHODS, estimate, explain, resolve_method
+from shapkern.explainers.estimators import (
+    DEFAULT_COALITIONS_PER_CALL,
+    ESTIMATORS,
+    Estimate,
+    Estimator,
+    EstimatorName,
+)
+from shapkern.explainers.explain import (
+    AUTO_RULE,
+    DEFAULT_BUDGET,
+    GAME_METHODS,
+    METHODS,
+    TARGETS,
+    GameMethod,
+    Method,
+    Target,
+    TargetName,
+    estimate,
+    explain,
+    resolve_method,
+)
+from shapkern.explainers.metrics import (
+    faithfulness_correlation,
+    insertion_deletion,
+    localization,
+    relative_l2,
+    sensitivity_n,
+)
 from shapkern.games import ValueFunction, model_game
 
 __all__ = [
     "AUTO_RULE",
+    "DEFAULT_BUDGET",
+    "DEFAULT_COALITIONS_PER_CALL",
     "ESTIMATORS",
+    "GAME_METHODS",
     "METHODS",
+    "TARGETS",
     "Attribution",
     "Estimate",
     "Estimator",
+    "EstimatorName",
+    "GameMethod",
+    "Method",
+    "Target",
+    "TargetName",
     "ValueFunction",
     "estimate",
     "explain",
+    "faithfulness_correlation",
+    "insertion_deletion",
+    "localization",
+    "plot_curves",
+    "plot_grid",
+    "plot_heatmap",
+    "relative_l2",
     "resolve_method",
-    "value_function",
+    "sensitivity_n",
 ]
 
+# Deprecated name (removed in 0.4).
+value_function = renamed_function("value_function", "shapkern.model_game", model_game)
 
-def value_function(*args, **kwargs):
-    """Deprecated name of :func:`shapkern.games.model_game` (removed in 0.4)."""
-    warnings.warn("value_function is deprecated: use shapkern.model_game", DeprecationWarning, stacklevel=2)
-    return model_game(*args, **kwargs)
+# The plots need matplotlib, which `import shapkern` must not load: they are read on first use.
+_PLOTS = ("plot_curves", "plot_grid", "plot_heatmap")
+
+
+def __getattr__(name: str):
+    if name in _PLOTS:
+        from shapkern.explainers import viz
+
+        return getattr(viz, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

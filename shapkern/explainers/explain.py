@@ -15,27 +15,50 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
+from typing import Literal, cast, get_args
 
 import torch
 from torch import nn
 
 from shapkern.coalitions import MAX_EXACT_PLAYERS
+from shapkern.engine import Baseline, Mode, Precision
 from shapkern.explainers.attribution import Attribution
-from shapkern.explainers.estimators import ACC_DTYPE, DEFAULT_COALITIONS_PER_CALL, ESTIMATORS, endpoints
+from shapkern.explainers.estimators import (
+    ACC_DTYPE,
+    DEFAULT_COALITIONS_PER_CALL,
+    ESTIMATORS,
+    Estimate,
+    EstimatorName,
+    endpoints,
+)
 from shapkern.games import Game, SelfExplaining, model_game, restrict
 
 __all__ = [
     "AUTO_EXACT_PLAYERS",
     "AUTO_RULE",
     "DEFAULT_BUDGET",
+    "GAME_METHODS",
     "METHODS",
+    "TARGETS",
+    "GameMethod",
+    "Method",
+    "Target",
+    "TargetName",
     "estimate",
     "explain",
     "resolve_method",
 ]
 
-GAME_METHODS = ("auto", *ESTIMATORS)
-METHODS = (*GAME_METHODS, "self")
+# ``method`` of estimate (a game) and explain (a model, which may also explain itself).
+GameMethod = Literal["auto", EstimatorName]
+GAME_METHODS: tuple[GameMethod, ...] = get_args(GameMethod)
+Method = Literal[GameMethod, "self"]
+METHODS: tuple[Method, ...] = get_args(Method)
+# ``target``: the predicted class (argmax of v(N)), every class, or class indices.
+TargetName = Literal["pred", "all"]
+TARGETS: tuple[TargetName, ...] = get_args(TargetName)
+Target = TargetName | int | Sequence[int] | torch.Tensor
 AUTO_EXACT_PLAYERS = 16  # "auto" enumerates up to 2^16 coalitions per image
 DEFAULT_BUDGET = 2048
 AUTO_RULE = (
@@ -45,7 +68,7 @@ AUTO_RULE = (
 )
 
 
-def _resolve_target(target, full: torch.Tensor) -> torch.Tensor:
+def _resolve_target(target: Target | None, full: torch.Tensor) -> torch.Tensor:
     """(B, K_t) int64 class indices from ``"pred"``, ``"all"``/None, an int, or a (B,) / (B, K_t) tensor."""
     batch, classes = full.shape
     if target is None or (isinstance(target, str) and target == "all"):
@@ -76,7 +99,7 @@ def _resolve_target(target, full: torch.Tensor) -> torch.Tensor:
     return index.expand(batch, -1).clone()
 
 
-def _auto(players: int, budget: int | None, tol: float | None) -> str:
+def _auto(players: int, budget: int | None, tol: float | None) -> EstimatorName:
     """The estimator of AUTO_RULE (the game's part: no 'self'). An explicit budget is a limit: it
     picks ``exact`` only when it covers 2^N coalitions."""
     covers_all = budget is not None and players <= MAX_EXACT_PLAYERS and budget >= 1 << players
@@ -96,14 +119,14 @@ def check_budget_arg(budget) -> int | None:
 
 
 def resolve_method(
-    method: str,
+    method: Method,
     model: nn.Module,
     players: int,
     budget: int | None = None,
     tol: float | None = None,
     *,
-    mode: str | None = None,
-) -> str:
+    mode: Mode | None = None,
+) -> Method:
     """The estimator ``method="auto"`` stands for with this budget and tol (AUTO_RULE): ``self`` for
     a self-explaining model (unless ``mode="input"`` asks for its pixel-masking game), else as in
     :func:`estimate`; any other method is returned as is."""
@@ -129,9 +152,9 @@ def _coalitions_per_call(coalitions_per_call: int | None, batch_size: int | None
 def estimate(
     game: Game,
     *,
-    method: str = "auto",
+    method: GameMethod = "auto",
     budget: int | None = None,
-    target="all",
+    target: Target = "pred",
     paired: bool = True,
     tol: float | None = None,
     coalitions_per_call: int | None = None,
@@ -149,7 +172,7 @@ def estimate(
             (default: 2048 for the sampling methods, 2^N for ``exact``, which refuses a smaller
             one); ``kernel``, ``leverage`` and ``bayes`` never evaluate a coalition twice, so they
             stop at 2^N. A budget below a method's minimum is an error.
-        target: ``"all"`` classes (default), ``"pred"`` (argmax of v(N)), a class index, or
+        target: ``"pred"`` (default: argmax of v(N)), ``"all"`` classes, a class index, or
             (B,) / (B, K_t) class indices.
         paired: antithetic permutations / complementary coalitions (``bayes`` is paired only).
         tol: ``permutation``, ``kernel``, ``leverage``: stop sampling once the largest standard
@@ -170,9 +193,9 @@ def estimate(
     limit = check_budget_arg(budget)
     if method == "auto":
         method = _auto(game.players, limit, tol)
-    options = {"paired": paired, "tol": tol, "seed": seed, "progress": progress}
+    per_call = _coalitions_per_call(coalitions_per_call, batch_size)
     estimator = ESTIMATORS[method](
-        **options, coalitions_per_call=_coalitions_per_call(coalitions_per_call, batch_size)
+        paired=paired, tol=tol, seed=seed, progress=progress, coalitions_per_call=per_call
     )
     budget = (1 << game.players if method == "exact" else DEFAULT_BUDGET) if limit is None else limit
     estimator.check_budget(budget, game.players)
@@ -181,7 +204,7 @@ def estimate(
     index = _resolve_target(target, full)
     base, full = base.gather(-1, index), full.gather(-1, index)
     if game.batch == 0:
-        result = (base.new_zeros(0, game.players, index.shape[1]), None, 0)
+        result = Estimate(base.new_zeros(0, game.players, index.shape[1]), None, 0)
     else:
         result = estimator.approximate(restrict(game, index), budget, base, full)
     values, std_error, evaluations = result
@@ -197,7 +220,7 @@ def estimate(
     )
 
 
-def _self_explain(model: SelfExplaining, images: torch.Tensor, target) -> Attribution:
+def _self_explain(model: SelfExplaining, images: torch.Tensor, target: Target) -> Attribution:
     start = time.perf_counter()
     with torch.no_grad():
         phi, logits = model(images)[:2]  # (phi (B, N, K), logits (B, K), ...)
@@ -218,18 +241,18 @@ def explain(
     model: nn.Module,
     images: torch.Tensor,
     *,
-    method: str = "auto",
+    method: Method = "auto",
     budget: int | None = None,
-    target="pred",
+    target: Target = "pred",
     paired: bool = True,
     tol: float | None = None,
     coalitions_per_call: int | None = None,
     progress: bool = True,
     seed: int | None = None,
-    mode: str | None = None,
-    baseline: str = "zeros",
+    mode: Mode | None = None,
+    baseline: Baseline = "zeros",
     players: int | None = None,
-    precision: str = "auto",
+    precision: Precision = "auto",
     batch_size: int | None = None,
 ) -> Attribution:
     """Shapley values of the patches of ``images`` for ``model``'s logits.
@@ -267,7 +290,8 @@ def explain(
     )
     return estimate(
         game,
-        method=resolve_method(method, model, game.players, budget, tol, mode=mode),
+        # Not "self": a self-explaining model with mode != "input" returned above.
+        method=cast(GameMethod, resolve_method(method, model, game.players, budget, tol, mode=mode)),
         budget=budget,
         target=target,
         paired=paired,

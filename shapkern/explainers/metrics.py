@@ -9,6 +9,8 @@ goes through the coalition engine, all coalitions of a metric in one call. Per-i
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 from shapkern.coalitions import sample_coalitions
@@ -29,7 +31,9 @@ __all__ = [
     "topk_precision",
 ]
 
-METRIC_OUTPUTS = ("prob", "logit")  # what a metric scores: the softmax probability or the logit
+# What a metric scores: the softmax probability or the logit.
+MetricOutput = Literal["prob", "logit"]
+METRIC_OUTPUTS: tuple[MetricOutput, ...] = get_args(MetricOutput)
 
 
 def _scores(phi: torch.Tensor) -> torch.Tensor:
@@ -41,7 +45,7 @@ def _scores(phi: torch.Tensor) -> torch.Tensor:
     return phi.double()
 
 
-def _target_values(game: Game, coalitions: torch.Tensor, target: torch.Tensor, output: str):
+def _target_values(game: Game, coalitions: torch.Tensor, target: torch.Tensor, output: MetricOutput):
     """The target class's output on coalitions bool (B, M, N): (B, M) float64."""
     if output not in METRIC_OUTPUTS:
         raise ValueError(f"output must be one of {METRIC_OUTPUTS}, got {output!r}")
@@ -76,7 +80,7 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
 # -- faithfulness -------------------------------------------------------------------------------
 
 
-def insertion_deletion(game: Game, phi: torch.Tensor, target: torch.Tensor, *, output: str = "prob"):
+def insertion_deletion(game: Game, phi: torch.Tensor, target: torch.Tensor, *, output: MetricOutput = "prob"):
     """Insertion and deletion curves and their areas.
 
     Insertion adds patches from the most to the least important (by φ), starting from none;
@@ -123,7 +127,7 @@ def sensitivity_n(
     sizes: list[int] | None = None,
     samples: int = 64,
     seed: int = 0,
-    output: str = "logit",
+    output: MetricOutput = "logit",
 ) -> tuple[list[int], torch.Tensor]:
     """Sensitivity-n (Ancona et al., 2018): for random sets S of n patches, the Pearson correlation
     between Σ_{i∈S} φ_i and the output drop v(N) - v(N∖S) when S is removed.
@@ -154,7 +158,7 @@ def faithfulness_correlation(
     *,
     samples: int = 128,
     seed: int = 0,
-    output: str = "logit",
+    output: MetricOutput = "logit",
 ) -> torch.Tensor:
     """Pearson correlation, per image, between Σ_{i∈S} φ_i and v(S) - v(∅) over random coalitions S
     (size uniform on 1..N-1, then a uniform subset). 1 for an additive game explained exactly.
@@ -165,7 +169,7 @@ def faithfulness_correlation(
     scores = _scores(phi)
     batch, players = scores.shape
     gen = torch.Generator(device=scores.device).manual_seed(seed)
-    coalitions = sample_coalitions(batch, samples, players, method="uniform", paired=False, generator=gen)
+    coalitions = sample_coalitions(batch, samples, players, sampler="uniform", paired=False, generator=gen)
     empty = torch.zeros(batch, 1, players, dtype=torch.bool, device=scores.device)
     values = _target_values(game, torch.cat([empty, coalitions], 1), target, output)
     attributed = torch.einsum("bmn,bn->bm", coalitions.double(), scores)

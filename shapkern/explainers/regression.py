@@ -16,17 +16,17 @@ import math
 import torch
 
 from shapkern.explainers.sampling import Sample
-from shapkern.ops import coalition_gram, coalition_reduce, pack_masks
+from shapkern.ops import coalition_gram, coalition_reduce, pack_coalitions
 
-__all__ = ["constrained_solve", "fit", "kernel_weight"]
+__all__ = ["constrained_solve", "fit", "shapley_kernel_weight"]
 
 _ACC = torch.float64
 # Elements of the largest intermediate of the standard errors (float64: 32 MiB).
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def kernel_weight(players: int, sizes: torch.Tensor) -> torch.Tensor:
-    """The Shapley kernel (N-1) / (C(N, s) s (N-s)), normalised to mass 1 over 0 < s < N, of each
+def shapley_kernel_weight(players: int, sizes: torch.Tensor) -> torch.Tensor:
+    """The Shapley kernel weight (N-1) / (C(N, s) s (N-s)), normalised to mass 1 over 0 < s < N, of each
     coalition: sizes int64 (...) -> float64 (...)."""
     s = sizes.to(_ACC)
     log_comb = math.lgamma(players + 1) - torch.lgamma(s + 1) - torch.lgamma(players - s + 1)
@@ -96,8 +96,8 @@ def fit(sample: Sample, y: torch.Tensor, delta: torch.Tensor, *, std_error: bool
     players = sample.coalitions.shape[1]
     device = y.device
     z = sample.coalitions.to(device)
-    weight = (kernel_weight(players, sample.coalitions.sum(-1)) * sample.expansion).to(device)
-    packed = pack_masks(z).unsqueeze(0)  # (1, M, W): one shared sample for all images
+    weight = (shapley_kernel_weight(players, sample.coalitions.sum(-1)) * sample.expansion).to(device)
+    packed = pack_coalitions(z).unsqueeze(0)  # (1, M, W): one shared sample for all images
     a = coalition_gram(packed, weight.unsqueeze(0), players)[0]
     stacked = y.permute(1, 0, 2).reshape(1, rows, batch * outputs)
     b = coalition_reduce(packed, stacked, weight.unsqueeze(0), num_players=players)[0][0]

@@ -14,13 +14,15 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
-from shapkern.ops import pack_masks
+from shapkern.ops import pack_coalitions
 
 __all__ = [
     "ALLOCATIONS",
+    "Allocation",
     "Design",
     "Sample",
     "allocate",
@@ -31,7 +33,10 @@ __all__ = [
     "size_mass",
 ]
 
-ALLOCATIONS = ("kernel", "leverage")
+# How the draws spread over coalition sizes: as the Shapley kernel's mass (KernelSHAP) or uniformly
+# (LeverageSHAP).
+Allocation = Literal["shapley", "uniform"]
+ALLOCATIONS: tuple[Allocation, ...] = get_args(Allocation)
 _ACC = torch.float64
 # Strata of at most this many units are drawn from their enumeration (exact sampling without
 # replacement); larger ones by dropping repeated uniform draws.
@@ -61,7 +66,7 @@ def all_subsets(players: int, size: int) -> torch.Tensor:
 
 def _first_occurrence(rows: torch.Tensor) -> torch.Tensor:
     """bool (M,): True where a row of bool (M, N) does not repeat an earlier row."""
-    _, inverse = torch.unique(pack_masks(rows), dim=0, return_inverse=True)
+    _, inverse = torch.unique(pack_coalitions(rows), dim=0, return_inverse=True)
     first = torch.full((int(inverse.max()) + 1,), rows.shape[0]).scatter_reduce(
         0, inverse, torch.arange(rows.shape[0]), "amin"
     )
@@ -111,15 +116,15 @@ def design_seed(seed: int | None) -> int:
     return torch.Generator().seed() >> 2 if seed is None else int(seed)
 
 
-def size_mass(players: int, allocation: str) -> torch.Tensor:
-    """Share of the draws per coalition size, (N+1,) float64, zero at 0 and N: ``"kernel"``, the
-    Shapley kernel's mass ∝ 1/(s(N-s)); ``"leverage"``, uniform (the leverage score of a coalition
+def size_mass(players: int, allocation: Allocation) -> torch.Tensor:
+    """Share of the draws per coalition size, (N+1,) float64, zero at 0 and N: ``"shapley"``, the
+    Shapley kernel's mass ∝ 1/(s(N-s)); ``"uniform"``, uniform (the leverage score of a coalition
     in the Shapley regression is ∝ 1/C(N, s), Musco & Witter 2025)."""
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     s = torch.arange(1, players, dtype=_ACC)
     mass = torch.zeros(players + 1, dtype=_ACC)
-    mass[1:-1] = 1 / (s * (players - s)) if allocation == "kernel" else 1.0
+    mass[1:-1] = 1 / (s * (players - s)) if allocation == "shapley" else 1.0
     return mass / mass.sum()
 
 
@@ -134,7 +139,14 @@ def _strata(players: int, paired: bool) -> list[tuple[int, int, int]]:
     ]
 
 
-def expected_units(players: int, budget: int, *, allocation="kernel", paired=True, taken=None):
+def expected_units(
+    players: int,
+    budget: int,
+    *,
+    allocation: Allocation = "shapley",
+    paired: bool = True,
+    taken: torch.Tensor | None = None,
+):
     """Expected units per stratum for a budget that counts v(∅) and v(N).
 
     Border trick: a stratum whose expected units reach its population is enumerated, its units
@@ -167,7 +179,15 @@ def expected_units(players: int, budget: int, *, allocation="kernel", paired=Tru
     return sizes, population, torch.where(full, population, expected)
 
 
-def allocate(players: int, budget: int, *, allocation="kernel", paired=True, taken=None, generator=None):
+def allocate(
+    players: int,
+    budget: int,
+    *,
+    allocation: Allocation = "shapley",
+    paired: bool = True,
+    taken: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+):
     """Units per stratum: :func:`expected_units` split by systematic rounding (one uniform offset
     from ``generator``: each stratum gets the floor or the ceiling of its expected units, and the
     total is exact).
@@ -274,7 +294,7 @@ def sample_design(
     players: int,
     budget: int,
     *,
-    allocation: str = "kernel",
+    allocation: Allocation = "shapley",
     paired: bool = True,
     seed: int = 0,
     certain: torch.Tensor | None = None,
@@ -285,7 +305,8 @@ def sample_design(
         players: N >= 2.
         budget: evaluations per image; the design holds 2 · ⌊(budget - 2) / 2⌋ rows when paired
             (budget - 2 unpaired), or every coalition when the budget covers them.
-        allocation: draws per size, ``"kernel"`` (KernelSHAP) or ``"leverage"`` (uniform).
+        allocation: draws per size, ``"shapley"`` (the Shapley kernel's mass, KernelSHAP) or
+            ``"uniform"`` (LeverageSHAP).
         paired: every coalition with its complement.
         seed: seeds the draws.
         certain: pair representatives bool (G, N) (paired only; sizes <= N/2, holding player 0 at

@@ -94,7 +94,8 @@ def _colorbar(fig: Figure, heat, ax, label: str) -> None:
     bar = fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.04)
     bar.set_label(label, fontsize=7)
     bar.ax.tick_params(labelsize=6)
-    bar.solids.set_alpha(1.0)  # the bar shows the colours at full strength, not the patches' opacity
+    if bar.solids is not None:  # the bar shows the colours at full strength, not the patches' opacity
+        bar.solids.set_alpha(1.0)
 
 
 def plot_grid(

@@ -6,11 +6,12 @@ games; the model games are built on the engine (:mod:`shapkern.engine`).
 """
 
 from shapkern.games.base import Game, SelfExplaining, TabulatedGame, ValueFunction, restrict
-from shapkern.games.models import MODES, PackedGame, PixelGame, SelfExplainingGame, model_game
+from shapkern.games.models import MODES, Mode, PackedGame, PixelGame, SelfExplainingGame, model_game
 
 __all__ = [
     "MODES",
     "Game",
+    "Mode",
     "PackedGame",
     "PixelGame",
     "SelfExplaining",

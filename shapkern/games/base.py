@@ -9,6 +9,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from shapkern.engine import Precision
+
 __all__ = ["Game", "Restrictable", "SelfExplaining", "TabulatedGame", "ValueFunction", "restrict"]
 
 
@@ -33,7 +35,7 @@ class SelfExplaining(Protocol):
     predicts their sum f(x) = Σ_n Φ(x)_n (a :class:`shapkern.ShapleyViT`).
 
     ``model(images, coalitions=None, *, paired=None)`` returns (phi (B, N, K), logits (B, K),
-    values (B, M, K) or None), one packed pass; ``coalition_forward(images, *, chunk_size,
+    values (B, M, K) or None), one packed pass; ``coalition_forward(images, *, chunk_rows,
     precision, sync_checks)`` returns a function of coalitions (B, M, N) -> v_x(S) (B, M, K) with
     the images checked once.
     """
@@ -47,14 +49,22 @@ class SelfExplaining(Protocol):
         self,
         images: torch.Tensor,
         *,
-        chunk_size: int | None = None,
-        precision: str = "auto",
-        sync_checks=False,
+        chunk_rows: int | None = None,
+        precision: Precision = "auto",
+        sync_checks: bool = False,
     ) -> Callable[..., torch.Tensor]: ...
 
 
 class Restrictable:
-    """``game.select(target)``: the game restricted to some outputs (see :func:`restrict`)."""
+    """``game.select(target)``: the game restricted to some outputs (see :func:`restrict`). A base
+    of the games: they set ``players``, ``batch`` and ``device`` and define ``__call__``."""
+
+    players: int
+    batch: int
+    device: torch.device
+
+    def __call__(self, coalitions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def select(self, target: torch.Tensor) -> ValueFunction:
         """The game restricted to the outputs ``target`` (B, K_t) int64: values (B, M, K_t)."""

@@ -11,23 +11,26 @@ own passes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 from torch import nn
 
+from shapkern._deprecation import renamed_arguments
 from shapkern.engine import (
+    MODES,
+    Baseline,
+    Blocks,
     CoalitionForward,
     MaskedInputForward,
+    Mode,
+    Precision,
     adapter_for,
     check_precision,
     find_patch_embed,
 )
 from shapkern.games.base import Restrictable, SelfExplaining
 
-__all__ = ["MODES", "PackedGame", "PixelGame", "SelfExplainingGame", "model_game"]
-
-MODES = ("packed", "input")
+__all__ = ["MODES", "Mode", "PackedGame", "PixelGame", "SelfExplainingGame", "model_game"]
 
 
 class _ModelGame(Restrictable):
@@ -46,22 +49,23 @@ class _ModelGame(Restrictable):
 class PackedGame(_ModelGame):
     """The packed engine's game: logits (B, M, K) of a model whose family the engine runs.
 
-    Args: model, images (B, C, H, W), chunk_size ((image, coalition) rows per pass), precision
+    Args: model, images (B, C, H, W), chunk_rows ((image, coalition) rows per pass), precision
     (``"auto"`` or ``"fp8"``), blocks (see :func:`~shapkern.engine.fused_coalition_forward`).
     """
 
+    @renamed_arguments(chunk_size="chunk_rows")
     def __init__(
         self,
         model: nn.Module,
         images: torch.Tensor,
         *,
-        chunk_size=None,
-        precision="auto",
-        blocks="auto",
-        sync_checks=False,
+        chunk_rows: int | None = None,
+        precision: Precision = "auto",
+        blocks: Blocks = "auto",
+        sync_checks: bool = False,
     ):
         self.forward = CoalitionForward(
-            model, images, chunk_rows=chunk_size, precision=precision, blocks=blocks, sync_checks=sync_checks
+            model, images, chunk_rows=chunk_rows, precision=precision, blocks=blocks, sync_checks=sync_checks
         )
         super().__init__(images, self.forward.num_players)
 
@@ -71,18 +75,19 @@ class PixelGame(_ModelGame):
     ``baseline`` (``"zeros"``, ``"mean"`` or ``"blur"``); ``players`` N for a model without a timm
     patch grid (then a square grid)."""
 
+    @renamed_arguments(chunk_size="chunk_rows")
     def __init__(
         self,
         model: nn.Module,
         images: torch.Tensor,
         *,
-        baseline="zeros",
-        players=None,
-        chunk_size=None,
-        sync_checks=False,
+        baseline: Baseline = "zeros",
+        players: int | None = None,
+        chunk_rows: int | None = None,
+        sync_checks: bool = False,
     ):
         self.forward = MaskedInputForward(
-            model, images, baseline=baseline, chunk_rows=chunk_size, sync_checks=sync_checks
+            model, images, baseline=baseline, chunk_rows=chunk_rows, sync_checks=sync_checks
         )
         super().__init__(images, _players(model, players))
 
@@ -90,17 +95,18 @@ class PixelGame(_ModelGame):
 class SelfExplainingGame(_ModelGame):
     """A self-explaining model's own value function v_x(S) = Σ_{n∈S} Φ(x_S)_n (B, M, K)."""
 
+    @renamed_arguments(chunk_size="chunk_rows")
     def __init__(
         self,
         model: SelfExplaining,
         images: torch.Tensor,
         *,
-        chunk_size=None,
-        precision="auto",
-        sync_checks=False,
+        chunk_rows: int | None = None,
+        precision: Precision = "auto",
+        sync_checks: bool = False,
     ):
         self.forward = model.coalition_forward(
-            images, chunk_size=chunk_size, precision=precision, sync_checks=sync_checks
+            images, chunk_rows=chunk_rows, precision=precision, sync_checks=sync_checks
         )
         super().__init__(images, model.num_players)
 
@@ -109,6 +115,7 @@ def _players(model: nn.Module, players: int | None) -> int:
     """N: the patches of a self-explaining model, of a model the packed engine runs, of a timm patch
     embedding inside any model, or ``players`` (which must agree with the model's N if it has one)."""
     embed = find_patch_embed(model)
+    num: int | None
     if isinstance(model, SelfExplaining):
         num = model.num_players
     elif _packed(model):
@@ -130,17 +137,18 @@ def _packed(model: nn.Module) -> bool:
     return True
 
 
+@renamed_arguments(chunk_size="chunk_rows")
 def model_game(
     model: nn.Module,
     images: torch.Tensor,
     *,
-    mode: Literal["packed", "input"] | None = None,
-    baseline: str = "zeros",
+    mode: Mode | None = None,
+    baseline: Baseline = "zeros",
     players: int | None = None,
-    chunk_size: int | None = None,
-    precision: str = "auto",
+    chunk_rows: int | None = None,
+    precision: Precision = "auto",
     sync_checks: bool = False,
-):
+) -> PackedGame | PixelGame | SelfExplainingGame:
     """The game v_x(S) = the outputs of ``model`` on each image x with only the patches in S present.
 
     Args:
@@ -151,7 +159,7 @@ def model_game(
         mode: force ``"packed"`` or ``"input"``; default picks as above.
         baseline: pixels of absent patches in input mode: ``"zeros"``, ``"mean"`` or ``"blur"``.
         players: N for models without a timm patch embedding (input mode, square grid).
-        chunk_size: (image, coalition) rows per pass.
+        chunk_rows: (image, coalition) rows per pass (default: from free memory).
         precision: ``"auto"`` or ``"fp8"`` (e4m3 GEMMs in the packed engine, forward only).
         sync_checks: a NaN image is a ValueError on CUDA too, at the cost of one host sync.
 
@@ -162,11 +170,14 @@ def model_game(
     if mode not in (None, *MODES):
         raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
     _players(model, players)
-    options = {"chunk_size": chunk_size, "sync_checks": sync_checks}
     if isinstance(model, SelfExplaining) and mode != "input":
-        return SelfExplainingGame(model, images, precision=precision, **options)
+        return SelfExplainingGame(
+            model, images, chunk_rows=chunk_rows, precision=precision, sync_checks=sync_checks
+        )
     if mode == "packed" or (mode is None and _packed(model)):
-        return PackedGame(model, images, precision=precision, **options)
+        return PackedGame(model, images, chunk_rows=chunk_rows, precision=precision, sync_checks=sync_checks)
     if precision != "auto":
         raise ValueError(f"precision={precision!r} needs mode='packed': pixel masking runs the model as is")
-    return PixelGame(model, images, baseline=baseline, players=players, **options)
+    return PixelGame(
+        model, images, baseline=baseline, players=players, chunk_rows=chunk_rows, sync_checks=sync_checks
+    )

@@ -5,7 +5,7 @@ SII, k-SII, STII, FSII, ...) call a game with a bool matrix (n_coalitions, n_pla
 one float per coalition. :class:`ShapkernGame` answers those calls with shapkern's value function
 (:func:`~shapkern.games.model_game`): a ShapleyViT's own ``coalition_values``, the
 packed coalition engine for a timm ViT (absent patches dropped as tokens), pixel masking for any
-other classifier; ``batch_size`` coalitions per engine call. Players are the patches in row-major
+other classifier; ``coalitions_per_call`` coalitions per engine call. Players are the patches in row-major
 order of the patch grid, as everywhere in shapkern, so shapiq's values equal
 :func:`shapkern.explain`'s on the same game.
 
@@ -19,6 +19,8 @@ Run it under ``torch.autocast`` for bf16 on a GPU: the game is evaluated inside 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 from torch import nn
@@ -31,11 +33,17 @@ except ImportError as error:
         "(or pip install 'shapkern[shapiq]')"
     ) from error
 
+from shapkern._deprecation import moved_names, renamed_arguments
+from shapkern.engine import Baseline, Mode, Precision
 from shapkern.games import model_game
 
-__all__ = ["DEFAULT_BATCH", "ShapkernGame"]
+__all__ = ["DEFAULT_COALITIONS_PER_CALL", "ShapkernGame"]
 
-DEFAULT_BATCH = 1024  # coalitions per call of the value function, as shapkern.estimate
+DEFAULT_COALITIONS_PER_CALL = 1024  # coalitions per call of the value function, as shapkern.estimate
+# Deprecated name (removed in the next release).
+__getattr__ = moved_names(
+    __name__, {"DEFAULT_BATCH": "shapkern.integrations.shapiq.DEFAULT_COALITIONS_PER_CALL"}
+)
 
 
 class ShapkernGame(shapiq.Game):
@@ -49,8 +57,8 @@ class ShapkernGame(shapiq.Game):
         normalize: center the game so that v(∅) = 0, shapiq's convention (``normalization_value``
             = the target's logit on the empty coalition); ``False`` returns raw logits. Shapley
             values and interactions of order ≥ 1 do not depend on it.
-        batch_size: coalitions per call of the value function.
-        mode, baseline, players, chunk_size, precision: passed to
+        coalitions_per_call: coalitions per call of the value function.
+        mode, baseline, players, chunk_rows, precision: passed to
             :func:`~shapkern.games.model_game` (``mode="input"``: pixel masking).
         verbose: shapiq's progress bar over single coalitions (slow; for debugging).
 
@@ -60,19 +68,20 @@ class ShapkernGame(shapiq.Game):
         evaluations: coalitions evaluated by the model so far (v(∅) and v(N) included).
     """
 
+    @renamed_arguments(batch_size="coalitions_per_call", chunk_size="chunk_rows")
     def __init__(
         self,
         model: nn.Module,
         image: torch.Tensor,
         *,
-        target: str | int = "pred",
+        target: Literal["pred"] | int = "pred",
         normalize: bool = True,
-        batch_size: int = DEFAULT_BATCH,
-        mode: str | None = None,
-        baseline: str = "zeros",
+        coalitions_per_call: int = DEFAULT_COALITIONS_PER_CALL,
+        mode: Mode | None = None,
+        baseline: Baseline = "zeros",
         players: int | None = None,
-        chunk_size: int | None = None,
-        precision: str = "auto",
+        chunk_rows: int | None = None,
+        precision: Precision = "auto",
         verbose: bool = False,
     ) -> None:
         if not isinstance(image, torch.Tensor):
@@ -83,8 +92,9 @@ class ShapkernGame(shapiq.Game):
             raise ValueError(
                 f"image must hold one image, got a batch of {image.shape[0]}: build one game per image"
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        per_call = coalitions_per_call
+        if isinstance(per_call, bool) or not isinstance(per_call, int) or per_call < 1:
+            raise ValueError(f"coalitions_per_call must be a positive int, got {per_call!r}")
         images = image if image.dim() == 4 else image.unsqueeze(0)
         self._values = model_game(
             model,
@@ -92,10 +102,10 @@ class ShapkernGame(shapiq.Game):
             mode=mode,
             baseline=baseline,
             players=players,
-            chunk_size=chunk_size,
+            chunk_rows=chunk_rows,
             precision=precision,
         )
-        self.batch_size = batch_size
+        self.coalitions_per_call = coalitions_per_call
         self.evaluations = 0
         ends = np.zeros((2, self._values.players), dtype=bool)
         ends[1] = True
@@ -112,12 +122,12 @@ class ShapkernGame(shapiq.Game):
 
     def _logits(self, coalitions: np.ndarray, target: int | None = None) -> torch.Tensor:
         """Logits of the coalitions (M, N) in float64 on the CPU: (M, K), or (M,) of class ``target``
-        (selected per batch, so that M × K logits never sit in memory at once)."""
+        (selected per call, so that M × K logits never sit in memory at once)."""
         z = torch.from_numpy(np.ascontiguousarray(coalitions, dtype=bool)).to(self._values.device)
         parts = []
         with torch.no_grad():
-            for start in range(0, z.shape[0], self.batch_size):
-                logits = self._values(z[start : start + self.batch_size].unsqueeze(0))[0]
+            for start in range(0, z.shape[0], self.coalitions_per_call):
+                logits = self._values(z[start : start + self.coalitions_per_call].unsqueeze(0))[0]
                 parts.append((logits if target is None else logits[:, target]).double().cpu())
         self.evaluations += z.shape[0]
         return torch.cat(parts)

@@ -1,8 +1,8 @@
-"""Triton kernels for the reductions over coalitions, as tensor-core GEMMs on bit-packed masks.
+"""Triton kernels for the reductions over coalitions, as tensor-core GEMMs on bit-packed coalitions.
 
-Masks are (B, M, W) int32: player n of coalition m is bit ``n % 32`` of word ``n // 32``. Every kernel
-is a GEMM per image whose 0/1 operand Z (M, N) is unpacked from the mask words straight into the
-dot's tile (a load of the words, a shift and a mask), never stored:
+Packed coalitions are (B, M, W) int32: player n of coalition m is bit ``n % 32`` of word ``n // 32``.
+Every kernel is a GEMM per image whose 0/1 operand Z (M, N) is unpacked from the packed words
+straight into the dot's tile (a load of the words, a shift and a mask), never stored:
 
 - ``coalition_reduce_forward``: sums = Zᵀ (w ⊙ V) (N, K) and weight_sums = Zᵀ w (N,);
 - ``coalition_reduce_backward``: grad_values = w ⊙ (Z G) (M, K) and
@@ -36,7 +36,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _bits(ptrs, shift, ok):
-    """0/1 fp32 tile: bit ``shift`` of the mask words at ``ptrs``, 0 where not ``ok``."""
+    """0/1 fp32 tile: bit ``shift`` of the packed words at ``ptrs``, 0 where not ``ok``."""
     words = tl.load(ptrs, mask=ok, other=0)
     return ((words >> shift) & 1).to(tl.float32)
 
@@ -100,7 +100,7 @@ def _reduce_bwd_kernel(
 ):  # fmt: skip
     """Program (coalition tile, value tile, image): (Z G) over all players, then grad_values and this
     value tile's part of grad_weights (GRAD_W_PARTS (B, M, k_tiles), summed by the launcher; the first
-    tile adds Z g_w). BLOCK_N is a multiple of 32, so a player tile spans whole mask words."""
+    tile adds Z g_w). BLOCK_N is a multiple of 32, so a player tile spans whole packed words."""
     pid = tl.program_id(0)
     tile_m = pid % m_tiles
     tile_k = (pid // m_tiles) % k_tiles
@@ -217,16 +217,16 @@ def block_config(kernel: str) -> dict:
 
 
 def coalition_reduce_forward(
-    masks: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, num_players: int
+    packed: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, num_players: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """sums (B, N, K) and weight_sums (B, N) in the dtype of values.
 
-    masks: (B, M, W) int32 with W >= ceil(N / 32); values: (B, M, K) float32/float16/bfloat16;
+    packed: (B, M, W) int32 with W >= ceil(N / 32); values: (B, M, K) float32/float16/bfloat16;
     weights: (B, M) in the dtype of values; num_players: N. Inputs are made contiguous.
     """
-    masks, values, weights = masks.contiguous(), values.contiguous(), weights.contiguous()
+    packed, values, weights = packed.contiguous(), values.contiguous(), weights.contiguous()
     B, M, K = values.shape
-    N, W = num_players, masks.shape[2]
+    N, W = num_players, packed.shape[2]
     sums = values.new_empty((B, N, K))
     weight_sums = values.new_empty((B, N))
     if B == 0 or N == 0:
@@ -236,7 +236,7 @@ def coalition_reduce_forward(
     k_tiles = max(1, triton.cdiv(K, cfg["BLOCK_K"]))  # one tile even for K = 0: it writes weight_sums
     with _on_device(values):
         _reduce_fwd_kernel[(n_tiles * k_tiles * B,)](
-            masks, values, weights, sums, weight_sums, M, W, N, K, n_tiles, k_tiles, **cfg
+            packed, values, weights, sums, weight_sums, M, W, N, K, n_tiles, k_tiles, **cfg
         )
     return sums, weight_sums
 
@@ -244,7 +244,7 @@ def coalition_reduce_forward(
 def coalition_reduce_backward(
     grad_sums: torch.Tensor,
     grad_weight_sums: torch.Tensor,
-    masks: torch.Tensor,
+    packed: torch.Tensor,
     values: torch.Tensor,
     weights: torch.Tensor,
     num_players: int,
@@ -257,9 +257,9 @@ def coalition_reduce_backward(
     not asked for (``need_*``) is not computed and returned as None.
     """
     grad_sums, grad_weight_sums = grad_sums.contiguous(), grad_weight_sums.contiguous()
-    masks, values, weights = masks.contiguous(), values.contiguous(), weights.contiguous()
+    packed, values, weights = packed.contiguous(), values.contiguous(), weights.contiguous()
     B, M, K = values.shape
-    N, W = num_players, masks.shape[2]
+    N, W = num_players, packed.shape[2]
     cfg = block_config("backward")
     m_tiles = triton.cdiv(M, cfg["BLOCK_M"])
     k_tiles = max(1, triton.cdiv(K, cfg["BLOCK_K"]))
@@ -268,23 +268,23 @@ def coalition_reduce_backward(
     if B * M > 0 and (need_values or need_weights):
         with _on_device(values):
             _reduce_bwd_kernel[(m_tiles * k_tiles * B,)](
-                masks, values, weights, grad_sums, grad_weight_sums,
+                packed, values, weights, grad_sums, grad_weight_sums,
                 values if grad_values is None else grad_values, values if parts is None else parts,
                 M, W, N, K, m_tiles, k_tiles,
                 NEED_VALUES=need_values, NEED_WEIGHTS=need_weights, **cfg,
             )  # fmt: skip
-    grad_weights = parts.sum(-1).to(weights.dtype) if need_weights else None
+    grad_weights = None if parts is None else parts.sum(-1).to(weights.dtype)
     return grad_values, grad_weights
 
 
-def coalition_gram(masks: torch.Tensor, weights: torch.Tensor, num_players: int) -> torch.Tensor:
+def coalition_gram(packed: torch.Tensor, weights: torch.Tensor, num_players: int) -> torch.Tensor:
     """A (B, N, N) = sum_m weights[b, m] z_m z_mᵀ in the dtype of weights, exactly symmetric.
 
-    masks: (B, M, W) int32 with W >= ceil(N / 32); weights: (B, M) floating (float64 uses fp64 dots,
+    packed: (B, M, W) int32 with W >= ceil(N / 32); weights: (B, M) floating (float64 uses fp64 dots,
     the others tf32 pairs into fp32); num_players: N.
     """
-    masks, weights = masks.contiguous(), weights.contiguous()
-    B, M, W = masks.shape
+    packed, weights = packed.contiguous(), weights.contiguous()
+    B, M, W = packed.shape
     N = num_players
     out = weights.new_empty((B, N, N))
     if B == 0 or N == 0:
@@ -293,5 +293,5 @@ def coalition_gram(masks: torch.Tensor, weights: torch.Tensor, num_players: int)
     cfg = block_config("gram_fp64" if fp64 else "gram")
     n_tiles = triton.cdiv(N, cfg["BLOCK_N"])
     with _on_device(weights):
-        _gram_kernel[(n_tiles * n_tiles * B,)](masks, weights, out, M, W, N, n_tiles, FP64=fp64, **cfg)
+        _gram_kernel[(n_tiles * n_tiles * B,)](packed, weights, out, M, W, N, n_tiles, FP64=fp64, **cfg)
     return out

@@ -215,8 +215,8 @@ def layer_norm_backward(
     partials = [torch.zeros((max(programs, 1), D), device=s.device) for _ in range(3 if has_gamma else 2)]
     if T:
         # Absent tensors are replaced by ones of the right kind that the kernel never reads or writes.
-        grad_s = unit_stride_rows(grad_s) if has_ds else grad_h
-        y = unit_stride_rows(y) if has_gamma else s
+        grad_s = grad_h if grad_s is None else unit_stride_rows(grad_s)
+        y = s if y is None or not has_gamma else unit_stride_rows(y)
         _bwd_kernel[(programs,)](
             grad_s, grad_h, s, y, layer_scale if has_gamma else weight, weight, mean, rstd, dx,
             dx if dy is None else dy, partials[0], partials[1], partials[-1],

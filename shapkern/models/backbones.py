@@ -62,7 +62,9 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     try:
-        state = checkpoint_filter_fn(state, backbone)  # resamples position and patch embeddings
+        # Resamples position and patch embeddings; typed for VisionTransformer, it reads only what
+        # every timm ViT family has.
+        state = checkpoint_filter_fn(state, backbone)  # type: ignore[arg-type]
     except (KeyError, RuntimeError, ValueError, AttributeError) as exc:
         raise ValueError(
             f"checkpoint {path} does not fit the backbone {type(backbone).__name__}: {exc}"

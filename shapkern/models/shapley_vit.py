@@ -10,11 +10,12 @@ then a segment sum of the per-token head outputs. v(∅) = 0, so efficiency hold
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import nn
 
+from shapkern._deprecation import renamed_arguments
 from shapkern.checkpoint import CheckpointError, load_checkpoint
 from shapkern.engine import (
     CoalitionForward,
@@ -29,9 +30,11 @@ from shapkern.engine import (
 from shapkern.models.backbones import create_backbone
 from shapkern.packed import PackPlan, segment_patch_sum
 
-__all__ = ["HEADS", "ShapleyOutput", "ShapleyViT"]
+__all__ = ["HEADS", "Head", "ShapleyOutput", "ShapleyViT"]
 
-HEADS = ("linear", "block")
+# The Shapley head: LayerNorm + Linear per patch token, or one more transformer block first.
+Head = Literal["linear", "block"]
+HEADS: tuple[Head, ...] = get_args(Head)
 
 
 class ShapleyOutput(NamedTuple):
@@ -63,11 +66,13 @@ class ShapleyViT(nn.Module):
         backbone_kwargs: passed to ``timm.create_model`` (img_size, patch_size, depth, ...).
     """
 
+    backbone: Any  # a timm ViT, read by attribute (nn.Module would type each read Tensor | Module)
+
     def __init__(
         self,
         backbone: nn.Module | str,
         num_classes: int,
-        head: str = "linear",
+        head: Head = "linear",
         *,
         checkpoint: str | os.PathLike | None = None,
         pretrained: bool = False,
@@ -81,7 +86,7 @@ class ShapleyViT(nn.Module):
         # What rebuilds this model from a checkpoint (a backbone given by name only). The weights'
         # source (checkpoint, pretrained) is left out: a rebuilt model loads the checkpoint's own
         # weights, so from_checkpoint never reads the original file nor downloads.
-        self.arch = None
+        self.arch: dict | None = None
         if isinstance(backbone, str):
             self.arch = {"backbone": backbone, "num_classes": num_classes, "head": head, **backbone_kwargs}
             backbone = create_backbone(
@@ -92,24 +97,18 @@ class ShapleyViT(nn.Module):
                 "checkpoint, pretrained and backbone kwargs apply only to a backbone given by name"
             )
         check_packed_model(backbone)
-        # Φ reads every patch token after the final norm: the backbone's pooling stage is unused, and
-        # its parameters would get no gradient (which DistributedDataParallel refuses), so it goes.
-        pool = "avg" if getattr(backbone, "global_pool", None) == "map" else None
-        backbone.reset_classifier(0, pool)
-        if isinstance(getattr(backbone, "fc_norm", None), nn.Module):
-            backbone.fc_norm = nn.Identity()
+        _drop_pooling_stage(backbone)
         self.backbone = backbone
+        self.backbone.reset_classifier(0)
         self.num_classes = num_classes
         self.head_type = head
-        dim = backbone.embed_dim
+        dim = self.backbone.embed_dim
+        self.head_block: nn.Module | None = None
         if head == "block":
             from timm.models.vision_transformer import Block
 
-            self.head_block = Block(
-                dim, num_heads=backbone.blocks[0].attn.num_heads, mlp_ratio=4.0, qkv_bias=True
-            )
-        else:
-            self.head_block = None
+            heads = self.backbone.blocks[0].attn.num_heads
+            self.head_block = Block(dim, num_heads=heads, mlp_ratio=4.0, qkv_bias=True)
         self.head_norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -178,16 +177,17 @@ class ShapleyViT(nn.Module):
         phi = self.head(self.head_norm(tokens[:, self.num_prefix_tokens :])).float()
         return ShapleyOutput(phi=phi, logits=phi.sum(dim=1))
 
+    @renamed_arguments(chunk_size="chunk_rows")
     def coalition_forward(
         self,
         images: torch.Tensor,
         *,
-        chunk_size: int | None = None,
+        chunk_rows: int | None = None,
         precision: Precision = "auto",
         sync_checks: bool = False,
     ) -> CoalitionForward:
         """v_x(S) for any coalitions of ``images`` (B, C, H, W), checked once: a function of
-        coalitions bool (B, M, N) or (M, N) (and ``paired=``) -> (B, M, K) float32. ``chunk_size``,
+        coalitions bool (B, M, N) or (M, N) (and ``paired=``) -> (B, M, K) float32. ``chunk_rows``,
         ``precision``: as :meth:`coalition_values`; ``sync_checks``: see
         :class:`~shapkern.engine.CoalitionForward`."""
         return CoalitionForward(
@@ -195,10 +195,11 @@ class ShapleyViT(nn.Module):
             images,
             head=self._coalition_head,
             precision=precision,
-            chunk_rows=chunk_size,
+            chunk_rows=chunk_rows,
             sync_checks=sync_checks,
         )
 
+    @renamed_arguments(chunk_size="chunk_rows")
     def coalition_values(
         self,
         images: torch.Tensor,
@@ -206,7 +207,7 @@ class ShapleyViT(nn.Module):
         *,
         paired: bool | None = None,
         precision: Precision = "auto",
-        chunk_size: int | None = None,
+        chunk_rows: int | None = None,
     ) -> torch.Tensor:
         """v_x(S) = Σ_{n∈S} Φ(x_S)_n for every image and coalition.
 
@@ -217,13 +218,13 @@ class ShapleyViT(nn.Module):
                 :func:`~shapkern.engine.fused_coalition_forward`).
             precision: the encoder's blocks, ``"auto"`` or ``"fp8"`` (e4m3 GEMMs, forward only; see
                 :func:`~shapkern.engine.fused_coalition_forward`); the head stays in the model's dtype.
-            chunk_size: (image, coalition) rows per pass; default as the engine's (from free memory
+            chunk_rows: (image, coalition) rows per pass; default as the engine's (from free memory
                 on CUDA, at most 256 on the CPU, where larger passes run slower per row).
 
         Returns:
             (B, M, K) float32; the empty coalition gives 0.
         """
-        return self.coalition_forward(images, chunk_size=chunk_size, precision=precision)(
+        return self.coalition_forward(images, chunk_rows=chunk_rows, precision=precision)(
             coalitions, paired=paired
         )
 
@@ -261,6 +262,16 @@ class ShapleyViT(nn.Module):
 
 
 POOLING_STAGE = ("backbone.fc_norm.", "backbone.attn_pool.")
+
+
+def _drop_pooling_stage(backbone: nn.Module) -> None:
+    """Remove a timm backbone's classifier and pooling stage. Φ reads every patch token after the
+    final norm: the pooling stage is unused, and its parameters would get no gradient (which
+    DistributedDataParallel refuses)."""
+    pool = "avg" if getattr(backbone, "global_pool", None) == "map" else None
+    backbone.reset_classifier(0, pool)  # type: ignore[operator]  # a timm model's method
+    if isinstance(getattr(backbone, "fc_norm", None), nn.Module):
+        backbone.fc_norm = nn.Identity()
 
 
 def _without_pooling_stage(weights: dict) -> dict:

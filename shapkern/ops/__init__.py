@@ -1,6 +1,12 @@
 """Autograd ops with a plain PyTorch reference each, dispatched by device (CUDA: Triton or the native
-extension; elsewhere: the C++ CPU kernels or the reference)."""
+extension; elsewhere: the C++ CPU kernels or the reference).
 
+The lower tier of the API (docs/api.md): varlen attention, the reductions over bit-packed
+coalitions, fused LayerNorm and GELU GEMMs, and fp8 GEMMs.
+"""
+
+from shapkern._deprecation import renamed_function
+from shapkern.ops.bitpack import pack_coalitions, unpack_coalitions
 from shapkern.ops.fp8_linear import (
     add_layer_norm_quantize,
     check_fp8_device,
@@ -13,13 +19,7 @@ from shapkern.ops.fp8_reference import quantize_weight
 from shapkern.ops.gram import coalition_gram
 from shapkern.ops.layer_norm import add_layer_norm, layer_norm
 from shapkern.ops.linear_gelu import linear_gelu
-from shapkern.ops.reduce import (
-    coalition_reduce,
-    pack_masks,
-    segment_expand,
-    segment_sum,
-    unpack_masks,
-)
+from shapkern.ops.reduce import coalition_reduce, segment_expand, segment_sum
 from shapkern.ops.varlen_attention import AttentionFn, varlen_attention
 
 __all__ = [
@@ -33,12 +33,16 @@ __all__ = [
     "layer_norm",
     "layer_norm_quantize",
     "linear_gelu",
-    "pack_masks",
+    "pack_coalitions",
     "quantize_rows",
     "quantize_weight",
     "segment_expand",
     "segment_sum",
     "supports_fp8",
-    "unpack_masks",
+    "unpack_coalitions",
     "varlen_attention",
 ]
+
+# Deprecated names (removed in the next release): before "packed coalitions".
+pack_masks = renamed_function("pack_masks", "shapkern.ops.pack_coalitions", pack_coalitions)
+unpack_masks = renamed_function("unpack_masks", "shapkern.ops.unpack_coalitions", unpack_coalitions)

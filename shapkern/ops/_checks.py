@@ -37,14 +37,15 @@ def check_num_players(num_players, op: str) -> None:
     check(num_players >= 0, op, f"num_players must be >= 0, got {num_players}")
 
 
-def check_masks(masks: torch.Tensor, num_players: int, op: str) -> None:
-    check(masks.dim() == 3, op, f"masks must be 3-D (B, M, W), got shape {tuple(masks.shape)}")
-    check(masks.dtype == torch.int32, op, f"masks must be int32 (bit-packed), got {masks.dtype}")
+def check_packed(packed: torch.Tensor, num_players: int, op: str) -> None:
+    """Bit-packed coalitions (B, M, W) int32 with W >= ⌈N/32⌉ words."""
+    check(packed.dim() == 3, op, f"packed must be 3-D (B, M, W), got shape {tuple(packed.shape)}")
+    check(packed.dtype == torch.int32, op, f"packed must be int32 (bit-packed), got {packed.dtype}")
     check_num_players(num_players, op)
     check(
-        masks.shape[2] >= num_words(num_players),
+        packed.shape[2] >= num_words(num_players),
         op,
-        f"masks has W={masks.shape[2]} words per coalition, too few for num_players={num_players}",
+        f"packed has W={packed.shape[2]} words per coalition, too few for num_players={num_players}",
     )
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -21,8 +23,9 @@ def _advice() -> str:
     return "Rebuild it against the installed torch with `pip install --no-build-isolation --no-deps .`."
 
 
+_C: ModuleType | None
 try:
-    from shapkern import _C
+    _C = importlib.import_module("shapkern._C")
 except (ImportError, OSError) as exc:  # not built, or built against another torch (ABI mismatch)
     _C = None
     _ERROR: str | None = f"{type(exc).__name__}: {exc}"

@@ -290,6 +290,7 @@ def fp8_linear(
     out_dtype = out_dtype or x.dtype
     if x.dtype != FP8:
         x, x_scale = quantize_rows(x)
+    assert x_scale is not None  # for the type checker: _check_linear requires it with an e4m3 x
     if not (x.is_cuda or _cpu_scaled_mm()):
         return fp8_linear_reference(x, weight_fp8, weight_scale, bias, out_dtype=out_dtype, x_scale=x_scale)
     # Rowwise-scaled GEMMs write bf16 on every fp8 GPU and torch version (fp32 needs cuBLAS 12.9+ and
@@ -302,7 +303,7 @@ def fp8_linear(
         weight_fp8.contiguous().t(),
         scale_a=x_scale.contiguous(),
         scale_b=weight_scale.contiguous(),
-        bias=bias.to(gemm_dtype) if epilogue else None,
+        bias=bias.to(gemm_dtype) if epilogue and bias is not None else None,
         out_dtype=gemm_dtype,
     )
     y = y if bias is None or epilogue else y + bias.float()

@@ -97,6 +97,8 @@ def fp8_linear_reference(
     out_dtype = out_dtype or x.dtype
     if x.dtype != FP8:
         x, x_scale = quantize_rows_reference(x)
+    elif x_scale is None:
+        raise ValueError("fp8_linear_reference: an e4m3 x needs its x_scale (T, 1)")
     with torch.autocast(x.device.type, enabled=False):
         y = (x.float() * x_scale) @ (weight_fp8.float() * weight_scale.t()).t()
     if bias is not None:

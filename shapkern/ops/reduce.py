@@ -1,33 +1,32 @@
-"""Reductions over coalitions: segment sums of packed tokens, bit-packed masks, weighted sums onto
-players (the Gram matrix is in :mod:`shapkern.ops.gram`).
+"""Reductions over coalitions: segment sums of packed tokens and weighted sums onto players of
+bit-packed coalitions (:mod:`shapkern.ops.bitpack`; the Gram matrix is in :mod:`shapkern.ops.gram`).
 
 Each op has a plain PyTorch reference (``*_reference``). The public op validates its inputs, then runs
 ``torch.ops.shapkern.*`` when there are kernels for the tensors' device, and the reference otherwise:
 C++ on the CPU; on CUDA, the extension's CUDA kernels, except for ``coalition_reduce`` in float32,
-float16 and bfloat16, which runs a Triton tensor-core GEMM on the packed masks
+float16 and bfloat16, which runs a Triton tensor-core GEMM on the packed coalitions
 (``shapkern.kernels.coalition_reduce``; fp32 products carried as two tf32 parts, see there).
 The kernels are deterministic on CPU and CUDA: every output is reduced in a fixed order, without
 float atomics. Half types (float16, bfloat16) accumulate in float32, float64 in float64. The ops
 support autograd for floating inputs and trace under ``torch.compile(fullgraph=True)``.
-
-Masks are bit-packed int32: player n of a coalition is bit ``n % 32`` of word ``n // 32``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from shapkern._deprecation import moved_names
 from shapkern.ops import _extension as _ext
 from shapkern.ops._checks import (
     acc_dtype,
     check,
     check_cu_seqlens,
     check_float,
-    check_masks,
-    check_num_players,
+    check_packed,
     check_same_device,
     num_words,
 )
+from shapkern.ops.bitpack import unpack_coalitions_reference
 
 try:
     from shapkern.kernels import coalition_reduce as _gemm
@@ -39,15 +38,21 @@ except ImportError:  # no triton: CUDA tensors take the extension's CUDA kernels
 __all__ = [
     "coalition_reduce",
     "coalition_reduce_reference",
-    "pack_masks",
-    "pack_masks_reference",
     "segment_expand",
     "segment_expand_reference",
     "segment_sum",
     "segment_sum_reference",
-    "unpack_masks",
-    "unpack_masks_reference",
 ]
+
+# Deprecated names (removed in the next release): the bit packing is in shapkern.ops.bitpack.
+__getattr__ = moved_names(
+    __name__,
+    {
+        f"{old}{suffix}": f"shapkern.ops.bitpack.{new}{suffix}"
+        for old, new in (("pack_masks", "pack_coalitions"), ("unpack_masks", "unpack_coalitions"))
+        for suffix in ("", "_reference")
+    },
+)
 
 # ---------------------------------------------------------------------------------------- segment_sum
 
@@ -120,62 +125,15 @@ def segment_expand(values: torch.Tensor, cu_seqlens: torch.Tensor, num_tokens: i
     return segment_expand_reference(values, cu_seqlens, num_tokens)
 
 
-# ----------------------------------------------------------------------------------- pack / unpack masks
-
-
-def pack_masks_reference(mask: torch.Tensor) -> torch.Tensor:
-    """PyTorch reference of :func:`pack_masks`."""
-    count = num_words(mask.shape[-1])
-    bits = torch.nn.functional.pad(mask.to(torch.int64), (0, 32 * count - mask.shape[-1]))
-    shifts = torch.arange(32, device=mask.device, dtype=torch.int64)
-    words = (bits.unflatten(-1, (count, 32)) << shifts).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
-
-
-def unpack_masks_reference(packed: torch.Tensor, num_players: int) -> torch.Tensor:
-    """PyTorch reference of :func:`unpack_masks`."""
-    shifts = torch.arange(32, device=packed.device, dtype=torch.int32)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1
-    return bits.flatten(-2)[..., :num_players].bool()
-
-
-def pack_masks(mask: torch.Tensor) -> torch.Tensor:
-    """Bit-pack coalition masks: bool (..., N) -> int32 (..., ceil(N / 32)).
-
-    Player n is bit ``n % 32`` (little-endian) of word ``n // 32``; padding bits are 0.
-    """
-    check(mask.dtype == torch.bool, "pack_masks", f"mask must be bool, got {mask.dtype}")
-    check(mask.dim() >= 1, "pack_masks", "mask must have a last dimension of players (..., N)")
-    if _ext.has_kernels(mask.device):
-        return torch.ops.shapkern.pack_masks(mask)
-    return pack_masks_reference(mask)
-
-
-def unpack_masks(packed: torch.Tensor, num_players: int) -> torch.Tensor:
-    """Unpack coalition masks: int32 (..., W) -> bool (..., N) with N = ``num_players`` <= 32 W."""
-    op = "unpack_masks"
-    check(packed.dtype == torch.int32, op, f"packed must be int32, got {packed.dtype}")
-    check(packed.dim() >= 1, op, "packed must have a last dimension of words (..., W)")
-    check_num_players(num_players, op)
-    check(
-        packed.shape[-1] >= num_words(num_players),
-        op,
-        f"packed has W={packed.shape[-1]} words, too few for num_players={num_players}",
-    )
-    if _ext.has_kernels(packed.device):
-        return torch.ops.shapkern.unpack_masks(packed, num_players)
-    return unpack_masks_reference(packed, num_players)
-
-
 # ----------------------------------------------------------------------------------- coalition_reduce
 
 
 def coalition_reduce_reference(
-    masks: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, num_players: int
+    packed: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, num_players: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch reference of :func:`coalition_reduce`: einsum over the unpacked masks."""
+    """PyTorch reference of :func:`coalition_reduce`: einsum over the unpacked coalitions."""
     acc = acc_dtype(values.dtype)
-    z = unpack_masks_reference(masks, num_players).to(acc)
+    z = unpack_coalitions_reference(packed, num_players).to(acc)
     w = weights.to(acc)
     sums = torch.einsum("bmn,bm,bmk->bnk", z, w, values.to(acc))
     weight_sums = torch.einsum("bmn,bm->bn", z, w)
@@ -183,15 +141,17 @@ def coalition_reduce_reference(
 
 
 def coalition_reduce(
-    masks: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, num_players: int
+    packed: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, num_players: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted sums of coalition values onto the players in each coalition.
 
     ``sums[b, n, k] = sum_m weights[b, m] z[b, m, n] values[b, m, k]`` and
-    ``weight_sums[b, n] = sum_m weights[b, m] z[b, m, n]``, where z is the unpacked mask.
+    ``weight_sums[b, n] = sum_m weights[b, m] z[b, m, n]``, where z is ``packed`` unpacked
+    (:func:`~shapkern.ops.unpack_coalitions`).
 
     Args:
-        masks: (B, M, W) int32, bit-packed coalitions (see :func:`pack_masks`), W >= ceil(N / 32).
+        packed: (B, M, W) int32, bit-packed coalitions (:func:`~shapkern.ops.pack_coalitions`),
+            W >= ceil(N / 32).
         values: (B, M, K) floating, the value of each coalition.
         weights: (B, M), dtype of ``values``, a weight per coalition.
         num_players: N.
@@ -202,7 +162,7 @@ def coalition_reduce(
         and backward) with fp32 accuracy; float64 runs the exact CUDA kernel.
     """
     op = "coalition_reduce"
-    check_masks(masks, num_players, op)
+    check_packed(packed, num_players, op)
     check(values.dim() == 3, op, f"values must be 3-D (B, M, K), got shape {tuple(values.shape)}")
     check_float(values, "values", op)
     check(weights.dim() == 2, op, f"weights must be 2-D (B, M), got shape {tuple(weights.shape)}")
@@ -212,32 +172,32 @@ def coalition_reduce(
         f"weights must have the dtype of values ({values.dtype}), got {weights.dtype}",
     )
     check(
-        masks.shape[:2] == values.shape[:2],
+        packed.shape[:2] == values.shape[:2],
         op,
-        f"masks shape {tuple(masks.shape)} does not match values shape {tuple(values.shape)} in (B, M)",
+        f"packed shape {tuple(packed.shape)} does not match values shape {tuple(values.shape)} in (B, M)",
     )
     check(
         weights.shape == values.shape[:2],
         op,
         f"weights shape {tuple(weights.shape)} does not match values shape {tuple(values.shape)} in (B, M)",
     )
-    check_same_device(op, values=values, masks=masks, weights=weights)
+    check_same_device(op, values=values, packed=packed, weights=weights)
     if _HAS_TRITON and values.is_cuda and values.dtype != torch.float64:
-        return torch.ops.shapkern.coalition_reduce_gemm(masks, values, weights, num_players)
+        return torch.ops.shapkern.coalition_reduce_gemm(packed, values, weights, num_players)
     if _ext.has_kernels(values.device):
-        return torch.ops.shapkern.coalition_reduce(masks, values, weights, num_players)
-    return coalition_reduce_reference(masks, values, weights, num_players)
+        return torch.ops.shapkern.coalition_reduce(packed, values, weights, num_players)
+    return coalition_reduce_reference(packed, values, weights, num_players)
 
 
 @torch.library.custom_op("shapkern::coalition_reduce_gemm", mutates_args=())
 def _reduce_gemm(
-    masks: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, num_players: int
+    packed: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, num_players: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _gemm.coalition_reduce_forward(masks, values, weights, num_players)
+    return _gemm.coalition_reduce_forward(packed, values, weights, num_players)
 
 
 @_reduce_gemm.register_fake
-def _(masks, values, weights, num_players):
+def _(packed, values, weights, num_players):
     batch, _, k = values.shape
     return values.new_empty((batch, num_players, k)), values.new_empty((batch, num_players))
 
@@ -246,7 +206,7 @@ def _(masks, values, weights, num_players):
 def _reduce_gemm_backward(
     grad_sums: torch.Tensor,
     grad_weight_sums: torch.Tensor,
-    masks: torch.Tensor,
+    packed: torch.Tensor,
     values: torch.Tensor,
     weights: torch.Tensor,
     num_players: int,
@@ -255,7 +215,7 @@ def _reduce_gemm_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_values, grad_weights); one not asked for is an empty (0,) tensor (no None outputs)."""
     grad_values, grad_weights = _gemm.coalition_reduce_backward(
-        grad_sums, grad_weight_sums, masks, values, weights, num_players, need_values, need_weights
+        grad_sums, grad_weight_sums, packed, values, weights, num_players, need_values, need_weights
     )
     return (
         values.new_empty((0,)) if grad_values is None else grad_values,
@@ -264,23 +224,23 @@ def _reduce_gemm_backward(
 
 
 @_reduce_gemm_backward.register_fake
-def _(grad_sums, grad_weight_sums, masks, values, weights, num_players, need_values, need_weights):
+def _(grad_sums, grad_weight_sums, packed, values, weights, num_players, need_values, need_weights):
     return values.new_empty(values.shape if need_values else (0,)), weights.new_empty(
         weights.shape if need_weights else (0,)
     )
 
 
 def _reduce_gemm_setup(ctx, inputs, output):
-    masks, values, weights, num_players = inputs
-    ctx.save_for_backward(masks, values, weights)
+    packed, values, weights, num_players = inputs
+    ctx.save_for_backward(packed, values, weights)
     ctx.num_players = num_players
 
 
 def _reduce_gemm_grad(ctx, grad_sums, grad_weight_sums):
-    masks, values, weights = ctx.saved_tensors
+    packed, values, weights = ctx.saved_tensors
     need_values, need_weights = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     grad_values, grad_weights = _reduce_gemm_backward(
-        grad_sums, grad_weight_sums, masks, values, weights, ctx.num_players, need_values, need_weights
+        grad_sums, grad_weight_sums, packed, values, weights, ctx.num_players, need_values, need_weights
     )
     return None, grad_values if need_values else None, grad_weights if need_weights else None, None
 
@@ -291,7 +251,9 @@ _reduce_gemm.register_autograd(_reduce_gemm_grad, setup_context=_reduce_gemm_set
 # ------------------------------------------------------------------ fake kernels and autograd (extension)
 
 
-def _register() -> None:
+def _register_fakes() -> None:
+    """Output shapes of the extension's ops for tracing; the bit packing's too (shapkern.ops.bitpack):
+    csrc/schemas.cpp names this module as the home of all of them."""
     lib = "shapkern::"
 
     @torch.library.register_fake(lib + "segment_sum")
@@ -303,17 +265,23 @@ def _register() -> None:
         return grad.new_empty((num_tokens, grad.shape[1]))
 
     @torch.library.register_fake(lib + "coalition_reduce")
-    def _(masks, values, weights, num_players):
+    def _(packed, values, weights, num_players):
         batch, _, k = values.shape
         return values.new_empty((batch, num_players, k)), values.new_empty((batch, num_players))
 
     @torch.library.register_fake(lib + "pack_masks")
-    def _(mask):
-        return mask.new_empty((*mask.shape[:-1], num_words(mask.shape[-1])), dtype=torch.int32)
+    def _(coalitions):
+        shape = (*coalitions.shape[:-1], num_words(coalitions.shape[-1]))
+        return coalitions.new_empty(shape, dtype=torch.int32)
 
     @torch.library.register_fake(lib + "unpack_masks")
     def _(packed, num_players):
         return packed.new_empty((*packed.shape[:-1], num_players), dtype=torch.bool)
+
+
+def _register() -> None:
+    lib = "shapkern::"
+    _register_fakes()
 
     def segment_setup(ctx, inputs, output):
         ctx.save_for_backward(inputs[1])
@@ -328,15 +296,15 @@ def _register() -> None:
         return torch.ops.shapkern.segment_sum(grad, cu_seqlens), None, None
 
     def coalition_setup(ctx, inputs, output):
-        masks, values, weights, num_players = inputs
-        ctx.save_for_backward(masks, values, weights)
+        packed, values, weights, num_players = inputs
+        ctx.save_for_backward(packed, values, weights)
         ctx.num_players = num_players
 
     def coalition_reduce_backward(ctx, grad_sums, grad_weight_sums):
         # d sums / d v[b,m,k] = w[b,m] (Z G)[b,m,k]; d / d w[b,m] = sum_k (Z G)[b,m,k] v[b,m,k] + (Z g)[b,m]
-        masks, values, weights = ctx.saved_tensors
+        packed, values, weights = ctx.saved_tensors
         acc = acc_dtype(values.dtype)
-        z = torch.ops.shapkern.unpack_masks(masks, ctx.num_players).to(acc)
+        z = torch.ops.shapkern.unpack_masks(packed, ctx.num_players).to(acc)
         w = weights.to(acc).unsqueeze(-1)
         if not ctx.needs_input_grad[2]:
             return None, torch.bmm(z * w, grad_sums.to(acc)).to(values.dtype), None, None

@@ -25,7 +25,7 @@ try:
 
     _HAS_TRITON = True
 except ImportError:  # no triton: every device takes the reference path
-    SUPPORTED_HEAD_DIMS = ()
+    SUPPORTED_HEAD_DIMS = ()  # type: ignore[assignment]  # the kernels' tuple when triton imports
     _HAS_TRITON = False
 
 __all__ = ["AttentionFn", "varlen_attention", "varlen_attention_reference"]
@@ -98,10 +98,12 @@ def _bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward: dq, dk, dv (T, H, D) contiguous, and d bias in the bias's shape and dtype
     (an empty tensor without a bias: a custom op returns no None)."""
-    *grads, dbias = varlen_attention_backward(
+    dq, dk, dv, dbias = varlen_attention_backward(
         dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, bias, bias_index
     )
-    return *grads, q.new_empty(0) if bias is None else dbias.to(bias.dtype)
+    if bias is None or dbias is None:
+        return dq, dk, dv, q.new_empty(0)
+    return dq, dk, dv, dbias.to(bias.dtype)
 
 
 @_bwd_op.register_fake
@@ -220,25 +222,26 @@ def _check_plan(
     if bool(valid):
         return
     values = cu_seqlens.tolist()
-    lengths = [end - start for start, end in zip(values[:-1], values[1:], strict=True)]
+    sizes = [end - start for start, end in zip(values[:-1], values[1:], strict=True)]
     if values[0] != 0:
         _fail(f"cu_seqlens[0] must be 0, got {values[0]}")
     if values[-1] != num_tokens:
         _fail(
             f"cu_seqlens[-1] must equal the number of tokens T = q.shape[0] = {num_tokens}, got {values[-1]}"
         )
-    for i, length in enumerate(lengths):
+    for i, length in enumerate(sizes):
         if length < 0:
             _fail(
                 f"cu_seqlens must be non-decreasing, got cu_seqlens[{i + 1}] = {values[i + 1]} < "
                 f"cu_seqlens[{i}] = {values[i]}"
             )
-    longest = max(range(len(lengths)), key=lengths.__getitem__, default=0)
-    if lengths and lengths[longest] > max_seqlen:
+    longest = max(range(len(sizes)), key=sizes.__getitem__, default=0)
+    if sizes and sizes[longest] > max_seqlen:
         _fail(
             f"max_seqlen = {max_seqlen} is less than the longest sequence: sequence {longest} holds "
-            f"{lengths[longest]} tokens"
+            f"{sizes[longest]} tokens"
         )
+    assert bias_index is not None  # the plan is valid: the bias positions are what failed
     token = int(((bias_index < 0) | (bias_index >= positions)).nonzero()[0, 0])
     _fail(
         f"bias_index must hold positions in [0, L) = [0, {positions}) of the bias (H, L, L), got "

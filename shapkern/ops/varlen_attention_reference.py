@@ -142,11 +142,12 @@ def varlen_attention_reference(
         layout = _host_layout(cu_seqlens, length_buckets)
         if layout.width:
             mask = layout.additive_mask(q.dtype)
-            if bias is not None:
+            if bias is not None and bias_index is not None:  # given together (varlen_attention checks)
                 positions = bias_index.view(-1, layout.width)
                 mask = mask + _gathered_bias(bias, positions, q.dtype)
             return _paired_rows_attention(q, k, v, layout.first_lengths, layout.width, mask, scale)
-        starts, lengths, parts = layout.starts, layout.lengths, layout.parts
+        starts, lengths = layout.starts, layout.lengths
+        parts: list[tuple[torch.Tensor | slice, int]] = list(layout.parts)
     else:
         cu = cu_seqlens.long()
         starts, lengths, parts = cu[:-1], cu[1:] - cu[:-1], [(slice(None), max_seqlen)]

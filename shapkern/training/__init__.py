@@ -10,12 +10,18 @@
 """
 
 from shapkern.training.config import TrainConfig, resumed_config
-from shapkern.training.losses import LossOutput, ShapleyLoss, shapley_regression_loss
+from shapkern.training.distributed import DEVICES
+from shapkern.training.losses import MASK_LOSSES, SV_SCALES, LossOutput, ShapleyLoss, shapley_regression_loss
 from shapkern.training.setup import build_model
 from shapkern.training.step import shapley_step
-from shapkern.training.trainer import Trainer, train
+from shapkern.training.trainer import HEATMAPS, METRICS, Trainer, train
 
 __all__ = [
+    "DEVICES",
+    "HEATMAPS",
+    "MASK_LOSSES",
+    "METRICS",
+    "SV_SCALES",
     "LossOutput",
     "ShapleyLoss",
     "TrainConfig",

@@ -8,11 +8,12 @@ import os
 from dataclasses import dataclass
 
 from shapkern.checkpoint import checkpoint_to_resume
-from shapkern.coalitions import SAMPLERS, CoalitionSampler
+from shapkern.coalitions import SAMPLERS, CoalitionSampler, Sampler
 from shapkern.data.catalog import DEFAULT_DATA_ROOT
-from shapkern.models import HEADS
+from shapkern.engine import Precision
+from shapkern.models import HEADS, Head
 from shapkern.training.distributed import DEVICES
-from shapkern.training.losses import ShapleyLoss, graded_coalitions
+from shapkern.training.losses import MaskLoss, ShapleyLoss, SvScale, graded_coalitions
 
 __all__ = ["SCHEDULE_FIELDS", "TrainConfig", "resumed_config"]
 
@@ -37,6 +38,8 @@ HINTS = {  # what None means, for the fields that may be None
 # The types the field annotations name (strings here, by `from __future__ import annotations`).
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None),
+    # Literal options are strings here; validate() and ShapleyLoss check their values.
+    "Head": str, "Sampler": str, "SvScale": str, "Precision": str, "MaskLoss": str,
 }  # fmt: skip
 
 
@@ -71,7 +74,7 @@ class TrainConfig:
     depth: int | None = 3
     embed_dim: int | None = 64
     num_heads: int | None = 2
-    head: str = "linear"
+    head: Head = "linear"
     weights: str | None = None
     pretrained: bool = False  # timm's pretrained weights of `model` (its tag picks which)
     data_root: str = DEFAULT_DATA_ROOT
@@ -85,12 +88,12 @@ class TrainConfig:
     lam: float = 1.0  # digits: at 1 and 10 the accuracy of λ = 0, error < 0.01 (train_sweeps.py)
     mu: float = 1.0
     num_coalitions: int = 8
-    sampler: str = "shapley"  # how coalitions are drawn (SAMPLERS); configs from before it: shapley
+    sampler: Sampler = "shapley"  # how coalitions are drawn (SAMPLERS); configs from before it: shapley
     paired: bool = True  # complementary pairs
     grad_coalitions: int | None = None  # of those, the ones with gradients (None: all; M/4 with stop_grad)
-    sv_scale: str = "raw"
-    target_precision: str = "auto"  # fp8: e4m3 GEMMs for the forward-only ℓ_sv targets
-    mask_loss: str | None = "kl"
+    sv_scale: SvScale = "raw"
+    target_precision: Precision = "auto"  # fp8: e4m3 GEMMs for the forward-only ℓ_sv targets
+    mask_loss: MaskLoss | None = "kl"
     stop_grad: bool = False  # True: no gradient through ℓ_sv's targets (collapses at λ ≥ 1 on digits)
     seed: int = 0
     out: str = "runs/digits"

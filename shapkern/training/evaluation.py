@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from shapkern.checkpoint import atomic_write
-from shapkern.coalitions import CoalitionSampler
+from shapkern.coalitions import CoalitionSampler, Sampler
 from shapkern.engine import patch_grid
 from shapkern.explainers.explain import explain  # the function (the package also names its module)
 from shapkern.explainers.metrics import relative_l2
@@ -38,7 +38,7 @@ class HeldOutLoss:
     num_coalitions: int
     seed: int
     batch_size: int = 64
-    sampler: str = "shapley"
+    sampler: Sampler = "shapley"
     paired: bool = True
 
     @torch.no_grad()

@@ -22,12 +22,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shapkern.engine import check_precision
+from shapkern.engine import Precision, check_precision
 from shapkern.models import ShapleyOutput
 
 __all__ = [
@@ -41,7 +42,8 @@ __all__ = [
     "shapley_regression_loss",
 ]
 
-MASK_LOSSES = ("ce", "kl", None)
+MaskLoss = Literal["ce", "kl"]
+MASK_LOSSES: tuple[MaskLoss | None, ...] = (*get_args(MaskLoss), None)  # None: no ℓ_mask
 
 
 def _relative(phi: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -68,13 +70,14 @@ def _centered(phi: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 # ℓ_sv grows with the square of the logits, which cross-entropy grows. sv_scale -> the stop-gradient
 # divisor (B,) of each image's ℓ_sv from Φ (B, N, K) and f(x) (B, K); "raw": none. "player" and
 # "centered" are experimental (benchmarks/experiments/train_sweeps).
-SV_NORMALISERS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None] = {
+SvScale = Literal["raw", "relative", "player", "centered"]
+SV_NORMALISERS: dict[SvScale, Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None] = {
     "raw": None,
     "relative": _relative,
     "player": _player,
     "centered": _centered,
 }
-SV_SCALES = tuple(SV_NORMALISERS)
+SV_SCALES: tuple[SvScale, ...] = get_args(SvScale)
 
 
 def shapley_regression_loss(
@@ -83,7 +86,7 @@ def shapley_regression_loss(
     coalitions: torch.Tensor,
     *,
     stop_grad: bool = False,
-    sv_scale: str = "raw",
+    sv_scale: SvScale = "raw",
     logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ℓ_sv = mean over images and coalitions of || v(S) - Σ_{n∈S} Φ_n ||² (squared norm over K).
@@ -119,7 +122,7 @@ def default_grad_coalitions(num_coalitions: int, paired: bool = True) -> int:
 
 
 def graded_coalitions(
-    num: int, *, paired: bool, stop_grad: bool, grad_coalitions: int | None, target_precision: str
+    num: int, *, paired: bool, stop_grad: bool, grad_coalitions: int | None, target_precision: Precision
 ) -> int:
     """How many of ``num`` coalitions carry gradients: ``grad_coalitions``, or by default all
     (M/4 in whole pairs with ``stop_grad``). ValueError for a number the options cannot take."""
@@ -234,10 +237,10 @@ class ShapleyLoss(nn.Module):
         mu: float = 1.0,
         *,
         stop_grad: bool = False,
-        mask_loss: str | None = "kl",
-        sv_scale: str = "raw",
+        mask_loss: MaskLoss | None = "kl",
+        sv_scale: SvScale = "raw",
         grad_coalitions: int | None = None,
-        target_precision: str = "auto",
+        target_precision: Precision = "auto",
     ):
         super().__init__()
         if mask_loss not in MASK_LOSSES:

@@ -75,7 +75,7 @@ def build_case(args, players: int) -> Case:
 def trained_case(args) -> Case:
     """The ``--checkpoint``'s ShapleyViT, the ``--image-seed``-th test image of its dataset and the
     model's predicted class."""
-    from shapkern.cli.explain import load_model
+    from shapkern.cli.explain_inputs import load_model
     from shapkern.data import Preprocessing, load_dataset
 
     model, data = load_model(str(args.checkpoint), torch.device(args.device))

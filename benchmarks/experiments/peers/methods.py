@@ -51,7 +51,9 @@ def shapiq_kernel(case: Case, budget: int, seed: int, game: str):
     if game == TOKENS:
         from shapkern.integrations.shapiq import ShapkernGame
 
-        played = ShapkernGame(case.model, case.image[0], target=case.target, batch_size=case.batch_size)
+        played = ShapkernGame(
+            case.model, case.image[0], target=case.target, coalitions_per_call=case.batch_size
+        )
     else:
 
         class PixelGame(shapiq.Game):  # a batched image game, as shapiq's users write one

@@ -8,14 +8,18 @@ in ``engine/adapters/__init__.py``.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from shapkern.packed import AttentionFn, PackPlan
 
-__all__ = ["BlockPath", "ModelAdapter", "Output", "unsupported"]
+__all__ = ["BlockPath", "ModelAdapter", "Output", "Submodule", "unsupported"]
+
+# A model or one of its submodules, read by attribute: nn.Module's __getattr__ is typed as returning
+# Tensor | Module, so the adapters' attribute reads (model.blocks, attn.qkv, ...) are typed Any.
+Submodule = Any
 
 # "plain": the model's modules; "compiled": under torch.compile; "fused": shapkern's fused kernels;
 # "fp8": e4m3 GEMMs (forward only).
@@ -43,7 +47,7 @@ class ModelAdapter:
     block_paths: ClassVar[tuple[str, ...]] = ("plain", "compiled")
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        self.model: Submodule = model
 
     @classmethod
     def claims(cls, model: nn.Module) -> bool:

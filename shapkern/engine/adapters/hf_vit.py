@@ -16,7 +16,7 @@ from functools import cache
 import torch
 from torch import nn
 
-from shapkern.engine.adapters.base import BlockPath, ModelAdapter, Output, unsupported
+from shapkern.engine.adapters.base import BlockPath, ModelAdapter, Output, Submodule, unsupported
 from shapkern.engine.adapters.multihead import multihead_unsupported, packed_query_pool
 from shapkern.packed import AttentionFn, PackPlan, first_tokens, segment_mean
 
@@ -129,14 +129,14 @@ def _pair(size) -> tuple[int, int]:
     return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
 
-def _branch(layer: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+def _branch(layer: Submodule, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
     for name in names:
         x = getattr(layer, name)(x)
     return x
 
 
 def _layer_forward(
-    layout: _Layout, layer: nn.Module, x: torch.Tensor, plan: PackPlan, attention: AttentionFn
+    layout: _Layout, layer: Submodule, x: torch.Tensor, plan: PackPlan, attention: AttentionFn
 ) -> torch.Tensor:
     """One encoder layer on packed tokens (all these families are pre-norm): (T, D) -> (T, D)."""
     attn = getattr(layer, layout.attention)
@@ -164,14 +164,14 @@ class HFVisionTransformer(ModelAdapter):
     family = "Hugging Face ViT/DeiT/DINOv2/CLIP/SigLIP"
 
     @classmethod
-    def claims(cls, model: nn.Module) -> bool:
+    def claims(cls, model: Submodule) -> bool:
         module = type(model).__module__
         if not module.startswith(PACKAGE):
             return False
         _, classes = MODELS.get(module.removeprefix(PACKAGE), (None, {}))
         return type(model).__name__ in classes
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: Submodule):
         super().__init__(model)
         self.layout, classes = MODELS[type(model).__module__.removeprefix(PACKAGE)]
         backbone, self.pooling, self.head = classes[type(model).__name__]

@@ -10,15 +10,15 @@ norm, MLP, pooling of several latents) runs on the (R, L, D) pooled rows as timm
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from shapkern.engine.adapters.base import Submodule
 from shapkern.ops import segment_sum
 from shapkern.packed import PackPlan
 
 __all__ = ["latent_attention_pool", "latent_pool_unsupported", "segment_softmax"]
 
 
-def latent_pool_unsupported(pool: nn.Module) -> str | None:
+def latent_pool_unsupported(pool: Submodule) -> str | None:
     """Why the packed engine cannot run ``pool`` (for :func:`~shapkern.engine.adapters.unsupported`),
     or None when :func:`latent_attention_pool` computes what it does."""
     from timm.layers import AttentionPoolLatent
@@ -51,7 +51,7 @@ def segment_softmax(scores: torch.Tensor, plan: PackPlan) -> torch.Tensor:
 
 
 def latent_attention_pool(
-    pool: nn.Module, x: torch.Tensor, plan: PackPlan, pooled: torch.Tensor | None = None
+    pool: Submodule, x: torch.Tensor, plan: PackPlan, pooled: torch.Tensor | None = None
 ) -> torch.Tensor:
     """timm ``AttentionPoolLatent`` over each row's tokens: (T, D) -> (R, D_out).
 

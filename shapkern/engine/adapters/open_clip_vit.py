@@ -11,9 +11,8 @@ from __future__ import annotations
 from functools import cache
 
 import torch
-from torch import nn
 
-from shapkern.engine.adapters.base import BlockPath, ModelAdapter, Output, unsupported
+from shapkern.engine.adapters.base import BlockPath, ModelAdapter, Output, Submodule, unsupported
 from shapkern.engine.adapters.multihead import multihead_unsupported, packed_self_attention
 from shapkern.packed import AttentionFn, PackPlan, first_tokens, segment_mean
 
@@ -28,11 +27,11 @@ SUPPORTED = (
 SUPPORTED_TIMM = "open_clip.timm_model.TimmModel with a trunk the packed engine runs and a linear or MLP head"
 
 
-def _is(model: nn.Module, module: str, name: str) -> bool:
+def _is(model: Submodule, module: str, name: str) -> bool:
     return type(model).__module__ == module and type(model).__name__ == name
 
 
-def _block_forward(block: nn.Module, x: torch.Tensor, plan: PackPlan, attention: AttentionFn) -> torch.Tensor:
+def _block_forward(block: Submodule, x: torch.Tensor, plan: PackPlan, attention: AttentionFn) -> torch.Tensor:
     """One open_clip ResidualAttentionBlock on packed tokens: (T, D) -> (T, D)."""
     x = x + block.ls_1(packed_self_attention(block.attn, block.ln_1(x), plan, attention))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
@@ -51,7 +50,7 @@ class OpenClipVisionTransformer(ModelAdapter):
     family = "open_clip VisionTransformer"
 
     @classmethod
-    def claims(cls, model: nn.Module) -> bool:
+    def claims(cls, model: Submodule) -> bool:
         return _is(model, "open_clip.transformer", "VisionTransformer")
 
     def check(self) -> None:
@@ -136,7 +135,7 @@ class OpenClipTimmModel(ModelAdapter):
     family = "open_clip TimmModel"
 
     @classmethod
-    def claims(cls, model: nn.Module) -> bool:
+    def claims(cls, model: Submodule) -> bool:
         return _is(model, "open_clip.timm_model", "TimmModel")
 
     def check(self) -> None:

@@ -14,10 +14,10 @@ from functools import cache
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from shapkern.engine.adapters.base import BlockPath, ModelAdapter, Output, unsupported
-from shapkern.packed import AttentionFn, PackPlan, drop_path_packed, first_tokens, segment_mean
+from shapkern.engine.adapters.base import BlockPath, ModelAdapter, Output, Submodule, unsupported
+from shapkern.engine.blocks import packed_drop_path
+from shapkern.packed import AttentionFn, PackPlan, first_tokens, segment_mean
 
 __all__ = ["TimmBeit", "beit_block_forward"]
 
@@ -28,14 +28,7 @@ SUPPORTED = (
 )
 
 
-def _drop_path(module: nn.Module, x: torch.Tensor, plan: PackPlan) -> torch.Tensor:
-    """timm's DropPath in train mode, one draw per packed sequence (a coalition is a sample)."""
-    if not module.training or isinstance(module, nn.Identity):
-        return x
-    return drop_path_packed(x, module.drop_prob, plan, scale_by_keep=module.scale_by_keep)
-
-
-def _position_bias(attn: nn.Module, shared: torch.Tensor | None) -> torch.Tensor | None:
+def _position_bias(attn: Submodule, shared: torch.Tensor | None) -> torch.Tensor | None:
     """The bias (H, L, L) timm's Attention adds to the scores over the full sequence: its own
     relative position bias, plus the model's shared one; None without either."""
     own = attn._get_rel_pos_bias()[0] if attn.relative_position_bias_table is not None else None
@@ -45,7 +38,7 @@ def _position_bias(attn: nn.Module, shared: torch.Tensor | None) -> torch.Tensor
 
 
 def _attention(
-    attn: nn.Module,
+    attn: Submodule,
     x: torch.Tensor,
     plan: PackPlan,
     attention: AttentionFn,
@@ -69,7 +62,7 @@ def _attention(
 
 
 def beit_block_forward(
-    block: nn.Module,
+    block: Submodule,
     x: torch.Tensor,
     plan: PackPlan,
     attention: AttentionFn,
@@ -81,11 +74,11 @@ def beit_block_forward(
     attended = _attention(block.attn, block.norm1(x), plan, attention, bias, bias_index)
     if block.gamma_1 is not None:
         attended = block.gamma_1 * attended
-    x = x + _drop_path(block.drop_path1, attended, plan)
+    x = x + packed_drop_path(block.drop_path1, attended, plan)
     branch = block.mlp(block.norm2(x))
     if block.gamma_2 is not None:
         branch = block.gamma_2 * branch
-    return x + _drop_path(block.drop_path2, branch, plan)
+    return x + packed_drop_path(block.drop_path2, branch, plan)
 
 
 @cache
@@ -102,7 +95,7 @@ class TimmBeit(ModelAdapter):
     family = "timm Beit"
 
     @classmethod
-    def claims(cls, model: nn.Module) -> bool:
+    def claims(cls, model: Submodule) -> bool:
         from timm.models.beit import Beit
 
         return isinstance(model, Beit)

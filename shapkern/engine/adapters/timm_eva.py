@@ -15,9 +15,8 @@ from functools import cache
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from shapkern.engine.adapters.base import BlockPath, ModelAdapter, Output, unsupported
+from shapkern.engine.adapters.base import BlockPath, ModelAdapter, Output, Submodule, unsupported
 from shapkern.engine.adapters.latent_pool import latent_attention_pool, latent_pool_unsupported
 from shapkern.engine.adapters.timm_vit import embed_prefix_and_patches
 from shapkern.engine.blocks import packed_drop_path
@@ -46,7 +45,7 @@ def packed_rope(table: torch.Tensor, plan: PackPlan) -> torch.Tensor:
     return rows.unsqueeze(1) if rows.dim() == 2 else rows.transpose(0, 1)
 
 
-def _qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _qkv(attn: Submodule, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v (T, H or kv heads, Dh) of EvaAttention or AttentionRope, with their bias layouts."""
     tokens = x.shape[0]
     if attn.qkv is None:
@@ -62,7 +61,7 @@ def _qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def _eva_attention(
-    attn: nn.Module, x: torch.Tensor, plan: PackPlan, attention: AttentionFn, rope: torch.Tensor | None
+    attn: Submodule, x: torch.Tensor, plan: PackPlan, attention: AttentionFn, rope: torch.Tensor | None
 ) -> torch.Tensor:
     """EvaAttention or AttentionRope on packed tokens: (T, D) -> (T, D)."""
     from timm.layers import apply_rot_embed_cat
@@ -84,7 +83,7 @@ def _eva_attention(
 
 
 def eva_block_forward(
-    block: nn.Module,
+    block: Submodule,
     x: torch.Tensor,
     plan: PackPlan,
     attention: AttentionFn = planned_attention,
@@ -121,7 +120,7 @@ class TimmEva(ModelAdapter):
     block_paths = ("plain", "compiled")
 
     @classmethod
-    def claims(cls, model: nn.Module) -> bool:
+    def claims(cls, model: Submodule) -> bool:
         from timm.models.eva import Eva
 
         return isinstance(model, Eva)
@@ -208,7 +207,7 @@ class TimmEva(ModelAdapter):
         rope = None if table is None or per_block else packed_rope(table, plan)
         block_forward = compiled_eva_block_forward() if path == "compiled" else eva_block_forward
         for index, block in enumerate(model.blocks):
-            if per_block:
+            if per_block and table is not None:
                 rope = packed_rope(table[index], plan)
             x = block_forward(block, x, plan, attention, rope)
         return x

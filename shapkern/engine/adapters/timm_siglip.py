@@ -5,9 +5,8 @@ ViT (:class:`TimmViT`, with its fused and fp8 block paths); the pool attends to 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from shapkern.engine.adapters.base import Output
+from shapkern.engine.adapters.base import Output, Submodule
 from shapkern.engine.adapters.latent_pool import latent_attention_pool, latent_pool_unsupported
 from shapkern.engine.adapters.timm_vit import TimmViT
 from shapkern.packed import PackPlan
@@ -25,7 +24,7 @@ class TimmViTLatentPool(TimmViT):
     )
 
     @classmethod
-    def claims(cls, model: nn.Module) -> bool:
+    def claims(cls, model: Submodule) -> bool:
         from timm.models.vision_transformer import VisionTransformer
 
         return isinstance(model, VisionTransformer) and model.global_pool == "map"

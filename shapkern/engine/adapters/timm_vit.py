@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shapkern.engine.adapters.base import BlockPath, ModelAdapter, Output, unsupported
+from shapkern.engine.adapters.base import BlockPath, ModelAdapter, Output, Submodule, unsupported
 from shapkern.engine.blocks import (
     compiled_block_forward,
     fused_blocks_forward,
@@ -26,7 +26,7 @@ SUPPORTED = (
 )
 
 
-def embed_prefix_and_patches(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+def embed_prefix_and_patches(model: Submodule, images: torch.Tensor) -> torch.Tensor:
     """timm's ``_pos_embed`` (VisionTransformer, Eva) without its dropout, which runs per coalition
     after packing: (B, C, H, W) -> (B, P + N, D)."""
     x = model.patch_embed(images)
@@ -49,7 +49,7 @@ class TimmViT(ModelAdapter):
     block_paths = ("plain", "compiled", "fused", "fp8")
 
     @classmethod
-    def claims(cls, model: nn.Module) -> bool:
+    def claims(cls, model: Submodule) -> bool:
         from timm.models.vision_transformer import VisionTransformer
 
         # Attention pooling 'map' is TimmViTLatentPool's (timm_siglip.py).

@@ -13,6 +13,7 @@ from shapkern.explainers.estimators.base import (
     DEFAULT_COALITIONS_PER_CALL,
     Estimate,
     Estimator,
+    EstimatorName,
     endpoints,
     evaluate_rows,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "Bayes",
     "Estimate",
     "Estimator",
+    "EstimatorName",
     "Exact",
     "KernelSHAP",
     "LeverageSHAP",
@@ -37,6 +39,7 @@ __all__ = [
     "evaluate_rows",
 ]
 
-ESTIMATORS: dict[str, type[Estimator]] = {
+# In the order of EstimatorName (tests/test_explain.py checks that the two agree).
+ESTIMATORS: dict[EstimatorName, type[Estimator]] = {
     cls.name: cls for cls in (Exact, Permutation, KernelSHAP, LeverageSHAP, Bayes)
 }

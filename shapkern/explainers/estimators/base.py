@@ -11,18 +11,19 @@ per image, v(∅) and v(N) included. Reductions over coalitions run in the bit-p
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 
 from shapkern.games import Game
-from shapkern.ops import coalition_reduce, pack_masks
+from shapkern.ops import coalition_reduce, pack_coalitions
 
 __all__ = [
     "ACC_DTYPE",
     "DEFAULT_COALITIONS_PER_CALL",
     "Estimate",
     "Estimator",
+    "EstimatorName",
     "endpoints",
     "evaluate",
     "evaluate_rows",
@@ -31,6 +32,9 @@ __all__ = [
 
 ACC_DTYPE = torch.float64
 DEFAULT_COALITIONS_PER_CALL = 1024
+# The estimators' names (the ``method`` of estimate and explain): KernelSHAP is "kernel",
+# LeverageSHAP "leverage".
+EstimatorName = Literal["exact", "permutation", "kernel", "leverage", "bayes"]
 
 
 class Estimate(NamedTuple):
@@ -53,7 +57,7 @@ class Estimator(ABC):
         progress: a progress bar.
     """
 
-    name: ClassVar[str]
+    name: ClassVar[EstimatorName]
 
     def __init__(
         self,
@@ -115,7 +119,7 @@ def reduce_onto_players(
 ) -> torch.Tensor:
     """Σ_m w_m z_{m,n} v_{m,k} through the bit-packed op: (B, M, N), (B, M, K), (B, M) -> (B, N, K)."""
     sums, _ = coalition_reduce(
-        pack_masks(coalitions), values, weights.to(values.dtype), num_players=coalitions.shape[-1]
+        pack_coalitions(coalitions), values, weights.to(values.dtype), num_players=coalitions.shape[-1]
     )
     return sums
 

@@ -30,7 +30,7 @@ from shapkern.explainers.estimators.kernel import KernelSHAP
 from shapkern.explainers.sampling import all_subsets, design_seed, pair_representatives, sample_design
 from shapkern.games import Game
 
-__all__ = ["MAX_PAIRS", "Bayes", "greedy_pairs", "odd_walsh_kernel"]
+__all__ = ["MAX_PAIRS", "Bayes", "greedy_pairs", "odd_walsh_covariance"]
 
 _ACC = torch.float64
 RHO_GRID = (0.2, 0.35, 0.6)  # decay per order; the ViT games measured 0.23-0.35, smooth MLPs ~0.4
@@ -44,7 +44,7 @@ _CHUNK_ELEMENTS = 1 << 22
 
 
 @functools.lru_cache(maxsize=32)
-def _odd_walsh_kernel_cpu(players: int, rho: float):
+def _odd_walsh_covariance_cpu(players: int, rho: float):
     n = players
 
     def normalised(total: int) -> torch.Tensor:
@@ -66,7 +66,7 @@ def _odd_walsh_kernel_cpu(players: int, rho: float):
     return k, sv, float((4 / (orders.to(_ACC) * n) * power).sum())
 
 
-def odd_walsh_kernel(players: int, rho: float, device=None):
+def odd_walsh_covariance(players: int, rho: float, device=None):
     """The prior of the non-additive odd part and of its Shapley values.
 
     k(d) = Σ_{odd t >= 3} ρ^t K_t(d) / C(N, t), with K_t the Krawtchouk polynomial (the coefficient of
@@ -76,7 +76,7 @@ def odd_walsh_kernel(players: int, rho: float, device=None):
         k (N+1,) by distance; sv (N,): Cov(φ_i(h), h(x)) = x_i sv[p], p the number of players other
         than i present in x; and the prior variance of each φ_i(h). float64.
     """
-    k, sv, var_phi = _odd_walsh_kernel_cpu(players, float(rho))
+    k, sv, var_phi = _odd_walsh_covariance_cpu(players, float(rho))
     return k.to(device), sv.to(device), var_phi
 
 
@@ -108,7 +108,7 @@ def greedy_pairs(players: int, units: int, *, seed: int = 0, rho: float = DESIGN
     if units >= cands.shape[0]:
         return cands
     x = 2 * cands.to(_ACC) - 1
-    k, sv, _ = odd_walsh_kernel(n, rho)
+    k, sv, _ = odd_walsh_covariance(n, rho)
     linear = 1e3 * float(k[0]) / n
     # Residual covariances given the points taken so far: with φ (N, P) and variances (P,).
     cov_phi = (x * sv[cands.sum(-1, keepdim=True) - cands.long()] + 2 * linear * x).T.contiguous()
@@ -154,9 +154,10 @@ def _gp_fit(x: torch.Tensor, odd: torch.Tensor, *, std_error: bool):
     dist = ((n - x @ x.T) / 2).round().long()
     others = (x > 0).sum(-1, keepdim=True) - (x > 0).long()  # players besides i present, (m, N)
     eye = torch.eye(m, dtype=_ACC, device=x.device)
-    best, best_score = None, None
+    best: dict[str, torch.Tensor] = {}
+    best_score = torch.empty(0)
     for rho in RHO_GRID:
-        k, sv, var_phi = odd_walsh_kernel(n, rho, x.device)
+        k, sv, var_phi = odd_walsh_covariance(n, rho, x.device)
         cov_phi = x * sv[others]  # (m, N): Cov(φ_i(h), h(x_j))
         chol = torch.linalg.cholesky(k[dist] + 1e-10 * float(k[0]) * eye)
         ki_x = torch.cholesky_solve(x, chol)
@@ -174,7 +175,7 @@ def _gp_fit(x: torch.Tensor, odd: torch.Tensor, *, std_error: bool):
             resid = 2 * torch.eye(n, dtype=_ACC, device=x.device) - x.T @ ki_u
             unit = var_phi - (cov_phi * ki_u).sum(0) + (resid * torch.linalg.solve(gram, resid)).sum(0)
             fit["se"] = (unit.clamp_min(0).unsqueeze(1) * quad / (m - n)).sqrt()
-        if best is None:
+        if not best:
             best, best_score = fit, score
             continue
         better = score > best_score
@@ -196,7 +197,7 @@ def _gp_predict(model: dict, x_new: torch.Tensor) -> torch.Tensor:
     out = x_new @ model["a"]
     dist = ((players - x_new @ model["x"].T) / 2).round().long()
     for rho in model["rho"].unique().tolist():
-        k, _, _ = odd_walsh_kernel(players, rho, x_new.device)
+        k, _, _ = odd_walsh_covariance(players, rho, x_new.device)
         out += (k[dist] @ model["alpha"]) * (model["rho"] == rho).to(_ACC)
     return out
 
@@ -246,7 +247,7 @@ class Bayes(Estimator):
         design = None
         if units > pairs:  # the greedy pairs enter a random design with certainty, the rest around them
             rest = design_seed(None if seed is None else seed + 1)
-            design = sample_design(n, budget, allocation="leverage", seed=rest, certain=reps)
+            design = sample_design(n, budget, allocation="uniform", seed=rest, certain=reps)
             rows = design.coalitions
         else:
             rows = torch.stack([reps, ~reps], 1).flatten(0, 1)

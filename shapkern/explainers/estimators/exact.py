@@ -50,7 +50,7 @@ class Exact(Estimator):
             return Estimate(phi, None, total)
         bar = tqdm(total=total - 2, desc="exact", unit="coalition", disable=not self.progress)
         start = 0
-        for chunk in all_coalitions(n, chunk_size=self.coalitions_per_call, device=game.device):
+        for chunk in all_coalitions(n, coalitions_per_chunk=self.coalitions_per_call, device=game.device):
             lo, hi = int(start == 0), chunk.shape[0] - int(start + chunk.shape[0] == total)
             start += chunk.shape[0]
             chunk = chunk[lo:hi].unsqueeze(0).expand(game.batch, -1, -1)

@@ -15,14 +15,14 @@ import torch
 from tqdm.auto import tqdm
 
 from shapkern.explainers import regression
-from shapkern.explainers.estimators.base import Estimate, Estimator, evaluate_rows
-from shapkern.explainers.sampling import design_seed, expected_units, sample_design
+from shapkern.explainers.estimators.base import Estimate, Estimator, EstimatorName, evaluate_rows
+from shapkern.explainers.sampling import Allocation, design_seed, expected_units, sample_design
 from shapkern.games import Game
 
 __all__ = ["KernelSHAP", "LeverageSHAP"]
 
 
-def _rounds(design, tol, coalitions_per_call: int, allocation: str):
+def _rounds(design, tol, coalitions_per_call: int, allocation: Allocation):
     """Units per stratum (H,) int64 after each round: one round holding the whole design, or with
     ``tol`` rounds growing by a call or 25 % (whichever is more) from max(N, 2) units on. Round t
     takes of every stratum the units that a design of t units would expect (border strata first),
@@ -55,8 +55,8 @@ class KernelSHAP(Estimator):
     same coalitions on every device). Evaluates at most ``budget`` coalitions per image; 2^N once
     the budget covers every coalition."""
 
-    name = "kernel"
-    allocation: ClassVar[str] = "kernel"  # how the draws spread over coalition sizes
+    name: ClassVar[EstimatorName] = "kernel"
+    allocation: ClassVar[Allocation] = "shapley"  # how the draws spread over coalition sizes
 
     def min_budget(self, players: int) -> int:
         return 2 + 2 * (2 if self.paired else 1) if players >= 2 else 2
@@ -75,7 +75,7 @@ class KernelSHAP(Estimator):
         )
         rows = design.coalitions.shape[0]
         done = torch.zeros(rows, dtype=torch.bool)
-        values = None
+        values = base.new_zeros(game.batch, rows, base.shape[-1])  # y = v(S) - v(∅) of the rows done
         bar = tqdm(total=rows, desc=self.name, unit="coalition", disable=not self.progress)
         for counts in _rounds(design, self.tol, self.coalitions_per_call, self.allocation):
             sample = design.sample(counts)
@@ -88,8 +88,6 @@ class KernelSHAP(Estimator):
                     per_unit=per_unit,
                     bar=bar,
                 )
-                if values is None:
-                    values = part.new_zeros(game.batch, rows, part.shape[-1])
                 values[:, new.to(values.device)] = part - base.unsqueeze(1)
                 done[new] = True
             phi, se = regression.fit(sample, values[:, sample.rows.to(values.device)], full - base)
@@ -103,4 +101,4 @@ class LeverageSHAP(KernelSHAP):
     """:class:`KernelSHAP` with the coalition sizes drawn uniformly (LeverageSHAP)."""
 
     name = "leverage"
-    allocation = "leverage"
+    allocation = "uniform"

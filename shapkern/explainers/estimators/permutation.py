@@ -64,7 +64,7 @@ class Permutation(Estimator):
         bar = tqdm(total=max_units, desc="permutation", unit="unit", disable=not self.progress)
         while units < max_units:
             num = min(step, max_units - units)
-            perms = sample_permutations(batch, num * per_unit, n, antithetic=self.paired, generator=generator)
+            perms = sample_permutations(batch, num * per_unit, n, paired=self.paired, generator=generator)
             chain = permutation_chain(perms.to(game.device))  # (B, P, N+1, N)
             interior = evaluate(game, chain[:, :, 1:-1].flatten(1, 2)).unflatten(1, (num * per_unit, n - 1))
             ends = [x.unsqueeze(1).expand(-1, num * per_unit, -1).unsqueeze(2) for x in (base, full)]
