@@ -155,22 +155,44 @@ class CoalitionForward:
             coalitions, self.images.shape[0], self.num_players, self.images.device, paired=bool(paired)
         )
         paired = resolve_paired(coalitions, paired)
-        path = self.path
-        if path == "fp8":
+        return coalitions, paired, self._path(paired)
+
+    def _path(self, paired: bool) -> BlockPath:
+        """The block path of a call: fixed at construction, or for blocks="auto" compiled on CUDA with
+        paired coalitions (static shapes), plain otherwise."""
+        if self.path == "fp8":
             check_fp8_forward_only(self.adapter.model, self.images)
-        if path is None:
-            compiled = COMPILE_BY_DEFAULT and paired and self.images.is_cuda
-            path = "compiled" if compiled else "plain"
-        return coalitions, paired, path
+        if self.path is not None:
+            return self.path
+        return "compiled" if COMPILE_BY_DEFAULT and paired and self.images.is_cuda else "plain"
 
     def _blocks(self, tokens, coalitions, paired: bool, path: BlockPath):
         x, plan = pack_tokens(tokens, coalitions, self.adapter.num_prefix_tokens, paired=paired)
         return self.adapter.blocks(x, plan, self.attention, path), plan
 
-    def tokens(self, coalitions: torch.Tensor, *, paired: bool | None = None) -> PackedTokens:
+    def tokens(
+        self, coalitions: torch.Tensor | None, *, paired: bool | None = None, with_ends: bool = False
+    ) -> PackedTokens:
         """Final-norm token features of every row, in one pass (no chunking, so one plan describes
-        every row): coalitions bool (B, M, N) or (M, N) -> PackedTokens with tokens (T, D)."""
-        coalitions, paired, path = self._prepare(coalitions, paired)
+        every row): coalitions bool (B, M, N) or (M, N) -> PackedTokens with tokens (T, D).
+
+        ``with_ends`` prepends the full and the empty coalition to every image's coalitions (one
+        complementary pair; ``coalitions`` may then be None), so that the full view of every image
+        runs in the same pass and layout as its coalitions: rows b * (M + 2) and b * (M + 2) + 1.
+        """
+        if coalitions is None and not with_ends:
+            raise ValueError("coalitions must be given unless with_ends=True")
+        if coalitions is not None:
+            coalitions, paired, path = self._prepare(coalitions, paired)
+        else:
+            path = self._path(paired is not False)
+        if with_ends:
+            batch = self.images.shape[0]
+            ends = torch.ones(batch, 2, self.num_players, dtype=torch.bool, device=self.images.device)
+            ends[:, 1] = False
+            coalitions = ends if coalitions is None else torch.cat([ends, coalitions], dim=1)
+            paired = paired is not False
+        assert coalitions is not None and paired is not None  # for mypy: given, or made above
         x, plan = self._blocks(self.adapter.embed(self.images), coalitions, paired, path)
         return PackedTokens(
             tokens=self.adapter.final_norm(x), plan=plan, shape=(coalitions.shape[0], coalitions.shape[1])

@@ -114,7 +114,8 @@ def check_coalitions(
         )
     if coalitions.shape[2] != players:
         raise ValueError(
-            f"coalitions have N = {coalitions.shape[2]} players but the model has {players} patches"
+            f"coalitions must be (B, M, N) = ({batch}, M, {players}) for this model and batch: they have "
+            f"N = {coalitions.shape[2]} players but the model has {players} patches"
         )
     if coalitions.shape[1] == 0:
         raise ValueError("coalitions must hold at least one coalition (M >= 1)")

@@ -20,12 +20,10 @@ from shapkern.checkpoint import CheckpointError, load_checkpoint
 from shapkern.engine import (
     CoalitionForward,
     Precision,
-    check_coalitions,
     check_images,
     check_packed_model,
     num_players,
     packed_block_forward,
-    resolve_paired,
 )
 from shapkern.models.backbones import create_backbone
 from shapkern.packed import PackPlan, segment_patch_sum
@@ -241,21 +239,13 @@ class ShapleyViT(nn.Module):
             coalitions: bool (B, M, N), (M, N), or None (then only Φ and f).
             paired: coalitions 2i and 2i+1 are complements (None: detected).
         """
-        forward = CoalitionForward(self.backbone, images)
-        batch, players = images.shape[0], self.num_players
-        ends = torch.ones(batch, 2, players, dtype=torch.bool, device=images.device)
-        ends[:, 1] = False
-        if coalitions is not None:
-            coalitions = check_coalitions(coalitions, batch, players, images.device, paired=bool(paired))
-            paired = resolve_paired(coalitions, paired)
-            ends = torch.cat([ends, coalitions], dim=1)
-        packed = forward.tokens(ends, paired=paired is not False)
-        plan = packed.plan
+        packed = CoalitionForward(self.backbone, images).tokens(coalitions, paired=paired, with_ends=True)
+        plan, (batch, rows_per_image) = packed.plan, packed.shape
         phi_tokens = self._head_packed(packed.tokens, plan)
-        rows = torch.arange(batch, device=images.device) * ends.shape[1]
+        rows = torch.arange(batch, device=images.device) * rows_per_image
         first = plan.cu_seqlens[rows].long() + self.num_prefix_tokens
-        phi = phi_tokens[first.unsqueeze(1) + torch.arange(players, device=images.device)]
-        values = segment_patch_sum(phi_tokens, plan).view(batch, ends.shape[1], self.num_classes)[:, 2:]
+        phi = phi_tokens[first.unsqueeze(1) + torch.arange(self.num_players, device=images.device)]
+        values = segment_patch_sum(phi_tokens, plan).view(batch, rows_per_image, self.num_classes)[:, 2:]
         return ShapleyOutput(
             phi=phi, logits=phi.sum(dim=1), values=values if coalitions is not None else None
         )

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shapkern.engine import Precision, check_precision
+from shapkern.engine import Precision, check_coalitions, check_precision
 from shapkern.models import ShapleyOutput
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
     "SV_SCALES",
     "LossOutput",
     "ShapleyLoss",
-    "check_coalitions_shape",
     "default_grad_coalitions",
     "graded_coalitions",
     "shapley_regression_loss",
@@ -152,18 +151,6 @@ def graded_coalitions(
             "(--stop-grad) and grad_coalitions < num_coalitions"
         )
     return grad_coalitions
-
-
-def check_coalitions_shape(coalitions: torch.Tensor, batch: int, players: int) -> torch.Tensor:
-    """Coalitions bool (B, M, N), or (M, N) shared by the batch (broadcast); ValueError otherwise."""
-    if coalitions.dim() == 2:
-        coalitions = coalitions.unsqueeze(0).expand(batch, -1, -1)
-    if coalitions.dim() != 3 or coalitions.shape[0] != batch or coalitions.shape[2] != players:
-        raise ValueError(
-            f"coalitions must be (B, M, N) = ({batch}, M, {players}) for this model and batch, "
-            f"got {tuple(coalitions.shape)}"
-        )
-    return coalitions
 
 
 def _check_targets(targets: torch.Tensor, batch: int, classes: int) -> None:
@@ -298,7 +285,7 @@ class ShapleyLoss(nn.Module):
         phi, logits, values = outputs
         if values is None:
             raise ValueError("outputs.values is None: the outputs must come from a pass with the coalitions")
-        coalitions = check_coalitions_shape(coalitions, phi.shape[0], phi.shape[1])
+        coalitions = check_coalitions(coalitions, phi.shape[0], phi.shape[1], phi.device, paired=False)
         _check_targets(targets, phi.shape[0], logits.shape[-1])
         sv_target = self._sv_target(values, coalitions, sv_targets)
         cls = F.cross_entropy(logits, targets)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shapkern.engine import check_coalitions
 from shapkern.games import SelfExplaining
-from shapkern.training.losses import LossOutput, ShapleyLoss, check_coalitions_shape
+from shapkern.training.losses import LossOutput, ShapleyLoss
 
 __all__ = ["self_explaining", "shapley_step"]
 
@@ -55,7 +56,9 @@ def shapley_step(
         The :class:`LossOutput`: total, its components, and Φ, f(x) and v_x(S) of the graded coalitions.
     """
     inner = self_explaining(model)
-    coalitions = check_coalitions_shape(coalitions, images.shape[0], inner.num_players)
+    coalitions = check_coalitions(
+        coalitions, images.shape[0], inner.num_players, images.device, paired=paired
+    )
     graded = loss.graded(coalitions.shape[1], paired)
     outputs = model(images, coalitions[:, :graded], paired=paired)
     sv_targets = None
