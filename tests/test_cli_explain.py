@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import matplotlib.image
 import numpy as np
@@ -273,3 +274,184 @@ def test_a_checkpoint_with_an_unknown_preprocessing_key_fails_clearly(checkpoint
     assert main(["explain", "--checkpoint", path, "--data", "digits", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert f"{path}: the preprocessing record has unknown key 'gamma'" in err and "newer shapkern" in err
+
+
+# -- a whole dataset into a store (--data without --num-images) ------------------------------------
+
+ROOT = str(Path(__file__).resolve().parents[1])
+STORE_ARGS = (
+    "--data evidence --limit 10 --shard-size 2 --method kernel --budget 12 --seed 3 --no-progress".split()
+)
+# Kills its own process with SIGKILL while the third shard is half written (after two whole ones).
+KILLED_MID_SHARD = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import safetensors.torch
+from shapkern.cli import main
+
+save, written = safetensors.torch.save_file, []
+
+def save_then_die(tensors, path, metadata=None):
+    written.append(path)
+    if len(written) == 3:
+        with open(path, "wb") as f:
+            f.write(b"half a shard")
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(tensors, path, metadata=metadata)
+
+safetensors.torch.save_file = save_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def shapkern_process(args, *, launcher=("-m", "shapkern"), check=True):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    command = [sys.executable, *launcher, *map(str, args)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def store_contents(folder):
+    """The shard files' bytes and the manifest without the record of the run (time, processes)."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["run"]
+    shards = {p.name: p.read_bytes() for p in sorted(folder.glob("shard-*.safetensors"))}
+    return shards, manifest, json.loads((folder / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def one_process_store(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("store") / "one"
+    result = shapkern_process(["explain", "--checkpoint", checkpoint, *STORE_ARGS, "--out", out])
+    assert "10 images of evidence test (10 explained by 1 process(es)" in result.stdout
+    return out
+
+
+def test_a_store_of_a_dataset_reads_back(one_process_store):
+    from shapkern.explainers import load_explanations
+
+    got = load_explanations(one_process_store)
+    assert got.values.shape == (10, 4, 1) and len(list(one_process_store.glob("shard-*"))) == 5
+    assert got.sources[9] == "evidence:test[9]" and got.evaluations.tolist() == [12] * 10
+    assert set(got.metrics["localization"]) == {"pointing", "auroc", "miou", "miou_threshold"}
+    assert (one_process_store / "metrics.png").stat().st_size > 1000
+
+
+def test_torchrun_two_gloo_processes_write_the_store_of_one(checkpoint, one_process_store, tmp_path):
+    out = tmp_path / "two"
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "shapkern")
+    result = shapkern_process(
+        ["explain", "--checkpoint", checkpoint, *STORE_ARGS, "--out", out], launcher=launcher
+    )
+    assert "(10 explained by 2 process(es)" in result.stdout
+    assert json.loads((out / "manifest.json").read_text())["run"]["processes"] == 2
+    assert store_contents(out) == store_contents(one_process_store)  # bit for bit
+
+
+def test_a_run_killed_mid_shard_resumes_to_the_uninterrupted_store(checkpoint, one_process_store, tmp_path):
+    from shapkern.explainers import load_explanations
+
+    out = tmp_path / "killed"
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_MID_SHARD.format(root=ROOT))
+    argv = ["explain", "--checkpoint", checkpoint, *STORE_ARGS, "--out", out]
+    killed = shapkern_process(argv, launcher=(str(script),), check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("shard-*")) == [
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
+    assert list(out.glob(".shard-00002.safetensors.tmp-*"))  # the half-written shard never became one
+    with pytest.raises(ValueError, match="has not finished"):
+        load_explanations(out)
+    resumed = shapkern_process(argv)
+    assert "(6 explained by 1 process(es)" in resumed.stdout and "4 from an earlier run" in resumed.stdout
+    assert store_contents(out) == store_contents(one_process_store)
+    assert not list(out.glob(".*tmp-*"))
+    # A damaged shard of a finished store is found and computed again; a sound store is left alone.
+    shard = out / "shard-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-9])
+    repaired = shapkern_process(argv)
+    assert (
+        "shard-00003.safetensors is truncated or corrupt" in repaired.stdout
+        and "(2 explained" in repaired.stdout
+    )
+    assert store_contents(out) == store_contents(one_process_store)
+    assert "nothing to do" in shapkern_process(argv).stdout
+
+
+def test_a_store_with_other_settings_is_refused(checkpoint, one_process_store, capsys):
+    argv = ["explain", "--checkpoint", str(checkpoint), *STORE_ARGS, "--out", str(one_process_store)]
+    assert main([*argv, "--seed", "4"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "holds explanations made with other settings (explain.seed: 3 -> 4)" in err and "--overwrite" in err
+    )
+
+
+def test_the_store_flags_are_refused_for_pictures(checkpoint, tmp_path, capsys):
+    argv = ["explain", "--checkpoint", str(checkpoint), "--data", "digits", "--num-images", "2"]
+    assert main([*argv, "--limit", "4", "--split", "train", "--out", str(tmp_path)]) == 2
+    assert "--split, --limit go with --data without --num-images" in capsys.readouterr().err
+    assert main([*argv, "--target", "label", "--no-progress", "--out", str(tmp_path / "l")]) == 0
+    capsys.readouterr()
+    image = tmp_path / "l" / "grid.png"  # any PNG file
+    assert main(["explain", "--checkpoint", str(checkpoint), "--images", str(image), "--resize", "--target",
+                 "label", "--out", str(tmp_path / "i")]) == 2  # fmt: skip
+    assert "--target label needs --data" in capsys.readouterr().err
+
+
+def test_a_timm_model_by_name_with_a_weights_file(tmp_path, capsys):
+    import timm
+    import torch
+    from image_folders import make_folder
+    from safetensors.torch import save_file
+
+    from shapkern.explainers import load_explanations
+
+    make_folder(tmp_path / "photos")
+    torch.manual_seed(0)
+    save_file(timm.create_model("test_vit", num_classes=2).state_dict(), tmp_path / "w.safetensors")
+    model = [
+        "--model",
+        "test_vit",
+        "--weights",
+        tmp_path / "w.safetensors",
+        "--method",
+        "kernel",
+        "--budget",
+        8,
+    ]
+    run([*model, "--data", f"imagefolder:{tmp_path / 'photos'}", "--split", "train", "--limit", 2,
+         "--out", tmp_path / "store", "--no-progress"], capsys)  # fmt: skip
+    got = load_explanations(tmp_path / "store")
+    assert got.values.shape == (2, 100, 1) and got.sources[0].split("/")[0] in ("cat", "dog")
+    assert got.manifest["settings"]["model"]["preprocessing"]["crop_pct"] == 0.95  # timm's data config
+    run([*model, "--images", tmp_path / "photos" / "cat" / "0.png", "--out", tmp_path / "pictures",
+         "--no-progress"], capsys)  # fmt: skip
+    result = json.loads((tmp_path / "pictures" / "explanations.json").read_text())
+    assert result["model"] == "test_vit" and result["checkpoint"] is None and result["num_players"] == 100
+    random = ["--model", "test_vit", "--data", "evidence", "--limit", 1, "--method", "kernel", "--budget", 8]
+    assert "random weights" in run([*random, "--out", tmp_path / "r", "--no-progress"], capsys)
+
+
+def test_the_help_describes_both_outputs_and_every_flag():
+    import argparse
+
+    from shapkern.cli.explain import add_parser
+    from shapkern.data import DATASETS
+
+    parser = add_parser(argparse.ArgumentParser().add_subparsers())
+    helps = {action.dest: action.help or "" for action in parser._actions}
+    assert all(name in helps["data"] for name in DATASETS) and "without --num-images" in helps["data"]
+    for flag in ("model", "pretrained", "weights", "split", "limit", "shard_size", "data_root", "download"):
+        assert helps[flag], flag
+    assert "'label'" in helps["target"] and "a store" in helps["overwrite"]
+    text = parser.format_help()
+    assert "shard-NNNNN.safetensors" in text and "resumes" in text

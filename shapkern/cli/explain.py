@@ -1,12 +1,19 @@
-"""``shapkern explain``: Shapley values of a trained checkpoint on the user's images or a built-in set.
+"""``shapkern explain``: Shapley values of a model's predictions, for a few images or a whole dataset.
 
-    shapkern explain --checkpoint runs/digits/checkpoint.pt --data digits --out expl/
+    shapkern explain --checkpoint runs/digits/checkpoint.pt --data digits --num-images 8 --out expl/
     shapkern explain --checkpoint runs/digits/checkpoint.pt --images my.png --resize --out expl/
+    shapkern explain --model vit_base_patch16_224 --pretrained --data imagenette --limit 1024 --out store/
 
-Writes ``explanations.json`` (φ, base and full values, target classes, evaluations, insertion and
-deletion AUC, localisation where the data has masks), a heatmap PNG per image, ``grid.png`` and
-``curves.png`` (insertion and deletion curves). A folder holding an earlier run's outputs is refused
-unless ``--overwrite``, which removes exactly those files (:func:`earlier_outputs`) and nothing else.
+The model is a ``shapkern train`` checkpoint (``--checkpoint``) or a name (``--model``: timm, ``hf:ID``,
+``open_clip:ARCH``), preprocessed as it records or as its weights expect. Two outputs:
+
+- pictures, for ``--images FILE...`` or ``--data NAME --num-images N``: ``explanations.json`` (φ, base
+  and full values, target classes, evaluations, insertion and deletion AUC, localisation where the
+  data has masks), a heatmap PNG per image, ``grid.png`` and ``curves.png``. A folder holding an
+  earlier run's pictures is refused unless ``--overwrite``, which removes exactly those files
+  (:func:`earlier_outputs`) and nothing else;
+- a store, for ``--data NAME`` without ``--num-images``: every image of a split, in shards, by one
+  process or many, resumable (:mod:`shapkern.cli.explain_store`).
 """
 
 from __future__ import annotations
@@ -18,18 +25,21 @@ from pathlib import Path
 
 import torch
 
-from shapkern.cli.explain_inputs import BUILTIN, Inputs, load_model, read_inputs
+from shapkern.cli.explain_inputs import Inputs, read_inputs
+from shapkern.cli.explain_store import STORE_FLAGS, add_store_arguments, not_a_file, parse_target, run_store
 from shapkern.coalitions import MAX_EXACT_PLAYERS
+from shapkern.data import DATASETS
 from shapkern.engine import patch_grid
 from shapkern.explainers import (
     DEFAULT_BUDGET,
     DEFAULT_COALITIONS_PER_CALL,
     GAME_METHODS,
     METHODS,
-    TARGETS,
+    NamedModel,
     Target,
     explain,
     insertion_deletion,
+    load_model,
     localization,
     plot_curves,
     plot_grid,
@@ -57,22 +67,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``shapkern explain``; its handler is :func:`run`."""
     p = subparsers.add_parser(
         "explain",
-        help="explain a checkpoint's predictions with Shapley values (PNG heatmaps + JSON)",
-        description="Shapley values of the patches of images for a trained checkpoint: heatmaps, "
-        "insertion/deletion curves and a JSON file of the values.",
+        help="explain a model's predictions with Shapley values (PNG heatmaps + JSON, or a dataset's store)",
+        description="Shapley values of the patches of images for a checkpoint or a named model: heatmaps, "
+        "insertion/deletion curves and a JSON file of the values for --images or --data with --num-images; "
+        "for --data alone, a resumable store of a whole split (torchrun for several processes).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--checkpoint", required=True, help="a checkpoint written by `shapkern train` (RUN/checkpoint.pt)"
-    )
+    _add_model_arguments(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument(
-        "--images", nargs="+", metavar="FILE", help="PNG/JPEG files to explain (8 or 16 bits)"
+        "--images", nargs="+", metavar="FILE", help="PNG/JPEG files to explain (8 or 16 bits): pictures"
     )
     source.add_argument(
-        "--data", choices=BUILTIN, help="explain the first --num-images test images of a built-in set"
+        "--data",
+        metavar="NAME",
+        help=f"a dataset ({', '.join(DATASETS)}): its test split's first --num-images as pictures, or "
+        "without --num-images the store of a whole split",
     )
-    p.add_argument("--num-images", type=int, default=8, help="images taken from --data")
+    p.add_argument("--num-images", type=int, default=None, help="pictures of this many --data images")
     p.add_argument("--resize", action="store_true", help="resize --images to the model's input size")
     _add_estimator_arguments(p)
     p.add_argument("--device", default="auto", choices=DEVICES, help="where the model runs")
@@ -82,16 +94,39 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         required=True,
-        help="output folder: new, or without an earlier run's outputs (see --overwrite)",
+        help="output folder: new, or without an earlier run's outputs (see --overwrite); a store resumes",
     )
     p.add_argument(
         "--overwrite",
         action="store_true",
         help="reuse an --out folder holding an earlier explain run's outputs: they are removed first "
-        f"({', '.join(OUTPUT_FILES)}, heatmap_NNN.png; no other file)",
+        f"(pictures: {', '.join(OUTPUT_FILES)}, heatmap_NNN.png; a store: its files; no other file)",
     )
+    add_store_arguments(p)
     p.set_defaults(func=run)
     return p
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model: a checkpoint, or a name with --pretrained or --weights."""
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument(
+        "--checkpoint",
+        help="a checkpoint written by `shapkern train` (RUN/checkpoint.pt), with its preprocessing",
+    )
+    model.add_argument(
+        "--model",
+        help="a timm name (vit_base_patch16_224, arch.tag), hf:ID_OR_FOLDER (Hugging Face transformers) or "
+        "open_clip:ARCH[:TAG] (its image tower), preprocessed as its weights expect; random weights "
+        "(seeded) unless --pretrained or --weights",
+    )
+    p.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="--model: its pretrained weights, from the Hugging Face hub or cache (HF_HUB_OFFLINE=1: the "
+        "cache only)",
+    )
+    p.add_argument("--weights", metavar="FILE", help="--model (timm, open_clip): a local weights file")
 
 
 def _add_estimator_arguments(p: argparse.ArgumentParser) -> None:
@@ -100,9 +135,9 @@ def _add_estimator_arguments(p: argparse.ArgumentParser) -> None:
         "--method",
         choices=METHODS,
         default="auto",
-        help="estimator: auto (= self for these checkpoints), self (a self-explaining ViT's own Φ, one "
-        f"forward pass), exact (all 2^N coalitions, N <= {MAX_EXACT_PLAYERS}), or one that samples "
-        f"--budget coalitions: {', '.join(SAMPLING_METHODS)}",
+        help="estimator: auto (= self for these checkpoints), for --model exact, bayes or leverage by N and "
+        "--budget; self (a self-explaining ViT's own Φ, one forward pass), exact (all 2^N coalitions, N <= "
+        f"{MAX_EXACT_PLAYERS}), or one that samples --budget coalitions: {', '.join(SAMPLING_METHODS)}",
     )
     p.add_argument(
         "--budget",
@@ -116,7 +151,9 @@ def _add_estimator_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"{', '.join(TOL_METHODS)}: stop when every standard error < tol",
     )
-    p.add_argument("--target", default="pred", help="'pred', 'all' or a class index")
+    p.add_argument(
+        "--target", default="pred", help="'pred', 'label' (the true class), 'all' or a class index"
+    )
     p.add_argument(
         "--coalitions-per-call",
         "--batch-size",  # its name before 0.3
@@ -134,13 +171,14 @@ def _device(name: str) -> torch.device:
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def _target(text: str) -> Target:
-    if text in TARGETS:
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"--target must be 'pred', 'all' or a class index, got {text!r}") from None
+def _target(text: str, labels: list[int | None], device: torch.device) -> Target:
+    """``--target`` for explain(): 'label' becomes the images' true classes."""
+    target = parse_target(text)
+    if target != "label":
+        return target
+    if None in labels:
+        raise ValueError("--target label needs --data: the true classes of --images are not known")
+    return torch.tensor(labels, device=device)
 
 
 def earlier_outputs(out: Path) -> list[Path]:
@@ -150,16 +188,9 @@ def earlier_outputs(out: Path) -> list[Path]:
     )
 
 
-def _not_a_file(path: str) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {path} is a file, not a folder: name a new or empty folder")
-    return out
-
-
 def _output_folder(path: str, overwrite: bool) -> Path:
     """``--out`` as an existing folder without an earlier run's outputs (unless ``overwrite``)."""
-    out = _not_a_file(path)
+    out = not_a_file(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -176,7 +207,15 @@ def _output_folder(path: str, overwrite: bool) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``shapkern explain``: writes the outputs; user errors raise ValueError."""
-    _not_a_file(args.out)  # before the lock, which creates the folder
+    if args.data is not None and args.num_images is None:
+        return run_store(args)
+    given = [f"--{flag.replace('_', '-')}" for flag in STORE_FLAGS if getattr(args, flag) is not None]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} go with --data without --num-images (a whole split into a store); "
+            "--images and --num-images write pictures"
+        )
+    not_a_file(args.out)  # before the lock, which creates the folder
     with FolderLock(args.out):  # one writer per output folder (a second process is refused)
         explain_to_dir(args)
     return 0
@@ -214,40 +253,57 @@ def _write_pictures(out: Path, inputs: Inputs, att, predictions: list[int], curv
     return records
 
 
+def _players_and_grid(named: NamedModel, device: torch.device) -> tuple[int, tuple[int, int]]:
+    """N and the patch grid of the model's game (on a blank image of its input size)."""
+    channels = named.preprocessing.channels if named.preprocessing is not None else 3
+    blank = torch.zeros(1, channels, *named.input_size, device=device)
+    players = model_game(named.model, blank).players
+    return players, patch_grid(named.model, players)
+
+
 def explain_to_dir(args: argparse.Namespace) -> dict:
     """Explain the images named by ``args`` and write the outputs to ``args.out``; returns the JSON record."""
     out = _output_folder(args.out, args.overwrite)
     device = _device(args.device)
-    model, data = load_model(args.checkpoint, device)
-    grid = patch_grid(model.backbone, model.num_players)
-    inputs = read_inputs(args, model, data, grid)
+    named = load_model(
+        args.model,
+        checkpoint=args.checkpoint,
+        pretrained=args.pretrained,
+        weights=args.weights,
+        device=device,
+    )
+    model, players, grid = named.model, *_players_and_grid(named, device)
+    inputs = read_inputs(args, named, grid)
     images = inputs.images = inputs.images.to(device)
-    method = resolve_method(args.method, model, model.num_players, args.budget, args.tol)
+    method = resolve_method(args.method, model, players, args.budget, args.tol)
     att = explain(
         model,
         images,
         method=method,
         budget=args.budget,
-        target=_target(args.target),
+        target=_target(args.target, inputs.labels, device),
         tol=args.tol,
         coalitions_per_call=args.coalitions_per_call,
         seed=args.seed,
         progress=args.progress,
     )
     phi = att.values[..., 0]
-    curves = insertion_deletion(model_game(model, images), phi, att.target[:, 0])
-    with torch.no_grad():
-        predictions = model(images).logits.argmax(-1).tolist()
+    game = model_game(model, images)
+    curves = insertion_deletion(game, phi, att.target[:, 0])
+    with torch.no_grad():  # v(N): the model's logits (a ShapleyViT's f(x))
+        full = game(torch.ones(images.shape[0], 1, players, dtype=torch.bool, device=device))
+    predictions = full[:, 0].argmax(-1).tolist()
     for path in earlier_outputs(out):  # refused above unless --overwrite
         path.unlink()
     result = {
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
+        "model": named.name,
         "method": method,
         "budget": args.budget,
         "evaluations_per_image": att.evaluations,
         "seconds": att.seconds,
         "device": str(device),
-        "num_players": model.num_players,
+        "num_players": players,
         "grid": list(grid),
         "classes": inputs.classes,
         "values_layout": "values[image] is N x K_t: patch n (row-major on the grid), target class column",

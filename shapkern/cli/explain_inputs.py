@@ -1,43 +1,27 @@
-"""Where ``shapkern explain``'s images come from: image files or a built-in set's test split,
-preprocessed as the checkpoint's training data was, with the checkpoint's model."""
+"""Where ``shapkern explain``'s pictures come from: image files or a dataset's test split,
+preprocessed as the checkpoint's training data was or as a named model's weights expect."""
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sized
 from dataclasses import dataclass
 from typing import cast
 
 import torch
+from torch import nn
 
-from shapkern.checkpoint import load_checkpoint
-from shapkern.data import (
-    EvidenceDataset,
-    PixelLimitError,
-    Preprocessing,
-    load_dataset,
-    open_image,
-    preprocess_image,
-)
-from shapkern.models import ShapleyViT
+from shapkern.data import PixelLimitError, Preprocessing, explain_split, open_image, preprocess_image
+from shapkern.explainers import NamedModel
+from shapkern.explainers import load_model as load_named_model
 
-__all__ = ["BUILTIN", "Inputs", "builtin_images", "load_images", "load_model", "read_inputs"]
-
-BUILTIN = ("digits", "evidence")
+__all__ = ["Inputs", "builtin_images", "load_images", "load_model", "read_inputs"]
 
 
-def load_model(path: str, device: torch.device) -> tuple[ShapleyViT, dict]:
+def load_model(path: str, device: torch.device) -> tuple[nn.Module, dict]:
     """A trained ShapleyViT and the checkpoint's data record (name, classes, preprocessing)."""
-    state = load_checkpoint(path)
-    model = ShapleyViT.from_state(state, path).to(device)
-    data = state.get("data")
-    if not isinstance(data, dict) or "preprocessing" not in data:
-        raise ValueError(
-            f"{path} records no data preprocessing; it was not written by this version of `shapkern train`"
-        )
-    Preprocessing.from_dict(data["preprocessing"], source=path)  # a record this version can follow
-    return model, data
+    named = load_named_model(checkpoint=path, device=device)
+    return named.model, cast(dict, named.data)  # a checkpoint always has it (load_model checks)
 
 
 def load_images(
@@ -63,23 +47,22 @@ def load_images(
     return torch.stack(out)
 
 
-def builtin_images(data: dict, arch: dict, name: str, count: int, grid: tuple[int, int]):
-    """The first ``count`` test images of a built-in set: images, labels, patch masks (B, N) or None,
-    class names (None when the set is not the one the model was trained on)."""
+def builtin_images(data: dict, arch: dict, name: str, count: int, grid: tuple[int, int], **location):
+    """The first ``count`` test images of a dataset in the test view of the model's record ``data``
+    (its training data's name and preprocessing): images, labels, patch masks (B, N) or None, class
+    names (None when the set is not the one the model was trained on). ``location``: the data root
+    and whether to download (see :func:`~shapkern.data.explain_split`)."""
     if count < 1:
         raise ValueError(f"--num-images must be positive, got {count}")
     prep = Preprocessing.from_dict(data["preprocessing"])  # as trained; the built-in sets have their own
-    bundle = load_dataset(
-        name, img_size=arch["img_size"], patch_size=arch["patch_size"], mean=prep.mean, std=prep.std
-    )
+    size = (arch["img_size"], arch["img_size"])
+    view = explain_split(name, prep=prep, size=size, limit=count, **location)
     if name != data["name"]:
         print(f"note: the checkpoint was trained on {data['name']!r}, explaining {name!r} images")
-    test = bundle.test
-    count = min(count, len(cast(Sized, test)))  # torch's Dataset declares no __len__
-    images = torch.stack([test[i][0] for i in range(count)])
-    labels = [int(test[i][1]) for i in range(count)]
-    masks = test.patch_masks(grid)[:count] >= 0.5 if isinstance(test, EvidenceDataset) else None
-    return images, labels, masks, bundle.classes if name == data["name"] else None
+    items = [view.dataset[i] for i in range(len(view))]
+    images = torch.stack([item[0] for item in items])
+    labels = [int(item[1]) for item in items]
+    return images, labels, view.masks(grid), view.classes if name == data["name"] else None
 
 
 @dataclass
@@ -97,14 +80,18 @@ class Inputs:
         return self.classes[k] if self.classes and k < len(self.classes) else str(k)
 
 
-def read_inputs(args: argparse.Namespace, model: ShapleyViT, data: dict, grid: tuple[int, int]) -> Inputs:
-    """The images of ``--data`` or ``--images``, preprocessed as the checkpoint was trained."""
+def read_inputs(args: argparse.Namespace, named: NamedModel, grid: tuple[int, int]) -> Inputs:
+    """The images of ``--data`` or ``--images``, preprocessed as the checkpoint was trained or as
+    the named model's weights expect."""
+    prep = cast(Preprocessing, named.preprocessing)  # load_model gives every model its own
     if args.data:
-        arch = cast(dict, model.arch)  # ShapleyViT.from_state always records it
-        images, labels, masks, classes = builtin_images(data, arch, args.data, args.num_images, grid)
+        record = named.data or {"name": args.data, "preprocessing": prep.to_dict()}
+        arch = {"img_size": named.input_size[0]}
+        location = {"root": args.data_root, "download": args.download}
+        images, labels, masks, classes = builtin_images(
+            record, arch, args.data, args.num_images, grid, **location
+        )
         sources = [f"{args.data}:test[{i}]" for i in range(images.shape[0])]
         return Inputs(images, list(labels), masks, sources, classes)
-    prep = Preprocessing.from_dict(data["preprocessing"])
-    size = tuple(model.backbone.patch_embed.img_size)
-    images = load_images(args.images, prep, size, resize=args.resize)
-    return Inputs(images, [None] * images.shape[0], None, list(args.images), data.get("classes"))
+    images = load_images(args.images, prep, named.input_size, resize=args.resize)
+    return Inputs(images, [None] * images.shape[0], None, list(args.images), named.classes)

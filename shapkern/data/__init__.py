@@ -4,7 +4,8 @@
 ``"cifar100"``, ``"pets"``, ``"flowers102"``, ``"stl10"``, ``"imagenette"``: torchvision reads them
 under a data root, see :mod:`shapkern.data.catalog`) or ``"imagefolder:PATH"`` and returns a
 :class:`DataBundle`: train and test splits of ``(image, label, index)`` items, the class names,
-and the :class:`Preprocessing` that turns image files into inputs like these.
+and the :class:`Preprocessing` that turns image files into inputs like these. ``explain_split``
+gives one split in a model's deterministic test view, for explaining it (:mod:`shapkern.data.views`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from shapkern.data.preprocess import (
     preprocess_image,
 )
 from shapkern.data.synthetic import digits, evidence, make_evidence
+from shapkern.data.views import SPLITS, SplitView, explain_split
 
 __all__ = [
     "CATALOG",
@@ -31,13 +33,16 @@ __all__ = [
     "DataBundle",
     "EvidenceDataset",
     "IndexedDataset",
+    "SPLITS",
     "PixelLimitError",
     "Preprocessing",
+    "SplitView",
     "TensorImageDataset",
     "catalog_dataset",
     "decode_image",
     "digits",
     "evidence",
+    "explain_split",
     "imagefolder",
     "load_dataset",
     "make_evidence",
