@@ -140,6 +140,12 @@ step fp8-error 90 "${BENCH[@]}" benchmarks.fp8_error --device cuda --out "$R"
 step peers 150 "${BENCH[@]}" benchmarks.experiments.peers --device cuda --model vit_base_patch16_224 --settings 196 \
   --reference-budget 100000 --budgets 512 2048 8192 --out "$R"
 step recipe-epoch 180 "${BENCH[@]}" benchmarks.recipe_epoch --device cuda --out "$(out_of recipe_epoch)"
+# The dataset explain rate (issue 28): vit_base, 1,024 images at 2,048 evaluations; the store lives in
+# $WORK, so a step cut by its limit resumes at the next call without recomputing finished shards.
+step explain-store 300 "$PY" -P -m shapkern explain --model vit_base_patch16_224 --data evidence --split train \
+  --limit 1024 --budget 2048 --shard-size 64 --device cuda --no-progress --out "$WORK/explain-vit_base"
+cp "$WORK/explain-vit_base/manifest.json" "$R/explain-store-manifest.json" 2>/dev/null
+cp "$WORK/explain-vit_base/metrics.json" "$R/explain-store-metrics.json" 2>/dev/null
 [[ -n "${DRY_RUN:-}" ]] && exit 0
 pack
 cat "$SUMMARY"

@@ -22,7 +22,7 @@ from shapkern.coalitions import (
 )
 from shapkern.data import load_dataset
 from shapkern.engine import CoalitionForward, clear_fp8_weights, fused_coalition_forward
-from shapkern.explainers import ESTIMATORS, Attribution, estimate, explain
+from shapkern.explainers import ESTIMATORS, Attribution, estimate, explain, explain_dataset, load_explanations
 from shapkern.games import Game, SelfExplaining, model_game
 from shapkern.models import ShapleyOutput, ShapleyViT
 from shapkern.training import ShapleyLoss, TrainConfig, shapley_step, train
@@ -44,8 +44,10 @@ __all__ = [
     "clear_fp8_weights",
     "estimate",
     "explain",
+    "explain_dataset",
     "fused_coalition_forward",
     "load_dataset",
+    "load_explanations",
     "model_game",
     "sample_coalitions",
     "sample_permutations",

@@ -1,7 +1,7 @@
 """The ``shapkern`` command line: one module per subcommand, one ``main``.
 
     shapkern train    train a self-explaining ViT (shapkern.cli.train)
-    shapkern explain  Shapley values of a checkpoint's predictions (shapkern.cli.explain)
+    shapkern explain  Shapley values of a model's predictions, for images or a dataset (shapkern.cli.explain)
 
 Each subcommand module has ``add_parser(subparsers)``, which declares its arguments and sets
 ``func``, the function that runs it with the parsed arguments.

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
 
 from shapkern.data import DATASETS, DEFAULT_DATA_ROOT, SPLITS
 from shapkern.explainers import DEFAULT_SHARD_SIZE, STORE_FILES, explain_dataset, load_model
 from shapkern.runlock import FolderLock
+from shapkern.training import Distributed
 
 __all__ = ["STORE_FLAGS", "add_store_arguments", "not_a_file", "parse_target", "run_store"]
 
@@ -75,26 +72,12 @@ def parse_target(text: str):
         ) from None
 
 
-def _join_torchrun(device: str) -> tuple[bool, torch.device]:
-    """(whether this is rank 0, this process's device), after joining the process group that
-    ``torchrun`` describes (WORLD_SIZE > 1): nccl on CUDA, gloo on the CPU. As
-    shapkern.training's ``Distributed.from_environment``, which is not public."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available")
-    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-    where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(where)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return not dist.is_initialized() or dist.get_rank() == 0, where
-
-
 def run_store(args: argparse.Namespace) -> int:
     """Explain ``--data`` into the store ``--out``: in every process of a torchrun group, each on
     its own shards; rank 0 takes the folder lock first."""
     not_a_file(args.out)  # before the lock, which creates the folder
-    main, device = _join_torchrun(args.device)
+    group = Distributed.from_environment(args.device)  # the torchrun group, if any: nccl or gloo
+    main, device = group.is_main, group.device
     try:
         with FolderLock(args.out) if main else contextlib.nullcontext():  # before the model loads
             named = load_model(
@@ -108,8 +91,7 @@ def run_store(args: argparse.Namespace) -> int:
                 print(f"note: {args.model} has random weights (pass --pretrained or --weights FILE)")
             explain_dataset(named, args.data, out=args.out, **_store_options(args))
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        group.close()
     return 0
 
 

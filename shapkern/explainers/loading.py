@@ -34,8 +34,7 @@ from shapkern.data import Preprocessing
 from shapkern.data.preprocess import INTERPOLATIONS
 from shapkern.engine import find_patch_embed
 from shapkern.explainers.hub_models import HF_PREFIX, OPEN_CLIP_PREFIX, load_hf, load_open_clip
-from shapkern.models import ShapleyViT
-from shapkern.models.backbones import _check_name, _hub_error, _read_state_dict
+from shapkern.models import ShapleyViT, check_model_name, hub_error, read_state_dict
 
 __all__ = [
     "RANDOM_WEIGHTS_SEED",
@@ -129,7 +128,7 @@ def _timm_weights(model: Any, path: str) -> None:
     number of classes; timm's own filter converts original formats)."""
     import sys
 
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     for key in ("model", "state_dict", "model_state"):
         if isinstance(state.get(key), dict):
             state = state[key]
@@ -154,11 +153,11 @@ def _timm_weights(model: Any, path: str) -> None:
 def _load_timm(name: str, *, pretrained: bool, weights: str | None) -> NamedModel:
     import timm
 
-    _check_name(name)
+    check_model_name(name)
     try:
         model = timm.create_model(name, pretrained=pretrained)
     except OSError as exc:  # only pretrained loading touches files or the network
-        raise _hub_error(name, exc) from exc
+        raise hub_error(name, exc) from exc
     if weights is not None:
         _timm_weights(model, weights)
     prep, size = timm_preprocessing(model, name)

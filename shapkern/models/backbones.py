@@ -16,10 +16,18 @@ from torch import nn
 
 from shapkern.checkpoint import load_checkpoint
 
-__all__ = ["create_backbone", "load_backbone_weights", "native_input", "pretrained_normalization"]
+__all__ = [
+    "check_model_name",
+    "create_backbone",
+    "hub_error",
+    "load_backbone_weights",
+    "native_input",
+    "pretrained_normalization",
+    "read_state_dict",
+]
 
 
-def _read_state_dict(path: str | os.PathLike) -> dict:
+def read_state_dict(path: str | os.PathLike) -> dict:
     """A state dict from a local file: safetensors, or a torch checkpoint read with the safe loader
     (checksums verified; CheckpointError, a ValueError, for a damaged or unsafe file)."""
     if not os.path.isfile(path):
@@ -52,7 +60,7 @@ def _check_finite(state: dict, path: str | os.PathLike) -> None:
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     """Load a local timm checkpoint (state dict, timm/shapkern checkpoint or safetensors) into
     ``backbone``, resampling position and patch embeddings to its size, ignoring classifier heads."""
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     for key in ("model", "state_dict", "model_state"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -85,7 +93,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
         )
 
 
-def _check_name(name: str) -> None:
+def check_model_name(name: str) -> None:
     """ValueError for an architecture timm does not know, or a pretrained tag it has not for it."""
     import timm
 
@@ -102,7 +110,7 @@ def _check_name(name: str) -> None:
         ) from None
 
 
-def _hub_error(name: str, exc: Exception) -> ValueError:
+def hub_error(name: str, exc: Exception) -> ValueError:
     """The error for pretrained weights that timm could not fetch: names the model, the cache looked
     in and what to do; HF_HUB_OFFLINE decides whether the network was tried at all."""
     from huggingface_hub import constants
@@ -142,13 +150,13 @@ def create_backbone(
     """
     import timm
 
-    _check_name(name)
+    check_model_name(name)
     if pretrained and checkpoint is not None:
         raise ValueError(f"give pretrained=True or a weights file, not both (got {checkpoint})")
     try:
         backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
     except OSError as exc:  # only pretrained loading touches files or the network
-        raise _hub_error(name, exc) from exc
+        raise hub_error(name, exc) from exc
     except RuntimeError as exc:
         if not pretrained:
             raise
@@ -170,7 +178,7 @@ def native_input(name: str) -> tuple[int, int]:
     """
     import timm
 
-    _check_name(name)
+    check_model_name(name)
     try:
         model = timm.create_model(name, pretrained=False, num_classes=0, depth=1)
     except TypeError as exc:  # no `depth`: not a ViT
@@ -189,7 +197,7 @@ def pretrained_normalization(name: str) -> tuple[tuple[float, ...], tuple[float,
     import timm
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    _check_name(name)
+    check_model_name(name)
     cfg = timm.models.get_pretrained_cfg(name)
     mean = getattr(cfg, "mean", None) or IMAGENET_DEFAULT_MEAN
     std = getattr(cfg, "std", None) or IMAGENET_DEFAULT_STD

@@ -10,7 +10,7 @@
 """
 
 from shapkern.training.config import TrainConfig, resumed_config
-from shapkern.training.distributed import DEVICES
+from shapkern.training.distributed import DEVICES, Distributed
 from shapkern.training.losses import MASK_LOSSES, SV_SCALES, LossOutput, ShapleyLoss, shapley_regression_loss
 from shapkern.training.setup import build_model
 from shapkern.training.step import shapley_step
@@ -22,6 +22,7 @@ __all__ = [
     "MASK_LOSSES",
     "METRICS",
     "SV_SCALES",
+    "Distributed",
     "LossOutput",
     "ShapleyLoss",
     "TrainConfig",
