@@ -129,30 +129,42 @@ def markdown(result: dict) -> str:
         "",
         harness.markdown_table(headers, table),
     ]
+    if any(r.get("forward_only") and "forward" in r for r in result["methods"]):
+        lines.append(
+            "Forward only: fp8 serves the forward-only ℓ_sv targets and has no backward"
+            + (
+                "; on the CPU it runs torch's reference `_scaled_mm`, for its error, not its speed."
+                if env["device"] == "cpu"
+                else "."
+            )
+        )
     return "\n".join(lines)
 
 
-def bar_chart(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def bar_chart(result: dict, path: Path):
+    """Horizontal bars of evaluations/s per method and phase, the FLOP floors dashed, written to
+    ``path``; returns the matplotlib Figure (None when no method ran). The legend sits below the
+    axes, where it covers no bar, and a forward-only method says so where its second bar would be."""
+    from matplotlib.figure import Figure  # no pyplot state
 
     rows = [r for r in result["methods"] if "forward" in r]
     phases = [p for p in PHASES if any(p in r for r in rows)]
     if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(9, 0.5 + 0.6 * len(rows)))
+        return None
+    fig = Figure(figsize=(9, 1.2 + 0.6 * len(rows)), layout="constrained")
+    ax = fig.add_subplot()
     height = 0.8 / len(phases)
     for i, phase in enumerate(phases):
         values = [r.get(phase, {}).get("evals_per_s", 0) for r in rows]
         ax.barh([j + i * height for j in range(len(rows))], values, height, label=phase)
         ax.axvline(result["floor_evals_per_s"][phase], color=f"C{i}", linestyle="--", linewidth=1)
+        for j, row in enumerate(rows):
+            if phase not in row and row.get("forward_only"):
+                ax.text(0, j + i * height, " forward only", va="center", fontsize=8, color=f"C{i}")
     ax.set_yticks([j + height * (len(phases) - 1) / 2 for j in range(len(rows))], [r["method"] for r in rows])
     ax.invert_yaxis()
     ax.set_xlabel("evaluations / s (dashed: FLOP floor)")
     ax.set_title(f"{result['config']['model']} on {harness.hardware_name(result['environment'])}")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
+    fig.legend(loc="outside lower center", ncol=len(phases), frameon=False)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig

@@ -4,6 +4,7 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
+import torch
 
 from shapkern.cli import main
 from shapkern.runlock import LOCK_FILE
@@ -455,3 +456,17 @@ def test_the_help_describes_both_outputs_and_every_flag():
     assert "'label'" in helps["target"] and "a store" in helps["overwrite"]
     text = parser.format_help()
     assert "shard-NNNNN.safetensors" in text and "resumes" in text
+
+
+def test_explain_applies_the_thread_policy_on_the_cpu(checkpoint, tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        argv = ["--checkpoint", checkpoint, "--data", "digits", "--num-images", 1, "--method", "exact",
+                "--device", "cpu", "--threads", 1, "--out", tmp_path / "one", "--no-progress"]  # fmt: skip
+        log = run(argv, capsys)
+        assert "shapkern explain: 1 thread (" in log and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    argv = ["explain", "--checkpoint", str(checkpoint), "--data", "digits", "--num-images", "1",
+            "--threads", "0", "--out", str(tmp_path / "zero")]  # fmt: skip
+    assert main(argv) == 2 and "--threads must be at least 1, got 0" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -378,3 +379,44 @@ def test_the_sampler_flags_reach_the_run(tmp_path, capsys):
     assert main(["train", "--epochs", "1", "--out", str(out), *TINY, *flags]) == 0  # the last flag wins
     config = load_checkpoint(out / "checkpoint.pt")["config"]
     assert (config["sampler"], config["paired"], config["num_coalitions"]) == ("uniform", False, 3)
+
+
+def test_the_run_line_names_the_threads_and_a_resume_on_other_threads_says_so(tmp_path, capsys):
+    import torch
+
+    from shapkern.checkpoint import load_checkpoint
+
+    out = str(tmp_path / "run")
+    before = torch.get_num_threads()
+    try:
+        assert main(["train", "--epochs", "1", "--threads", "1", "--out", out, *TINY]) == 0
+        first = capsys.readouterr().out
+        assert "process(es) on cpu, 1 thread (--threads), from epoch 0" in first
+        assert re.search(r"\n  threads +1\n", first)  # the summary
+        assert main(["train", "--epochs", "2", "--threads", "2", "--resume", "--out", out, *TINY]) == 0
+        assert "resume: 2 threads (--threads) where the run had 1; results agree up to rounding" in (
+            capsys.readouterr().out
+        )
+    finally:
+        torch.set_num_threads(before)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]["threads"] == 2
+    assert [r["threads"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+
+def test_the_summary_names_its_reference_and_shows_localisation_on_evidence(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", "--data", "evidence", "--epochs", "1", "--threads", "1", "--out", out, *TINY]) == 0
+    text = capsys.readouterr().out
+    assert "faithfulness)" not in text  # the word belongs to the faithfulness-correlation metric
+    summary = text[text.index("shapkern train: done") :]
+    for label in (
+        "‖Φ − φ‖/‖φ‖ vs a 16-permutation estimate",
+        "pointing game (evidence masks)",
+        "AUROC of Φ on the evidence masks",
+        "mIoU with the evidence masks",
+    ):
+        assert label in summary and label in text[: text.index("shapkern train: done")]  # the epoch line too
+    record = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert 0.0 <= record["pointing"] <= 1.0 and 0.0 <= record["auroc"] <= 1.0 and 0.0 <= record["miou"] <= 1.0
+    assert main(["train", "--epochs", "1", "--threads", "1", "--out", str(tmp_path / "digits"), *TINY]) == 0
+    assert "pointing game" not in capsys.readouterr().out  # digits has no masks

@@ -11,6 +11,7 @@ import torch
 
 from shapkern.checkpoint import load_checkpoint
 from shapkern.training import TrainConfig, Trainer, train
+from shapkern.training.config import INVOCATION_FIELDS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,6 +40,7 @@ def tiny_config(out, **kw) -> TrainConfig:
         "progress": False,
         "out": str(out),
         "lr": 3e-3,
+        "threads": 1,  # bitwise comparisons between runs need one thread count, whatever the machine's load
     }
     return TrainConfig(**(base | kw))
 
@@ -418,3 +420,23 @@ def test_importing_shapkern_imports_no_plotting_library():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_thread_counts_change_results_only_by_rounding(tmp_path):
+    """The thread count is not part of the run (an invocation field): 1 and 2 threads give the same
+    run up to rounding (torch's CPU LayerNorm backward sums per-thread partials), and the count used
+    is recorded in the metrics and the checkpoint."""
+    before = torch.get_num_threads()
+    try:
+        runs = {}
+        for threads in (1, 2):
+            trainer = Trainer(quick(tmp_path / str(threads), threads=threads))
+            runs[threads] = trainer.fit()
+            trainer.close()
+            assert torch.get_num_threads() == threads and runs[threads]["threads"] == threads
+            assert load_checkpoint(tmp_path / str(threads) / "checkpoint.pt")["threads"] == threads
+    finally:
+        torch.set_num_threads(before)
+    for key in ("train_loss", "train_cls", "train_sv", "train_mask", "test_sv"):
+        assert runs[1][key] == pytest.approx(runs[2][key], rel=1e-5), key
+    assert "threads" in INVOCATION_FIELDS  # a resumed run takes it from the command line

@@ -1,3 +1,5 @@
+import itertools
+
 import matplotlib.image
 import numpy as np
 import pytest
@@ -35,3 +37,25 @@ def test_patch_map_is_centred_and_checks_the_grid():
     assert patch_map(phi, (4, 4))[3, 0] == 3.0
     with pytest.raises(ValueError, match="do not fill a 3x3"):
         patch_map(phi, (6, 6), grid=(3, 3))
+
+
+def drawn(fig):
+    """The figure drawn on an Agg canvas, and its renderer (for the extents of its artists)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def test_grid_titles_fit_their_panels_and_the_caption_says_what_the_colours_mean():
+    torch.manual_seed(0)
+    titles = [f"pred pattern{i}, true pattern{i}" for i in range(4)]  # evidence's class names
+    fig = plot_grid(torch.randn(4, 3, 32, 32), torch.randn(4, 16), titles=titles)
+    renderer = drawn(fig)
+    boxes = [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title()]
+    assert len(boxes) == 4 and all(left.x1 < right.x0 for left, right in itertools.pairwise(boxes))
+    caption = fig.get_supxlabel()
+    assert "red: the patch raises" in caption and "blue: lowers it" in caption and "own scale" in caption
+    shared = plot_grid(torch.randn(2, 1, 8, 8), torch.randn(2, 4), shared_scale=True, caption="mine")
+    assert shared.get_supxlabel() == "mine"

@@ -48,6 +48,7 @@ from shapkern.explainers import (
 )
 from shapkern.games import model_game
 from shapkern.runlock import FolderLock
+from shapkern.threads import apply_thread_policy
 from shapkern.training import DEVICES
 
 __all__ = ["add_parser", "earlier_outputs", "explain_to_dir", "run"]
@@ -88,6 +89,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resize", action="store_true", help="resize --images to the model's input size")
     _add_estimator_arguments(p)
     p.add_argument("--device", default="auto", choices=DEVICES, help="where the model runs")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: the cores this process may use that the machine's load leaves free; "
+        "OMP_NUM_THREADS or MKL_NUM_THREADS when set)",
+    )
     p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars"
     )
@@ -207,6 +215,10 @@ def _output_folder(path: str, overwrite: bool) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``shapkern explain``: writes the outputs; user errors raise ValueError."""
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
+        print(f"shapkern explain: {apply_thread_policy(args.threads)} on the CPU", flush=True)
     if args.data is not None and args.num_images is None:
         return run_store(args)
     given = [f"--{flag.replace('_', '-')}" for flag in STORE_FLAGS if getattr(args, flag) is not None]

@@ -2,11 +2,12 @@
 
 Every ``plot_*`` returns a :class:`matplotlib.figure.Figure` and, given ``path``, writes a PNG of
 exactly ``size`` inches × ``dpi`` pixels. φ maps use a diverging colormap centred at 0: red
-patches raise the class's logit, blue ones lower it.
+patches raise the class's logit, blue ones lower it; every figure says so in its colorbar or caption.
 """
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from matplotlib.figure import Figure
 __all__ = ["display_image", "draw_heatmap", "patch_map", "plot_curves", "plot_grid", "plot_heatmap"]
 
 CMAP = "RdBu_r"
+COLOURS = "red: the patch raises the logit of the class explained, blue: lowers it"
 
 
 def display_image(image: torch.Tensor) -> np.ndarray:
@@ -98,6 +100,20 @@ def _colorbar(fig: Figure, heat, ax, label: str) -> None:
         bar.solids.set_alpha(1.0)
 
 
+def _chars(width_in: float, fontsize: float) -> int:
+    """Characters that fit ``width_in`` inches at ``fontsize`` points (0.6 em: a wide average glyph)."""
+    return max(8, int(width_in * 72 / (0.6 * fontsize)))
+
+
+def _title_lines(title: str, width_in: float, fontsize: float) -> str:
+    """A panel title broken into lines that fit the panel (at ", " first, then at spaces), so that
+    neighbouring titles do not run into each other."""
+    chars = _chars(width_in, fontsize)
+    if len(title) <= chars:
+        return title
+    return "\n".join(line for part in title.split(", ") for line in textwrap.wrap(part, chars))
+
+
 def plot_grid(
     images: torch.Tensor,
     phi: torch.Tensor,
@@ -109,12 +125,16 @@ def plot_grid(
     cell: float = 1.6,
     dpi: int = 100,
     shared_scale: bool = False,
+    caption: str | None = None,
 ) -> Figure:
-    """Heatmaps of a batch: images (B, C, H, W), φ (B, N) for one class each, and one colorbar.
+    """Heatmaps of a batch: images (B, C, H, W), φ (B, N) for one class each, one colorbar and a
+    caption saying what the colours mean.
 
     The figure is ``min(B, ncols) * cell`` × ``rows * cell`` inches. With ``shared_scale`` every
     panel uses the batch's largest |φ| and the colorbar is in φ's units; otherwise each panel is
-    scaled by its own largest |φ| and the colorbar reads as that fraction.
+    scaled by its own largest |φ| (a symmetric scale per image) and the colorbar reads as that
+    fraction. ``caption`` replaces the default one (the colours and the scale). Titles wider than a
+    panel are broken into lines.
     """
     batch = images.shape[0]
     if phi.shape[0] != batch:
@@ -132,9 +152,18 @@ def plot_grid(
             continue
         values = phi[b].reshape(-1) if shared_scale else phi[b].reshape(-1) / scale[b].clamp(min=1e-12)
         vlim = float(scale) if shared_scale else 1.0
-        heat = draw_heatmap(ax, images[b], values, grid=grid, vlim=vlim, title=titles[b] if titles else None)
+        title = _title_lines(titles[b], cell, 8) if titles else None
+        heat = draw_heatmap(ax, images[b], values, grid=grid, vlim=vlim, title=title)
     if heat is not None:
         _colorbar(fig, heat, axes, "φ" if shared_scale else "φ / the image's largest |φ|")
+        if caption is None:
+            strength = (
+                "one scale for all images"
+                if shared_scale
+                else "each image on its own scale (±1: its largest |φ|)"
+            )
+            caption = f"{COLOURS}; {strength}"
+        fig.supxlabel(textwrap.fill(caption, _chars(cols * cell, 7)), fontsize=7)
     return _save(fig, path, dpi)
 
 

@@ -11,6 +11,7 @@
 
 from shapkern.training.config import TrainConfig, resumed_config
 from shapkern.training.distributed import DEVICES, Distributed
+from shapkern.training.evaluation import metric_labels
 from shapkern.training.losses import MASK_LOSSES, SV_SCALES, LossOutput, ShapleyLoss, shapley_regression_loss
 from shapkern.training.setup import build_model
 from shapkern.training.step import shapley_step
@@ -28,6 +29,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "build_model",
+    "metric_labels",
     "resumed_config",
     "shapley_regression_loss",
     "shapley_step",

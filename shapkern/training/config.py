@@ -20,11 +20,13 @@ __all__ = ["SCHEDULE_FIELDS", "TrainConfig", "resumed_config"]
 # Fields that define the optimisation schedule: changing them on resume changes the run.
 SCHEDULE_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs")
 # Fields of one invocation, not of the run: a resumed run takes them from the command line.
-INVOCATION_FIELDS = ("out", "resume", "overwrite", "device", "num_workers", "progress", "max_steps")
+INVOCATION_FIELDS = (
+    "out", "resume", "overwrite", "device", "num_workers", "progress", "max_steps", "threads",
+)  # fmt: skip
 # Ranges of the numeric fields (their types come from the annotations); None passes where allowed.
 AT_LEAST_ONE = (
     "img_size", "patch_size", "depth", "embed_dim", "num_heads", "epochs", "batch_size", "num_coalitions",
-    "limit_train", "limit_test", "faith_permutations", "max_steps",
+    "limit_train", "limit_test", "faith_permutations", "max_steps", "threads",
 )  # fmt: skip
 AT_LEAST_ZERO = (
     "weight_decay", "warmup_epochs", "clip_grad", "seed", "num_workers", "faith_images", "heatmap_images",
@@ -34,6 +36,7 @@ HINTS = {  # what None means, for the fields that may be None
     **dict.fromkeys(("depth", "embed_dim", "num_heads"), "0 keeps the model's own"),
     **dict.fromkeys(("limit_train", "limit_test"), "leave it out to use every image"),
     "max_steps": "leave it out for no limit",
+    "threads": "leave it out for the thread policy",
 }
 # The types the field annotations name (strings here, by `from __future__ import annotations`).
 _TYPES: dict[str, type | tuple[type, ...]] = {
@@ -62,7 +65,9 @@ class TrainConfig:
     and start anew; without either, a folder that holds a run is refused), ``device`` (``auto``,
     ``cuda``, ``cpu``), ``max_steps`` (stop after that many optimiser steps, as a kill would: no
     checkpoint of the partial epoch), ``skip_nonfinite`` (steps with a non-finite loss or gradient
-    that are skipped before the run stops; 0 stops it at the first).
+    that are skipped before the run stops; 0 stops it at the first), ``threads`` (torch's intra-op
+    threads on the CPU; None: :mod:`shapkern.threads`'s policy, which lets OMP_NUM_THREADS and
+    MKL_NUM_THREADS win and takes fewer threads on a busy machine).
 
     :meth:`validate` checks every field; the Trainer calls it before it reads or writes anything.
     """
@@ -110,6 +115,7 @@ class TrainConfig:
     max_steps: int | None = None
     skip_nonfinite: int = 0  # > 0 costs a host sync per step (the decision to skip is made on the host)
     overwrite: bool = False
+    threads: int | None = None  # CPU intra-op threads; None: shapkern.threads' policy (an invocation field)
 
     def __post_init__(self):
         for name in ("out", "weights", "data_root"):  # paths are stored as str: the safe loader reads them

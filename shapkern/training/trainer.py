@@ -35,9 +35,10 @@ import torch
 
 from shapkern.checkpoint import rng_state, save_checkpoint
 from shapkern.runlock import FolderLock
+from shapkern.threads import ThreadChoice, apply_thread_policy
 from shapkern.training.config import TrainConfig
 from shapkern.training.distributed import Distributed, autocast
-from shapkern.training.evaluation import Evaluator, default_evaluators, save_heatmaps
+from shapkern.training.evaluation import Evaluator, default_evaluators, metric_labels, save_heatmaps
 from shapkern.training.guard import NONFINITE_CHECK_EVERY, DivergenceGuard, TrainingDiverged
 from shapkern.training.log import EpochMeter, MetricsLog, Progress
 from shapkern.training.resume import (
@@ -64,6 +65,10 @@ class Trainer:
         self.cfg = cfg
         self.dist = Distributed.from_environment(cfg.device)
         self.device = self.dist.device
+        # torch's intra-op threads on the CPU (shapkern.threads); before anything runs on them.
+        self.threads: ThreadChoice | None = (
+            apply_thread_policy(cfg.threads) if self.device.type == "cpu" else None
+        )
         self.lock = FolderLock(cfg.out).acquire() if self.dist.is_main else None
         try:
             self._build(evaluators)
@@ -91,6 +96,7 @@ class Trainer:
         if loaded:  # weights, optimiser, schedule, RNG states and counters
             restored = restore_run(loaded, self.model, self.optimizer, self.scheduler, self.bundle.name)
             self.epoch, self.step_count, self.guard.skipped = restored
+            _note_thread_change(loaded.state or {}, self.threads)
         if self.dist.is_main:
             prepare_folder(cfg, self.log, self.epoch)
 
@@ -108,6 +114,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step_count,
             "skipped_steps": self.skipped_steps,
+            "threads": self.threads.threads if self.threads else None,
             "arch": self.model.arch,
             "data": self.bundle.describe(),
             "config": self.cfg.to_dict(),
@@ -192,9 +199,11 @@ class Trainer:
             if self.dist.is_main:
                 record.update(self.evaluate())
                 record.update(step=self.step_count, lr=self.scheduler.get_last_lr()[0], time=time.time())
+                if self.threads:
+                    record["threads"] = self.threads.threads
                 self.log.append(record)  # before the checkpoint: resume cuts lines past its epoch
                 self.save()
-                print(_epoch_line(record), flush=True)
+                print(_epoch_line(record, metric_labels(self.cfg)), flush=True)
             self.dist.barrier()
         return record
 
@@ -216,17 +225,31 @@ def _complete_line(trainer: Trainer) -> str:
 def _run_line(trainer: Trainer) -> str:
     cfg, model = trainer.cfg, trainer.model
     params = sum(p.numel() for p in model.parameters()) / 1e6
+    threads = f", {trainer.threads}" if trainer.threads else ""
     return (
         f"shapkern train: {cfg.data} ({len(trainer.train_set)} train / {len(trainer.test_set)} test), "
         f"{cfg.model} {model.num_players} patches, {params:.2f}M params, {trainer.dist.world} "
-        f"process(es) on {trainer.device}, from epoch {trainer.epoch} -> {cfg.out}"
+        f"process(es) on {trainer.device}{threads}, from epoch {trainer.epoch} -> {cfg.out}"
     )
 
 
-def _epoch_line(record: dict) -> str:
+def _note_thread_change(state: dict, threads: ThreadChoice | None) -> None:
+    """Say when a resumed CPU run continues on another thread count than its checkpoint was written
+    with: torch's CPU LayerNorm backward and small GEMMs sum per-thread partial results, so the
+    continuation equals an unbroken run up to rounding, not bitwise."""
+    saved = state.get("threads")
+    if threads is not None and saved is not None and saved != threads.threads:
+        print(
+            f"resume: {threads} where the run had {saved}; results agree up to rounding, not bitwise "
+            f"(--threads {saved} keeps them bitwise)",
+            flush=True,
+        )
+
+
+def _epoch_line(record: dict, labels: dict[str, str]) -> str:
     parts = [f"epoch {record['epoch']}: loss {record['train_loss']:.4f}"]
     parts += [f"{k} {record['train_' + k]:.4f}" for k in ("cls", "sv", "mask")]
-    parts += [f"{k} {record[k]:.4f}" for k in ("test_acc", "test_sv", "faithfulness_rel_err") if k in record]
+    parts += [f"{label} {record[k]:.4f}" for k, label in labels.items() if k in record]
     return ", ".join(parts) + f", {record['images_per_s']:.0f} img/s"
 
 
