@@ -1,8 +1,9 @@
 """Builds the extension shapkern._C from csrc/ (metadata lives in pyproject.toml).
 
 CPU kernels are always built. CUDA kernels are built when a CUDA toolkit and a CUDA build of torch
-are present; SHAPKERN_CUDA=0/1 forces either way. TORCH_CUDA_ARCH_LIST (default "8.0;9.0") and
-MAX_JOBS are respected.
+are present and either a GPU is visible or TORCH_CUDA_ARCH_LIST names the GPUs to build for (on a
+CPU-only machine they would add minutes to the install for nothing); SHAPKERN_CUDA=0/1 forces
+either way. TORCH_CUDA_ARCH_LIST (default "8.0;9.0") and MAX_JOBS are respected.
 """
 
 import os
@@ -41,7 +42,9 @@ def _use_cuda() -> bool:
             "SHAPKERN_CUDA=1 but CUDA kernels cannot be built: "
             f"CUDA_HOME={CUDA_HOME!r} (set it to the CUDA toolkit), torch.version.cuda={torch.version.cuda!r}"
         )
-    return available if flag == "" else flag == "1"
+    if flag == "":
+        return available and (torch.cuda.is_available() or bool(os.environ.get("TORCH_CUDA_ARCH_LIST")))
+    return flag == "1"
 
 
 # torch >= 2.13 headers require C++20 (older ones compile as C++20 too): named here, and in CMakeLists.txt, so
