@@ -26,7 +26,14 @@ from pathlib import Path
 import torch
 
 from shapkern.cli.explain_inputs import Inputs, read_inputs
-from shapkern.cli.explain_store import STORE_FLAGS, add_store_arguments, not_a_file, parse_target, run_store
+from shapkern.cli.explain_store import (
+    STORE_FLAGS,
+    add_store_arguments,
+    model_of,
+    not_a_file,
+    parse_target,
+    run_store,
+)
 from shapkern.coalitions import MAX_EXACT_PLAYERS
 from shapkern.data import DATASETS
 from shapkern.engine import patch_grid
@@ -39,7 +46,6 @@ from shapkern.explainers import (
     Target,
     explain,
     insertion_deletion,
-    load_model,
     localization,
     plot_curves,
     plot_grid,
@@ -277,13 +283,7 @@ def explain_to_dir(args: argparse.Namespace) -> dict:
     """Explain the images named by ``args`` and write the outputs to ``args.out``; returns the JSON record."""
     out = _output_folder(args.out, args.overwrite)
     device = _device(args.device)
-    named = load_model(
-        args.model,
-        checkpoint=args.checkpoint,
-        pretrained=args.pretrained,
-        weights=args.weights,
-        device=device,
-    )
+    named = model_of(args, device)
     model, players, grid = named.model, *_players_and_grid(named, device)
     inputs = read_inputs(args, named, grid)
     images = inputs.images = inputs.images.to(device)

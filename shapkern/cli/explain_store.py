@@ -14,12 +14,14 @@ import argparse
 import contextlib
 from pathlib import Path
 
+import torch
+
 from shapkern.data import DATASETS, DEFAULT_DATA_ROOT, SPLITS
 from shapkern.explainers import DEFAULT_SHARD_SIZE, STORE_FILES, explain_dataset, load_model
 from shapkern.runlock import FolderLock
 from shapkern.training import Distributed
 
-__all__ = ["STORE_FLAGS", "add_store_arguments", "not_a_file", "parse_target", "run_store"]
+__all__ = ["STORE_FLAGS", "add_store_arguments", "model_of", "not_a_file", "parse_target", "run_store"]
 
 STORE_FLAGS = ("split", "limit", "shard_size")  # given without the store: an error, not ignored
 
@@ -72,6 +74,18 @@ def parse_target(text: str):
         ) from None
 
 
+def model_of(args: argparse.Namespace, device: torch.device):
+    """The model that ``--model``/``--checkpoint``, ``--pretrained`` and ``--weights`` name, on
+    ``device``: a NamedModel (model, preprocessing, ...)."""
+    return load_model(
+        args.model,
+        checkpoint=args.checkpoint,
+        pretrained=args.pretrained,
+        weights=args.weights,
+        device=device,
+    )
+
+
 def run_store(args: argparse.Namespace) -> int:
     """Explain ``--data`` into the store ``--out``: in every process of a torchrun group, each on
     its own shards; rank 0 takes the folder lock first."""
@@ -80,13 +94,7 @@ def run_store(args: argparse.Namespace) -> int:
     main, device = group.is_main, group.device
     try:
         with FolderLock(args.out) if main else contextlib.nullcontext():  # before the model loads
-            named = load_model(
-                args.model,
-                checkpoint=args.checkpoint,
-                pretrained=args.pretrained,
-                weights=args.weights,
-                device=device,
-            )
+            named = model_of(args, device)
             if named.random_weights and main:
                 print(f"note: {args.model} has random weights (pass --pretrained or --weights FILE)")
             explain_dataset(named, args.data, out=args.out, **_store_options(args))

@@ -7,6 +7,7 @@ LayerNorm (``ops.add_layer_norm``) and fc1's bias and GELU into its GEMM (``ops.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -20,6 +21,7 @@ __all__ = [
     "compiled_block_forward",
     "fused_blocks_forward",
     "packed_block_forward",
+    "layer_scaled_block",
     "packed_drop_path",
     "residual_branch",
     "supports_fused_blocks",
@@ -35,6 +37,22 @@ def packed_drop_path(module: TimmModule, x: torch.Tensor, plan: PackPlan) -> tor
     if not module.training or isinstance(module, nn.Identity):
         return x
     return drop_path_packed(x, module.drop_prob, plan, scale_by_keep=module.scale_by_keep)
+
+
+def layer_scaled_block(
+    block: TimmModule, x: torch.Tensor, plan: PackPlan, attend: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """A pre-norm block whose branches carry optional LayerScale factors ``gamma_1``/``gamma_2``
+    (timm's Beit and Eva blocks) on packed tokens: x + drop(γ1 · attend(norm1 x)), then
+    x + drop(γ2 · mlp(norm2 x)). ``attend`` is the family's attention on (T, D) -> (T, D)."""
+    attended = attend(block.norm1(x))
+    if block.gamma_1 is not None:
+        attended = block.gamma_1 * attended
+    x = x + packed_drop_path(block.drop_path1, attended, plan)
+    branch = block.mlp(block.norm2(x))
+    if block.gamma_2 is not None:
+        branch = block.gamma_2 * branch
+    return x + packed_drop_path(block.drop_path2, branch, plan)
 
 
 def _attention(attn: TimmModule, x: torch.Tensor, plan: PackPlan, attention) -> torch.Tensor:

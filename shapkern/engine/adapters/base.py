@@ -15,7 +15,7 @@ from torch import nn
 
 from shapkern.packed import AttentionFn, PackPlan
 
-__all__ = ["BlockPath", "ModelAdapter", "Output", "Submodule", "unsupported"]
+__all__ = ["BlockPath", "ModelAdapter", "Output", "Submodule", "TimmAdapter", "unsupported"]
 
 # A model or one of its submodules, read by attribute: nn.Module's __getattr__ is typed as returning
 # Tensor | Module, so the adapters' attribute reads (model.blocks, attn.qkv, ...) are typed Any.
@@ -102,3 +102,24 @@ class ModelAdapter:
         """Pooling per row over its kept tokens, then the head, on the blocks' output (before the
         final norm): (T, D) -> (R, K) logits or (R, D) pre-logits."""
         raise NotImplementedError
+
+
+class TimmAdapter(ModelAdapter):
+    """What timm's ViT-like families share: a ``patch_embed`` with ``num_patches``,
+    ``num_prefix_tokens``, ``embed_dim`` and a ``blocks`` list."""
+
+    @property
+    def num_players(self) -> int:
+        return self.model.patch_embed.num_patches
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.model.num_prefix_tokens
+
+    @property
+    def width(self) -> int:
+        return self.model.embed_dim
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)

@@ -15,8 +15,8 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from shapkern.engine.adapters.base import BlockPath, ModelAdapter, Output, Submodule, unsupported
-from shapkern.engine.blocks import packed_drop_path
+from shapkern.engine.adapters.base import BlockPath, Output, Submodule, TimmAdapter, unsupported
+from shapkern.engine.blocks import layer_scaled_block
 from shapkern.packed import AttentionFn, PackPlan, first_tokens, segment_mean
 
 __all__ = ["TimmBeit", "beit_block_forward"]
@@ -71,14 +71,9 @@ def beit_block_forward(
 ) -> torch.Tensor:
     """One timm beit Block on packed tokens: (T, D) -> (T, D). ``bias`` (H, L, L) or None is the
     block's position bias over the full sequence; ``bias_index`` (T,) int32 each token's position."""
-    attended = _attention(block.attn, block.norm1(x), plan, attention, bias, bias_index)
-    if block.gamma_1 is not None:
-        attended = block.gamma_1 * attended
-    x = x + packed_drop_path(block.drop_path1, attended, plan)
-    branch = block.mlp(block.norm2(x))
-    if block.gamma_2 is not None:
-        branch = block.gamma_2 * branch
-    return x + packed_drop_path(block.drop_path2, branch, plan)
+    return layer_scaled_block(
+        block, x, plan, lambda h: _attention(block.attn, h, plan, attention, bias, bias_index)
+    )
 
 
 @cache
@@ -88,7 +83,7 @@ def _compiled_block_forward():
     return torch.compile(beit_block_forward)
 
 
-class TimmBeit(ModelAdapter):
+class TimmBeit(TimmAdapter):
     """timm ``Beit``: tokens of absent patches are dropped after the positional embedding, and the
     relative position biases are looked up at the kept positions."""
 
@@ -122,22 +117,6 @@ class TimmBeit(ModelAdapter):
         for window in windows:  # the bias positions must be the class token and the patch grid
             if tuple(window) != grid:
                 raise fail(f"a relative position window {tuple(window)} unlike the patch grid {grid}")
-
-    @property
-    def num_players(self) -> int:
-        return self.model.patch_embed.num_patches
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return self.model.num_prefix_tokens
-
-    @property
-    def width(self) -> int:
-        return self.model.embed_dim
-
-    @property
-    def depth(self) -> int:
-        return len(self.model.blocks)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Mirrors ``Beit.forward_features`` up to its position dropout, which runs per coalition

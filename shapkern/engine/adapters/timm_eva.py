@@ -16,10 +16,10 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from shapkern.engine.adapters.base import BlockPath, ModelAdapter, Output, Submodule, unsupported
+from shapkern.engine.adapters.base import BlockPath, Output, Submodule, TimmAdapter, unsupported
 from shapkern.engine.adapters.latent_pool import latent_attention_pool, latent_pool_unsupported
 from shapkern.engine.adapters.timm_vit import embed_prefix_and_patches
-from shapkern.engine.blocks import packed_drop_path
+from shapkern.engine.blocks import layer_scaled_block, packed_drop_path
 from shapkern.packed import AttentionFn, PackPlan, first_tokens, planned_attention, segment_mean
 
 __all__ = ["TimmEva", "compiled_eva_block_forward", "eva_block_forward", "packed_rope"]
@@ -95,14 +95,7 @@ def eva_block_forward(
         attended = _eva_attention(block.attn, x, plan, attention, rope)
         x = x + packed_drop_path(block.drop_path1, block.norm1(attended), plan)
         return x + packed_drop_path(block.drop_path2, block.norm2(block.mlp(x)), plan)
-    attended = _eva_attention(block.attn, block.norm1(x), plan, attention, rope)
-    if block.gamma_1 is not None:
-        attended = block.gamma_1 * attended
-    x = x + packed_drop_path(block.drop_path1, attended, plan)
-    hidden = block.mlp(block.norm2(x))
-    if block.gamma_2 is not None:
-        hidden = block.gamma_2 * hidden
-    return x + packed_drop_path(block.drop_path2, hidden, plan)
+    return layer_scaled_block(block, x, plan, lambda h: _eva_attention(block.attn, h, plan, attention, rope))
 
 
 @cache
@@ -111,7 +104,7 @@ def compiled_eva_block_forward():
     return torch.compile(eva_block_forward)
 
 
-class TimmEva(ModelAdapter):
+class TimmEva(TimmAdapter):
     """timm ``Eva``: tokens of absent patches dropped after the positional embedding, with their rope."""
 
     family = "timm Eva (EVA-02, RoPE ViT)"
@@ -166,22 +159,6 @@ class TimmEva(ModelAdapter):
             raise fail(f"rotary embedding {type(rope).__name__}")
         if self.model.training and getattr(rope, "aug_active", False):
             raise fail("rotary coordinate augmentation in train mode")
-
-    @property
-    def num_players(self) -> int:
-        return self.model.patch_embed.num_patches
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return self.model.num_prefix_tokens
-
-    @property
-    def width(self) -> int:
-        return self.model.embed_dim
-
-    @property
-    def depth(self) -> int:
-        return len(self.model.blocks)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return embed_prefix_and_patches(self.model, images)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shapkern.engine.adapters.base import BlockPath, ModelAdapter, Output, Submodule, unsupported
+from shapkern.engine.adapters.base import BlockPath, Output, Submodule, TimmAdapter, unsupported
 from shapkern.engine.blocks import (
     compiled_block_forward,
     fused_blocks_forward,
@@ -41,7 +41,7 @@ def embed_prefix_and_patches(model: Submodule, images: torch.Tensor) -> torch.Te
     return torch.cat(prefix + [x], dim=1) + model.pos_embed
 
 
-class TimmViT(ModelAdapter):
+class TimmViT(TimmAdapter):
     """timm ``VisionTransformer``: tokens of absent patches are dropped after the positional embedding."""
 
     family = "timm VisionTransformer"
@@ -81,22 +81,6 @@ class TimmViT(ModelAdapter):
                 raise fail("attention dropout in train mode")
         if model.training and not isinstance(model.patch_drop, nn.Identity):
             raise fail("PatchDropout in train mode")
-
-    @property
-    def num_players(self) -> int:
-        return self.model.patch_embed.num_patches
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return self.model.num_prefix_tokens
-
-    @property
-    def width(self) -> int:
-        return self.model.embed_dim
-
-    @property
-    def depth(self) -> int:
-        return len(self.model.blocks)
 
     def check_block_path(self, path: BlockPath, images: torch.Tensor) -> None:
         super().check_block_path(path, images)
