@@ -10,9 +10,9 @@ import time
 
 from shapkern.checkpoint import CHECKPOINT, PREVIOUS_CHECKPOINT
 from shapkern.coalitions import SAMPLERS
-from shapkern.data import DATASETS
+from shapkern.data import CAPTION_DATASETS, DATASETS
 from shapkern.engine import PRECISIONS
-from shapkern.models import HEADS, native_input
+from shapkern.models import CONTRASTIVES, HEADS, native_input
 from shapkern.runlock import FolderLock
 from shapkern.training import (
     DEVICES,
@@ -20,6 +20,7 @@ from shapkern.training import (
     MASK_LOSSES,
     METRICS,
     SV_SCALES,
+    TASKS,
     TrainConfig,
     resumed_config,
     train,
@@ -29,7 +30,18 @@ __all__ = ["add_parser", "run"]
 
 # (field of TrainConfig, help, choices). Types and defaults come from TrainConfig.
 ARGS = (
-    ("data", f"{', '.join(DATASETS)} (the named ones through torchvision, under --data-root)", None),
+    (
+        "task",
+        "classification (a self-explaining ViT), or image-text (a self-explaining image-text model on "
+        "captioned images; its defaults: --data captions --out runs/captions --epochs 10)",
+        TASKS,
+    ),
+    (
+        "data",
+        f"{', '.join(DATASETS)} (the named ones through torchvision, under --data-root); image-text: "
+        f"{', '.join(CAPTION_DATASETS)}",
+        None,
+    ),
     ("data_root", "folder holding the named datasets (--download fetches a missing one there)", None),
     ("model", "timm ViT, arch or arch.tag (e.g. vit_small_patch16_224.augreg_in21k_ft_in1k)", None),
     ("img_size", "input size in pixels", None),
@@ -67,6 +79,8 @@ ARGS = (
         SV_SCALES,
     ),
     ("target_precision", "forward-only ℓ_sv targets in the model's dtype, or e4m3 GEMMs", PRECISIONS),
+    ("joint_dim", "image-text: dimensions of the joint image-text embedding space", None),
+    ("contrastive", "image-text: CLIP's softmax loss or SigLIP's sigmoid loss", CONTRASTIVES),
     ("mask_loss", "ℓ_mask", tuple("none" if m is None else m for m in MASK_LOSSES)),
     ("seed", "random seed; CPU runs with the same seed are bitwise identical", None),
     ("out", "run folder: checkpoint.pt, checkpoint.prev.pt, metrics.jsonl, explanations.png", None),
@@ -168,13 +182,16 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
     if given.get("pretrained") or given.get("weights"):
         img_size, patch_size = native_input(given.get("model", TrainConfig.model))
         given = {**dict(zip(NATIVE, (None, None, None, img_size, patch_size), strict=True)), **given}
-    return TrainConfig(**given), explicit
+    return TrainConfig.for_task(**given), explicit
 
 
 def _summary(cfg: TrainConfig, record: dict, seconds: float) -> str:
     lines = [f"shapkern train: done in {seconds:.0f} s ({seconds / 60:.1f} min)"]
     shown = [
         ("test accuracy", "test_acc", "{:.2%}"),
+        ("recall@1 image→text", "test_r1_i2t", "{:.2%}"),
+        ("recall@1 text→image", "test_r1_t2i", "{:.2%}"),
+        ("pointing game (text query)", "test_pointing", "{:.3f}"),
         ("held-out ℓ_sv", "test_sv", "{:.4f}"),
         ("‖Φ − φ‖/‖φ‖ (faithfulness)", "faithfulness_rel_err", "{:.3f}"),
         ("training loss", "train_loss", "{:.4f}"),

@@ -1,4 +1,5 @@
-"""Models built on the engine: the self-explaining ViT and its timm backbones."""
+"""Models built on the engine: the self-explaining ViT and its timm backbones, and the self-explaining
+image-text model with its text encoder."""
 
 from shapkern.models.backbones import (
     create_backbone,
@@ -6,13 +7,23 @@ from shapkern.models.backbones import (
     native_input,
     pretrained_normalization,
 )
+from shapkern.models.image_text import CONTRASTIVES, Contrastive, ImageTextOutput, ShapleyCLIP
 from shapkern.models.shapley_vit import HEADS, Head, ShapleyOutput, ShapleyViT
+from shapkern.models.text import PAD, UNK, TextEncoder, WordTokenizer
 
 __all__ = [
+    "CONTRASTIVES",
     "HEADS",
+    "PAD",
+    "UNK",
+    "Contrastive",
     "Head",
+    "ImageTextOutput",
+    "ShapleyCLIP",
     "ShapleyOutput",
     "ShapleyViT",
+    "TextEncoder",
+    "WordTokenizer",
     "create_backbone",
     "load_backbone_weights",
     "native_input",
