@@ -109,3 +109,21 @@ def test_bad_inputs_are_clear_errors():
         explain(torch.nn.Linear(3, 3), torch.randn(1, 3, 32, 32), texts=TEXTS, method="self")
     with pytest.raises(ValueError, match="own game"):
         explain(model, torch.randn(1, 3, 32, 32), texts=TEXTS, mode="input")
+
+
+def test_heatmaps_per_text_and_checkpoints_of_either_task(tmp_path):
+    from shapkern.explainers import save_text_heatmaps
+    from shapkern.models import ShapleyViT, self_explaining_from_state
+
+    model = make_model()
+    images = torch.randn(2, 3, 32, 32)
+    att = explain(model, images, texts=TEXTS, target="all", progress=False)
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    save_text_heatmaps(images, att, TEXTS, paths, grid=(4, 4))
+    assert all(p.stat().st_size > 1000 for p in paths)
+    with pytest.raises(ValueError, match="target='all'"):
+        save_text_heatmaps(images, att, TEXTS[:2], paths)
+    rebuilt = self_explaining_from_state({"arch": model.arch, "model": model.state_dict()})
+    assert isinstance(rebuilt, ShapleyCLIP)
+    vit = ShapleyViT("vit_tiny_patch16_224", 3, img_size=32, patch_size=8, depth=1, embed_dim=16, num_heads=2)
+    assert isinstance(self_explaining_from_state({"arch": vit.arch, "model": vit.state_dict()}), ShapleyViT)

@@ -31,6 +31,7 @@ from shapkern.explainers.explain import (
     explain,
     resolve_method,
 )
+from shapkern.explainers.image_text import save_text_heatmaps
 from shapkern.explainers.metrics import (
     faithfulness_correlation,
     insertion_deletion,
@@ -67,6 +68,7 @@ __all__ = [
     "plot_heatmap",
     "relative_l2",
     "resolve_method",
+    "save_text_heatmaps",
     "sensitivity_n",
 ]
 

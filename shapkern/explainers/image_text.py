@@ -14,7 +14,7 @@ from torch import nn
 from shapkern.explainers.attribution import Attribution
 from shapkern.games import SelfExplainingImageText, Texts, image_text_game
 
-__all__ = ["explain_image_text", "self_explain_image_text"]
+__all__ = ["explain_image_text", "save_text_heatmaps", "self_explain_image_text"]
 
 
 def self_explain_image_text(
@@ -71,3 +71,26 @@ def explain_image_text(
     )
     method = resolve_method(method, model, game.players, options["budget"], options["tol"], mode=mode)
     return estimate(game, method=method, **options)
+
+
+def save_text_heatmaps(
+    images: torch.Tensor,
+    att: Attribution,
+    texts: list[str],
+    paths: list,
+    *,
+    grid: tuple[int, int] | None = None,
+) -> None:
+    """One PNG per image: a heatmap of each text's Shapley values side by side, on one shared scale
+    (the similarities' units), titled by the text and its similarity. ``att`` from
+    ``explain(model, images, texts=texts, target="all")``: values (B, N, K); ``paths``: B files."""
+    from shapkern.explainers.viz import plot_grid  # matplotlib: imported where a figure is drawn
+
+    if att.values.shape[-1] != len(texts) or len(paths) != images.shape[0]:
+        raise ValueError(
+            "save_text_heatmaps needs target='all' values (B, N, K) of K texts and a path per image"
+        )
+    for b, path in enumerate(paths):
+        titles = [f"{text} ({float(s):.2f})" for text, s in zip(texts, att.full[b], strict=True)]
+        stacked = images[b].float().cpu().expand(len(texts), -1, -1, -1)
+        plot_grid(stacked, att.values[b].T.cpu(), path, titles=titles, grid=grid, shared_scale=True)

@@ -7,7 +7,13 @@ from shapkern.models.backbones import (
     native_input,
     pretrained_normalization,
 )
-from shapkern.models.image_text import CONTRASTIVES, Contrastive, ImageTextOutput, ShapleyCLIP
+from shapkern.models.image_text import (
+    CONTRASTIVES,
+    Contrastive,
+    ImageTextOutput,
+    ShapleyCLIP,
+    self_explaining_from_state,
+)
 from shapkern.models.shapley_vit import HEADS, Head, ShapleyOutput, ShapleyViT
 from shapkern.models.text import PAD, UNK, TextEncoder, WordTokenizer
 
@@ -28,4 +34,5 @@ __all__ = [
     "load_backbone_weights",
     "native_input",
     "pretrained_normalization",
+    "self_explaining_from_state",
 ]

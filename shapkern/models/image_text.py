@@ -24,7 +24,7 @@ from shapkern.engine import Precision
 from shapkern.models.shapley_vit import Head, ShapleyViT
 from shapkern.models.text import TextEncoder, WordTokenizer
 
-__all__ = ["CONTRASTIVES", "Contrastive", "ImageTextOutput", "ShapleyCLIP"]
+__all__ = ["CONTRASTIVES", "Contrastive", "ImageTextOutput", "ShapleyCLIP", "self_explaining_from_state"]
 
 # CLIP's softmax over the batch, or SigLIP's sigmoid per pair (which adds a learned bias).
 Contrastive = Literal["softmax", "sigmoid"]
@@ -184,3 +184,12 @@ class ShapleyCLIP(nn.Module):
         return self.image.coalition_forward(
             images, chunk_rows=chunk_rows, precision=precision, sync_checks=sync_checks
         )
+
+
+def self_explaining_from_state(state: dict, source: str = "the checkpoint") -> ShapleyViT | ShapleyCLIP:
+    """The model of a loaded ``shapkern train`` checkpoint of either task (an image-text checkpoint's
+    architecture records its vocabulary), in eval mode."""
+    arch = state.get("arch")
+    if isinstance(arch, dict) and "vocab" in arch:
+        return ShapleyCLIP.from_state(state, source)
+    return ShapleyViT.from_state(state, source)
