@@ -38,7 +38,10 @@ def test_the_image_embedding_is_the_sum_of_phi_and_coalitions_run_its_own_game()
     assert torch.allclose(out.image, out.phi.sum(1), atol=1e-6)
     assert torch.allclose(out.image, alone.image, atol=1e-5) and torch.allclose(out.values, values, atol=1e-5)
     assert torch.allclose(out.text.norm(dim=-1), torch.ones(3))
-    assert torch.allclose(out.similarity(), out.scale * out.image @ out.text.T)
+    cosine = out.scale * torch.nn.functional.normalize(out.image, dim=-1) @ out.text.T  # CLIP's
+    assert torch.allclose(out.similarity(), cosine, atol=1e-6)
+    per_coalition = out.scale * out.values / out.image.norm(dim=-1).view(3, 1, 1) @ out.text.T
+    assert torch.allclose(out.similarity(out.values), per_coalition, atol=1e-6)  # the game's values
 
 
 def test_self_explanations_sum_to_the_similarity_and_its_game_is_its_own_value_function():

@@ -52,19 +52,20 @@ def test_contrastive_loss_equals_a_slow_reference(contrastive):
 
 
 def slow_sv_and_mask(out, coalitions, contrastive):
-    """ℓ_sv and ℓ_mask by loops over images b, coalitions m and texts t."""
+    """ℓ_sv and ℓ_mask by loops over images b, coalitions m and texts t (the game's values
+    v_{x,t}(S) = exp(τ)⟨f(x_S), e_t⟩/‖f(x)‖ + b, at the full image the cosine similarity)."""
     phi, image, values, text, scale, bias = (t.double() if t is not None else None for t in out)
     b_ = 0.0 if bias is None else float(bias)
     batch, num, _ = coalitions.shape
     sv, kl = 0.0, 0.0
     for b in range(batch):
-        full = [float(scale * image[b] @ text[t]) + b_ for t in range(batch)]
+        norm = float(image[b].norm())  # v_{x,t}(S) = exp(τ)⟨f(x_S), e_t⟩/‖f(x)‖ + b
+        full = [float(scale * image[b] @ text[t]) / norm + b_ for t in range(batch)]
         for m in range(num):
-            masked = [float(scale * values[b, m] @ text[t]) + b_ for t in range(batch)]
+            masked = [float(scale * values[b, m] @ text[t]) / norm + b_ for t in range(batch)]
             for t in range(batch):
-                shapley = sum(
-                    float(scale * phi[b, n] @ text[t]) for n in range(phi.shape[1]) if coalitions[b, m, n]
-                )
+                players = [n for n in range(phi.shape[1]) if coalitions[b, m, n]]
+                shapley = sum(float(scale * phi[b, n] @ text[t]) / norm for n in players)
                 sv += (masked[t] - b_ - shapley) ** 2
             if contrastive == "softmax":
                 p = torch.tensor(full).softmax(0)
@@ -82,7 +83,12 @@ def test_sv_and_mask_losses_equal_slow_references(contrastive, bias):
     out, coalitions = outputs(bias=bias)
     loss = ContrastiveLoss(lam=2.0, mu=0.5, contrastive=contrastive)(out, coalitions)
     sv, mask = slow_sv_and_mask(out, coalitions, contrastive)
-    con = slow_contrastive(out.similarity().tolist(), contrastive)
+    cosine = [
+        [float(out.scale * out.image[i] @ out.text[t] / out.image[i].norm()) + (bias or 0) for t in range(3)]
+        for i in range(3)
+    ]
+    assert torch.allclose(loss.logits, torch.tensor(cosine), atol=1e-5)
+    con = slow_contrastive(cosine, contrastive)
     assert math.isclose(float(loss.sv), sv, rel_tol=1e-5) and math.isclose(
         float(loss.mask), mask, rel_tol=1e-4
     )

@@ -21,14 +21,14 @@ def self_explain_image_text(
     model: SelfExplainingImageText, images: torch.Tensor, texts: Texts, target
 ) -> Attribution:
     """A self-explaining image-text model's own Shapley values of its similarities: values
-    exp(τ) ⟨Φ(x)_n, e_t⟩ (B, N, K_t), base b (or 0), full s(x, t), in one forward pass."""
+    exp(τ) ⟨Φ(x)_n, e_t⟩ / ‖f(x)‖ (B, N, K_t), base b (or 0), full s(x, t), in one forward pass."""
     from shapkern.explainers.explain import _resolve_target  # explain.py dispatches to this module
 
     start = time.perf_counter()
     with torch.no_grad():
         game = image_text_game(cast(nn.Module, model), images, texts)  # the texts' embeddings, once
         phi = cast(nn.Module, model)(images).phi.float()  # (B, N, D)
-        values = game.scale * phi @ game.text.T  # (B, N, K)
+        values = game.similarity(phi) - (0 if game.bias is None else game.bias)  # (B, N, K)
         base = torch.zeros_like(values[:, 0]) if game.bias is None else game.bias.expand_as(values[:, 0])
         full = values.sum(1) + base
     index = _resolve_target(target, full.double())

@@ -6,7 +6,8 @@ zero-shot classification is the case where they are class prompts.
 - Dual encoders (open_clip CLIP and CustomTextCLIP, Hugging Face CLIPModel and SiglipModel): the
   image tower runs on the packed engine; similarity = exp(τ) cos(f(x_S), e_t) (+ b for SigLIP).
 - A self-explaining image-text model (:class:`SelfExplainingImageText`, a ``ShapleyCLIP``): its own
-  value function, f(x_S) = Σ_{n∈S} Φ(x_S)_n, and its unnormalised similarity exp(τ) ⟨f(x_S), e_t⟩ (+ b).
+  value function, f(x_S) = Σ_{n∈S} Φ(x_S)_n, scored as exp(τ) ⟨f(x_S), e_t⟩ / ‖f(x)‖ (+ b), the full
+  image's norm a constant per image (models/image_text.py).
 - Any image tower (a model whose output is an image embedding: the packed engine's families, or
   pixel masking) with a (K, D) text-embedding tensor: the cosine similarity.
 
@@ -36,7 +37,7 @@ Tokenizer = Callable[[list[str]], object]  # -> token ids (K, L), or a mapping h
 @runtime_checkable
 class SelfExplainingImageText(Protocol):
     """A self-explaining image-text model (a :class:`shapkern.models.ShapleyCLIP`): Φ(x) (B, N, D) in
-    the joint space, f(x) = Σ_n Φ(x)_n, similarity exp(τ) ⟨f(x), e_t⟩ (+ b) with unit text embeddings.
+    the joint space, f(x) = Σ_n Φ(x)_n, similarity exp(τ) ⟨f(x), e_t⟩/‖f(x)‖ (+ b), unit text embeddings.
 
     ``model(images, texts)`` returns (phi, image, values, text, scale, bias); ``encode_text(texts)``
     gives (K, D); ``coalition_forward(images, ...)`` a function of coalitions (B, M, N) -> f(x_S)
@@ -71,6 +72,8 @@ class ImageTextGame(Restrictable):
         scale, bias: the similarity's factor and bias (float or () tensors; bias None: 0).
         normalize: cosine similarity (both sides normalised, an all-zero image embedding scoring 0),
             or the inner product as given (a self-explaining model's).
+        image_norm: (B,) a constant per image that every embedding is divided by (a self-explaining
+            model's ‖f(x)‖), or None.
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class ImageTextGame(Restrictable):
         scale: float | torch.Tensor = 1.0,
         bias: float | torch.Tensor | None = None,
         normalize: bool = True,
+        image_norm: torch.Tensor | None = None,
     ):
         if text.dim() != 2 or not text.is_floating_point():
             raise ValueError(f"text embeddings must be float (K, D), got {text.dtype} {tuple(text.shape)}")
@@ -94,15 +98,18 @@ class ImageTextGame(Restrictable):
             None if bias is None else torch.as_tensor(bias, dtype=torch.float32).detach().to(text.device)
         )
         self.batch, self.players, self.device = batch, players, device
+        self.image_norm = None if image_norm is None else image_norm.detach().float().view(-1, 1, 1)
 
     def similarity(self, image: torch.Tensor) -> torch.Tensor:
-        """The similarity of image embeddings (..., D) with the texts: (..., K)."""
+        """The similarity of image embeddings (B, M, D) with the texts: (B, M, K)."""
         if image.shape[-1] != self.text.shape[-1]:
             raise ValueError(
                 f"image embeddings have {image.shape[-1]} dimensions, the texts' {self.text.shape[-1]}: "
                 "text embeddings must be in the image tower's output space"
             )
         image = F.normalize(image.float(), dim=-1) if self.normalize else image.float()
+        if self.image_norm is not None:
+            image = image / self.image_norm
         sims = self.scale * image @ self.text.T
         return sims if self.bias is None else sims + self.bias
 
@@ -188,6 +195,8 @@ def image_text_game(
         forward = model.coalition_forward(
             images, chunk_rows=chunk_rows, precision=precision, sync_checks=sync_checks
         )
+        with torch.no_grad():  # ‖f(x)‖, the full coalition's
+            full = forward(torch.ones(batch, 1, model.num_players, dtype=torch.bool, device=device))
         return ImageTextGame(
             forward,
             text,
@@ -197,6 +206,7 @@ def image_text_game(
             scale=model.scale,
             bias=model.bias,
             normalize=False,
+            image_norm=full[:, 0].norm(dim=-1),
         )
     dual = dual_encoder(model)
     if dual is not None:

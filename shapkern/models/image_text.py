@@ -2,11 +2,17 @@
 Shapley head outputs each patch's contribution in the joint embedding space, and a small text encoder.
 
 Φ(x) ∈ R^{N×D}; the image embedding is f(x) = Σ_n Φ(x)_n, a text's embedding e_t is unit-norm, and the
-similarity is s(x, t) = exp(τ) ⟨f(x), e_t⟩ (+ b with the sigmoid loss). It is linear in f(x) and
-f(∅) = 0, so s(x, t) − b = Σ_n exp(τ) ⟨Φ(x)_n, e_t⟩ exactly, for every text at once: the K axis of
-an explanation is the texts. The image embedding is not normalised: CLIP's cosine is not additive
-over patches (its decomposition Φ/‖f(x)‖ keeps efficiency but is not the Shapley value of the cosine
-game; benchmarks/experiments/image_text measures how far it is).
+similarity is CLIP's, s(x, t) = exp(τ) ⟨f(x), e_t⟩ / ‖f(x)‖ (+ b with the sigmoid loss).
+
+The game it explains is v_{x,t}(S) = exp(τ) ⟨f(x_S), e_t⟩ / ‖f(x)‖ (+ b): the masked image's embedding
+scored with the full image's normalisation, a constant per image (as a classifier's game is its
+logits, before the softmax normalises them). It equals s(x, t) at the full coalition, b at the empty
+one, and is linear in f(x_S), so its Shapley values are exp(τ) ⟨Φ(x)_n, e_t⟩ / ‖f(x)‖ for every text
+at once (when ℓ_sv has made Φ the Shapley values of f's own game): the K axis of an explanation is
+the texts. The cosine game exp(τ) cos(f(x_S), e_t) normalises every coalition by its own norm, which
+is not additive over patches; benchmarks/experiments/image_text measures how far Φ is from its values.
+Normalising matters for retrieval: an unnormalised, patch-additive f(x) grows with the number of
+objects in an image, which costs text→image recall.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ class ImageTextOutput(NamedTuple):
         values: (B, M, D) f(x_S) of the M coalitions, or None.
         text: (K, D) unit text embeddings, or None when no texts were given.
         scale: () exp(τ). bias: () b, or None (softmax).
+
+    ``norm`` (B, 1) is ‖f(x)‖, the per-image constant of the similarity and of the game.
     """
 
     phi: torch.Tensor
@@ -49,17 +57,23 @@ class ImageTextOutput(NamedTuple):
     scale: torch.Tensor
     bias: torch.Tensor | None
 
-    def similarity(self, image: torch.Tensor | None = None) -> torch.Tensor:
-        """exp(τ) ⟨image, e_t⟩ (+ b) of image embeddings (..., D) (default f(x)) with the texts: (..., K)."""
+    @property
+    def norm(self) -> torch.Tensor:
+        return self.image.norm(dim=-1, keepdim=True)
+
+    def similarity(self, values: torch.Tensor | None = None) -> torch.Tensor:
+        """exp(τ) ⟨f, e_t⟩ / ‖f(x)‖ (+ b) with the texts: of f(x) (B, D) (CLIP's cosine similarity,
+        the default) or of the coalitions' embeddings f(x_S) (B, M, D) (the game's values): (B, [M,] K)."""
         if self.text is None:
             raise ValueError("similarities need the texts: call the model with texts")
-        sims = self.scale * (self.image if image is None else image) @ self.text.T
+        image, norm = (self.image, self.norm) if values is None else (values, self.norm.unsqueeze(1))
+        sims = self.scale * (image / norm) @ self.text.T
         return sims if self.bias is None else sims + self.bias
 
 
 class ShapleyCLIP(nn.Module):
     """A self-explaining image-text model: Φ(x) (B, N, D) in the joint space, f(x) = Σ_n Φ(x)_n,
-    texts through a :class:`~shapkern.models.TextEncoder`, similarity exp(τ) ⟨f(x), e_t⟩ (+ b).
+    texts through a :class:`~shapkern.models.TextEncoder`, similarity exp(τ) ⟨f(x), e_t⟩/‖f(x)‖ (+ b).
 
     Args:
         backbone: a timm ViT name (its classifier removed), built with ``backbone_kwargs``.

@@ -1,18 +1,21 @@
 """The image-text objective (docs/design.md, "Image-text matching"): L = ℓ_con + λ ℓ_sv + μ ℓ_mask.
 
-For a batch of B images and their B captions, with s(x, t) = exp(τ) ⟨f(x), e_t⟩ (+ b):
+For a batch of B images and their B captions, with s(x, t) = exp(τ) ⟨f(x), e_t⟩ / ‖f(x)‖ (+ b), and the
+game v_{x,t}(S) = exp(τ) ⟨f(x_S), e_t⟩ / ‖f(x)‖ (+ b) (models/image_text.py):
 
 - ℓ_con: CLIP's softmax loss (cross-entropy over the texts of each image and over the images of each
   text, averaged) or SigLIP's sigmoid loss (−log σ(±s) of every pair, + on the diagonal, summed over
   texts, averaged over images), on the full images.
-- ℓ_sv = E_{x,S} mean_t (s(x_S, t) − b − Σ_{n∈S} exp(τ) ⟨Φ(x)_n, e_t⟩)²: the Shapley regression of the
-  similarities of the masked images with the batch's texts (B × M × B values). It is the embedding's
-  ℓ_sv seen through the texts; its gradient flows into both sides, as the classification loss's.
+- ℓ_sv = E_{x,S} mean_t (v_{x,t}(S) − b − Σ_{n∈S} exp(τ) ⟨Φ(x)_n, e_t⟩ / ‖f(x)‖)²: the Shapley
+  regression of the masked images' values with the batch's texts (B × M × B values). It is the
+  embedding's ℓ_sv seen through the texts, relative to ‖f(x)‖² (which enters without gradient), so
+  it does not depend on the embedding's scale; its gradient flows into both sides, as the
+  classification loss's.
 - ℓ_mask: KL(sg p(· | x) ‖ p(· | x_S)) between the full and the masked image's distributions over
   the batch's texts (softmax), or the mean KL of the pairs' Bernoulli distributions (sigmoid).
 
-ℓ_sv and ℓ_mask train the image tower's game; the text embeddings and the temperature enter them
-without gradient (the contrastive loss trains those), so they cannot be lowered by turning the
+ℓ_sv and ℓ_mask train the image tower's game; the text embeddings, the temperature and ‖f(x)‖ enter
+them without gradient (the contrastive loss trains those), so they cannot be lowered by turning the
 texts away from the errors. λ = μ = 0 is the contrastive loss alone: the step then runs no coalitions.
 """
 
@@ -99,13 +102,14 @@ class ContrastiveLoss(nn.Module):
         if values is None or coalitions is None:
             raise ValueError("λ > 0 or μ > 0 needs the coalitions and the outputs of a pass with them")
         coalitions = check_coalitions(coalitions, phi.shape[0], phi.shape[1], phi.device, paired=False)
-        project = scale.detach() * text.detach().T  # (D, K): the texts and temperature, no gradient
-        error = (values - torch.bmm(coalitions.to(phi.dtype), phi)).float() @ project
+        # (D, K) and (B, 1, 1): the texts, the temperature and ‖f(x)‖ as constants
+        project, norm = scale.detach() * text.detach().T, outputs.norm.detach().float().unsqueeze(1)
+        error = (values - torch.bmm(coalitions.to(phi.dtype), phi)).float() / norm @ project
         sv = error.square().mean()
         total = con + self.lam * sv
         mask = zero
         if self.mask_loss is not None:
-            masked = values.float() @ project + (0 if bias is None else bias.detach())
+            masked = values.float() / norm @ project + (0 if bias is None else bias.detach())
             mask = _mask_kl(sims, masked, self.contrastive)
             total = total + self.mu * mask
         parts = (con.detach(), sv.detach(), mask.detach())

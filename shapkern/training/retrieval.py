@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from shapkern.checkpoint import atomic_write
 from shapkern.coalitions import CoalitionSampler, Sampler
@@ -81,12 +82,12 @@ class Retrieval:
         texts = data.retrieval.nonzero()[:, 0]
         text = torch.cat([model.encode_text(data.tokens[chunk].to(device)) for chunk in texts.split(1024)])
         images = image_embeddings(model, data, device, self.batch_size)
-        sims = model.scale * images @ text.T
+        sims = model.scale * F.normalize(images, dim=-1) @ text.T  # CLIP's cosine similarity
         record = {f"test_{k}": v for k, v in recall_at_k(sims, data.caption_image[texts].to(device)).items()}
         return {**record, "test_sv": self._held_out_sv(model, data, text, texts, device)}
 
     def _held_out_sv(self, model, data, text, texts, device) -> float:
-        """mean (s(x_S, t) − Σ_{n∈S} s_n)² over images, coalitions and their retrieval captions."""
+        """mean (v_{x,t}(S) − b − Σ_{n∈S} φ_{n,t})² over images, coalitions and first retrieval captions."""
         draw = CoalitionSampler(self.num_coalitions, self.sampler, self.paired, self.seed)
         first_text = torch.full((data.num_images,), len(texts) - 1, dtype=torch.int64).scatter_reduce(
             0, data.caption_image[texts], torch.arange(len(texts)), reduce="amin"
@@ -100,7 +101,9 @@ class Retrieval:
                     _images(data, start, int(index[-1]) + 1, device), None, coalitions, paired=self.paired
                 )
             assert out.values is not None  # a pass with coalitions
-            error = out.values.float() - torch.bmm(coalitions.float(), out.phi.float())
+            error = (
+                out.values.float() - torch.bmm(coalitions.float(), out.phi.float())
+            ) / out.norm.unsqueeze(1)
             own = text[first_text[index]]  # (b, D)
             total += float((model.scale * (error * own.unsqueeze(1)).sum(-1)).square().sum())
             count += error.shape[0] * error.shape[1]
@@ -111,14 +114,14 @@ class Retrieval:
 def caption_heatmaps(
     model: ShapleyCLIP, data: CaptionedImages, captions: torch.Tensor, device
 ) -> torch.Tensor:
-    """Φ(x)·e_t·exp(τ) (P, N) of the given captions (P,) with their images: each patch's share of
-    the similarity, its Shapley value in the model's own game."""
+    """exp(τ) Φ(x)·e_t / ‖f(x)‖ (P, N) of the given captions (P,) with their images: each patch's share
+    of the similarity, its Shapley value in the model's own game."""
     owners = data.caption_image[captions]
     images = torch.stack([data.images[int(j)] for j in owners]).to(device)
     with autocast(device):
         out = model(images, data.tokens[captions].to(device))
     assert out.text is not None
-    return (out.scale * (out.phi.float() * out.text.float().unsqueeze(1)).sum(-1)).cpu()
+    return (out.scale * (out.phi.float() * out.text.float().unsqueeze(1)).sum(-1) / out.norm).cpu()
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from benchmarks import harness
-from shapkern.training.config import TASK_DEFAULTS, TrainConfig
+from shapkern.training.config import TASK_DEFAULTS
 
 DEFAULTS = TASK_DEFAULTS["image-text"]
 TARGET_R1_GAP = 0.02  # issue 27: recall@1 within 2 points of the contrastive loss alone
@@ -35,7 +35,7 @@ def parse_args(argv, description: str):
     parser.add_argument(
         "--settings", nargs="+", default=["contrastive", "self"], choices=["contrastive", "self"]
     )
-    parser.add_argument("--lam", type=float, default=TrainConfig.lam, help="λ of the self-explaining runs")
+    parser.add_argument("--lam", type=float, default=DEFAULTS["lam"], help="λ of the self-explaining runs")
     parser.add_argument("--mu", type=float, default=DEFAULTS["mu"], help="μ of the self-explaining runs")
     parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="training epochs")
     parser.add_argument(

@@ -38,9 +38,9 @@ def coalition_table(model, image: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def exact_errors(model, data, count: int) -> dict:
-    """‖Φ·e − φ‖/‖φ‖ per image over its captions, φ the exact Shapley values of (a) its own
-    similarity game exp(τ)⟨f(x_S), e_t⟩ and (b) the cosine game exp(τ) cos(f(x_S), e_t) (with
-    v(∅) = 0), whose decomposition is taken as Φ·e/‖f(x)‖ (efficiency holds, the game is not additive)."""
+    """‖Φ·e/‖f(x)‖ − φ‖/‖φ‖ per image over its captions, φ the exact Shapley values (all 2^N
+    coalitions) of (a) its own game exp(τ)⟨f(x_S), e_t⟩/‖f(x)‖ and (b) the cosine game
+    exp(τ) cos(f(x_S), e_t) (v(∅) = 0; both equal the similarity at the full coalition)."""
     own, cosine, start = [], [], time.perf_counter()
     for j in range(min(count, data.num_images)):
         image = data.images[j : j + 1]
@@ -48,15 +48,13 @@ def exact_errors(model, data, count: int) -> dict:
         text = model.encode_text(data.tokens[captions]) * model.scale  # (K, D), the scale folded in
         table = coalition_table(model, image)
         out = model(image)
-        phi = out.phi[0] @ text.T  # (N, K)
-        for game, decomposition, errors in (
-            (table @ text.T, phi, own),
-            (F.normalize(table, dim=-1) @ text.T, phi / out.image[0].norm(), cosine),
-        ):
+        norm = out.image[0].norm()
+        phi = out.phi[0] @ text.T / norm  # (N, K)
+        for game, errors in ((table @ text.T / norm, own), (F.normalize(table, dim=-1) @ text.T, cosine)):
             exact = estimate(TabulatedGame(game[None]), method="exact", target="all", progress=False).values[
                 0
             ]
-            errors.append(float(relative_l2(decomposition[None], exact[None])))
+            errors.append(float(relative_l2(phi[None], exact[None])))
     return {
         "images": len(own),
         "rel_err_mean": statistics.fmean(own),
@@ -81,7 +79,8 @@ def kernel_heatmaps(model, data, captions: torch.Tensor, budget: int, seed: int)
         values = estimate(
             game, method="kernel", budget=budget, target="all", seed=seed, progress=False
         ).values
-        phi.update(zip(batch, values.float(), strict=True))
+        norms = model(x).image.norm(dim=-1).view(-1, 1, 1)  # the game's constant per image
+        phi.update(zip(batch, values.float() / norms, strict=True))
     text = model.encode_text(data.tokens[captions]) * model.scale
     return torch.stack([phi[int(j)] @ t for j, t in zip(owners, text, strict=True)])
 
