@@ -4,6 +4,7 @@ own game. :func:`save_caption_heatmaps` draws the final picture of a run: a heat
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 
 import torch
@@ -174,7 +175,7 @@ def save_caption_heatmaps(model: ShapleyCLIP, data: CaptionedImages, path: str, 
     model.eval()
     maps = caption_heatmaps(model, data, captions, device)
     images = torch.stack([data.images[int(j)] for j in data.caption_image[captions]]).float()
-    titles = [data.texts[int(i)] for i in captions]
+    titles = [textwrap.fill(data.texts[int(i)], 24) for i in captions]  # long captions on several lines
     grid = patch_grid(model.image.backbone, model.num_players)
     fig = plot_grid(images, maps, titles=titles, grid=grid, dpi=110)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
