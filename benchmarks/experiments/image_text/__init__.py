@@ -1,10 +1,11 @@
 """Image-text matching (issue 27) on the built-in captioned set, on the CPU: a ShapleyCLIP trained
 with the contrastive loss alone (λ = μ = 0) and self-explaining (λ ℓ_sv + μ ℓ_mask), every seed.
 
-Per run: retrieval recall@1 and @5 both ways over the 500 test images' retrieval captions; the
-error ‖Φ·e − φ‖/‖φ‖ of its one-pass explanation against the exact Shapley values (all 2^16
-coalitions) of its own similarity game exp(τ)⟨f(x_S), e_t⟩, over each of the first --exact-images
-test images' captions, and against those of the cosine game exp(τ) cos(f(x_S), e_t) with Φ·e/‖f(x)‖;
+Per run: retrieval recall@1 and @5 both ways over the 500 test images' retrieval captions (CLIP's
+cosine similarity); the error ‖exp(τ)Φ·e/‖f(x)‖ − φ‖/‖φ‖ of its one-pass explanation against the
+exact Shapley values (all 2^16 coalitions) of its own game exp(τ)⟨f(x_S), e_t⟩/‖f(x)‖ over each of
+the first --exact-images test images' captions (self-explaining runs), and against those of the
+cosine game exp(τ) cos(f(x_S), e_t), which normalises every coalition by its own norm;
 localisation from the text query (pointing game, AUROC, mIoU against the cells each caption names)
 over the captions of the first --local-images test images, by Φ and by post-hoc KernelSHAP at
 --kernel-budget evaluations on the same model's game.
@@ -12,7 +13,8 @@ over the captions of the first --local-images test images, by Φ and by post-hoc
 Every run is kept in --runs/<name>/result.json with its settings and reused by a later invocation
 with the same settings, so seeds can run in separate processes and the tables be assembled after.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.experiments.image_text --out benchmarks/results/2026-12-07-cpu
+    OMP_NUM_THREADS=1 python -m benchmarks.experiments.image_text --device cpu \\
+        --out benchmarks/results/2026-12-07-cpu
 """
 
 from __future__ import annotations

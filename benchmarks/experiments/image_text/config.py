@@ -38,9 +38,7 @@ def parse_args(argv, description: str):
     parser.add_argument("--lam", type=float, default=DEFAULTS["lam"], help="λ of the self-explaining runs")
     parser.add_argument("--mu", type=float, default=DEFAULTS["mu"], help="μ of the self-explaining runs")
     parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="training epochs")
-    parser.add_argument(
-        "--exact-images", type=int, default=16, help="test images scored against exact values"
-    )
+    parser.add_argument("--exact-images", type=int, default=8, help="test images scored against exact values")
     parser.add_argument("--local-images", type=int, default=100, help="test images whose captions localise")
     parser.add_argument("--kernel-budget", type=int, default=512, help="KernelSHAP evaluations per image")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads")
