@@ -160,6 +160,29 @@ def encode_texts(
     return encode_tokens(texts.long().to(device) if device is not None else texts.long()).float()
 
 
+@torch.no_grad()
+def _own_game(model: SelfExplainingImageText, forward, images: torch.Tensor, texts: Texts) -> ImageTextGame:
+    """A self-explaining model's game: its f(x_S), scored with its texts' embeddings (strings and
+    token ids through its own tokenizer and text encoder), temperature, bias and ‖f(x)‖."""
+    batch, device = images.shape[0], images.device
+    if isinstance(texts, torch.Tensor) and texts.is_floating_point():
+        text = F.normalize(texts.to(device), dim=-1)
+    else:
+        text = model.encode_text(texts)
+    full = forward(torch.ones(batch, 1, model.num_players, dtype=torch.bool, device=device))
+    return ImageTextGame(
+        forward,
+        text,
+        batch=batch,
+        players=model.num_players,
+        device=device,
+        scale=model.scale,
+        bias=model.bias,
+        normalize=False,
+        image_norm=full[:, 0].norm(dim=-1),
+    )
+
+
 def image_text_game(
     model: nn.Module,
     images: torch.Tensor,
@@ -187,27 +210,10 @@ def image_text_game(
             raise ValueError(
                 "mode='input': a self-explaining image-text model is explained through its own game"
             )
-        with torch.no_grad():  # strings, token ids: its own tokenizer and text encoder
-            if isinstance(texts, torch.Tensor) and texts.is_floating_point():
-                text = F.normalize(texts.to(device), dim=-1)
-            else:
-                text = model.encode_text(texts)
         forward = model.coalition_forward(
             images, chunk_rows=chunk_rows, precision=precision, sync_checks=sync_checks
         )
-        with torch.no_grad():  # ‖f(x)‖, the full coalition's
-            full = forward(torch.ones(batch, 1, model.num_players, dtype=torch.bool, device=device))
-        return ImageTextGame(
-            forward,
-            text,
-            batch=batch,
-            players=model.num_players,
-            device=device,
-            scale=model.scale,
-            bias=model.bias,
-            normalize=False,
-            image_norm=full[:, 0].norm(dim=-1),
-        )
+        return _own_game(model, forward, images, texts)
     dual = dual_encoder(model)
     if dual is not None:
         tokenize = tokenizer or dual.tokenize
