@@ -108,7 +108,7 @@ COMMANDS = [
     "bench_attention", "bench_engine", "bench_fused", "bench_reductions", "bench_scaling", "bench_train_step",
     "estimators", "estimators_large", "explanation_quality", "fp8_error", "profile_engine", "recipe_epoch",
     "thread_policy", "throughput", "train_figures", "tune_attention", "experiments.peers",
-    "experiments.train_sweeps",
+    "experiments.train_sweeps", "experiments.image_text",
 ]  # fmt: skip
 
 
@@ -471,6 +471,34 @@ def test_train_sweeps_smoke_on_cpu(train_sweeps, tmp_path, capsys):
     assert markdown.startswith("# Training sweeps") and "| 2 of 8 | 1 |" in markdown
     again = json.loads((tmp_path / "again" / "train_sweeps.json").read_text())
     assert again["lam"] == result["lam"]
+
+
+def test_image_text_benchmark_smoke_on_cpu(tmp_path, capsys):
+    import torch
+
+    from benchmarks.experiments import image_text
+
+    args = [
+        "--device", "cpu", "--epochs", "1", "--limit-train", "24", "--limit-test", "8", "--exact-images", "1",
+        "--local-images", "4", "--kernel-budget", "64", "--seeds", "0", "--runs", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    threads = torch.get_num_threads()  # main() sets them (--threads); restored for the other tests
+    try:
+        image_text.main([*args, "--out", str(tmp_path / "out")])
+        image_text.main([*args, "--settings", "self", "--out", str(tmp_path / "again")])
+    finally:
+        torch.set_num_threads(threads)
+    assert capsys.readouterr().out.count("reusing") == 1  # every run is kept with its settings
+    result = json.loads((tmp_path / "out" / "image_text.json").read_text())
+    base, self_explaining = result["runs"]
+    assert (base["setting"], self_explaining["setting"]) == ("contrastive", "self-explaining")
+    assert base["exact"] is None and 0 < self_explaining["exact"]["rel_err_mean"] < 10
+    assert 0 < self_explaining["exact"]["cosine_rel_err_mean"] < 10
+    for run in result["runs"]:
+        assert 0 <= run["test_r1_i2t"] <= run["test_r5_i2t"] <= 1 and 0 <= run["test_r1_t2i"] <= 1
+        assert {"self", "kernel64"} <= set(run["localization"])
+    markdown = (tmp_path / "out" / "image_text.md").read_text()
+    assert markdown.startswith("# Image-text matching") and "self-explanation error" in markdown
 
 
 def test_estimators_benchmark_smoke_on_cpu(tmp_path):

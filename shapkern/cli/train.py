@@ -10,9 +10,9 @@ import time
 
 from shapkern.checkpoint import CHECKPOINT, PREVIOUS_CHECKPOINT
 from shapkern.coalitions import SAMPLERS
-from shapkern.data import DATASETS
+from shapkern.data import CAPTION_DATASETS, DATASETS
 from shapkern.engine import PRECISIONS
-from shapkern.models import HEADS, native_input
+from shapkern.models import CONTRASTIVES, HEADS, native_input
 from shapkern.runlock import FolderLock
 from shapkern.training import (
     DEVICES,
@@ -20,6 +20,7 @@ from shapkern.training import (
     MASK_LOSSES,
     METRICS,
     SV_SCALES,
+    TASKS,
     TrainConfig,
     metric_labels,
     resumed_config,
@@ -30,7 +31,18 @@ __all__ = ["add_parser", "run"]
 
 # (field of TrainConfig, help, choices). Types and defaults come from TrainConfig.
 ARGS = (
-    ("data", f"{', '.join(DATASETS)} (the named ones through torchvision, under --data-root)", None),
+    (
+        "task",
+        "classification (a self-explaining ViT), or image-text (a self-explaining image-text model on "
+        "captioned images; its defaults: --data captions --out runs/captions --epochs 10 --lam 10 --mu 0.1)",
+        TASKS,
+    ),
+    (
+        "data",
+        f"{', '.join(DATASETS)} (the named ones through torchvision, under --data-root); image-text: "
+        f"{', '.join(CAPTION_DATASETS)}",
+        None,
+    ),
     ("data_root", "folder holding the named datasets (--download fetches a missing one there)", None),
     ("model", "timm ViT, arch or arch.tag (e.g. vit_small_patch16_224.augreg_in21k_ft_in1k)", None),
     ("img_size", "input size in pixels", None),
@@ -68,6 +80,8 @@ ARGS = (
         SV_SCALES,
     ),
     ("target_precision", "forward-only ℓ_sv targets in the model's dtype, or e4m3 GEMMs", PRECISIONS),
+    ("joint_dim", "image-text: dimensions of the joint image-text embedding space", None),
+    ("contrastive", "image-text: CLIP's softmax loss or SigLIP's sigmoid loss", CONTRASTIVES),
     ("mask_loss", "ℓ_mask", tuple("none" if m is None else m for m in MASK_LOSSES)),
     ("seed", "random seed; CPU runs with the same seed are bitwise identical", None),
     ("out", "run folder: checkpoint.pt, checkpoint.prev.pt, metrics.jsonl, explanations.png", None),
@@ -177,12 +191,17 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
     if given.get("pretrained") or given.get("weights"):
         img_size, patch_size = native_input(given.get("model", TrainConfig.model))
         given = {**dict(zip(NATIVE, (None, None, None, img_size, patch_size), strict=True)), **given}
-    return TrainConfig(**given), explicit
+    return TrainConfig.for_task(**given), explicit
 
 
 def _summary(cfg: TrainConfig, record: dict, seconds: float) -> str:
     lines = [f"shapkern train: done in {seconds:.0f} s ({seconds / 60:.1f} min)"]
-    formats = {"test_acc": "{:.2%}", "test_sv": "{:.4f}"}  # the other evaluators' metrics: {:.3f}
+    formats = {
+        "test_acc": "{:.2%}",
+        "test_r1_i2t": "{:.2%}",
+        "test_r1_t2i": "{:.2%}",
+        "test_sv": "{:.4f}",
+    }  # the other evaluators' metrics: {:.3f}
     shown = [(label, key, formats.get(key, "{:.3f}")) for key, label in metric_labels(cfg).items()]
     shown += [("training loss", "train_loss", "{:.4f}"), ("images/s", "images_per_s", "{:.0f}")]
     shown += [("threads", "threads", "{}")]

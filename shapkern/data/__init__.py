@@ -6,12 +6,18 @@ under a data root, see :mod:`shapkern.data.catalog`) or ``"imagefolder:PATH"`` a
 :class:`DataBundle`: train and test splits of ``(image, label, index)`` items, the class names,
 and the :class:`Preprocessing` that turns image files into inputs like these. ``explain_split``
 gives one split in a model's deterministic test view, for explaining it (:mod:`shapkern.data.views`).
+
+``load_caption_dataset(spec)`` takes ``"captions"`` (built in, with the masks of what each caption
+names), ``"coco-captions"`` or ``"flickr30k"`` (local files) and returns a :class:`CaptionBundle`
+of ``(image, caption tokens, index)`` items, one per caption, for image-text matching.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from shapkern.data.caption_sets import CAPTION_DATASETS, LazyImages, load_caption_dataset
+from shapkern.data.captions import CaptionBundle, CaptionedImages, captions, make_captions
 from shapkern.data.catalog import CATALOG, DEFAULT_DATA_ROOT, catalog_dataset
 from shapkern.data.datasets import DataBundle, EvidenceDataset, IndexedDataset, TensorImageDataset
 from shapkern.data.folders import imagefolder
@@ -27,24 +33,31 @@ from shapkern.data.synthetic import digits, evidence, make_evidence
 from shapkern.data.views import SPLITS, SplitView, explain_split
 
 __all__ = [
+    "CAPTION_DATASETS",
     "CATALOG",
     "DATASETS",
     "DEFAULT_DATA_ROOT",
+    "CaptionBundle",
+    "CaptionedImages",
     "DataBundle",
     "EvidenceDataset",
     "IndexedDataset",
     "SPLITS",
+    "LazyImages",
     "PixelLimitError",
     "Preprocessing",
     "SplitView",
     "TensorImageDataset",
+    "captions",
     "catalog_dataset",
     "decode_image",
     "digits",
     "evidence",
     "explain_split",
     "imagefolder",
+    "load_caption_dataset",
     "load_dataset",
+    "make_captions",
     "make_evidence",
     "open_image",
     "pixels_to_unit",

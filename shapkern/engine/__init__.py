@@ -9,7 +9,7 @@
 """
 
 from shapkern._deprecation import renamed_function
-from shapkern.engine.adapters import ModelAdapter, adapter_for
+from shapkern.engine.adapters import DualEncoder, ModelAdapter, adapter_for, dual_encoder
 from shapkern.engine.blocks import packed_block_forward
 from shapkern.engine.chunking import check_chunk_rows, run_chunks
 from shapkern.engine.forward import (
@@ -47,6 +47,7 @@ __all__ = [
     "Baseline",
     "Blocks",
     "CoalitionForward",
+    "DualEncoder",
     "MaskedInputForward",
     "Mode",
     "ModelAdapter",
@@ -60,6 +61,7 @@ __all__ = [
     "check_packed_model",
     "check_precision",
     "clear_fp8_weights",
+    "dual_encoder",
     "coalition_chunk_rows",
     "coalition_tokens",
     "embed_tokens",

@@ -35,6 +35,7 @@ from shapkern.explainers.explain import (
     explain,
     resolve_method,
 )
+from shapkern.explainers.image_text import save_text_heatmaps
 from shapkern.explainers.loading import NamedModel, load_model
 from shapkern.explainers.metrics import (
     faithfulness_correlation,
@@ -80,6 +81,7 @@ __all__ = [
     "plot_heatmap",
     "relative_l2",
     "resolve_method",
+    "save_text_heatmaps",
     "sensitivity_n",
 ]
 

@@ -32,7 +32,8 @@ from shapkern.explainers.estimators import (
     EstimatorName,
     endpoints,
 )
-from shapkern.games import Game, SelfExplaining, model_game, restrict
+from shapkern.explainers.image_text import explain_image_text
+from shapkern.games import Game, SelfExplaining, Texts, model_game, restrict
 
 __all__ = [
     "AUTO_EXACT_PLAYERS",
@@ -254,8 +255,11 @@ def explain(
     players: int | None = None,
     precision: Precision = "auto",
     batch_size: int | None = None,
+    texts: Texts | None = None,
+    tokenizer=None,
 ) -> Attribution:
-    """Shapley values of the patches of ``images`` for ``model``'s logits.
+    """Shapley values of the patches of ``images`` for ``model``'s logits, or with ``texts`` for its
+    image-text similarity with each text.
 
     Args:
         model: a self-explaining model such as a ShapleyViT (value: its own value function), a
@@ -271,12 +275,25 @@ def explain(
         mode, baseline, players, precision: see :func:`~shapkern.games.model_game`
             (``precision="fp8"``: e4m3 GEMMs for every coalition evaluation; no effect on ``self``).
         batch_size: deprecated spelling of ``coalitions_per_call``.
+        texts: K texts (strings, token ids (K, L) or embeddings (K, D)): the game's outputs are the
+            model's similarities with them (:func:`~shapkern.games.image_text_game`); ``target``
+            then picks texts ("pred": the best-matching one). None: the model's logits.
+        tokenizer: with ``texts`` as strings, for a model whose tokenizer shapkern cannot build offline.
 
     Returns:
         An :class:`Attribution` with values (B, N, K_t).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if texts is not None:
+        per_call = _coalitions_per_call(coalitions_per_call, batch_size)
+        masking = dict(
+            mode=mode, baseline=baseline, players=players, precision=precision, tokenizer=tokenizer
+        )
+        run = dict(budget=budget, target=target, paired=paired, tol=tol, seed=seed, progress=progress)
+        return explain_image_text(
+            model, images, texts, method=method, coalitions_per_call=per_call, **masking, **run
+        )
     if method == "self" or (method == "auto" and isinstance(model, SelfExplaining) and mode != "input"):
         if not isinstance(model, SelfExplaining):
             raise ValueError(

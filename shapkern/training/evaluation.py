@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sized
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -20,10 +20,16 @@ from shapkern.data import EvidenceDataset
 from shapkern.engine import patch_grid
 from shapkern.explainers.explain import explain  # the function (the package also names its module)
 from shapkern.explainers.metrics import localization, relative_l2
-from shapkern.models import ShapleyViT
+from shapkern.models import ShapleyCLIP, ShapleyViT
 from shapkern.training.config import TrainConfig
 from shapkern.training.distributed import autocast
 from shapkern.training.losses import shapley_regression_loss
+from shapkern.training.retrieval import (
+    CaptionFaithfulness,
+    Retrieval,
+    TextLocalization,
+    save_caption_heatmaps,
+)
 
 __all__ = [
     "EVAL_EPOCH",
@@ -36,7 +42,7 @@ __all__ = [
     "save_heatmaps",
 ]
 
-Evaluator = Callable[[ShapleyViT, Dataset, torch.device], dict]
+Evaluator = Callable[[Any, Any, torch.device], dict]  # (the task's model, its test set, device)
 EVAL_EPOCH = -1  # coalition seed "epoch" of the held-out ℓ_sv, the same at every evaluation
 
 
@@ -136,7 +142,9 @@ class Localisation:
 
 def default_evaluators(cfg: TrainConfig) -> list[Evaluator]:
     """Held-out accuracy and ℓ_sv, faithfulness when ``cfg.faith_images`` > 0, and localisation on
-    data with evidence masks."""
+    data with evidence masks; for image-text, :func:`image_text_evaluators`."""
+    if cfg.task == "image-text":
+        return image_text_evaluators(cfg)
     held_out = HeldOutLoss(cfg.num_coalitions, cfg.seed, max(64, cfg.batch_size), cfg.sampler, cfg.paired)
     evaluators: list[Evaluator] = [held_out, Localisation(max(64, cfg.batch_size))]
     if cfg.faith_images > 0:
@@ -154,13 +162,32 @@ def metric_labels(cfg: TrainConfig) -> dict[str, str]:
         "pointing": "pointing game (evidence masks)",
         "auroc": "AUROC of Φ on the evidence masks",
         "miou": "mIoU with the evidence masks",
+        "test_r1_i2t": "recall@1 image→text",
+        "test_r1_t2i": "recall@1 text→image",
+        "test_pointing": "pointing game (text query)",
     }
 
 
+def image_text_evaluators(cfg: TrainConfig) -> list[Evaluator]:
+    """Retrieval recall and held-out ℓ_sv, localisation from the text query (sets with masks), and
+    faithfulness when ``cfg.faith_images`` > 0."""
+    retrieval = Retrieval(cfg.num_coalitions, cfg.seed, max(64, cfg.batch_size), cfg.sampler, cfg.paired)
+    evaluators: list[Evaluator] = [retrieval, TextLocalization(images=64)]
+    if cfg.faith_images > 0:
+        evaluators.append(CaptionFaithfulness(cfg.faith_images, cfg.faith_permutations, cfg.seed))
+    return evaluators
+
+
 @torch.no_grad()
-def save_heatmaps(model: ShapleyViT, test_set: Dataset, path: str, *, count: int, classes=None) -> None:
-    """A PNG grid of the first ``count`` test images, each overlaid with Φ of its predicted class."""
+def save_heatmaps(
+    model: ShapleyViT | ShapleyCLIP, test_set: Dataset, path: str, *, count: int, classes=None
+) -> None:
+    """A PNG grid of the first ``count`` test images, each overlaid with Φ of its predicted class (for
+    an image-text model, the first ``count`` test captions, each with its heatmap)."""
     from shapkern.explainers.viz import plot_grid  # matplotlib: imported where a figure is drawn
+
+    if isinstance(model, ShapleyCLIP):
+        return save_caption_heatmaps(model, cast(Any, test_set), path, count=count)
 
     count = min(count, len(cast(Sized, test_set)))
     device = next(model.parameters()).device

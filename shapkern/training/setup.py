@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -11,14 +13,25 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from shapkern.data import DataBundle, load_dataset
-from shapkern.models import ShapleyViT
+from shapkern.data import CaptionBundle, CaptionedImages, DataBundle, load_caption_dataset, load_dataset
+from shapkern.models import ShapleyCLIP, ShapleyViT
 from shapkern.models.backbones import pretrained_normalization
 from shapkern.training.config import TrainConfig
+from shapkern.training.contrastive import ContrastiveLoss, image_text_step
 from shapkern.training.distributed import Distributed
-from shapkern.training.losses import ShapleyLoss
+from shapkern.training.losses import LossOutput, ShapleyLoss
+from shapkern.training.step import shapley_step
 
-__all__ = ["RunData", "build_loss", "build_model", "build_optimizer", "cosine_warmup", "seed_everything"]
+__all__ = [
+    "RunData",
+    "TaskStep",
+    "build_loss",
+    "build_model",
+    "build_optimizer",
+    "build_step",
+    "cosine_warmup",
+    "seed_everything",
+]
 
 
 class RunData:
@@ -33,17 +46,7 @@ class RunData:
 
     def __init__(self, cfg: TrainConfig, dist: Distributed):
         mean, std = pretrained_normalization(cfg.model)  # inputs as the backbone's weights expect
-        self.bundle = load_dataset(
-            cfg.data,
-            img_size=cfg.img_size,
-            patch_size=cfg.patch_size,
-            seed=cfg.seed,
-            skip_bad_images=cfg.skip_bad_images,
-            root=cfg.data_root,
-            download=cfg.download,
-            mean=mean,
-            std=std,
-        )
+        self.bundle = _load(cfg, mean, std)
         self.train_set = _limited(self.bundle.train, cfg.limit_train)
         self.test_set = _limited(self.bundle.test, cfg.limit_test)
         if cfg.batch_size < 1 or cfg.batch_size % dist.world:
@@ -66,7 +69,27 @@ class RunData:
         )
 
 
+def _load(cfg: TrainConfig, mean, std) -> DataBundle:
+    if cfg.task == "image-text":
+        return load_caption_dataset(
+            cfg.data, img_size=cfg.img_size, seed=cfg.seed, root=cfg.data_root, mean=mean, std=std
+        )
+    return load_dataset(
+        cfg.data,
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        seed=cfg.seed,
+        skip_bad_images=cfg.skip_bad_images,
+        root=cfg.data_root,
+        download=cfg.download,
+        mean=mean,
+        std=std,
+    )
+
+
 def _limited(dataset, limit: int | None):
+    if isinstance(dataset, CaptionedImages):  # the first images, with all their captions
+        return dataset.first(limit)
     return dataset if limit is None else Subset(dataset, range(min(limit, len(dataset))))
 
 
@@ -77,10 +100,24 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def build_model(cfg: TrainConfig, bundle: DataBundle) -> ShapleyViT:
-    """The ShapleyViT of a config: timm ``cfg.model`` at the data's image size and channels."""
+def build_model(cfg: TrainConfig, bundle: DataBundle) -> ShapleyViT | ShapleyCLIP:
+    """The model of a config: a ShapleyViT of timm ``cfg.model`` at the data's image size and
+    channels, or for image-text a ShapleyCLIP with it as the image tower and the data's vocabulary."""
     kwargs = {**cfg.arch(), "in_chans": bundle.in_chans}
     try:
+        if isinstance(bundle, CaptionBundle):
+            vocab, context = bundle.tokenizer.vocab, bundle.tokenizer.context_length
+            return ShapleyCLIP(
+                cfg.model,
+                cfg.joint_dim,
+                vocab,
+                context,
+                head=cfg.head,
+                contrastive=cfg.contrastive,
+                checkpoint=cfg.weights,
+                pretrained=cfg.pretrained,
+                **kwargs,
+            )
         return ShapleyViT(
             cfg.model,
             bundle.num_classes,
@@ -95,9 +132,37 @@ def build_model(cfg: TrainConfig, bundle: DataBundle) -> ShapleyViT:
         raise ValueError(f"model {cfg.model!r} cannot be built with {kwargs}: {exc}") from exc
 
 
-def build_loss(cfg: TrainConfig) -> ShapleyLoss:
-    """The ShapleyLoss of a config."""
+def build_loss(cfg: TrainConfig) -> ShapleyLoss | ContrastiveLoss:
+    """The loss of a config: ShapleyLoss, or for image-text the ContrastiveLoss."""
+    if cfg.task == "image-text":
+        return ContrastiveLoss(cfg.lam, cfg.mu, contrastive=cfg.contrastive, mask_loss=cfg.mask_loss)
     return ShapleyLoss(**cfg.loss_settings())
+
+
+@dataclass(frozen=True)
+class TaskStep:
+    """How a task's training step runs, and what its outputs' ``logits`` are scored against.
+
+    Attributes:
+        run: (model, loss, images, labels, coalitions, *, paired) -> LossOutput; ``labels`` are the
+            loader's (class indices, or for image-text the captions' tokens (B, L)).
+        targets: the loader's labels (B, ...) -> (B,) the index of the right column of ``logits``
+            (for image-text, caption b of image b: the diagonal).
+    """
+
+    run: Callable[..., LossOutput]
+    targets: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _diagonal(labels: torch.Tensor) -> torch.Tensor:
+    return torch.arange(labels.shape[0], device=labels.device)
+
+
+def build_step(cfg: TrainConfig) -> TaskStep:
+    """The TaskStep of a config's task."""
+    if cfg.task == "image-text":
+        return TaskStep(image_text_step, _diagonal)
+    return TaskStep(shapley_step, lambda labels: labels)
 
 
 def cosine_warmup(total_steps: int, warmup_steps: int):

@@ -49,8 +49,14 @@ from shapkern.training.resume import (
     prepare_folder,
     restore_run,
 )
-from shapkern.training.setup import RunData, build_loss, build_model, build_optimizer, seed_everything
-from shapkern.training.step import shapley_step
+from shapkern.training.setup import (
+    RunData,
+    build_loss,
+    build_model,
+    build_optimizer,
+    build_step,
+    seed_everything,
+)
 
 __all__ = ["HEATMAPS", "METRICS", "RUN_FILES", "Trainer", "TrainingDiverged", "train"]
 
@@ -88,6 +94,7 @@ class Trainer:
         self.model = build_model(built, self.bundle).to(self.device)
         self.ddp = self.dist.wrap(self.model)
         self.loss, self.coalition_sampler = build_loss(cfg), cfg.coalition_sampler()
+        self.task_step = build_step(cfg)  # the task's step, and what its logits are scored against
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg, len(self.loader))
         self.evaluators = default_evaluators(cfg) if evaluators is None else evaluators
         self.epoch, self.step_count = 0, 0  # completed epochs and optimiser steps
@@ -131,7 +138,7 @@ class Trainer:
         coalitions = self.coalition_sampler(indices, epoch, self.model.num_players, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device):
-            out = shapley_step(self.ddp, self.loss, images, labels, coalitions, paired=self.cfg.paired)
+            out = self.task_step.run(self.ddp, self.loss, images, labels, coalitions, paired=self.cfg.paired)
         out.total.backward()
         return out
 
@@ -167,7 +174,7 @@ class Trainer:
                 return None
             out = self.backward(images, labels, indices, epoch)
             if self.step(out.total):
-                meter.add(out, labels.to(self.device))
+                meter.add(out, self.task_step.targets(labels.to(self.device)))
             progress.update(meter.postfix)
         progress.close()
         return meter.record(self.dist)
@@ -256,7 +263,7 @@ def _epoch_line(record: dict, labels: dict[str, str]) -> str:
 def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     """Run (or resume, with ``resume=True``) a training run, and draw its explanation heatmaps when
     it trains its last epoch; returns the last epoch's metrics (empty when nothing was trained)."""
-    cfg = dataclasses.replace(cfg or TrainConfig(), **overrides)
+    cfg = dataclasses.replace(cfg, **overrides) if cfg else TrainConfig.for_task(**overrides)
     trainer = Trainer(cfg)
     try:
         record = trainer.fit()

@@ -10,6 +10,7 @@ from torch import nn
 
 from shapkern.engine.adapters.base import BlockPath, ModelAdapter, Output, unsupported
 from shapkern.engine.adapters.hf_vit import HFVisionTransformer
+from shapkern.engine.adapters.image_text import DualEncoder, dual_encoder
 from shapkern.engine.adapters.open_clip_vit import OpenClipTimmModel, OpenClipVisionTransformer
 from shapkern.engine.adapters.timm_beit import TimmBeit
 from shapkern.engine.adapters.timm_eva import TimmEva
@@ -19,9 +20,11 @@ from shapkern.engine.adapters.timm_vit import TimmViT
 __all__ = [
     "ADAPTERS",
     "BlockPath",
+    "DualEncoder",
     "ModelAdapter",
     "Output",
     "adapter_for",
+    "dual_encoder",
     "supported_families",
     "unsupported",
 ]
