@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from gradient_checks import assert_flat_close, assert_relative_close, outputs_and_gradients
 
 from shapkern import explain, fused_coalition_forward, sample_coalitions
 from shapkern.games import PackedGame, model_game
@@ -74,33 +75,6 @@ def random_coalitions(batch, num, players, seed, *, empty):
     else:
         masks[..., 0] |= ~masks.any(-1)
     return masks
-
-
-def outputs_and_gradients(fn, model, images, weights):
-    model.zero_grad()
-    x = images.clone().requires_grad_()
-    out = fn(x)
-    (out * weights).sum().backward()
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
-    return [out.detach(), x.grad] + grads
-
-
-def assert_relative_close(got: list, want: list, tolerance: float) -> None:
-    """|g - w| <= tolerance |w| + 1e-6 for every pair: relative, but absolute for a tensor that is zero
-    up to rounding (the gradient of a key bias, to which softmax is invariant)."""
-    assert len(got) == len(want)
-    for index, (g, w) in enumerate(zip(got, want, strict=True)):
-        error, scale = (g.double() - w.double()).norm().item(), w.double().norm().item()
-        assert error <= tolerance * scale + 1e-6, f"tensor {index}: error {error:.3g}, norm {scale:.3g}"
-
-
-def assert_flat_close(got: list, want: list, tolerance: float) -> None:
-    """The output, and all gradients as one vector, within ``tolerance`` relative (the CUDA tests)."""
-    for g, w in (
-        (got[0], want[0]),
-        (torch.cat([t.flatten() for t in got[1:]]), torch.cat([t.flatten() for t in want[1:]])),
-    ):
-        assert ((g.cpu().double() - w.double()).norm() / w.double().norm()).item() < tolerance
 
 
 def check_against_reference(tower, hook_module, images, coalitions):
