@@ -542,3 +542,10 @@ def test_shapley_vit_in_input_mode_is_its_logits_on_pixel_masked_images():
         torch.testing.assert_close(packed, model.coalition_values(images, coalitions))
     att = explain(model, images, mode="input", progress=False)  # auto: exact, not its own Φ
     assert att.evaluations == 2**9 and att.efficiency_gap().abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("mode", [None, "input"])
+def test_a_players_count_unlike_the_models_is_refused(mode):
+    model = tiny_vit()  # 32 px in 8 px patches: N = 16
+    with pytest.raises(ValueError, match="players=9 but the model has 16 patches"):
+        model_game(model, torch.randn(1, 3, 32, 32), players=9, mode=mode)

@@ -169,15 +169,19 @@ def model_game(
     check_precision(precision)
     if mode not in (None, *MODES):
         raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
-    _players(model, players)
+    game: SelfExplainingGame | PackedGame
     if isinstance(model, SelfExplaining) and mode != "input":
-        return SelfExplainingGame(
+        game = SelfExplainingGame(
             model, images, chunk_rows=chunk_rows, precision=precision, sync_checks=sync_checks
         )
-    if mode == "packed" or (mode is None and _packed(model)):
-        return PackedGame(model, images, chunk_rows=chunk_rows, precision=precision, sync_checks=sync_checks)
-    if precision != "auto":
+    elif mode == "packed" or (mode is None and _packed(model)):
+        game = PackedGame(model, images, chunk_rows=chunk_rows, precision=precision, sync_checks=sync_checks)
+    elif precision != "auto":
         raise ValueError(f"precision={precision!r} needs mode='packed': pixel masking runs the model as is")
-    return PixelGame(
-        model, images, baseline=baseline, players=players, chunk_rows=chunk_rows, sync_checks=sync_checks
-    )
+    else:  # N from the model or `players`, checked by the game
+        return PixelGame(
+            model, images, baseline=baseline, players=players, chunk_rows=chunk_rows, sync_checks=sync_checks
+        )
+    if players is not None and players != game.players:  # the engine's N, read once when the game was built
+        raise ValueError(f"players={players} but the model has {game.players} patches")
+    return game
