@@ -20,12 +20,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import torch
 
 from shapkern.cli.explain_inputs import Inputs, read_inputs
+from shapkern.cli.explain_outputs import (
+    OUTPUT_FILES,
+    earlier_outputs,
+    heatmap_name,
+    output_folder,
+    remove_earlier_outputs,
+)
 from shapkern.cli.explain_store import (
     STORE_FLAGS,
     add_store_arguments,
@@ -34,6 +40,7 @@ from shapkern.cli.explain_store import (
     parse_target,
     run_store,
 )
+from shapkern.cli.explain_texts import check_text_model, explain_texts_to_dir
 from shapkern.coalitions import MAX_EXACT_PLAYERS
 from shapkern.data import DATASETS
 from shapkern.engine import patch_grid
@@ -61,13 +68,6 @@ __all__ = ["add_parser", "earlier_outputs", "explain_to_dir", "run"]
 
 SAMPLING_METHODS = tuple(m for m in GAME_METHODS if m not in ("auto", "exact"))  # they spend --budget
 TOL_METHODS = tuple(m for m in SAMPLING_METHODS if m != "bayes")  # bayes spends its whole budget
-OUTPUT_FILES = ("explanations.json", "grid.png", "curves.png")  # and heatmap_name(b) per image
-HEATMAP = re.compile(r"heatmap_\d{3,}\.png")
-
-
-def heatmap_name(index: int) -> str:
-    """The heatmap file of the ``index``-th image (matches :data:`HEATMAP`)."""
-    return f"heatmap_{index:03d}.png"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -93,6 +93,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--num-images", type=int, default=None, help="pictures of this many --data images")
     p.add_argument("--resize", action="store_true", help="resize --images to the model's input size")
+    p.add_argument(
+        "--texts",
+        nargs="+",
+        metavar="TEXT",
+        help="for an image-text model (image-text checkpoint, open_clip:ARCH, hf: CLIPModel/SiglipModel): "
+        "explain each image's similarity with each text, a heatmap per text",
+    )
     _add_estimator_arguments(p)
     p.add_argument("--device", default="auto", choices=DEVICES, help="where the model runs")
     p.add_argument(
@@ -195,30 +202,6 @@ def _target(text: str, labels: list[int | None], device: torch.device) -> Target
     return torch.tensor(labels, device=device)
 
 
-def earlier_outputs(out: Path) -> list[Path]:
-    """The files in ``out`` that an explain run writes: what ``--overwrite`` removes."""
-    return sorted(
-        p for p in out.iterdir() if p.is_file() and (p.name in OUTPUT_FILES or HEATMAP.fullmatch(p.name))
-    )
-
-
-def _output_folder(path: str, overwrite: bool) -> Path:
-    """``--out`` as an existing folder without an earlier run's outputs (unless ``overwrite``)."""
-    out = not_a_file(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"--out {path}: cannot create the folder ({exc})") from None
-    earlier = earlier_outputs(out)
-    if earlier and not overwrite:
-        shown = ", ".join(p.name for p in earlier[:4]) + (", ..." if len(earlier) > 4 else "")
-        raise ValueError(
-            f"--out {path} holds the outputs of an earlier `shapkern explain` ({shown}); name another "
-            "folder, or pass --overwrite to remove them (and no other file) and write this run's"
-        )
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     """Handler of ``shapkern explain``: writes the outputs; user errors raise ValueError."""
     if args.threads is not None and args.threads < 1:
@@ -226,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
         print(f"shapkern explain: {apply_thread_policy(args.threads)} on the CPU", flush=True)
     if args.data is not None and args.num_images is None:
+        if args.texts is not None:
+            raise ValueError("--texts writes pictures: give --images FILE ... or --data NAME --num-images N")
         return run_store(args)
     given = [f"--{flag.replace('_', '-')}" for flag in STORE_FLAGS if getattr(args, flag) is not None]
     if given:
@@ -281,9 +266,12 @@ def _players_and_grid(named: NamedModel, device: torch.device) -> tuple[int, tup
 
 def explain_to_dir(args: argparse.Namespace) -> dict:
     """Explain the images named by ``args`` and write the outputs to ``args.out``; returns the JSON record."""
-    out = _output_folder(args.out, args.overwrite)
+    out = output_folder(args.out, args.overwrite)
     device = _device(args.device)
     named = model_of(args, device)
+    check_text_model(args, named)
+    if args.texts is not None:
+        return explain_texts_to_dir(args, named, out, device)
     model, players, grid = named.model, *_players_and_grid(named, device)
     inputs = read_inputs(args, named, grid)
     images = inputs.images = inputs.images.to(device)
@@ -305,8 +293,7 @@ def explain_to_dir(args: argparse.Namespace) -> dict:
     with torch.no_grad():  # v(N): the model's logits (a ShapleyViT's f(x))
         full = game(torch.ones(images.shape[0], 1, players, dtype=torch.bool, device=device))
     predictions = full[:, 0].argmax(-1).tolist()
-    for path in earlier_outputs(out):  # refused above unless --overwrite
-        path.unlink()
+    remove_earlier_outputs(out)  # refused above unless --overwrite
     result = {
         "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
         "model": named.name,

@@ -8,6 +8,10 @@
   ``open_clip:hf-hub:ORG/NAME`` (pretrained weights, with ``pretrained=True``): the image tower
   (``model.visual``), whose output is the image embedding; open_clip's preprocessing config.
 
+Both give the fields of a :class:`~shapkern.explainers.NamedModel`; a dual encoder (open_clip's CLIP,
+Hugging Face ``CLIPModel``/``SiglipModel``) also gives ``image_text``, the whole model, whose similarity
+with texts ``shapkern explain --texts`` explains, and a Hugging Face folder's tokenizer when it has one.
+
 Both test views are shapkern's (:func:`~shapkern.data.preprocess_image`: a torchvision resize of the
 decoded image), which follows the processor's settings but not its resize code bit for bit.
 """
@@ -18,12 +22,14 @@ import importlib
 import math
 
 from shapkern.data import Preprocessing
+from shapkern.engine import dual_encoder
 
 __all__ = ["HF_PREFIX", "OPEN_CLIP_PREFIX", "load_hf", "load_open_clip"]
 
 HF_PREFIX = "hf:"
 OPEN_CLIP_PREFIX = "open_clip:"
 _PIL_FILTERS = {2: "bilinear", 3: "bicubic"}  # PIL.Image.Resampling values
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "spiece.model")
 
 
 def _optional(package: str, prefix: str):
@@ -84,8 +90,35 @@ def _hf_preprocessing(processor, ident: str) -> tuple[Preprocessing, tuple[int, 
     )
 
 
-def load_hf(ident: str, *, pretrained: bool, weights):
-    """(model in eval mode, name, preprocessing, input size, class names or None) of ``hf:ident``."""
+def _has_tokenizer_files(transformers, ident: str, local: bool) -> bool:
+    """Whether the folder, cache or hub holds a tokenizer: transformers builds a CLIP tokenizer with an
+    empty vocabulary from the config alone, which would read every text as the same tokens."""
+    for name in TOKENIZER_FILES:
+        try:
+            transformers.utils.cached_file(ident, name, local_files_only=local)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _hf_tokenizer(transformers, ident: str, local: bool):
+    """Strings -> token ids (K, L) padded to the tokenizer's length (as CLIP and SigLIP were trained),
+    or None when the folder or cache holds no tokenizer."""
+    if not _has_tokenizer_files(transformers, ident, local):
+        return None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(ident, local_files_only=local)
+    except (OSError, ValueError):
+        return None
+    return lambda texts: tokenizer(list(texts), padding="max_length", truncation=True, return_tensors="pt")[
+        "input_ids"
+    ]
+
+
+def load_hf(ident: str, *, pretrained: bool, weights) -> dict:
+    """The NamedModel fields of ``hf:ident``: model in eval mode, name, preprocessing, input size,
+    class names or None; for a dual encoder, image_text (the model) and its tokenizer or None."""
     transformers = _optional("transformers", HF_PREFIX)
     if weights is not None:
         raise ValueError(
@@ -118,7 +151,10 @@ def load_hf(ident: str, *, pretrained: bool, weights):
     classes = None
     if arch.endswith("ForImageClassification") and getattr(config, "id2label", None):
         classes = [str(config.id2label[i]) for i in range(len(config.id2label))]
-    return model, f"{HF_PREFIX}{ident}", prep, size, classes
+    named = {"model": model, "name": f"{HF_PREFIX}{ident}", "preprocessing": prep, "input_size": size}
+    if dual_encoder(model) is not None:
+        named |= {"image_text": model, "tokenizer": _hf_tokenizer(transformers, ident, local)}
+    return named | {"classes": classes}
 
 
 def _open_clip_source(spec: str, *, pretrained: bool, weights) -> tuple[str, str | None]:
@@ -140,8 +176,9 @@ def _open_clip_source(spec: str, *, pretrained: bool, weights) -> tuple[str, str
     return arch, None if weights is None else str(weights)
 
 
-def load_open_clip(spec: str, *, pretrained: bool, weights):
-    """(image tower in eval mode, name, preprocessing, input size, None) of ``open_clip:spec``."""
+def load_open_clip(spec: str, *, pretrained: bool, weights) -> dict:
+    """The NamedModel fields of ``open_clip:spec``: its image tower in eval mode as the model, name,
+    preprocessing, input size, and the whole model as image_text (open_clip tokenizes by itself)."""
     open_clip = _optional("open_clip", OPEN_CLIP_PREFIX)
     arch, source = _open_clip_source(spec, pretrained=pretrained, weights=weights)
     try:
@@ -172,4 +209,12 @@ def load_open_clip(spec: str, *, pretrained: bool, weights):
         crop_pct=crop_pct,
         interpolation=cfg.get("interpolation", "bicubic"),
     )
-    return model.visual.eval(), f"{OPEN_CLIP_PREFIX}{spec}", prep, size, None
+    model = model.eval()
+    name = f"{OPEN_CLIP_PREFIX}{spec}"
+    return {
+        "model": model.visual,
+        "name": name,
+        "preprocessing": prep,
+        "input_size": size,
+        "image_text": model,
+    }

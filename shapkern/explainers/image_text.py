@@ -16,6 +16,10 @@ from shapkern.games import SelfExplainingImageText, Texts, image_text_game
 
 __all__ = ["explain_image_text", "save_text_heatmaps", "self_explain_image_text"]
 
+TEXT_COLOURS = (
+    "red: the patch raises the image's similarity with the text, blue: lowers it; one scale for all texts"
+)
+
 
 def self_explain_image_text(
     model: SelfExplainingImageText, images: torch.Tensor, texts: Texts, target
@@ -93,4 +97,7 @@ def save_text_heatmaps(
     for b, path in enumerate(paths):
         titles = [f"{text} ({float(s):.2f})" for text, s in zip(texts, att.full[b], strict=True)]
         stacked = images[b].float().cpu().expand(len(texts), -1, -1, -1)
-        plot_grid(stacked, att.values[b].T.cpu(), path, titles=titles, grid=grid, shared_scale=True)
+        plot_grid(
+            stacked, att.values[b].T.cpu(), path, titles=titles, grid=grid, shared_scale=True, cell=2.0,
+            caption=TEXT_COLOURS,
+        )  # fmt: skip

@@ -10,7 +10,12 @@
   image processor's preprocessing (:mod:`~shapkern.explainers.hub_models`);
 - ``"open_clip:ARCH"``, ``"open_clip:ARCH:TAG"`` or ``"open_clip:hf-hub:ORG/NAME"``: an open_clip
   model's image tower with its preprocessing config;
-- ``checkpoint=PATH``: a ``shapkern train`` checkpoint (a ShapleyViT) with the preprocessing it records.
+- ``checkpoint=PATH``: a ``shapkern train`` checkpoint (a ShapleyViT, or an image-text ShapleyCLIP) with
+  the preprocessing it records.
+
+Image-text models (a ShapleyCLIP checkpoint, open_clip names, Hugging Face ``CLIPModel`` and
+``SiglipModel``) also come with ``image_text``: the model whose similarity with texts
+``explain(named.image_text, images, texts=...)`` explains.
 
 Nothing is downloaded unless ``pretrained=True``; then the Hugging Face hub or its local cache is
 used, and ``HF_HUB_OFFLINE=1`` allows the cache only. A name without trained weights gets random
@@ -23,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -34,7 +40,13 @@ from shapkern.data import Preprocessing
 from shapkern.data.preprocess import INTERPOLATIONS
 from shapkern.engine import find_patch_embed
 from shapkern.explainers.hub_models import HF_PREFIX, OPEN_CLIP_PREFIX, load_hf, load_open_clip
-from shapkern.models import ShapleyViT, check_model_name, hub_error, read_state_dict
+from shapkern.models import (
+    ShapleyCLIP,
+    check_model_name,
+    hub_error,
+    read_state_dict,
+    self_explaining_from_state,
+)
 
 __all__ = [
     "RANDOM_WEIGHTS_SEED",
@@ -61,6 +73,10 @@ class NamedModel:
         classes: class names, or None.
         data: a checkpoint's record of its training data (name, classes, preprocessing), or None.
         random_weights: a name loaded without trained weights (seeded, see the module).
+        image_text: the image-text model (whose image tower is ``model``, or ``model`` itself) for
+            ``explain(..., texts=...)``, or None: a model without a text tower.
+        tokenizer: strings -> token ids (K, L) for ``image_text``, where shapkern does not build one
+            itself (a Hugging Face folder's tokenizer), or None.
     """
 
     model: nn.Module
@@ -70,6 +86,8 @@ class NamedModel:
     classes: list[str] | None = None
     data: dict | None = None
     random_weights: bool = False
+    image_text: nn.Module | None = None
+    tokenizer: Callable[[list[str]], torch.Tensor] | None = None
 
     def record(self) -> dict:
         """What a store's manifest says about the model: name, class, input size, preprocessing
@@ -166,24 +184,26 @@ def _load_timm(name: str, *, pretrained: bool, weights: str | None) -> NamedMode
 
 def _load_checkpoint(path: str) -> NamedModel:
     state = load_checkpoint(path)
-    model = ShapleyViT.from_state(state, path)
+    model = self_explaining_from_state(state, path)
     data = state.get("data")
     if not isinstance(data, dict) or "preprocessing" not in data:
         raise ValueError(
             f"{path} records no data preprocessing; it was not written by this version of `shapkern train`"
         )
     prep = Preprocessing.from_dict(data["preprocessing"], source=path)  # a record this version can follow
-    height, width = (int(s) for s in model.backbone.patch_embed.img_size)
-    return NamedModel(model, f"checkpoint:{path}", prep, (height, width), data.get("classes"), data)
+    height, width = (int(s) for s in cast(Any, find_patch_embed(model)).img_size)
+    named = NamedModel(model, f"checkpoint:{path}", prep, (height, width), data.get("classes"), data)
+    named.image_text = model if isinstance(model, ShapleyCLIP) else None
+    return named
 
 
 def _load_named(name: str, *, pretrained: bool, weights) -> NamedModel:
     if name.startswith(HF_PREFIX):  # a folder or the hub: trained weights
-        return NamedModel(*load_hf(name[len(HF_PREFIX) :], pretrained=pretrained, weights=weights))
+        return NamedModel(**load_hf(name[len(HF_PREFIX) :], pretrained=pretrained, weights=weights))
     random = not pretrained and weights is None
     if name.startswith(OPEN_CLIP_PREFIX):
         spec = name[len(OPEN_CLIP_PREFIX) :]
-        named = NamedModel(*load_open_clip(spec, pretrained=pretrained, weights=weights))
+        named = NamedModel(**load_open_clip(spec, pretrained=pretrained, weights=weights))
     else:
         named = _load_timm(
             name, pretrained=pretrained, weights=None if weights is None else os.fspath(weights)
@@ -226,6 +246,8 @@ def load_model(
         with torch.random.fork_rng(devices=[]):  # random weights are seeded: the same in every process
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
             named = _load_named(cast(str, name), pretrained=pretrained, weights=weights)
+    if named.image_text is not None:  # the image tower moves with it
+        named.image_text = named.image_text.to(device).eval()
     named.model = named.model.to(device).eval()
     return named
 
