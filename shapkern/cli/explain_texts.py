@@ -23,10 +23,11 @@ import torch
 
 from shapkern.cli.explain_inputs import Inputs, read_inputs
 from shapkern.cli.explain_outputs import heatmap_name, remove_earlier_outputs
-from shapkern.data import CAPTION_DATASETS, Preprocessing, load_caption_dataset
+from shapkern.data import CAPTION_DATASETS, CaptionedImages, Preprocessing, load_caption_dataset
 from shapkern.engine import patch_grid
 from shapkern.explainers import NamedModel, explain, save_text_heatmaps
 from shapkern.games import SelfExplainingImageText, image_text_game
+from shapkern.models import ShapleyCLIP
 
 __all__ = ["check_text_model", "explain_texts_to_dir", "text_inputs"]
 
@@ -59,11 +60,10 @@ def check_text_model(args: argparse.Namespace, named: NamedModel) -> None:
 
 def _unknown_words(named: NamedModel, texts: list[str]) -> list[str]:
     """The words of ``texts`` outside a self-explaining model's vocabulary (read as ``<unk>``)."""
-    tokenizer = getattr(named.image_text, "tokenizer", None)
-    vocab = getattr(tokenizer, "vocab", None)
-    if vocab is None:
-        return []
-    return sorted({word for text in texts for word in tokenizer.words(text)} - set(vocab))
+    if not isinstance(named.image_text, ShapleyCLIP):
+        return []  # open_clip's and Hugging Face's tokenizers split unknown words into known pieces
+    tokenizer = named.image_text.tokenizer
+    return sorted({word for text in texts for word in tokenizer.words(text)} - set(tokenizer.vocab))
 
 
 def text_inputs(args: argparse.Namespace, named: NamedModel, grid: tuple[int, int]) -> Inputs:
@@ -77,8 +77,9 @@ def text_inputs(args: argparse.Namespace, named: NamedModel, grid: tuple[int, in
     bundle = load_caption_dataset(
         args.data, img_size=named.input_size[0], root=args.data_root, mean=prep.mean, std=prep.std
     )
-    count = min(args.num_images, bundle.test.num_images)
-    images = torch.stack([bundle.test.images[j] for j in range(count)])
+    test = cast(CaptionedImages, bundle.test)
+    count = min(args.num_images, test.num_images)
+    images = torch.stack([test.images[j] for j in range(count)])
     sources = [f"{args.data}:test[{j}]" for j in range(count)]
     return Inputs(images, [None] * count, None, sources, None)
 
