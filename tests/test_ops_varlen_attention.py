@@ -428,6 +428,69 @@ def test_custom_ops_with_bias_pass_opcheck():
     )
 
 
+# ------------------------------------------------------------------------------------- pairs=True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(
+    "players, prefix, first_sizes", [(16, 1, [0, 3, 16, 8]), (9, 0, [4, 1]), (6, 2, [6])]
+)
+def test_pairs_match_naive_forward_and_backward(players, prefix, first_sizes, dtype):
+    """pairs=True (dense rows, block-diagonal mask built on the device) is the same attention."""
+    lengths = paired_lengths(players, prefix, first_sizes)
+    q, k, v, cu = make_inputs(lengths, 2, 8, dtype)
+    got_in = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    want_in = [x.detach().double().clone().requires_grad_() for x in (q, k, v)]
+    got = varlen_attention(*got_in, cu, prefix + players, pairs=True)
+    want = naive_attention(*want_in, cu, 8**-0.5)
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(got.double(), want, **tol)
+    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got.backward(grad.to(dtype))
+    want.backward(grad)
+    for a, b in zip(got_in, want_in, strict=True):
+        torch.testing.assert_close(a.grad.double(), b.grad, **tol)
+
+
+def test_pairs_gradcheck_with_bias():
+    lengths = paired_lengths(5, 1, [2, 0, 5])
+    q, k, v, cu = make_inputs(lengths, 2, 4, torch.float64)
+    bias, index = make_bias(lengths, 2)
+    inputs = [x.detach().clone().requires_grad_() for x in (q, k, v, bias)]
+    torch.autograd.gradcheck(
+        lambda q, k, v, b: varlen_attention(q, k, v, cu, 6, bias=b, bias_index=index, pairs=True), inputs
+    )
+    want = naive_attention(q, k, v, cu, 0.5, bias, index)
+    torch.testing.assert_close(
+        varlen_attention(q, k, v, cu, 6, bias=bias, bias_index=index, pairs=True), want
+    )
+
+
+def test_pairs_read_no_values_without_validate(monkeypatch):
+    """The engine's path: no host read of the plan (the mask is built on the device)."""
+    monkeypatch.setattr(op_module, "_check_plan", lambda *a: (_ for _ in ()).throw(AssertionError("read")))
+    q, k, v, cu = make_inputs(paired_lengths(4, 1, [1, 3]), 2, 8, torch.float32)
+    out = varlen_attention(q, k, v, cu, 5, validate=False, pairs=True)
+    torch.testing.assert_close(out, naive_attention(q, k, v, cu, 8**-0.5).float())
+
+
+@pytest.mark.parametrize(
+    "lengths, match",
+    [
+        ([3, 4, 5], r"pairs=True needs an even number of sequences R .* got R = 3, T = 12"),
+        ([3, 4, 5, 3], r"pairs=True needs an even number .* got R = 4, T = 15"),
+        (
+            [3, 5, 5, 1],
+            r"pairs=True: sequences 0 and 1 hold 8 tokens together, but every pair must fill a row of",
+        ),
+    ],
+)
+def test_pairs_that_do_not_fill_equal_rows_are_refused(lengths, match):
+    q, k, v, cu = make_inputs(lengths, 2, 8, torch.float32)
+    with pytest.raises(ValueError, match=match):
+        varlen_attention(q, k, v, cu, 8, pairs=True)
+
+
 # --------------------------------------------------------------------------------------------- checks
 
 
@@ -517,6 +580,27 @@ def test_cuda_beit_base_coalition_pairs_with_bias(dtype, schedule):
     lengths = paired_lengths(196, 1, sizes)
     pairs = run_bias_kernels(lengths, 12, 64, dtype, torch.float32, 197, "cuda", extra_positions=0)
     assert_bias_matches(pairs, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_pairs_at_vit_base_match_the_reference(dtype):
+    """pairs=True (SDPA's fused kernels over dense pair rows) at ViT-B/16 pairs, forward and backward,
+    and under torch.compile (the engine's compiled blocks)."""
+    sizes = torch.randint(0, 197, (64,), generator=torch.Generator().manual_seed(2)).tolist()
+    sizes[:4] = [0, 1, 195, 196]
+    q, k, v, cu = make_inputs(paired_lengths(196, 1, sizes), 12, 64, dtype, "cuda")
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to("cuda", dtype)
+    for attend in (varlen_attention, torch.compile(varlen_attention)):
+        inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out = attend(*inputs, cu, 197, validate=False, pairs=True)
+        out.backward(dout)
+        q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+        ref = varlen_attention_reference(q64, k64, v64, cu, 197)
+        ref.backward(dout.double())
+        assert_matches(
+            [(out, ref), *((x.grad, r.grad) for x, r in zip(inputs, (q64, k64, v64), strict=True))], dtype
+        )
 
 
 @pytest.mark.cuda

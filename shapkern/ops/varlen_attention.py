@@ -30,7 +30,7 @@ except ImportError:  # no triton: every device takes the reference path
 
 __all__ = ["AttentionFn", "varlen_attention", "varlen_attention_reference"]
 
-from shapkern.ops.varlen_attention_reference import varlen_attention_reference
+from shapkern.ops.varlen_attention_reference import paired_rows_attention, varlen_attention_reference
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -202,15 +202,28 @@ def _check_bias(bias, bias_index, q: torch.Tensor, triton_path: bool) -> None:
         _fail(f"bias_index device {bias_index.device} != q device {q.device}")
 
 
+def _check_pair_shape(cu_seqlens: torch.Tensor, num_tokens: int) -> int:
+    """The row width W = T / (R/2) of ``pairs=True``, from metadata (no sync): R even, T a multiple."""
+    rows = cu_seqlens.shape[0] - 1
+    if rows % 2 or (rows and num_tokens % (rows // 2)):
+        _fail(
+            f"pairs=True needs an even number of sequences R filling equal rows (T a multiple of R/2), "
+            f"got R = {rows}, T = {num_tokens}"
+        )
+    return num_tokens // (rows // 2) if rows else 0
+
+
 def _check_plan(
     cu_seqlens: torch.Tensor,
     num_tokens: int,
     max_seqlen: int,
     bias_index: torch.Tensor | None = None,
     positions: int = 0,
+    pair_width: int = 0,
 ) -> None:
-    """The values of cu_seqlens and of bias_index (each in [0, positions)): one boolean reduced on the
-    device and read once (one host sync); the values themselves are read only to word the error."""
+    """The values of cu_seqlens, of bias_index (each in [0, positions)) and, with ``pair_width``, that
+    sequences 2i and 2i+1 fill rows of that many tokens: one boolean reduced on the device and read
+    once (one host sync); the values themselves are read only to word the error."""
     lengths = cu_seqlens.diff()
     valid = (
         (cu_seqlens[0] == 0)
@@ -219,6 +232,8 @@ def _check_plan(
     )
     if bias_index is not None:
         valid &= ((bias_index >= 0) & (bias_index < positions)).all()
+    if pair_width:
+        valid &= (cu_seqlens[2::2] - cu_seqlens[0:-2:2] == pair_width).all()
     if bool(valid):
         return
     values = cu_seqlens.tolist()
@@ -241,6 +256,14 @@ def _check_plan(
             f"max_seqlen = {max_seqlen} is less than the longest sequence: sequence {longest} holds "
             f"{sizes[longest]} tokens"
         )
+    if pair_width:
+        rows = [a + b for a, b in zip(sizes[0::2], sizes[1::2], strict=True)]
+        bad = next((i for i, row in enumerate(rows) if row != pair_width), None)
+        if bad is not None:
+            _fail(
+                f"pairs=True: sequences {2 * bad} and {2 * bad + 1} hold {rows[bad]} tokens together, but "
+                f"every pair must fill a row of T / (R/2) = {pair_width} (complementary coalitions)"
+            )
     assert bias_index is not None  # the plan is valid: the bias positions are what failed
     token = int(((bias_index < 0) | (bias_index >= positions)).nonzero()[0, 0])
     _fail(
@@ -263,6 +286,7 @@ def varlen_attention(
     bias: torch.Tensor | None = None,
     bias_index: torch.Tensor | None = None,
     validate: bool = True,
+    pairs: bool = False,
 ) -> torch.Tensor:
     """Self-attention within each packed sequence, with an optional additive bias of the scores.
 
@@ -281,17 +305,25 @@ def varlen_attention(
     ValueError naming what is wrong), at the cost of one host sync; skipped under torch.compile
     tracing. Pass False for plans valid by construction (the engine's); a wrong plan then gives
     wrong results or, on CUDA, out-of-bounds reads.
+    pairs: sequences 2i and 2i+1 fill rows of equal width W = T / (R/2) (the layout of complementary
+    coalitions): run each row as one dense SDPA call with a block-diagonal mask, on every device
+    (:func:`~shapkern.ops.varlen_attention_reference.paired_rows_attention`; no Triton), where the
+    engine's dispatch table measured SDPA faster. R must be even and T a multiple of R/2; validate
+    also checks that every pair fills its row.
     Types, shapes, dtypes and devices are always checked (no sync).
     Returns out (T, H, D). CUDA tensors run the Triton kernels (fp16/bf16/fp32, D in
     SUPPORTED_HEAD_DIMS); other devices run ``varlen_attention_reference`` (also float64).
     """
-    triton_path = isinstance(q, torch.Tensor) and _use_triton(q)
+    triton_path = isinstance(q, torch.Tensor) and _use_triton(q) and not pairs
     _check_inputs(q, k, v, cu_seqlens, max_seqlen, triton_path)
     _check_bias(bias, bias_index, q, triton_path)
+    width = _check_pair_shape(cu_seqlens, q.shape[0]) if pairs else 0
     if validate and not torch.compiler.is_compiling():
         positions = 0 if bias is None else bias.shape[-1]
-        _check_plan(cu_seqlens, q.shape[0], max_seqlen, bias_index, positions)
+        _check_plan(cu_seqlens, q.shape[0], max_seqlen, bias_index, positions, width)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if pairs:
+        return paired_rows_attention(q, k, v, cu_seqlens, scale, bias=bias, bias_index=bias_index)
     if triton_path:
         if bias_index is not None:  # the kernels address the bias with 32-bit offsets
             bias_index = bias_index.to(torch.int32)

@@ -2,11 +2,15 @@
 SDPA, gather back (any device, float64 too). On the CPU it lays out the sequences on the host once
 per plan: complementary pairs as dense rows with a block-diagonal mask, other sequences in length
 buckets (docs/design.md, "Packing layout").
+
+:func:`paired_rows_attention` is that pair layout on any device with no host read (the mask built on
+the device from ``cu_seqlens``): the engine's ``attention="pairs"``, SDPA's fused kernels in place of
+the varlen kernels where the dispatch table measured them faster.
 """
 
 import torch
 
-__all__ = ["CPU_LENGTH_BUCKETS", "varlen_attention_reference"]
+__all__ = ["CPU_LENGTH_BUCKETS", "paired_rows_attention", "varlen_attention_reference"]
 
 CPU_LENGTH_BUCKETS = 4
 
@@ -43,6 +47,33 @@ def _paired_rows_attention(q, k, v, first_lengths, width: int, mask: torch.Tenso
     q, k, v = (x.view(rows, width, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.transpose(1, 2).reshape(rows * width, *out.shape[1:2], out.shape[-1])
+
+
+def paired_rows_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    bias_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention over complementary pairs: sequences 2i and 2i+1 (R even) fill rows of W = T / (R/2)
+    tokens, each row one dense SDPA call with a block-diagonal mask built on the device (no host
+    sync; under torch.compile too). (T, H, D) -> (T, H, D); bias as :func:`varlen_attention_reference`.
+    Expects a valid pair plan (:func:`~shapkern.ops.varlen_attention` with ``pairs=True`` checks it)."""
+    rows = (cu_seqlens.shape[0] - 1) // 2
+    if q.shape[0] == 0 or rows == 0:
+        return q.clone()
+    width = q.shape[0] // rows
+    first_lengths = cu_seqlens[1::2] - cu_seqlens[0:-1:2]  # (rows,) tokens of sequence 2i
+    second = torch.arange(width, device=q.device) >= first_lengths[:, None]  # (rows, W)
+    same = (second[:, :, None] == second[:, None, :]).unsqueeze(1)
+    mask = torch.zeros(same.shape, dtype=q.dtype, device=q.device).masked_fill(~same, float("-inf"))
+    if bias is not None and bias_index is not None:
+        mask = mask + _gathered_bias(bias, bias_index.view(rows, width), q.dtype)
+    return _paired_rows_attention(q, k, v, first_lengths, width, mask, scale)
 
 
 class _HostLayout:
