@@ -4,8 +4,9 @@ Each method maps (model, images (B, C, H, W), paired coalitions bool (B, M, N)) 
 (B, M, K) of a timm VisionTransformer, Eva or Beit (benchmarks/families.py). All but ``zero_input``
 compute the same value function: the model on the kept tokens only (docs/design.md, "The game").
 
-- shapkern: the packed engine, plain, with compiled blocks, with its fused kernels, with fp8
-  GEMMs (forward only), and with torch's varlen attention.
+- shapkern: the packed engine on each fixed route (plain, compiled or fused blocks; varlen or pair
+  attention), with fp8 GEMMs (forward only), with torch's varlen attention, and as a user calls it
+  (``shapkern default``: the route its dispatch table picks).
 - ``zero_input``: zero the pixels of absent patches, full forward (Captum / shap style).
 - ``key_mask``: the full sequence per coalition with the absent keys masked (ViT-Shapley style).
 - complementary pairs: coalitions 2i and 2i+1 split the patches, so one row
@@ -20,6 +21,7 @@ model here.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,8 +38,11 @@ __all__ = [
     "Method",
     "engine",
     "engine_compiled",
+    "engine_compiled_pairs",
+    "engine_default",
     "engine_fp8",
     "engine_fused",
+    "engine_pairs",
     "engine_torch_varlen",
     "key_mask",
     "packed_flops",
@@ -54,25 +59,47 @@ __all__ = [
 # -- shapkern ----------------------------------------------------------------------------------
 
 
+def _route(blocks: str, attention: str):
+    """The engine on one fixed route (block path, attention): the dispatch table is not consulted."""
+    return functools.partial(
+        shapkern.fused_coalition_forward, paired=True, blocks=blocks, attention=attention
+    )
+
+
 def engine(model, images, coalitions):
     """shapkern, plain path: all kept tokens packed flat, the model's own modules, Triton varlen attention."""
-    return shapkern.fused_coalition_forward(model, images, coalitions, paired=True, blocks="plain")
+    return _route("plain", "varlen")(model, images, coalitions)
 
 
 def engine_compiled(model, images, coalitions):
     """shapkern engine with its blocks under torch.compile (fused LayerNorm, GELU, residual adds)."""
-    return shapkern.fused_coalition_forward(model, images, coalitions, paired=True, blocks="compiled")
+    return _route("compiled", "varlen")(model, images, coalitions)
 
 
 def engine_fused(model, images, coalitions):
     """shapkern engine with its fused kernels: residual add + LayerNorm, fc1 + bias + GELU (Triton)."""
-    return shapkern.fused_coalition_forward(model, images, coalitions, paired=True, blocks="fused")
+    return _route("fused", "varlen")(model, images, coalitions)
+
+
+def engine_pairs(model, images, coalitions):
+    """shapkern engine, plain blocks, pair attention: each complementary pair one dense SDPA row."""
+    return _route("plain", "pairs")(model, images, coalitions)
+
+
+def engine_compiled_pairs(model, images, coalitions):
+    """shapkern engine, blocks under torch.compile, pair attention (dense SDPA rows)."""
+    return _route("compiled", "pairs")(model, images, coalitions)
+
+
+def engine_default(model, images, coalitions):
+    """shapkern as a user calls it: blocks and attention left to the engine (its dispatch table)."""
+    return shapkern.fused_coalition_forward(model, images, coalitions, paired=True)
 
 
 def engine_fp8(model, images, coalitions):
     """shapkern engine with fp8 (e4m3) GEMMs: qkv, proj, fc1, fc2 through torch._scaled_mm; forward only."""
     return shapkern.fused_coalition_forward(
-        model, images, coalitions, paired=True, blocks="plain", precision="fp8"
+        model, images, coalitions, paired=True, blocks="plain", precision="fp8", attention="varlen"
     )
 
 
@@ -270,6 +297,12 @@ METHODS = {
         engine_compiled, shapkern=True, cuda_only=True, block_path="compiled"
     ),
     "shapkern engine, fused kernels": Method(engine_fused, shapkern=True, cuda_only=True, block_path="fused"),
+    "shapkern engine, pair attention": Method(engine_pairs, shapkern=True, block_path="plain"),
+    "shapkern engine, compiled, pair attention": Method(
+        engine_compiled_pairs, shapkern=True, cuda_only=True, block_path="compiled"
+    ),
+    # What a call gets (blocks and attention "auto"): the dispatch table in force, timed beside the rest.
+    "shapkern default": Method(engine_default, shapkern=True),
     # e4m3 rounds each operand by up to 2^-4 relative: a few percent over a 12-block model. It runs on
     # the CPU too (torch._scaled_mm there), forward only: fp8 serves the forward-only ℓ_sv targets.
     "shapkern engine, fp8": Method(

@@ -12,9 +12,11 @@
 # skips the install): tests/test_benchmarks.py parses every one of them.
 #
 # Priority: install + CUDA tests; throughput at vit_base 32 images x 32 paired coalitions
-# (forward and forward+backward, every alternative, one run); the ShapleyViT training step at
-# 32 x 32; throughput of the other model families at 224 px, bf16, 32 x 32 (EVA-02-B, SigLIP-B/16,
-# BEiT-B, a step each, time-boxed to 90-120 s); the profile; reductions; attention
+# (forward and forward+backward, every engine route and every alternative, one run); the ShapleyViT
+# training step at 32 x 32; throughput of the other model families at 224 px, bf16, 32 x 32
+# (EVA-02-B, SigLIP-B/16, BEiT-B, a step each, time-boxed to 90-120 s); the engine's dispatch table
+# from those runs and the default path re-timed with it in force (throughput and training step);
+# the profile; reductions; attention
 # (micro-benchmark, tile sweep); fused ops; then throughput at other sizes.
 set -u
 OUT="${OUT:-gpu-out}" WORK="${WORK:-runs/gpu-session}"
@@ -63,11 +65,12 @@ PY="${PY:-python3}"
 mkdir -p "$WORK/import" && ln -sfn "$PWD/benchmarks" "$WORK/import/benchmarks"
 BENCH=(env PYTHONPATH="$WORK/import" "$PY" -P -m)
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4" || echo "")
-FAST=("shapkern engine" "shapkern engine, compiled" "shapkern engine, fused kernels" "zero-input full forward"
-  "packed, torch varlen_attn")
+FAST=("shapkern engine" "shapkern engine, compiled" "shapkern engine, fused kernels" "shapkern engine, pair attention"
+  "shapkern engine, compiled, pair attention" "shapkern default" "zero-input full forward" "packed, torch varlen_attn")
 # The model families: every method but FlexAttention (the slowest alternative on vit_base, and it
 # compiles); a method a family cannot run gets a row saying why.
 FAMILY=("shapkern engine" "shapkern engine, compiled" "shapkern engine, fused kernels" "shapkern engine, fp8"
+  "shapkern engine, pair attention" "shapkern engine, compiled, pair attention" "shapkern default"
   "zero-input full forward" "key mask, SDPA" "pairs + dense mask, SDPA" "packed, torch varlen_attn"
   "pairs + dense mask, torch.compile")
 # CUDA tests that need only Triton and the source tree: they run while the extension builds.
@@ -92,7 +95,7 @@ if [[ -z "${DRY_RUN:-}" && ! -e "$WORK/done/install" ]]; then
   {
     warm 120 "$PY" -m benchmarks.throughput --stem base \
       --methods "shapkern engine, compiled" "shapkern engine, fused kernels" "pairs, FlexAttention" \
-      "pairs + dense mask, torch.compile"
+      "pairs + dense mask, torch.compile" "shapkern engine, compiled, pair attention"
     warm 120 "$PY" -m benchmarks.bench_train_step
   } >"$R/warmup.log" 2>&1 &
   WARMUP=$!
@@ -121,6 +124,18 @@ family() { # family STEM LIMIT MODEL: throughput of one model family at its 224 
 family eva02 120 eva02_base_patch14_224
 family siglip 120 vit_base_patch16_siglip_224
 family beit 90 beit_base_patch16_224 # no pairs (Beit's bias table): nothing to compile but the engine
+# The engine's dispatch table (issue 24) from every throughput run so far, then the default path
+# (what a call gets) with that table in force, timed again beside the strongest alternatives.
+RUNS=()
+for run in "$R"/throughput.json "$R"/throughput-{eva02,siglip,beit}.json; do
+  [[ -e $run || -n "${DRY_RUN:-}" ]] && RUNS+=("$run")
+done
+step dispatch-table 30 "${BENCH[@]}" benchmarks.dispatch_table "${RUNS[@]}" --out "$R"
+step dispatch-check 150 env SHAPKERN_DISPATCH_TABLE="$R/dispatch_table.json" "${BENCH[@]}" benchmarks.throughput \
+  --device cuda --methods "shapkern default" "shapkern engine, compiled" "shapkern engine, compiled, pair attention" \
+  "pairs + dense mask, torch.compile" "packed, torch varlen_attn" --out "$R" --stem throughput-dispatch
+step train-step-dispatch 120 env SHAPKERN_DISPATCH_TABLE="$R/dispatch_table.json" "${BENCH[@]}" \
+  benchmarks.bench_train_step --device cuda --out "$R/dispatch"
 step profile 60 "${BENCH[@]}" benchmarks.profile_engine --device cuda --out "$R"
 step reductions 90 "${BENCH[@]}" benchmarks.bench_reductions --device cuda --sweep --out "$(out_of bench_reductions)"
 # The reduction ops' Triton kernels carry no cuda marker (they also run in the CPU interpreter).

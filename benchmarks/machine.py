@@ -41,7 +41,7 @@ def environment(device: torch.device | str) -> dict:
     """The hardware and software a result was measured on (JSON-ready).
 
     Keys: date, time (local, ISO), device, cpu, cpu_threads, python, torch, triton, timm,
-    shapkern; on CUDA also gpu, gpu_memory_gib, cuda and driver.
+    shapkern; on CUDA also gpu, capability (MAJOR.MINOR), gpu_memory_gib, cuda and driver.
     """
     import timm
     import triton
@@ -66,6 +66,7 @@ def environment(device: torch.device | str) -> dict:
         props = torch.cuda.get_device_properties(device)
         env.update(
             gpu=props.name,
+            capability=f"{props.major}.{props.minor}",
             gpu_memory_gib=round(props.total_memory / 2**30, 1),
             cuda=torch.version.cuda,
             driver=_driver(),

@@ -32,6 +32,7 @@ from torch import nn
 
 from benchmarks import baselines, cases, families, harness
 from benchmarks.throughput_render import CHECK_IMAGES, GRADIENT_CHECK_IMAGES, PHASES, bar_chart, markdown
+from shapkern.engine import adapter_for
 
 TOLERANCE = {"bf16": 1e-2, "fp16": 1e-2, "fp32": 1e-4}
 FLOP_MODEL = "per block 2·(Linear weights)·s + 4·D·s² per coalition of s kept tokens (ViT: 24 D² s + 4 D s²)"
@@ -189,6 +190,10 @@ def _header(args, model, coalitions, device) -> dict:
         "config": {
             "model": args.model,
             "family": type(model).__name__,
+            # What the engine's dispatch table keys a route by (benchmarks/dispatch_table.py).
+            "engine_family": adapter_for(model).family,
+            "tokens": adapter_for(model).num_prefix_tokens + coalitions.shape[2],
+            "compute_dtype": str(harness.DTYPES[args.dtype]).removeprefix("torch."),
             "images": coalitions.shape[0],
             "coalitions": coalitions.shape[1],
             "players": coalitions.shape[2],

@@ -29,6 +29,7 @@ __all__ = [
     "first_tokens",
     "pack_plan",
     "planned_attention",
+    "planned_pair_attention",
     "pack_tokens",
     "segment_mean",
     "segment_patch_sum",
@@ -57,6 +58,24 @@ def planned_attention(
     (T, H, D) -> (T, H, D)."""
     return varlen_attention(
         q, k, v, cu_seqlens, max_seqlen, scale, bias=bias, bias_index=bias_index, validate=False
+    )
+
+
+def planned_pair_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    bias_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`planned_attention` for a paired plan (complementary coalitions): each pair's tokens are
+    one row of 2P + N, attended as a dense row with a block-diagonal mask (``pairs=True``)."""
+    return varlen_attention(
+        q, k, v, cu_seqlens, max_seqlen, scale, bias=bias, bias_index=bias_index, validate=False, pairs=True
     )
 
 

@@ -106,8 +106,8 @@ def test_results_dir_is_fresh_and_ignored(tmp_path, monkeypatch):
 # Every benchmark's command, `python -m benchmarks.<module>` (the GPU session's included).
 COMMANDS = [
     "bench_attention", "bench_engine", "bench_fused", "bench_reductions", "bench_scaling", "bench_train_step",
-    "estimators", "estimators_large", "explanation_quality", "fp8_error", "profile_engine", "recipe_epoch",
-    "thread_policy", "throughput", "train_figures", "tune_attention", "experiments.peers",
+    "dispatch_table", "estimators", "estimators_large", "explanation_quality", "fp8_error", "profile_engine",
+    "recipe_epoch", "thread_policy", "throughput", "train_figures", "tune_attention", "experiments.peers",
     "experiments.train_sweeps", "experiments.image_text",
 ]  # fmt: skip
 
@@ -197,6 +197,8 @@ def test_throughput_smoke_on_cpu(tmp_path):
     # The others need CUDA here; fp8 runs on the CPU, forward only.
     assert measured == [
         "shapkern engine",
+        "shapkern engine, pair attention",
+        "shapkern default",
         "shapkern engine, fp8",
         "zero-input full forward",
         "key mask, SDPA",
@@ -221,6 +223,57 @@ def test_throughput_smoke_on_cpu(tmp_path):
     assert markdown.startswith("# Coalition throughput") and "| shapkern engine |" in markdown
     fp8_row = next(line for line in markdown.splitlines() if line.startswith("| shapkern engine, fp8 |"))
     assert "| forward only |" in fp8_row and "needs CUDA" not in fp8_row
+
+
+def throughput_run(device: str, speeds: dict, capability: str | None = "9.0") -> dict:
+    """A throughput result with rows of the given {method: (forward, forward+backward)} evals/s."""
+    environment = {"device": device, "gpu": "NVIDIA H200", "cpu": "AMD EPYC"}
+    if capability:
+        environment["capability"] = capability
+    config = {"model": "vit_base_patch16_224", "engine_family": "timm VisionTransformer", "tokens": 197}
+    rows = [
+        {"method": method, "shapkern": method.startswith("shapkern"), "correct": True,
+         "forward": {"evals_per_s": fwd}, "forward+backward": {"evals_per_s": both}}
+        for method, (fwd, both) in speeds.items()
+    ]  # fmt: skip
+    return {"environment": environment, "config": config | {"compute_dtype": "bfloat16"}, "methods": rows}
+
+
+def test_the_dispatch_table_takes_a_route_only_where_it_beats_the_default(tmp_path, capsys):
+    """benchmarks.dispatch_table: a route where it is faster than the default by the margin, in the
+    JSON the engine reads and in the source of shapkern/engine/dispatch_table.py; a report that says
+    where the engine is still behind the best alternative."""
+    from benchmarks import dispatch_table
+    from shapkern.engine import dispatch
+
+    run = throughput_run(
+        "cuda:0",
+        {
+            "shapkern engine": (900, 300),
+            "shapkern engine, compiled": (1000, 400),  # the default on CUDA
+            "shapkern engine, compiled, pair attention": (1030, 520),  # forward within the margin
+            "pairs + dense mask, torch.compile": (950, 500),
+        },
+    )
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    routes = dispatch_table.main([str(tmp_path / "run.json"), "--out", str(tmp_path)])
+    assert [(r.phase, r.blocks, r.attention, r.device, r.tokens, r.speedup) for r in routes] == [
+        ("forward+backward", "compiled", "pairs", "cuda:9.0", 197, 1.3)
+    ]
+    assert dispatch._routes_from_file(str(tmp_path / "dispatch_table.json")) == tuple(routes)
+    namespace = {}
+    exec((tmp_path / "dispatch_table.py").read_text(), namespace)
+    assert namespace["ROUTES"] == tuple(routes)
+    report = (tmp_path / "dispatch_table.md").read_text()
+    forward = "| forward | compiled + varlen | compiled + varlen | 1.00 | pairs + dense mask, torch.compile |"
+    assert f"{forward} 1.05 |" in report
+    assert "| forward+backward | compiled + varlen | compiled + pairs | 1.30 |" in report
+    run["methods"][1]["forward+backward"]["evals_per_s"] = 600  # now the default beats every route
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    assert dispatch_table.main([str(tmp_path / "run.json"), "--out", str(tmp_path)]) == []
+    (tmp_path / "old.json").write_text(json.dumps(throughput_run("cuda:0", {}, capability=None)))
+    with pytest.raises(ValueError, match="records no compute capability"):
+        dispatch_table.main([str(tmp_path / "old.json"), "--out", str(tmp_path)])
 
 
 def test_throughput_chart_legend_covers_no_bar(tmp_path):

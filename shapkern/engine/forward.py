@@ -9,7 +9,6 @@ to a model family (embedding, blocks, pooling, head) sits in its adapter (``engi
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,11 +18,21 @@ from torch import nn
 from shapkern._deprecation import renamed_arguments
 from shapkern.engine.adapters import BlockPath, ModelAdapter, Output, adapter_for
 from shapkern.engine.chunking import check_chunk_rows, default_chunk_rows, run_chunks
+from shapkern.engine.dispatch import resolve_route
 from shapkern.engine.fp8 import check_fp8_forward_only
 from shapkern.engine.inputs import check_coalitions, check_images
 from shapkern.engine.masked import Baseline, MaskedInputForward
-from shapkern.engine.options import OUTPUTS, Blocks, Mode, Precision, block_path, legacy_blocks
-from shapkern.packed import AttentionFn, PackPlan, pack_tokens, planned_attention
+from shapkern.engine.options import (
+    ATTENTIONS,
+    OUTPUTS,
+    Attention,
+    Blocks,
+    Mode,
+    Precision,
+    block_path,
+    legacy_blocks,
+)
+from shapkern.packed import AttentionFn, PackPlan, pack_tokens
 
 __all__ = [
     "CoalitionForward",
@@ -37,9 +46,6 @@ __all__ = [
     "resolve_paired",
 ]
 
-# blocks="auto" compiles the blocks on CUDA with paired coalitions (static shapes); SHAPKERN_COMPILE=0
-# turns that off for a whole program.
-COMPILE_BY_DEFAULT = os.environ.get("SHAPKERN_COMPILE", "1") != "0"
 PackedHead = Callable[[torch.Tensor, PackPlan], torch.Tensor]
 
 
@@ -116,7 +122,7 @@ class CoalitionForward:
             (T, D) and the plan giving (R, K) per row (a self-explaining model's Shapley head).
         blocks: ``"auto"``, ``"plain"``, ``"compiled"`` or ``"fused"`` (see fused_coalition_forward).
         precision: ``"auto"`` or ``"fp8"``.
-        attention: the varlen attention op.
+        attention: ``"auto"``, ``"varlen"``, ``"pairs"`` or an attention op (see fused_coalition_forward).
         chunk_rows: (image, coalition) rows per pass; None sizes them from free memory.
         sync_checks: check the images for non-finite values with a host sync on CUDA, so that a NaN
             is a ValueError rather than a device-side assertion (see ``check_images``).
@@ -131,12 +137,14 @@ class CoalitionForward:
         head: PackedHead | None = None,
         blocks: Blocks = "auto",
         precision: Precision = "auto",
-        attention: AttentionFn = planned_attention,
+        attention: Attention | AttentionFn = "auto",
         chunk_rows: int | None = None,
         sync_checks: bool = False,
     ):
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if isinstance(attention, str) and attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS} or an attention op, got {attention!r}")
         check_chunk_rows(chunk_rows)
         self.adapter = adapter_for(model)
         check_images(images, model, sync=sync_checks)
@@ -155,20 +163,17 @@ class CoalitionForward:
             coalitions, self.images.shape[0], self.num_players, self.images.device, paired=bool(paired)
         )
         paired = resolve_paired(coalitions, paired)
-        return coalitions, paired, self._path(paired)
+        return coalitions, paired, self._route(paired)
 
-    def _path(self, paired: bool) -> BlockPath:
-        """The block path of a call: fixed at construction, or for blocks="auto" compiled on CUDA with
-        paired coalitions (static shapes), plain otherwise."""
+    def _route(self, paired: bool) -> tuple[BlockPath, AttentionFn]:
         if self.path == "fp8":
             check_fp8_forward_only(self.adapter.model, self.images)
-        if self.path is not None:
-            return self.path
-        return "compiled" if COMPILE_BY_DEFAULT and paired and self.images.is_cuda else "plain"
+        return resolve_route(self.adapter, self.images, self.path, self.attention, paired)
 
-    def _blocks(self, tokens, coalitions, paired: bool, path: BlockPath):
+    def _blocks(self, tokens, coalitions, paired: bool, route: tuple[BlockPath, AttentionFn]):
+        path, attention = route
         x, plan = pack_tokens(tokens, coalitions, self.adapter.num_prefix_tokens, paired=paired)
-        return self.adapter.blocks(x, plan, self.attention, path), plan
+        return self.adapter.blocks(x, plan, attention, path), plan
 
     def tokens(
         self, coalitions: torch.Tensor | None, *, paired: bool | None = None, with_ends: bool = False
@@ -183,9 +188,9 @@ class CoalitionForward:
         if coalitions is None and not with_ends:
             raise ValueError("coalitions must be given unless with_ends=True")
         if coalitions is not None:
-            coalitions, paired, path = self._prepare(coalitions, paired)
+            coalitions, paired, route = self._prepare(coalitions, paired)
         else:
-            path = self._path(paired is not False)
+            route = self._route(paired is not False)
         if with_ends:
             batch = self.images.shape[0]
             ends = torch.ones(batch, 2, self.num_players, dtype=torch.bool, device=self.images.device)
@@ -193,7 +198,7 @@ class CoalitionForward:
             coalitions = ends if coalitions is None else torch.cat([ends, coalitions], dim=1)
             paired = paired is not False
         assert coalitions is not None and paired is not None  # for mypy: given, or made above
-        x, plan = self._blocks(self.adapter.embed(self.images), coalitions, paired, path)
+        x, plan = self._blocks(self.adapter.embed(self.images), coalitions, paired, route)
         return PackedTokens(
             tokens=self.adapter.final_norm(x), plan=plan, shape=(coalitions.shape[0], coalitions.shape[1])
         )
@@ -204,7 +209,7 @@ class CoalitionForward:
         ``paired``: coalitions 2i and 2i+1 are complements (True), are not (False), or detect it
         (None). Pairs run in a layout known without a host sync.
         """
-        coalitions, paired, path = self._prepare(coalitions, paired)
+        coalitions, paired, route = self._prepare(coalitions, paired)
         batch = coalitions.shape[0]
         tokens = self.adapter.embed(self.images)
         rows = self.chunk_rows or default_chunk_rows(
@@ -212,7 +217,7 @@ class CoalitionForward:
         )
 
         def run(chunk: torch.Tensor) -> torch.Tensor:
-            x, plan = self._blocks(tokens, chunk, paired, path)
+            x, plan = self._blocks(tokens, chunk, paired, route)
             if self.head is not None:
                 out = self.head(self.adapter.final_norm(x), plan)
             else:
@@ -228,7 +233,7 @@ def coalition_tokens(
     coalitions: torch.Tensor,
     *,
     paired: bool | None = None,
-    attention: AttentionFn = planned_attention,
+    attention: Attention | AttentionFn = "auto",
     blocks: Blocks = "auto",
     precision: Precision = "auto",
     compiled: bool | None = None,
@@ -255,7 +260,7 @@ def fused_coalition_forward(
     paired: bool | None = None,
     mode: Mode = "packed",
     baseline: Baseline = "zeros",
-    attention: AttentionFn = planned_attention,
+    attention: Attention | AttentionFn = "auto",
     blocks: Blocks = "auto",
     precision: Precision = "auto",
     compiled: bool | None = None,
@@ -281,8 +286,13 @@ def fused_coalition_forward(
         mode: ``"packed"`` drops tokens (exact, fast); ``"input"`` replaces the pixels of absent
             patches by ``baseline`` and runs the full model.
         baseline: input mode only: ``"zeros"``, ``"mean"`` (per image and channel) or ``"blur"``.
-        attention: the varlen attention op (see :class:`shapkern.ops.AttentionFn`); override it
-            to compare attention kernels inside the same engine.
+        attention: ``"auto"`` (default): the measured dispatch table's choice for this device,
+            model, phase and dtype (engine/dispatch.py; the varlen attention where nothing was
+            measured); ``"varlen"``: the varlen kernels (Triton on CUDA); ``"pairs"``: complementary
+            pairs as dense rows, one SDPA call each with a block-diagonal mask (paired coalitions
+            only); or an attention op (see :class:`shapkern.ops.AttentionFn`) to compare kernels
+            inside the same engine. Where the table has a route, ``blocks="auto"`` takes its block
+            path too.
         blocks: how the blocks run. ``"compiled"``: under ``torch.compile``, which fuses LayerNorm,
             GELU and the residual adds into fewer passes over memory (the first call compiles).
             ``"fused"``: shapkern's fused kernels, residual add + LayerNorm in one pass and fc1 +

@@ -9,10 +9,12 @@ from typing import Literal, get_args
 from shapkern.engine.adapters import BlockPath, Output
 
 __all__ = [
+    "ATTENTIONS",
     "BLOCKS",
     "MODES",
     "OUTPUTS",
     "PRECISIONS",
+    "Attention",
     "Blocks",
     "Mode",
     "Output",
@@ -30,6 +32,10 @@ PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 # How the blocks run: "auto" picks "compiled" on CUDA with paired coalitions, else "plain".
 Blocks = Literal["auto", "plain", "compiled", "fused"]
 BLOCKS: tuple[Blocks, ...] = get_args(Blocks)
+# The attention inside the blocks: "auto" follows the measured dispatch (engine/dispatch.py), "varlen"
+# the varlen kernels (Triton on CUDA), "pairs" complementary pairs as dense rows (SDPA; pairs only).
+Attention = Literal["auto", "varlen", "pairs"]
+ATTENTIONS: tuple[Attention, ...] = get_args(Attention)
 # "packed": tokens of absent patches dropped; "input": their pixels replaced by a baseline.
 Mode = Literal["packed", "input"]
 MODES: tuple[Mode, ...] = get_args(Mode)
