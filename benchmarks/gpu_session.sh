@@ -77,7 +77,7 @@ FAMILY=("shapkern engine" "shapkern engine, compiled" "shapkern engine, fused ke
 TRITON_TESTS=()
 for t in tests/test_ops_varlen_attention.py tests/test_ops_layer_norm.py tests/test_ops_linear_gelu.py \
   tests/test_engine.py tests/test_engine_adapters_eva.py tests/test_engine_adapters_siglip.py \
-  tests/test_engine_adapters_beit.py; do
+  tests/test_engine_adapters_beit.py tests/test_engine_dispatch.py; do
   [[ -e $t ]] && TRITON_TESTS+=("$t")
 done
 

@@ -145,3 +145,25 @@ def test_a_table_file_named_by_the_environment_is_the_one_in_force(tmp_path, mon
     monkeypatch.setenv("SHAPKERN_DISPATCH_TABLE", str(tmp_path / "none.json"))
     with pytest.raises(ValueError, match="cannot read a dispatch table"):
         fused_coalition_forward(model, images, coalitions)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("blocks", ["plain", "compiled"])
+def test_cuda_pair_attention_matches_varlen_at_vit_base(blocks):
+    """The pair route on the GPU (SDPA's fused kernels over dense pair rows, bf16 autocast) against the
+    varlen route (Triton), logits and gradients to the images, eager and compiled blocks."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_224").cuda().eval()
+    images = torch.randn(4, 3, 224, 224, device="cuda")
+    coalitions = sample_coalitions(4, 8, 196, generator=torch.Generator().manual_seed(1)).cuda()
+    outputs = {}
+    for attention in ("pairs", "varlen"):
+        x = images.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fused_coalition_forward(model, x, coalitions, blocks=blocks, attention=attention)
+        out.float().square().mean().backward()
+        outputs[attention] = (out.float().detach(), x.grad)
+    for got, want in zip(outputs["pairs"], outputs["varlen"], strict=True):
+        assert ((got - want).norm() / want.norm()).item() < 2e-2
