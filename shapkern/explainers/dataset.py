@@ -44,8 +44,8 @@ from shapkern.explainers.estimators import DEFAULT_COALITIONS_PER_CALL
 from shapkern.explainers.explain import explain, resolve_method
 from shapkern.explainers.loading import NamedModel, as_named_model
 from shapkern.explainers.metrics import insertion_deletion
-from shapkern.explainers.progress import ImageProgress
 from shapkern.games import model_game
+from shapkern.progress import Progress
 from shapkern.runlock import FolderLock
 
 __all__ = ["DEFAULT_SHARD_SIZE", "TARGETS", "explain_dataset"]
@@ -328,7 +328,7 @@ def _check_rank_zeros_settings(run: _Run, rank: int) -> None:
 
 def _compute_shards(run: _Run, shards: list[int], *, progress: bool) -> None:
     """Compute and write ``shards``, with a progress bar."""
-    bar = ImageProgress(sum(len(run.shard_range(k)) for k in shards), enabled=progress)
+    bar = Progress(sum(len(run.shard_range(k)) for k in shards), "explain", unit="image", enabled=progress)
     try:
         with torch.inference_mode():
             for index in shards:

@@ -11,8 +11,8 @@ import torch
 
 from shapkern.explainers import store
 from shapkern.explainers.metrics import localization
-from shapkern.explainers.progress import duration
 from shapkern.files import atomic_write, clean_temporary_files
+from shapkern.progress import duration
 
 __all__ = ["dataset_metrics", "finish_store", "metric_column", "prepare_store"]
 

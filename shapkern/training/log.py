@@ -1,19 +1,17 @@
-"""What a run reports: the JSON-lines metrics file, progress on the terminal or in a log, and the
-training metrics of an epoch."""
+"""What a run reports: the JSON-lines metrics file and the training metrics of an epoch (progress on
+the terminal or in a log: :mod:`shapkern.progress`)."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
-from collections.abc import Callable
 
 import torch
 
 from shapkern.checkpoint import atomic_write, reported_write
 
-__all__ = ["LOSS_PARTS", "EpochMeter", "MetricsLog", "Progress"]
+__all__ = ["LOSS_PARTS", "EpochMeter", "MetricsLog"]
 
 
 class MetricsLog:
@@ -55,41 +53,6 @@ class MetricsLog:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
 
         atomic_write(self.path, write)
-
-
-class Progress:
-    """Progress over the batches of an epoch: a tqdm bar on a terminal; elsewhere (a redirected log)
-    a plain line every ``every_s`` seconds and at the end, never carriage returns."""
-
-    def __init__(self, total: int, desc: str, *, enabled: bool = True, every_s: float = 30.0):
-        self.total, self.desc, self.every_s = total, desc, every_s
-        self.enabled = enabled
-        self.done = 0
-        self.bar = None
-        self.last = time.perf_counter()
-        if enabled and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-    def update(self, postfix: Callable[[], dict[str, str]]) -> None:
-        """One batch done. ``postfix`` is called only when something is shown (at most once a
-        second on a terminal), so reading device values costs no sync on other steps."""
-        self.done += 1
-        now = time.perf_counter()
-        if self.bar is not None:
-            self.bar.update(1)
-            if now - self.last >= 1.0 or self.done == self.total:
-                self.last = now
-                self.bar.set_postfix(postfix())
-        elif self.enabled and now - self.last >= self.every_s:
-            self.last = now
-            fields = " ".join(f"{k} {v}" for k, v in postfix().items())
-            print(f"{self.desc}: {self.done}/{self.total} batches, {fields}", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 LOSS_PARTS = ("loss", "cls", "sv", "mask")

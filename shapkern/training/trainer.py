@@ -34,13 +34,14 @@ import time
 import torch
 
 from shapkern.checkpoint import rng_state, save_checkpoint
+from shapkern.progress import Progress
 from shapkern.runlock import FolderLock
 from shapkern.threads import ThreadChoice, apply_thread_policy
 from shapkern.training.config import TrainConfig
 from shapkern.training.distributed import Distributed, autocast
 from shapkern.training.evaluation import Evaluator, default_evaluators, metric_labels, save_heatmaps
 from shapkern.training.guard import NONFINITE_CHECK_EVERY, DivergenceGuard, TrainingDiverged
-from shapkern.training.log import EpochMeter, MetricsLog, Progress
+from shapkern.training.log import EpochMeter, MetricsLog
 from shapkern.training.resume import (
     HEATMAPS,
     METRICS,
@@ -167,7 +168,9 @@ class Trainer:
         self.data.sampler.set_epoch(epoch)
         meter = EpochMeter(self.device)
         show = self.cfg.progress and self.dist.is_main
-        progress = Progress(len(self.loader), f"epoch {epoch + 1}/{self.cfg.epochs}", enabled=show)
+        progress = Progress(
+            len(self.loader), f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch", enabled=show
+        )
         for images, labels, indices in self.loader:
             if self.cfg.max_steps is not None and self.step_count >= self.cfg.max_steps:
                 progress.close()
@@ -175,7 +178,7 @@ class Trainer:
             out = self.backward(images, labels, indices, epoch)
             if self.step(out.total):
                 meter.add(out, self.task_step.targets(labels.to(self.device)))
-            progress.update(meter.postfix)
+            progress.update(postfix=meter.postfix)
         progress.close()
         return meter.record(self.dist)
 
