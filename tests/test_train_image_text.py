@@ -166,4 +166,6 @@ def test_train_image_text_from_the_command_line_and_resume(tmp_path, capsys):
         assert key in lines[-1]
     assert 0 <= lines[-1]["test_pointing"] <= 1 and lines[-1]["faithfulness_rel_err"] >= 0
     assert (tmp_path / "run" / "explanations.png").stat().st_size > 1000
-    assert "recall@1 image→text" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "recall@1 image→text" in out
+    assert "captions (12 train / 8 test images, " in out  # images, and their captions as the items

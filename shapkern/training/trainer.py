@@ -34,6 +34,7 @@ import time
 import torch
 
 from shapkern.checkpoint import rng_state, save_checkpoint
+from shapkern.data import CaptionedImages
 from shapkern.progress import Progress
 from shapkern.runlock import FolderLock
 from shapkern.threads import ThreadChoice, apply_thread_policy
@@ -232,12 +233,22 @@ def _complete_line(trainer: Trainer) -> str:
     )
 
 
+def _split_sizes(trainer: Trainer) -> str:
+    """``2000 train / 500 test`` images; a captioned set's items are captions, so it names both."""
+    train, test = trainer.train_set, trainer.test_set
+    if isinstance(train, CaptionedImages) and isinstance(test, CaptionedImages):
+        return (
+            f"{train.num_images} train / {test.num_images} test images, {len(train)} / {len(test)} captions"
+        )
+    return f"{len(train)} train / {len(test)} test"
+
+
 def _run_line(trainer: Trainer) -> str:
     cfg, model = trainer.cfg, trainer.model
     params = sum(p.numel() for p in model.parameters()) / 1e6
     threads = f", {trainer.threads}" if trainer.threads else ""
     return (
-        f"shapkern train: {cfg.data} ({len(trainer.train_set)} train / {len(trainer.test_set)} test), "
+        f"shapkern train: {cfg.data} ({_split_sizes(trainer)}), "
         f"{cfg.model} {model.num_players} patches, {params:.2f}M params, {trainer.dist.world} "
         f"process(es) on {trainer.device}{threads}, from epoch {trainer.epoch} -> {cfg.out}"
     )
