@@ -430,10 +430,12 @@ def test_thread_counts_change_results_only_by_rounding(tmp_path):
     try:
         runs = {}
         for threads in (1, 2):
+            torch.set_num_threads(3)  # the library caller's own setting
             trainer = Trainer(quick(tmp_path / str(threads), threads=threads))
             runs[threads] = trainer.fit()
-            trainer.close()
             assert torch.get_num_threads() == threads and runs[threads]["threads"] == threads
+            trainer.close()
+            assert torch.get_num_threads() == 3  # close() gives the caller's count back
             assert load_checkpoint(tmp_path / str(threads) / "checkpoint.pt")["threads"] == threads
     finally:
         torch.set_num_threads(before)

@@ -73,7 +73,9 @@ class Trainer:
         self.cfg = cfg
         self.dist = Distributed.from_environment(cfg.device)
         self.device = self.dist.device
-        # torch's intra-op threads on the CPU (shapkern.threads); before anything runs on them.
+        # torch's intra-op threads on the CPU (shapkern.threads); before anything runs on them. close()
+        # gives the process its own count back (a library caller's setting outlives the run).
+        self.threads_before = torch.get_num_threads()
         self.threads: ThreadChoice | None = (
             apply_thread_policy(cfg.threads) if self.device.type == "cpu" else None
         )
@@ -219,10 +221,13 @@ class Trainer:
         return record
 
     def close(self) -> None:
-        """Release the output folder and leave the process group (safe to call twice)."""
+        """Release the output folder, leave the process group and restore torch's thread count (safe
+        to call twice)."""
         if self.lock is not None:
             self.lock.release()
         self.dist.close()
+        if torch.get_num_threads() != self.threads_before:
+            torch.set_num_threads(self.threads_before)
 
 
 def _complete_line(trainer: Trainer) -> str:
