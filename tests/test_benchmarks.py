@@ -539,9 +539,17 @@ def test_image_text_benchmark_smoke_on_cpu(tmp_path, capsys):
     try:
         image_text.main([*args, "--out", str(tmp_path / "out")])
         image_text.main([*args, "--settings", "self", "--out", str(tmp_path / "again")])
+        # Scoring settings alone changed: the run is scored again from its checkpoint, not retrained.
+        image_text.main([*args, "--settings", "self", "--local-images", "3", "--out", str(tmp_path / "more")])
     finally:
         torch.set_num_threads(threads)
-    assert capsys.readouterr().out.count("reusing") == 1  # every run is kept with its settings
+    log = capsys.readouterr().out
+    assert log.count("reusing") == 1 and log.count("re-scoring") == 1  # every run is kept with its settings
+    first, again = (
+        json.loads((tmp_path / d / "image_text.json").read_text())["runs"][-1] for d in ("out", "more")
+    )
+    assert again["train_seconds"] == first["train_seconds"] and again["settings"]["local_images"] == 3
+    assert again["localization"]["captions"] < first["localization"]["captions"]
     result = json.loads((tmp_path / "out" / "image_text.json").read_text())
     base, self_explaining = result["runs"]
     assert (base["setting"], self_explaining["setting"]) == ("contrastive", "self-explaining")

@@ -34,7 +34,7 @@ ARGS = (
     (
         "task",
         "classification (a self-explaining ViT), or image-text (a self-explaining image-text model on "
-        "captioned images; its defaults: --data captions --out runs/captions --epochs 10 --lam 10 --mu 0.1)",
+        "captioned images; its defaults: --data captions --out runs/captions --epochs 20 --lam 10 --mu 0.01)",
         TASKS,
     ),
     (

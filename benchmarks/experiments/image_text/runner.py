@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from benchmarks import harness
 from benchmarks.experiments.image_text.config import Run
 from shapkern.coalitions import all_coalitions
+from shapkern.data import load_caption_dataset
 from shapkern.engine import patch_grid
 from shapkern.explainers import estimate
 from shapkern.explainers.metrics import localization, relative_l2
 from shapkern.games import TabulatedGame, ValueFunction
+from shapkern.models import ShapleyCLIP
 from shapkern.training import TrainConfig, Trainer
 from shapkern.training.retrieval import caption_heatmaps
 
@@ -103,8 +105,37 @@ def localisation(model, data, images: int, budget: int, seed: int) -> dict:
     return {"captions": len(captions), **out}
 
 
+# The settings that define a trained model; the others only score it (a run changed in those alone is
+# re-scored from its checkpoint, not trained again).
+TRAINING_SETTINGS = ("lam", "mu", "seed", "epochs", "limit_train", "limit_test")
+
+
+def _score(result: dict, model, data, run: Run, args, exact_images: int) -> dict:
+    """``result`` with the errors against exact values and the localisation of ``model`` on ``data``."""
+    result["exact"] = exact_errors(model, data, exact_images) if exact_images else None
+    result["localization"] = localisation(model, data, args.local_images, args.kernel_budget, run.seed)
+    return result
+
+
+def _rescored(folder: Path, settings: dict, run: Run, args, exact_images: int) -> dict | None:
+    """The run in ``folder`` scored with ``settings``, from its checkpoint, when it was trained with the
+    same training settings; else None."""
+    cached, checkpoint = folder / "result.json", folder / "checkpoint.pt"
+    if not (cached.exists() and checkpoint.exists()):
+        return None
+    result = json.loads(cached.read_text())
+    if any(result["settings"].get(k) != settings[k] for k in TRAINING_SETTINGS):
+        return None
+    print(f"re-scoring {checkpoint}", flush=True)
+    model = ShapleyCLIP.from_checkpoint(checkpoint)
+    size = TrainConfig.for_task("image-text").img_size
+    data = load_caption_dataset("captions", img_size=size, seed=run.seed).test.first(args.limit_test)
+    return _score({**result, "settings": settings}, model, data, run, args, exact_images)
+
+
 def train_run(run: Run, args) -> dict:
-    """Train one run (or reuse its result.json when the settings match) and score it."""
+    """Train one run (or reuse its result.json when the settings match, or re-score its checkpoint
+    when only the scoring settings changed) and score it."""
     folder = Path(args.runs) / run.name
     exact_images = args.exact_images if run.setting == "self-explaining" else 0
     settings = {
@@ -122,6 +153,10 @@ def train_run(run: Run, args) -> dict:
     if cached.exists() and json.loads(cached.read_text())["settings"] == settings:
         print(f"reusing {cached}", flush=True)
         return json.loads(cached.read_text())
+    rescored = _rescored(folder, settings, run, args, exact_images)
+    if rescored is not None:
+        harness.write_json(cached, rescored)
+        return rescored
     shutil.rmtree(folder, ignore_errors=True)
     cfg = TrainConfig.for_task(
         "image-text",
@@ -146,9 +181,7 @@ def train_run(run: Run, args) -> dict:
         **{k: last[k] for k in last if k.startswith("test_r")},
         "test_sv": last["test_sv"],
     }
-    model, data = trainer.model.eval(), trainer.test_set
-    result["exact"] = exact_errors(model, data, exact_images) if exact_images else None
-    result["localization"] = localisation(model, data, args.local_images, args.kernel_budget, run.seed)
+    _score(result, trainer.model.eval(), trainer.test_set, run, args, exact_images)
     trainer.close()
     harness.write_json(cached, result)
     print(run.name, json.dumps({k: v for k, v in result.items() if k != "settings"}), flush=True)
