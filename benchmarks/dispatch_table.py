@@ -53,6 +53,8 @@ def _speed(row: dict, phase: str) -> float | None:
 def routes_of_run(result: dict, source: str, margin: float) -> tuple[list[Route], list[dict]]:
     """The routes one throughput run puts in the table, and a report row per phase."""
     env, config = result["environment"], result["config"]
+    if config.get("engine_family") is None:
+        return [], []  # the engine does not run this model: no route to choose
     device = _device_key(env, source)
     default = ("compiled", "varlen") if device != "cpu" else ("plain", "varlen")
     rows = {row["method"]: row for row in result["methods"]}

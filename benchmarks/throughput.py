@@ -175,6 +175,16 @@ class _Setup:
     backward: bool
 
 
+def _dispatch_key(model: nn.Module, players: int) -> dict:
+    """What the engine's dispatch table keys a route by (benchmarks/dispatch_table.py): the engine
+    adapter's family and P + N; None for a model the engine does not run."""
+    try:
+        adapter = adapter_for(model)
+    except NotImplementedError:
+        return {"engine_family": None, "tokens": None}
+    return {"engine_family": adapter.family, "tokens": adapter.num_prefix_tokens + players}
+
+
 def _header(args, model, coalitions, device) -> dict:
     """The result without its rows: environment, command, config, the GEMM rate and the FLOP floor."""
     evaluations = coalitions.shape[0] * coalitions.shape[1]
@@ -190,9 +200,7 @@ def _header(args, model, coalitions, device) -> dict:
         "config": {
             "model": args.model,
             "family": type(model).__name__,
-            # What the engine's dispatch table keys a route by (benchmarks/dispatch_table.py).
-            "engine_family": adapter_for(model).family,
-            "tokens": adapter_for(model).num_prefix_tokens + coalitions.shape[2],
+            **_dispatch_key(model, coalitions.shape[2]),
             "compute_dtype": str(harness.DTYPES[args.dtype]).removeprefix("torch."),
             "images": coalitions.shape[0],
             "coalitions": coalitions.shape[1],
