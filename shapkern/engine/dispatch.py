@@ -8,7 +8,8 @@ as JSON: ``SHAPKERN_DISPATCH_TABLE=routes.json`` makes a table measured on your 
 force (in place of the committed one) for a whole program. A call looks up the
 routes of its device (CUDA compute capability, or the CPU), model family, phase (``forward``, or
 ``forward+backward`` when autograd records), dtype (autocast's or the model's) and the measured
-sequence length P + N nearest its own; paired coalitions only (the pair attention needs them).
+sequence length P + N nearest its own (within a factor of 2); paired coalitions only (the pair
+attention needs them).
 Without a route the default runs: compiled blocks on CUDA with paired coalitions, plain blocks
 elsewhere, and the varlen attention (Triton on CUDA).
 """
@@ -30,6 +31,7 @@ from shapkern.packed import AttentionFn, planned_attention, planned_pair_attenti
 
 __all__ = [
     "COMPILE_BY_DEFAULT",
+    "MAX_TOKEN_RATIO",
     "Phase",
     "Route",
     "RouteAttention",
@@ -41,6 +43,9 @@ __all__ = [
 ]
 
 TABLE_ENV = "SHAPKERN_DISPATCH_TABLE"
+# A route measured at P + N tokens applies to sequences within this factor of it, no further: which
+# path wins shifts with the sequence length (attention's share of the work grows with it).
+MAX_TOKEN_RATIO = 2.0
 
 # The default compiles the blocks on CUDA with paired coalitions (static shapes); SHAPKERN_COMPILE=0
 # turns that off for a whole program.
@@ -95,9 +100,14 @@ def find_route(
     routes, device: torch.device, family: str, phase: Phase, dtype: torch.dtype, tokens: int
 ) -> Route | None:
     """The route of ``routes`` for this device, family, phase and dtype measured at the sequence
-    length nearest ``tokens`` (by ratio), or None (the default route)."""
+    length nearest ``tokens`` (by ratio, within :data:`MAX_TOKEN_RATIO`), or None (the default)."""
     key, name = device_key(device), str(dtype).removeprefix("torch.")
-    candidates = [r for r in routes if (r.device, r.family, r.phase, r.dtype) == (key, family, phase, name)]
+    candidates = [
+        r
+        for r in routes
+        if (r.device, r.family, r.phase, r.dtype) == (key, family, phase, name)
+        and abs(math.log(r.tokens / tokens)) <= math.log(MAX_TOKEN_RATIO)
+    ]
     return min(candidates, key=lambda r: abs(math.log(r.tokens / tokens)), default=None)
 
 
