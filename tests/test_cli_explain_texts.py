@@ -3,6 +3,7 @@ similarity, for a self-explaining checkpoint (its own Φ), an open_clip model an
 folder (random weights from small configs, nothing downloaded); the values are the model's own."""
 
 import json
+import re
 
 import matplotlib.image
 import numpy as np
@@ -166,6 +167,20 @@ def test_a_hugging_face_clip_folder_explains_with_its_tokenizer(tmp_path, capsys
         == 2
     )
     assert "has no tokenizer to read --texts with" in capsys.readouterr().err
+    # Tokenizer files it cannot read (SigLIP's sentencepiece model, without the package or broken): the
+    # model still loads (the tokenizer loads at its first use), and --texts names the problem.
+    hf_clip_folder(tmp_path / "broken", transformers, tokenizer=False)
+    (tmp_path / "broken" / "tokenizer_config.json").write_text('{"tokenizer_class": "SiglipTokenizer"}')
+    (tmp_path / "broken" / "spiece.model").write_bytes(b"not a sentencepiece model")
+    assert load_model(f"hf:{tmp_path / 'broken'}").tokenizer is not None
+    assert (
+        main(
+            ["explain", "--model", f"hf:{tmp_path / 'broken'}", *map(str, argv), "--out", str(tmp_path / "b")]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert re.search(r"hf:.*broken: (its tokenizer needs the package|cannot load its tokenizer)", err), err
     model = hf_clip_folder(tmp_path / "clip", transformers, tokenizer=True)
     texts = ["a photo of a dog", "a cat"]
     explain_texts(["--model", f"hf:{tmp_path / 'clip'}", "--images", photo(tmp_path), "--texts", *texts,

@@ -18,8 +18,11 @@ decoded image), which follows the processor's settings but not its resize code b
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
+
+import torch
 
 from shapkern.data import Preprocessing
 from shapkern.engine import dual_encoder
@@ -104,16 +107,27 @@ def _has_tokenizer_files(transformers, ident: str, local: bool) -> bool:
 
 def _hf_tokenizer(transformers, ident: str, local: bool):
     """Strings -> token ids (K, L) padded to the tokenizer's length (as CLIP and SigLIP were trained),
-    or None when the folder or cache holds no tokenizer."""
+    or None when the folder or cache holds no tokenizer. The tokenizer loads at its first use, so a
+    model explained without texts never needs what it needs (SigLIP's: sentencepiece)."""
     if not _has_tokenizer_files(transformers, ident, local):
         return None
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(ident, local_files_only=local)
-    except (OSError, ValueError):
-        return None
-    return lambda texts: tokenizer(list(texts), padding="max_length", truncation=True, return_tensors="pt")[
-        "input_ids"
-    ]
+
+    @functools.cache
+    def loaded():
+        try:
+            return transformers.AutoTokenizer.from_pretrained(ident, local_files_only=local)
+        except ImportError as exc:
+            raise ValueError(
+                f"hf:{ident}: its tokenizer needs the package {exc.name or exc}: pip install {exc.name or ''}"
+            ) from None
+        except (OSError, ValueError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(f"hf:{ident}: cannot load its tokenizer ({first})") from None
+
+    def tokenize(texts) -> torch.Tensor:
+        return loaded()(list(texts), padding="max_length", truncation=True, return_tensors="pt")["input_ids"]
+
+    return tokenize
 
 
 def load_hf(ident: str, *, pretrained: bool, weights) -> dict:
