@@ -130,6 +130,15 @@ def test_an_open_clip_model_explains_its_own_logits(tmp_path, capsys):
         logits = model.get_logits(x, open_clip.tokenize(texts, context_length=12))[0][0]
     np.testing.assert_allclose(image["similarity"], logits.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.sum(image["values"], 0) + image["base"], image["similarity"], atol=1e-3)
+    # A vocabulary of its own: open_clip's tokenizer does not fit it, and --texts says so.
+    config["text_cfg"]["vocab_size"] = 64
+    (tmp_path / "shapkern-small-vocab.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "shapkern-small-vocab.json")
+    argv = ["explain", "--model", "open_clip:shapkern-small-vocab", "--images", str(photo(tmp_path))]
+    assert main([*argv, "--texts", "a cat", "--out", str(tmp_path / "v")]) == 2
+    assert (
+        "has no tokenizer to read --texts with: its vocabulary is not open_clip's" in capsys.readouterr().err
+    )
 
 
 def hf_clip_folder(folder, transformers, *, tokenizer: bool):

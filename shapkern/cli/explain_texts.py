@@ -24,7 +24,7 @@ import torch
 from shapkern.cli.explain_inputs import Inputs, read_inputs
 from shapkern.cli.explain_outputs import heatmap_name, remove_earlier_outputs
 from shapkern.data import CAPTION_DATASETS, CaptionedImages, Preprocessing, load_caption_dataset
-from shapkern.engine import patch_grid
+from shapkern.engine import dual_encoder, patch_grid
 from shapkern.explainers import NamedModel, explain, save_text_heatmaps
 from shapkern.games import SelfExplainingImageText, image_text_game
 from shapkern.models import ShapleyCLIP
@@ -47,11 +47,15 @@ def check_text_model(args: argparse.Namespace, named: NamedModel) -> None:
             f"--texts needs an image-text model (a `shapkern train --task image-text` checkpoint, "
             f"open_clip:ARCH or an hf: CLIPModel/SiglipModel folder); {named.name} has no text tower"
         )
-    if named.name.startswith("hf:") and named.tokenizer is None:
-        raise ValueError(
-            f"{named.name} has no tokenizer to read --texts with: save the model's tokenizer in its "
-            "folder (tokenizer.save_pretrained(folder))"
+    dual = dual_encoder(named.image_text)  # None for a self-explaining model: it tokenizes itself
+    if dual is not None and dual.tokenize is None and named.tokenizer is None:
+        fix = (
+            "save the model's tokenizer in its folder (tokenizer.save_pretrained(folder))"
+            if named.name.startswith("hf:")
+            else "its vocabulary is not open_clip's default one; explain it in Python with "
+            "shapkern.explain(model, images, texts=..., tokenizer=...)"
         )
+        raise ValueError(f"{named.name} has no tokenizer to read --texts with: {fix}")
     if args.target != "pred":
         raise ValueError(f"--target {args.target} picks classes; with --texts every text is explained")
     if any(not text.strip() for text in args.texts):
