@@ -19,7 +19,6 @@ The model is a ``shapkern train`` checkpoint (``--checkpoint``) or a name (``--m
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -31,6 +30,8 @@ from shapkern.cli.explain_outputs import (
     heatmap_name,
     output_folder,
     remove_earlier_outputs,
+    run_record,
+    write_record,
 )
 from shapkern.cli.explain_store import (
     STORE_FLAGS,
@@ -296,24 +297,16 @@ def explain_to_dir(args: argparse.Namespace) -> dict:
     remove_earlier_outputs(out)  # refused above unless --overwrite
     result = {
         "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
-        "model": named.name,
-        "method": method,
-        "budget": args.budget,
-        "evaluations_per_image": att.evaluations,
-        "seconds": att.seconds,
-        "device": str(device),
-        "num_players": players,
-        "grid": list(grid),
+        **run_record(named.name, att, method, args.budget, device, players, grid),
         "classes": inputs.classes,
         "values_layout": "values[image] is N x K_t: patch n (row-major on the grid), target class column",
-        "efficiency_gap_max": float(att.efficiency_gap().abs().max()),
         "insertion_auc": float(curves["insertion_auc"].mean()),
         "deletion_auc": float(curves["deletion_auc"].mean()),
         "images": _write_pictures(out, inputs, att, predictions, curves, grid, method),
     }
     if inputs.masks is not None:
         result["localization"] = localization(phi.cpu(), inputs.masks)
-    (out / "explanations.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_record(out, result)
     print(
         f"shapkern explain: {images.shape[0]} image(s), method {method}, "
         f"{att.evaluations} evaluations/image, "

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+import torch
+
 from shapkern.cli.explain_store import not_a_file
 
-__all__ = ["OUTPUT_FILES", "earlier_outputs", "heatmap_name", "output_folder", "remove_earlier_outputs"]
+__all__ = [
+    "OUTPUT_FILES",
+    "earlier_outputs",
+    "heatmap_name",
+    "output_folder",
+    "remove_earlier_outputs",
+    "run_record",
+    "write_record",
+]
 
 OUTPUT_FILES = ("explanations.json", "grid.png", "curves.png")  # and heatmap_name(b) per image
 HEATMAP = re.compile(r"heatmap_\d{3,}\.png")
@@ -46,3 +57,27 @@ def remove_earlier_outputs(out: Path) -> None:
     """Remove an earlier run's outputs (:func:`output_folder` refused them unless ``--overwrite``)."""
     for path in earlier_outputs(out):
         path.unlink()
+
+
+def run_record(
+    model: str, att, method: str, budget: int | None, device: torch.device, players: int, grid
+) -> dict:
+    """What explanations.json says of every picture run: the model, the estimator (method, budget,
+    evaluations per image, seconds), the device, N and its grid, and the largest efficiency gap of
+    the Attribution ``att``."""
+    return {
+        "model": model,
+        "method": method,
+        "budget": budget,
+        "evaluations_per_image": att.evaluations,
+        "seconds": att.seconds,
+        "device": str(device),
+        "num_players": players,
+        "grid": list(grid),
+        "efficiency_gap_max": float(att.efficiency_gap().abs().max()),
+    }
+
+
+def write_record(out: Path, record: dict) -> None:
+    """explanations.json in ``out``."""
+    (out / "explanations.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -15,14 +15,13 @@ shared scale, titled by the text and its similarity, and ``explanations.json``.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import cast
 
 import torch
 
 from shapkern.cli.explain_inputs import Inputs, read_inputs
-from shapkern.cli.explain_outputs import heatmap_name, remove_earlier_outputs
+from shapkern.cli.explain_outputs import heatmap_name, remove_earlier_outputs, run_record, write_record
 from shapkern.data import CAPTION_DATASETS, CaptionedImages, Preprocessing, load_caption_dataset
 from shapkern.engine import dual_encoder, patch_grid
 from shapkern.explainers import NamedModel, explain, save_text_heatmaps
@@ -121,20 +120,12 @@ def explain_texts_to_dir(
     paths = [out / heatmap_name(b) for b in range(images.shape[0])]
     save_text_heatmaps(images.cpu(), att, texts, paths, grid=grid)
     result = {
-        "model": named.name,
+        **run_record(named.name, att, att.method, args.budget, device, players, grid),
         "texts": texts,
-        "method": att.method,
-        "budget": args.budget,
-        "evaluations_per_image": att.evaluations,
-        "seconds": att.seconds,
-        "device": str(device),
-        "num_players": players,
-        "grid": list(grid),
         "values_layout": "values[image] is N x K: patch n (row-major on the grid), text k",
-        "efficiency_gap_max": float(att.efficiency_gap().abs().max()),
         "images": [_record(inputs.sources[b], att, b, texts, paths[b].name) for b in range(len(paths))],
     }
-    (out / "explanations.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_record(out, result)
     print(
         f"shapkern explain: {len(paths)} image(s) x {len(texts)} text(s), method {att.method}, "
         f"{att.evaluations} evaluations/image, {att.seconds:.2f} s -> {out}"

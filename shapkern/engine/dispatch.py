@@ -102,13 +102,17 @@ def find_route(
     """The route of ``routes`` for this device, family, phase and dtype measured at the sequence
     length nearest ``tokens`` (by ratio, within :data:`MAX_TOKEN_RATIO`), or None (the default)."""
     key, name = device_key(device), str(dtype).removeprefix("torch.")
+
+    def distance(route: Route) -> float:
+        return abs(math.log(route.tokens / tokens))
+
     candidates = [
         r
         for r in routes
         if (r.device, r.family, r.phase, r.dtype) == (key, family, phase, name)
-        and abs(math.log(r.tokens / tokens)) <= math.log(MAX_TOKEN_RATIO)
+        and distance(r) <= math.log(MAX_TOKEN_RATIO)
     ]
-    return min(candidates, key=lambda r: abs(math.log(r.tokens / tokens)), default=None)
+    return min(candidates, key=distance, default=None)
 
 
 @functools.lru_cache(maxsize=4)

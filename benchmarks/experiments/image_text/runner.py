@@ -117,14 +117,11 @@ def _score(result: dict, model, data, run: Run, args, exact_images: int) -> dict
     return result
 
 
-def _rescored(folder: Path, settings: dict, run: Run, args, exact_images: int) -> dict | None:
-    """The run in ``folder`` scored with ``settings``, from its checkpoint, when it was trained with the
-    same training settings; else None."""
-    cached, checkpoint = folder / "result.json", folder / "checkpoint.pt"
-    if not (cached.exists() and checkpoint.exists()):
-        return None
-    result = json.loads(cached.read_text())
-    if any(result["settings"].get(k) != settings[k] for k in TRAINING_SETTINGS):
+def _rescored(folder: Path, result: dict, settings: dict, run: Run, args, exact_images: int) -> dict | None:
+    """The run in ``folder`` (its earlier ``result``) scored with ``settings``, from its checkpoint, when
+    it was trained with the same training settings; else None."""
+    checkpoint = folder / "checkpoint.pt"
+    if not checkpoint.exists() or any(result["settings"].get(k) != settings[k] for k in TRAINING_SETTINGS):
         return None
     print(f"re-scoring {checkpoint}", flush=True)
     model = ShapleyCLIP.from_checkpoint(checkpoint)
@@ -150,10 +147,11 @@ def train_run(run: Run, args) -> dict:
         "limit_test": args.limit_test,
     }
     cached = folder / "result.json"
-    if cached.exists() and json.loads(cached.read_text())["settings"] == settings:
+    earlier = json.loads(cached.read_text()) if cached.exists() else None
+    if earlier is not None and earlier["settings"] == settings:
         print(f"reusing {cached}", flush=True)
-        return json.loads(cached.read_text())
-    rescored = _rescored(folder, settings, run, args, exact_images)
+        return earlier
+    rescored = None if earlier is None else _rescored(folder, earlier, settings, run, args, exact_images)
     if rescored is not None:
         harness.write_json(cached, rescored)
         return rescored
